@@ -1,0 +1,219 @@
+"""The codec plug-in interface.
+
+A codec turns one sample's feature map into bytes and back. Every codec has a stable
+string ``codec_id`` and a JSON config (``get_config()``, ``{"id": ..., **params}``) that
+round-trips through :func:`fmcache.codec_from_config`; two codecs are equal when their
+configs are.
+
+Encoded byte layout (produced by :meth:`Codec.encode`)::
+
+    u8 ndim | ndim x u32 dims (little-endian) | codec payload
+
+so ``decode(bytes)`` restores the shape without outside help. Decoded maps are float32.
+
+A codec also has an *HDF5 face*: :meth:`Codec.hdf5_fields` describes the datasets it
+stores per sample (dtype, per-sample shape, native HDF5 filter), :meth:`Codec.to_hdf5`
+turns a batch into those arrays and :meth:`Codec.from_hdf5` back. The default face stores
+the encoded bytes as a variable-length uint8 dataset, so any plug-in codec works in HDF5;
+codecs with a native filter (Blosc2, ZFP, SZ3, fp16) override it so that ``h5dump``
+shows decoded values.
+
+Channels: a sample of shape (C, H, W) (or any ndim >= 3) has its channels on axis 0; a
+token map (T, D) or a vector (D,) has them on the last axis (:func:`channel_axis`).
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import CodecSpecError, CorruptionError, EncodeError
+
+_HEADER_DIM = struct.Struct("<I")
+MAX_NDIM = 8
+
+
+def channel_axis(ndim: int) -> int:
+    """Axis holding the channels of a sample with ``ndim`` dimensions."""
+    return ndim - 1 if ndim <= 2 else 0
+
+
+def as_2d_view(x: np.ndarray) -> np.ndarray:
+    """(prod(shape[:-1]), shape[-1]) view: ZFP and SZ3 compress best on it (measurements.md)."""
+    if x.ndim == 1:
+        return x.reshape(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+@dataclass(frozen=True)
+class Hdf5Field:
+    """One dataset a codec stores per tier in HDF5.
+
+    ``shape`` is per sample (the dataset is ``(N, *shape)``); ``dtype`` ``None`` means
+    variable-length uint8 (opaque encoded bytes). ``filter`` holds h5py
+    ``create_dataset`` keyword arguments (``compression``, ``compression_opts``),
+    e.g. from an hdf5plugin filter object. ``per_sample_chunks`` asks for chunks of one
+    sample (ZFP/SZ3 then see one 2-D sample, not a stack).
+    """
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int, ...]
+    filter: Mapping[str, Any] = field(default_factory=dict)
+    per_sample_chunks: bool = False
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Codec(ABC):
+    """Base class of every codec: one sample's map <-> bytes.
+
+    Subclasses set ``codec_id`` and the class flags, take their parameters as keyword
+    arguments (validated in ``__init__``), return them from :meth:`params`, and implement
+    :meth:`_encode` and :meth:`_decode`.
+    """
+
+    codec_id: ClassVar[str]
+    #: decode(encode(x)) == x bit for bit
+    lossless: ClassVar[bool] = False
+    #: NaN and +-Inf round-trip exactly; otherwise encode refuses them
+    stores_nonfinite: ClassVar[bool] = False
+    #: exact zeros decode to exact zeros (see docs/codecs.md for conditions)
+    keeps_zeros: ClassVar[bool] = False
+
+    # ---- configuration -------------------------------------------------------------
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The codec's parameters, JSON-serialisable, defaults included."""
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, **self.params()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Codec:
+        kwargs = {k: v for k, v in config.items() if k != "id"}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise CodecSpecError(f"codec {cls.codec_id!r}: {exc}") from None
+
+    @property
+    def spec(self) -> str:
+        """The spec string (``id:key=value,...``) that rebuilds this codec."""
+        params = self.params()
+        if not params:
+            return self.codec_id
+        return self.codec_id + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+    def __repr__(self) -> str:
+        return f"<codec {self.spec}>"
+
+    # ---- bytes face -----------------------------------------------------------------
+    def encode(self, array: np.ndarray) -> bytes:
+        """Encode one sample's map; see the class docstring for the layout."""
+        x = self._validate(array)
+        header = bytes([x.ndim]) + b"".join(_HEADER_DIM.pack(d) for d in x.shape)
+        return header + bytes(self._encode(x))
+
+    def decode(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode bytes from :meth:`encode` into a float32 array (into ``out`` if given)."""
+        buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        shape, offset = parse_header(buf, self.codec_id)
+        if out is not None and (out.shape != shape or out.dtype != np.float32):
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, the record holds {shape} float32")
+        try:
+            result = self._decode(buf[offset:], shape, out)
+        except CorruptionError:
+            raise
+        except Exception as exc:  # a damaged payload must never escape as a raw library error
+            raise CorruptionError(f"codec {self.codec_id!r} could not decode a record: {exc}") from exc
+        if result.shape != shape:
+            raise CorruptionError(f"codec {self.codec_id!r} decoded shape {result.shape}, header says {shape}")
+        return result
+
+    @abstractmethod
+    def _encode(self, x: np.ndarray) -> bytes | bytearray | memoryview:
+        """Payload for a validated float32 C-contiguous array."""
+
+    @abstractmethod
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        """float32 array of ``shape`` from the payload."""
+
+    def _validate(self, array: np.ndarray) -> np.ndarray:
+        x = np.asarray(array)
+        if x.dtype.kind not in "fiub":
+            raise EncodeError(f"codec {self.codec_id!r} takes numeric arrays, got dtype {x.dtype}")
+        if not 1 <= x.ndim <= MAX_NDIM:
+            raise EncodeError(f"codec {self.codec_id!r} takes 1..{MAX_NDIM}-D maps, got shape {x.shape}")
+        if x.size == 0:
+            raise EncodeError(f"codec {self.codec_id!r} got an empty map of shape {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not self.stores_nonfinite and not np.isfinite(x).all():
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+            raise EncodeError(
+                f"codec {self.codec_id!r} cannot store NaN/Inf ({bad} non-finite values)",
+                hint="use raw, blosc2, fp16 or bf16, which store them exactly, or fix the input",
+            )
+        return x
+
+    # ---- HDF5 face --------------------------------------------------------------------
+    def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
+        """Datasets this codec stores per tier; default: the encoded bytes, opaque."""
+        return [Hdf5Field("encoded", None, ())]
+
+    def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Arrays for :meth:`hdf5_fields` from a batch ``(N, *sample_shape)``."""
+        encoded = np.empty(len(batch), dtype=object)
+        for i, sample in enumerate(batch):
+            encoded[i] = np.frombuffer(self.encode(sample), dtype=np.uint8)
+        return {"encoded": encoded}
+
+    def from_hdf5(self, fields: Mapping[str, np.ndarray], sample_shape: tuple[int, ...]) -> np.ndarray:
+        """Decoded float32 batch ``(N, *sample_shape)`` from the stored arrays."""
+        encoded = fields["encoded"]
+        out = np.empty((len(encoded), *sample_shape), dtype=np.float32)
+        for i, rec in enumerate(encoded):
+            self.decode(memoryview(np.ascontiguousarray(rec, dtype=np.uint8)), out=out[i])
+        return out
+
+
+def parse_header(buf: memoryview, codec_id: str) -> tuple[tuple[int, ...], int]:
+    """Shape and payload offset of an encoded map; CorruptionError if malformed."""
+    if len(buf) < 1:
+        raise CorruptionError(f"codec {codec_id!r}: empty record")
+    ndim = buf[0]
+    end = 1 + 4 * ndim
+    if not 1 <= ndim <= MAX_NDIM or len(buf) < end:
+        raise CorruptionError(f"codec {codec_id!r}: malformed header (ndim={ndim}, {len(buf)} bytes)")
+    shape = tuple(_HEADER_DIM.unpack_from(buf, 1 + 4 * i)[0] for i in range(ndim))
+    if 0 in shape or int(np.prod(shape, dtype=np.int64)) > 2**34:
+        raise CorruptionError(f"codec {codec_id!r}: implausible shape {shape} in header")
+    return shape, end
+
+
+def check_choice(codec_id: str, name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if value not in choices:
+        raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_positive(codec_id: str, name: str, value: Any, *, integer: bool = False) -> Any:
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} is not a number") from None
+    if integer and float(value) != number:
+        raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} must be an integer")
+    if not number > 0 or not np.isfinite(number):
+        raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} must be > 0")
+    return number

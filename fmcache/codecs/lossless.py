@@ -1,0 +1,118 @@
+"""Lossless codecs: ``raw`` (float32 bytes) and ``blosc2`` (zstd/lz4 with shuffle)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import blosc2
+import hdf5plugin
+import numpy as np
+
+from .base import Codec, Hdf5Field, check_choice
+from .registry import register_codec
+
+CNAMES = {"zstd": blosc2.Codec.ZSTD, "lz4": blosc2.Codec.LZ4}
+SHUFFLES = {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit": blosc2.Filter.BITSHUFFLE}
+_H5_SHUFFLE = {"none": hdf5plugin.Blosc2.NOFILTER, "byte": hdf5plugin.Blosc2.SHUFFLE,
+               "bit": hdf5plugin.Blosc2.BITSHUFFLE}
+
+
+def blosc2_compress(data: np.ndarray, cname: str, clevel: int, shuffle: str) -> bytes:
+    """Compress a contiguous array's bytes with blosc2, typesize from its dtype."""
+    return blosc2.compress2(
+        data, codec=CNAMES[cname], clevel=clevel, filters=[SHUFFLES[shuffle]],
+        filters_meta=[0], typesize=data.dtype.itemsize, nthreads=1,
+    )
+
+
+def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
+    """Decompress into ``dst`` (its byte size must match the stored size)."""
+    if len(payload) < 32:
+        raise ValueError(f"blosc2 frame of {len(payload)} bytes is shorter than its header")
+    nbytes, cbytes, _ = blosc2.get_cbuffer_sizes(payload)
+    if nbytes != dst.nbytes or cbytes != len(payload):
+        raise ValueError(f"blosc2 frame holds {nbytes} bytes in {cbytes}, expected {dst.nbytes} in {len(payload)}")
+    blosc2.decompress2(payload, dst=dst.reshape(-1).view(np.uint8))
+    return dst
+
+
+def blosc2_hdf5_filter(cname: str, clevel: int, shuffle: str) -> dict[str, Any]:
+    return dict(hdf5plugin.Blosc2(cname=cname, clevel=clevel, filters=_H5_SHUFFLE[shuffle]))
+
+
+def check_blosc2_params(codec_id: str, cname: str, clevel: Any, shuffle: str) -> int:
+    check_choice(codec_id, "cname", cname, tuple(CNAMES))
+    check_choice(codec_id, "shuffle", shuffle, tuple(SHUFFLES))
+    check_choice(codec_id, "clevel", clevel, tuple(range(10)))
+    return int(clevel)
+
+
+@register_codec
+class Raw(Codec):
+    """float32 bytes as they are. Contract: exact (NaN/Inf included)."""
+
+    codec_id = "raw"
+    lossless = True
+    stores_nonfinite = True
+    keeps_zeros = True
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def _encode(self, x: np.ndarray) -> memoryview:
+        return memoryview(x).cast("B")
+
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        values = np.frombuffer(payload, dtype="<f4")
+        if values.size != int(np.prod(shape)):
+            raise ValueError(f"payload holds {values.size} values, shape {shape} needs {int(np.prod(shape))}")
+        if out is None:
+            return values.reshape(shape).copy()
+        out[...] = values.reshape(shape)
+        return out
+
+    def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
+        return [Hdf5Field("values", np.dtype("<f4"), sample_shape)]
+
+    def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"values": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(fields["values"], dtype=np.float32)
+
+
+@register_codec
+class Blosc2(Codec):
+    """blosc2 with zstd or lz4 and byte/bit shuffle. Contract: exact (NaN/Inf included).
+
+    In HDF5 it is the Blosc2 filter of hdf5plugin, so ``h5dump`` prints the values.
+    """
+
+    codec_id = "blosc2"
+    lossless = True
+    stores_nonfinite = True
+    keeps_zeros = True
+
+    def __init__(self, cname: str = "zstd", clevel: int = 1, shuffle: str = "byte") -> None:
+        self.clevel = check_blosc2_params(self.codec_id, cname, clevel, shuffle)
+        self.cname, self.shuffle = cname, shuffle
+
+    def params(self) -> dict[str, Any]:
+        return {"cname": self.cname, "clevel": self.clevel, "shuffle": self.shuffle}
+
+    def _encode(self, x: np.ndarray) -> bytes:
+        return blosc2_compress(x, self.cname, self.clevel, self.shuffle)
+
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        dst = np.empty(shape, dtype=np.float32) if out is None else out
+        return blosc2_decompress_into(payload, dst)
+
+    def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
+        return [Hdf5Field("values", np.dtype("<f4"), sample_shape,
+                          blosc2_hdf5_filter(self.cname, self.clevel, self.shuffle))]
+
+    def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"values": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(fields["values"], dtype=np.float32)

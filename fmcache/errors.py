@@ -1,0 +1,155 @@
+"""The error tree of fmcache.
+
+Every error fmcache raises on purpose derives from :class:`FmcacheError` and carries a
+``hint``: one sentence saying what to do about it. Built-in mixins let callers catch
+the familiar types too::
+
+    FmcacheError
+    ├── CodecError
+    │   ├── UnknownCodecError (KeyError)      unknown codec id in a spec or config
+    │   ├── CodecSpecError (ValueError)       malformed spec string or bad parameter
+    │   └── EncodeError (ValueError)          input the codec cannot store (NaN, range)
+    ├── TierPlanError (ValueError)            overlapping / missing / out-of-range channels
+    ├── CacheError
+    │   ├── NotACacheError (FileNotFoundError)
+    │   ├── IncompleteCacheError              no committed manifest (interrupted build)
+    │   ├── FormatVersionError                written by a newer fmcache
+    │   ├── CorruptionError                   checksum or structure mismatch
+    │   ├── StaleCacheError                   frozen weights or data changed
+    │   ├── LayerNotFoundError (KeyError)
+    │   ├── SampleIndexError (IndexError)
+    │   ├── ShapeMismatchError (ValueError)   a batch that does not match its layer
+    │   ├── CacheExistsError (FileExistsError)
+    │   └── ReadOnlyError (PermissionError)
+    ├── BuildError                            the builder could not run the prefix
+    │   └── NonFiniteError (ValueError)       NaN/Inf in activations
+    └── SpecImportError (ImportError)         --model / --data 'pkg.module:factory'
+"""
+
+from __future__ import annotations
+
+
+class FmcacheError(Exception):
+    """Root of every fmcache error. ``hint`` says what to do."""
+
+    default_hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+
+class CodecError(FmcacheError):
+    """A codec could not be built, or could not encode or decode."""
+
+
+class UnknownCodecError(CodecError, KeyError):
+    default_hint = "run `fmcache codecs` or see docs/codecs.md for the registered ids"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return FmcacheError.__str__(self)
+
+
+class CodecSpecError(CodecError, ValueError):
+    default_hint = "specs read id[:key=value[,key=value]], e.g. 'zfp:accuracy=0.01'"
+
+
+class EncodeError(CodecError, ValueError):
+    """Input the codec cannot store faithfully."""
+
+
+class TierPlanError(FmcacheError, ValueError):
+    default_hint = "every channel 0..C-1 must belong to exactly one tier"
+
+
+class CacheError(FmcacheError):
+    """Something is wrong with a cache on disk or with how it is used."""
+
+
+class NotACacheError(CacheError, FileNotFoundError):
+    default_hint = "point at a directory (LMDB) or .h5 file written by `fmcache build`"
+
+
+class IncompleteCacheError(CacheError):
+    default_hint = "the build was interrupted: run `fmcache build ... --resume` to finish it"
+
+
+class FormatVersionError(CacheError):
+    default_hint = "upgrade fmcache to read this cache"
+
+
+class CorruptionError(CacheError):
+    default_hint = "run `fmcache verify PATH`; rebuild the cache (or the damaged layer) from the source data"
+
+
+class StaleCacheError(CacheError):
+    default_hint = (
+        "rebuild the cache for the current weights/data, or pass allow_stale=True "
+        "(--allow-stale) if you know the change does not matter"
+    )
+
+
+class LayerNotFoundError(CacheError, KeyError):
+    def __str__(self) -> str:
+        return FmcacheError.__str__(self)
+
+
+class SampleIndexError(CacheError, IndexError):
+    pass
+
+
+class ShapeMismatchError(CacheError, ValueError):
+    pass
+
+
+class CacheExistsError(CacheError, FileExistsError):
+    default_hint = "pass overwrite=True (--overwrite), resume it (--resume), or choose another path"
+
+
+class ReadOnlyError(CacheError, PermissionError):
+    default_hint = "open the cache for writing, or write to a location you can write to"
+
+
+class BuildError(FmcacheError):
+    """The builder could not capture or write feature maps."""
+
+
+class NonFiniteError(BuildError, ValueError):
+    default_hint = (
+        "the frozen prefix produced NaN/Inf: check the input normalisation and the weights "
+        "(or use a codec that stores non-finite values exactly: raw, blosc2, fp16, bf16)"
+    )
+
+
+class SpecImportError(FmcacheError, ImportError):
+    default_hint = "use 'package.module:factory'; the current directory is importable"
+
+
+__all__ = [
+    "BuildError",
+    "CacheError",
+    "CacheExistsError",
+    "CodecError",
+    "CodecSpecError",
+    "CorruptionError",
+    "EncodeError",
+    "FmcacheError",
+    "FormatVersionError",
+    "IncompleteCacheError",
+    "LayerNotFoundError",
+    "NonFiniteError",
+    "NotACacheError",
+    "ReadOnlyError",
+    "SampleIndexError",
+    "ShapeMismatchError",
+    "SpecImportError",
+    "StaleCacheError",
+    "TierPlanError",
+    "UnknownCodecError",
+]
