@@ -1,0 +1,149 @@
+"""The storage backend interface.
+
+A backend moves per-sample arrays of named *parts* (a layer's tiers and variants) in and
+out of one storage location, encoding each part with the codec it was declared with. It
+knows nothing of tiers, sensitivity or training: :mod:`fmcache.cache` maps those onto
+parts. Read-only enforcement lives here, once: every mutating public method checks it.
+
+Lifecycle: ``create(path)`` or ``open(path, writable=...)``; handles open lazily on first
+use in the current process and are never pickled (a backend pickles as its path).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..codecs import Codec
+from ..errors import ReadOnlyError
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One stored part of a layer: its per-sample shape and codec."""
+
+    name: str
+    shape: tuple[int, ...]
+    codec: Codec
+
+
+class Backend(ABC):
+    """Storage for parts of layers, labels and small metadata blobs."""
+
+    backend_id: ClassVar[str]
+
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        self._layers: dict[str, tuple[int, list[PartSpec], int]] = {}
+        self._pid: int | None = None
+
+    # ---- detection / creation ---------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def detect(cls, path: Path) -> bool:
+        """True when ``path`` holds storage of this backend (complete or not)."""
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str]) -> Backend:
+        """Fresh, empty, writable storage at ``path`` (which must not exist)."""
+        backend = cls(path, writable=True)
+        backend._create()
+        return backend
+
+    @abstractmethod
+    def _create(self) -> None: ...
+
+    # ---- layers ------------------------------------------------------------------------
+    def declare_layer(self, index: int, name: str, parts: Sequence[PartSpec], samples_per_chunk: int) -> None:
+        """Make a layer known (again, after a reopen); creates storage when writable."""
+        self._layers[name] = (index, list(parts), samples_per_chunk)
+        if self.writable:
+            self._declare(name)
+
+    def _declare(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Create per-layer storage if needed (idempotent)."""
+
+    def part_specs(self, layer: str) -> list[PartSpec]:
+        return self._layers[layer][1]
+
+    # ---- writing -------------------------------------------------------------------------
+    def _check_writable(self, what: str) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"{self.path}: cannot {what}, the cache is open read-only")
+
+    def write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
+                    progress: bytes) -> dict[str, dict[str, int]]:
+        """Write samples ``start .. start+N-1`` of every layer, their labels, and ``progress``
+        as one atomic step. Returns the bytes stored per layer and part (where known)."""
+        self._check_writable("write samples")
+        return self._write_batch(start, maps, labels, progress)
+
+    @abstractmethod
+    def _write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
+                     progress: bytes) -> dict[str, dict[str, int]]: ...
+
+    def put_meta(self, key: str, data: bytes) -> None:
+        """Store a small checksummed blob (manifest, draft, progress)."""
+        self._check_writable(f"write {key}")
+        self._put_meta(key, data)
+
+    @abstractmethod
+    def _put_meta(self, key: str, data: bytes) -> None: ...
+
+    def truncate(self, samples: int) -> None:
+        """Forget every sample from index ``samples`` on (resume after a crash)."""
+        self._check_writable("truncate")
+        self._truncate(samples)
+
+    @abstractmethod
+    def _truncate(self, samples: int) -> None: ...
+
+    # ---- reading -------------------------------------------------------------------------
+    @abstractmethod
+    def get_meta(self, key: str) -> bytes | None:
+        """A blob stored with :meth:`put_meta`, or None; CorruptionError if damaged."""
+
+    @abstractmethod
+    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """part -> decoded float32 batch ``(len(samples), *part_shape)``."""
+
+    @abstractmethod
+    def read_labels(self, samples: int) -> np.ndarray | None:
+        """Labels of samples ``0 .. samples-1`` (None when none were written)."""
+
+    @abstractmethod
+    def stored_bytes(self, layer: str) -> dict[str, int]:
+        """Bytes on disk per part of ``layer`` (payload, excluding backend overhead)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make everything written so far durable."""
+
+    # ---- process safety ------------------------------------------------------------------
+    def _in_new_process(self) -> bool:
+        """True (and remembers the pid) when handles were opened by another process."""
+        pid = os.getpid()
+        if self._pid != pid:
+            self._pid = pid
+            return True
+        return False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_h_")}
+        state["_pid"] = None
+        return state
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,248 @@
+"""HDF5 backend: a group per layer, a dataset per tier/variant field, chunked along samples.
+
+Layout (see docs/format.md)::
+
+    /                                  attrs fmcache_<key> (JSON text) + fmcache_<key>_crc32
+    /labels                            (N, *label_shape), fletcher32
+    /layers/<layer>/<part>/<field>     (N, *field_shape), chunked along samples, fletcher32
+
+``<layer>`` and ``<part>`` are percent-escaped ('%' and '/'). Fields come from the
+part's codec (:meth:`fmcache.codecs.Codec.hdf5_fields`): codecs with a native HDF5
+filter (Blosc2, ZFP, SZ3 from hdf5plugin; fp16 as the stored dtype) are stored with it,
+so ``h5dump`` (with ``HDF5_PLUGIN_PATH`` set to hdf5plugin's plugin folder) prints
+decoded values. Opaque variable-length fields get a companion ``<field>.crc32`` dataset,
+because fletcher32 does not cover variable-length data.
+
+hdf5plugin's filters are registered explicitly (``register(force=True)``): with
+``HDF5_PLUGIN_PATH`` exported, HDF5 would otherwise load the plugin folder's copies,
+which fail in h5py's process with "error during user callback".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from ..codecs import Hdf5Field
+from ..errors import CorruptionError, ReadOnlyError
+from .base import Backend
+
+hdf5plugin.register(force=True)
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+CHUNK_CACHE_BYTES = 64 << 20
+_VLEN = h5py.vlen_dtype(np.uint8)
+
+
+def escape_name(name: str) -> str:
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def dataset_path(layer: str, part: str, field: str) -> str:
+    return f"/layers/{escape_name(layer)}/{escape_name(part)}/{field}"
+
+
+class Hdf5Backend(Backend):
+    """Feature maps in one HDF5 file."""
+
+    backend_id = "hdf5"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(8) == HDF5_SIGNATURE
+
+    def _create(self) -> None:
+        if self.path.exists():
+            raise ReadOnlyError(f"{self.path} already exists")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with h5py.File(self.path, "w", libver=("v110", "latest")) as fh:
+                fh.attrs["fmcache"] = "feature-map cache; see fmcache_manifest"
+        except OSError as exc:
+            raise ReadOnlyError(f"{self.path}: cannot create the cache file ({exc})") from None
+
+    # ---- handles -----------------------------------------------------------------------
+    def _file(self) -> h5py.File:
+        if self._in_new_process() or getattr(self, "_h_file", None) is None:
+            try:
+                self._h_file = h5py.File(self.path, "a" if self.writable else "r",
+                                         rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
+            except OSError as exc:
+                raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
+        return self._h_file
+
+    def close(self) -> None:
+        handle = getattr(self, "_h_file", None)
+        if handle is not None and self._pid == os.getpid():
+            handle.close()
+        self._h_file = None
+
+    def flush(self) -> None:
+        if self.writable:
+            self._file().flush()
+
+    # ---- layers ----------------------------------------------------------------------------
+    def _fields(self, layer: str) -> list[tuple[str, list[Hdf5Field]]]:
+        _, specs, _ = self._layers[layer]
+        return [(spec.name, spec.codec.hdf5_fields(spec.shape)) for spec in specs]
+
+    def _declare(self, name: str) -> None:
+        fh = self._file()
+        _, specs, samples_per_chunk = self._layers[name]
+        for spec in specs:
+            for field in spec.codec.hdf5_fields(spec.shape):
+                path = dataset_path(name, spec.name, field.name)
+                if path in fh:
+                    continue
+                per_chunk = 1 if field.per_sample_chunks else samples_per_chunk
+                dtype = _VLEN if field.dtype is None else field.dtype
+                ds = fh.create_dataset(path, shape=(0, *field.shape), maxshape=(None, *field.shape),
+                                       dtype=dtype, chunks=(per_chunk, *field.shape),
+                                       fletcher32=field.dtype is not None, **dict(field.filter))
+                ds.attrs["codec"] = json.dumps(spec.codec.get_config())
+                for key, value in field.attrs.items():
+                    ds.attrs[key] = value
+                if field.dtype is None:
+                    fh.create_dataset(path + ".crc32", shape=(0,), maxshape=(None,), dtype="<u4",
+                                      chunks=(max(samples_per_chunk, 256),), fletcher32=True)
+
+    # ---- writing -------------------------------------------------------------------------
+    def _write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
+                     progress: bytes) -> dict[str, dict[str, int]]:
+        fh = self._file()
+        for layer, parts in maps.items():
+            _, specs, _ = self._layers[layer]
+            for spec in specs:
+                arrays = spec.codec.to_hdf5(parts[spec.name])
+                for field in spec.codec.hdf5_fields(spec.shape):
+                    path = dataset_path(layer, spec.name, field.name)
+                    _write_rows(fh[path], start, arrays[field.name])
+                    if field.dtype is None:
+                        crcs = np.array([zlib.crc32(np.asarray(r, np.uint8)) for r in arrays[field.name]], "<u4")
+                        _write_rows(fh[path + ".crc32"], start, crcs)
+        labels = np.ascontiguousarray(labels)
+        if "labels" not in fh:
+            fh.create_dataset("labels", shape=(0, *labels.shape[1:]), maxshape=(None, *labels.shape[1:]),
+                              dtype=labels.dtype, chunks=(4096, *labels.shape[1:]), fletcher32=True)
+        _write_rows(fh["labels"], start, labels)
+        self._set_attr_blob(fh, "progress", progress)
+        fh.flush()
+        return {}
+
+    def _put_meta(self, key: str, data: bytes) -> None:
+        fh = self._file()
+        self._set_attr_blob(fh, key, data)
+        fh.flush()
+
+    @staticmethod
+    def _set_attr_blob(fh: h5py.File, key: str, data: bytes) -> None:
+        fh.attrs[f"fmcache_{key}"] = data.decode()
+        fh.attrs[f"fmcache_{key}_crc32"] = np.uint32(zlib.crc32(data))
+
+    def _truncate(self, samples: int) -> None:
+        fh = self._file()
+
+        def shrink(_name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.shape[0] > samples:
+                obj.resize(samples, axis=0)
+
+        fh.visititems(shrink)
+        fh.flush()
+
+    # ---- reading -------------------------------------------------------------------------
+    def get_meta(self, key: str) -> bytes | None:
+        attrs = self._file().attrs
+        text = attrs.get(f"fmcache_{key}")
+        if text is None:
+            return None
+        data = (text if isinstance(text, str) else bytes(text).decode()).encode()
+        crc = attrs.get(f"fmcache_{key}_crc32")
+        if crc is None or int(crc) != zlib.crc32(data):
+            raise CorruptionError(f"{self.path}: the {key} attribute fails its checksum")
+        return data
+
+    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        fh = self._file()
+        _, specs, _ = self._layers[layer]
+        samples = np.asarray(samples, dtype=np.int64)
+        out: dict[str, np.ndarray] = {}
+        for spec in specs:
+            if parts is not None and spec.name not in parts:
+                continue
+            where = f"{self.path}: layer {layer!r} part {spec.name!r}"
+            fields: dict[str, np.ndarray] = {}
+            for field in spec.codec.hdf5_fields(spec.shape):
+                path = dataset_path(layer, spec.name, field.name)
+                fields[field.name] = _read_rows(fh, path, samples, where)
+                if field.dtype is None:
+                    crcs = _read_rows(fh, path + ".crc32", samples, where)
+                    for row, (rec, crc) in enumerate(zip(fields[field.name], crcs)):
+                        if zlib.crc32(np.asarray(rec, np.uint8)) != int(crc):
+                            raise CorruptionError(f"{where} sample {int(samples[row])}: checksum mismatch")
+            try:
+                out[spec.name] = spec.codec.from_hdf5(fields, spec.shape)
+            except CorruptionError:
+                raise
+            except (ValueError, KeyError) as exc:
+                raise CorruptionError(f"{where}: cannot decode samples ({exc})") from exc
+        return out
+
+    def read_labels(self, samples: int) -> np.ndarray | None:
+        fh = self._file()
+        if "labels" not in fh:
+            return None
+        ds = fh["labels"]
+        if ds.shape[0] < samples:
+            raise CorruptionError(f"{self.path}: labels stop at sample {ds.shape[0]}, the cache has {samples}")
+        return _read_rows(fh, "labels", np.arange(samples), f"{self.path}: labels")
+
+    def stored_bytes(self, layer: str) -> dict[str, int]:
+        fh = self._file()
+        sizes: dict[str, int] = {}
+        for part, fields in self._fields(layer):
+            total = 0
+            for field in fields:
+                ds = fh[dataset_path(layer, part, field.name)]
+                total += ds.id.get_storage_size()
+            sizes[part] = total
+        return sizes
+
+
+def _write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+    end = start + len(rows)
+    if ds.shape[0] < end:
+        ds.resize(end, axis=0)
+    ds[start:end] = rows
+
+
+def _read_rows(fh: h5py.File, path: str, samples: np.ndarray, where: str) -> np.ndarray:
+    """Rows ``samples`` of a dataset; contiguous runs are read as one slice."""
+    try:
+        ds = fh[path]
+        if len(samples) == 0:
+            return ds[0:0]
+        lo, hi = int(samples[0]), int(samples[-1]) + 1
+        if hi - lo == len(samples) and np.all(np.diff(samples) == 1):
+            return ds[lo:hi]
+        order = np.argsort(samples, kind="stable")
+        ordered = samples[order]
+        unique, inverse = np.unique(ordered, return_inverse=True)
+        block = ds[unique]
+        result = np.empty_like(block, shape=(len(samples), *block.shape[1:]))
+        result[order] = block[inverse]
+        return result
+    except KeyError:
+        raise CorruptionError(f"{where}: dataset {path} is missing") from None
+    except OSError as exc:
+        raise CorruptionError(f"{where}: HDF5 read failed ({exc})") from None

@@ -1,0 +1,398 @@
+"""Create, append to, commit and open caches: manifest + backend + tier plans.
+
+Writing goes to ``<path>.partial`` (a directory for LMDB, a file for HDF5). Each appended
+batch is stored atomically with a progress blob, so an interrupted build can resume from
+its last batch. :meth:`CacheWriter.commit` writes the manifest *last* and then renames
+the partial location to ``path``: a cache at ``path`` is always complete, and a reader
+that finds only ``<path>.partial`` gets :class:`IncompleteCacheError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .backends import Backend, PartSpec, backend_class, backend_for_suffix, detect_backend
+from .codecs import Codec, channel_axis, codec_from_spec
+from .errors import (
+    CacheError,
+    CacheExistsError,
+    IncompleteCacheError,
+    LayerNotFoundError,
+    NonFiniteError,
+    NotACacheError,
+    SampleIndexError,
+    ShapeMismatchError,
+    StaleCacheError,
+)
+from .manifest import LayerInfo, Manifest, part_name, utc_now
+from .tiers import TierPlan
+
+PARTIAL_SUFFIX = ".partial"
+TARGET_CHUNK_BYTES = 1 << 20
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def default_samples_per_chunk(shape: Sequence[int]) -> int:
+    """Samples per storage chunk: about 1 MiB of float32, between 1 and 1024."""
+    nbytes = 4 * int(np.prod(shape))
+    return int(min(1024, max(1, TARGET_CHUNK_BYTES // nbytes)))
+
+
+class CacheWriter:
+    """Builds a cache: declare layers, append batches, commit. Use :func:`create_cache`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, backend: str | None = None, overwrite: bool = False,
+                 resume: bool = False, fingerprints: Mapping[str, str | None] | None = None,
+                 build: Mapping[str, Any] | None = None, allow_stale: bool = False,
+                 allow_nonfinite: bool = False) -> None:
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.allow_nonfinite = allow_nonfinite
+        self._committed = False
+        if self.path.exists() and not overwrite:
+            raise CacheExistsError(f"{self.path} already exists")
+        backend_id = backend or (detect_backend(self.partial) if resume and self.partial.exists() else None) \
+            or backend_for_suffix(self.path)
+        cls = backend_class(backend_id)
+        fingerprints = dict(fingerprints or {})
+        draft = None
+        if resume and self.partial.exists():
+            if detect_backend(self.partial) != backend_id:
+                raise CacheError(f"{self.partial} is not a {backend_id} cache; cannot resume it as one")
+            self.backend: Backend = cls(self.partial, writable=True)
+            raw = self.backend.get_meta("draft")
+            if raw is None:  # created but nothing declared yet: start again
+                self.backend.close()
+                _remove(self.partial)
+            else:
+                draft = Manifest.from_json(raw, f"{self.partial}: draft")
+        elif self.partial.exists():
+            if not overwrite:
+                raise CacheExistsError(f"{self.partial} holds an interrupted build",
+                                       hint="pass resume=True (--resume) to finish it, or overwrite=True")
+            _remove(self.partial)
+        if draft is None:
+            self.backend = cls.create(self.partial)
+            self.manifest = Manifest(backend=backend_id, layers={}, fingerprints=fingerprints,
+                                     build=dict(build or {}), fmcache_version=__version__)
+            self._write_draft()
+            self.samples = 0
+        else:
+            _check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
+            self.manifest = draft
+            for index, layer in enumerate(draft.layers.values()):
+                self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
+            progress = self.backend.get_meta("progress")
+            self.samples = int(json.loads(progress)["samples"]) if progress else 0
+            self.backend.truncate(self.samples)
+
+    # ---- declaring ------------------------------------------------------------------------
+    def add_layer(self, name: str, shape: Sequence[int], *, codec: Codec | str | None = None,
+                  plan: TierPlan | None = None, variants: Sequence[str] = (),
+                  variant_tiers: Sequence[str] | None = None, samples_per_chunk: int | None = None,
+                  extra: Mapping[str, Any] | None = None) -> LayerInfo:
+        """Declare a layer: per-sample ``shape`` ((C, H, W), (T, D), ...) and either one
+        ``codec`` for all channels or a tier ``plan``. ``variants`` names augmented copies
+        stored for ``variant_tiers`` (default: the tier named 'sensitive' if any, else all).
+        On resume, re-declaring a layer with the same layout is a no-op."""
+        shape = tuple(int(d) for d in shape)
+        if not shape or any(d < 1 for d in shape):
+            raise ShapeMismatchError(f"layer {name!r}: shape {shape} must be non-empty and positive")
+        if not isinstance(name, str) or not name:
+            raise CacheError(f"layer name {name!r} must be a non-empty string")
+        channels = shape[channel_axis(len(shape))]
+        if plan is None:
+            plan = TierPlan.single(channels, codec_from_spec(codec if codec is not None else "raw"))
+        elif codec is not None:
+            raise CacheError(f"layer {name!r}: give a codec or a tier plan, not both")
+        if plan.num_channels != channels:
+            raise ShapeMismatchError(f"layer {name!r}: the tier plan covers {plan.num_channels} channels, "
+                                     f"shape {shape} has {channels}")
+        if variant_tiers is None:
+            variant_tiers = ("sensitive",) if "sensitive" in plan.names else plan.names
+        for tier in variant_tiers:
+            plan.tier(tier)
+        if len(set(variants)) != len(variants) or any(not v or "@" in v or "/" in v for v in variants):
+            raise CacheError(f"layer {name!r}: variant names {list(variants)} must be unique, without '@' or '/'")
+        info = LayerInfo(name=name, shape=shape, plan=plan,
+                         samples_per_chunk=int(samples_per_chunk or default_samples_per_chunk(shape)),
+                         variants=tuple(variants), variant_tiers=tuple(variant_tiers) if variants else (),
+                         extra=dict(extra or {}))
+        existing = self.manifest.layers.get(name)
+        if existing is not None:
+            if existing.same_layout(info):
+                return existing
+            raise CacheError(f"layer {name!r} is already declared with another layout",
+                             hint="on resume, use the same codecs, tiers and variants as the first run")
+        if self.samples:
+            raise CacheError(f"cannot add layer {name!r} after {self.samples} samples were written")
+        self.manifest.layers[name] = info
+        self.backend.declare_layer(len(self.manifest.layers) - 1, name, _part_specs(info), info.samples_per_chunk)
+        self._write_draft()
+        return info
+
+    def set_layer_extra(self, name: str, **extra: Any) -> None:
+        """Attach JSON data (e.g. sensitivity scores) to a layer's manifest entry."""
+        self._layer(name).extra.update(extra)
+        self._write_draft()
+
+    # ---- appending ------------------------------------------------------------------------
+    def append(self, maps: Mapping[str, np.ndarray], labels: Sequence[Any] | np.ndarray,
+               variants: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> int:
+        """Append a batch: ``maps[layer]`` is ``(N, *shape)``; ``variants[layer][name]`` the
+        augmented maps, full channels. Returns the number of samples now stored."""
+        if not self.manifest.layers:
+            raise CacheError("declare layers with add_layer() before appending")
+        if set(maps) != set(self.manifest.layers):
+            raise CacheError(f"append needs maps for layers {sorted(self.manifest.layers)}, got {sorted(maps)}")
+        labels_arr = np.asarray(labels)
+        if labels_arr.ndim == 0 or labels_arr.dtype.kind not in "biuf":
+            raise ShapeMismatchError(f"labels must be a numeric array with one row per sample, got {labels_arr!r:.80}")
+        n = len(labels_arr)
+        self._check_labels(labels_arr)
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        for name, layer in self.manifest.layers.items():
+            batch = self._checked(name, layer, maps[name], n, "")
+            layer_parts = layer.plan.split(batch, batched=True)
+            for variant in layer.variants:
+                given = (variants or {}).get(name, {}).get(variant)
+                if given is None:
+                    raise CacheError(f"layer {name!r}: append needs variant {variant!r} (declared in add_layer)")
+                vbatch = self._checked(name, layer, given, n, f" variant {variant!r}")
+                for tier in layer.variant_tiers:
+                    layer_parts[part_name(tier, variant)] = layer.plan.select(vbatch, tier, batched=True)
+            parts[name] = layer_parts
+        progress = json.dumps({"samples": self.samples + n}).encode()
+        self.backend.write_batch(self.samples, parts, labels_arr, progress)
+        self.samples += n
+        return self.samples
+
+    def _checked(self, name: str, layer: LayerInfo, batch: np.ndarray, n: int, what: str) -> np.ndarray:
+        arr = np.asarray(batch)
+        if arr.shape != (n, *layer.shape):
+            raise ShapeMismatchError(
+                f"layer {name!r}{what}: batch of shape {arr.shape} at sample {self.samples}, "
+                f"expected {(n, *layer.shape)}",
+                hint="every batch must keep the layer's per-sample shape and the labels' length")
+        if arr.dtype.kind not in "fiu":
+            raise ShapeMismatchError(f"layer {name!r}{what}: dtype {arr.dtype} is not numeric")
+        arr = np.asarray(arr, dtype=np.float32)
+        if not self.allow_nonfinite:
+            finite = np.isfinite(arr.reshape(n, -1)).all(axis=1)
+            if not finite.all():
+                bad = self.samples + int(np.argmin(finite))
+                raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad} "
+                                     f"({int((~finite).sum())} samples in this batch)")
+        return arr
+
+    def _check_labels(self, labels: np.ndarray) -> None:
+        info = {"dtype": labels.dtype.str, "shape": list(labels.shape[1:])}
+        if self.manifest.labels is None:
+            self.manifest.labels = info
+            self._write_draft()
+        elif self.manifest.labels != info:
+            raise ShapeMismatchError(f"labels at sample {self.samples} are {info}, "
+                                     f"earlier batches were {self.manifest.labels}")
+
+    # ---- committing -------------------------------------------------------------------------
+    def commit(self, extra: Mapping[str, Any] | None = None) -> Manifest:
+        """Write the manifest (last), close, and move the cache to its final path."""
+        if self.samples == 0:
+            raise CacheError(f"{self.path}: nothing to commit, no samples were appended")
+        manifest = self.manifest
+        manifest.samples = self.samples
+        manifest.extra.update(extra or {})
+        for layer in manifest.layers.values():
+            layer.stored_bytes = self.backend.stored_bytes(layer.name)
+            layer.raw_bytes = {part: 4 * self.samples * int(np.prod(layer.part_shape(part)))
+                               for part, _, _ in layer.parts()}
+        manifest.complete = True
+        manifest.committed_utc = utc_now()
+        self.backend.put_meta("manifest", manifest.to_json())
+        self.backend.flush()
+        self.backend.close()
+        _install(self.partial, self.path)
+        self._committed = True
+        return manifest
+
+    def close(self) -> None:
+        """Close without committing; the partial cache stays for ``resume``."""
+        if not self._committed:
+            self.backend.close()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.close()
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _layer(self, name: str) -> LayerInfo:
+        try:
+            return self.manifest.layers[name]
+        except KeyError:
+            raise LayerNotFoundError(f"no layer {name!r} declared", hint="call add_layer first") from None
+
+    def _write_draft(self) -> None:
+        self.backend.put_meta("draft", self.manifest.to_json())
+
+
+class Cache:
+    """A committed cache, open for reading. Use :func:`open_cache`.
+
+    Holds a path and opens its backend lazily in each process; pickling carries no handle,
+    so a Cache can go to DataLoader workers under fork, spawn or forkserver.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        backend_id = detect_backend(self.path)
+        if backend_id is None:
+            if partial_path(self.path).exists():
+                raise IncompleteCacheError(f"{self.path} was never committed; {partial_path(self.path)} holds "
+                                           "an interrupted build")
+            if not self.path.exists():
+                raise NotACacheError(f"{self.path} does not exist")
+            raise NotACacheError(f"{self.path} is not an fmcache cache (neither an LMDB directory nor an HDF5 file)")
+        self.backend = backend_class(backend_id)(self.path, writable=False)
+        raw = self.backend.get_meta("manifest")
+        if raw is None:
+            raise IncompleteCacheError(f"{self.path} has no committed manifest")
+        self.manifest = Manifest.from_json(raw, f"{self.path}: manifest")
+        if not self.manifest.complete:
+            raise IncompleteCacheError(f"{self.path}: the manifest is not marked complete")
+        for index, layer in enumerate(self.manifest.layers.values()):
+            self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
+        self._labels: np.ndarray | None = None
+
+    @property
+    def layers(self) -> dict[str, LayerInfo]:
+        return self.manifest.layers
+
+    @property
+    def backend_id(self) -> str:
+        return self.backend.backend_id
+
+    def __len__(self) -> int:
+        return self.manifest.samples
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Labels of all samples (loaded once per process), or None if built without."""
+        if self._labels is None:
+            self._labels = self.backend.read_labels(len(self))
+        return self._labels
+
+    def layer(self, name: str) -> LayerInfo:
+        try:
+            return self.manifest.layers[name]
+        except KeyError:
+            raise LayerNotFoundError(f"{self.path} has no layer {name!r} (layers: {', '.join(self.layers)})",
+                                     hint="run `fmcache inspect PATH` to list layers") from None
+
+    def _samples(self, samples: Iterable[int] | int) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(samples, dtype=np.int64))
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = int(idx[(idx < -n) | (idx >= n)][0])
+            raise SampleIndexError(f"{self.path}: sample {bad} is out of range (the cache has {n} samples)")
+        return np.where(idx < 0, idx + n, idx)
+
+    def read_parts(self, layer: str, samples: Iterable[int], parts: Sequence[str] | None = None
+                   ) -> dict[str, np.ndarray]:
+        """Decoded stored parts (tiers and ``tier@variant``) for a batch of samples."""
+        self.layer(layer)
+        return self.backend.read(layer, self._samples(samples), parts)
+
+    def read_batch(self, layer: str, samples: Iterable[int], out: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``(len(samples), *shape)``: the base maps, tiers merged."""
+        info = self.layer(layer)
+        parts = self.backend.read(layer, self._samples(samples), info.plan.names)
+        if len(parts) == 1 and out is None:
+            return next(iter(parts.values()))
+        return info.plan.merge(parts, batched=True, out=out)
+
+    def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 map of one sample, shape ``layer.shape``."""
+        return self.read_batch(layer, [sample], None if out is None else out[None])[0]
+
+    def check_fingerprints(self, *, weights: str | None = None, data: str | None = None,
+                           allow_stale: bool = False) -> None:
+        """StaleCacheError unless the given fingerprints match the recorded ones."""
+        _check_fingerprints(self.manifest.fingerprints, {"weights": weights, "data": data},
+                            f"opening {self.path}", allow_stale)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<fmcache.Cache {self.path} {self.backend_id} {len(self)} samples, layers {list(self.layers)}>"
+
+
+def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:
+    """Start (or with ``resume=True`` continue) writing a cache at ``path``.
+
+    Keyword arguments are those of :class:`CacheWriter`: ``backend`` ('lmdb' or 'hdf5';
+    default from the suffix, ``.h5``/``.hdf5`` -> hdf5), ``overwrite``, ``resume``,
+    ``fingerprints``, ``build``, ``allow_stale``, ``allow_nonfinite``.
+    """
+    return CacheWriter(path, **kwargs)
+
+
+def open_cache(path: str | os.PathLike[str], *, weights_fingerprint: str | None = None,
+               data_fingerprint: str | None = None, allow_stale: bool = False) -> Cache:
+    """Open a committed cache read-only; with fingerprints given, refuse a stale one."""
+    cache = Cache(path)
+    if weights_fingerprint is not None or data_fingerprint is not None:
+        cache.check_fingerprints(weights=weights_fingerprint, data=data_fingerprint, allow_stale=allow_stale)
+    return cache
+
+
+def _part_specs(layer: LayerInfo) -> list[PartSpec]:
+    return [PartSpec(name, layer.part_shape(name), layer.plan.tier(tier).codec) for name, tier, _ in layer.parts()]
+
+
+def _check_fingerprints(recorded: Mapping[str, str | None], given: Mapping[str, str | None], what: str,
+                        allow_stale: bool) -> None:
+    for key in ("weights", "data"):
+        have, want = recorded.get(key), given.get(key)
+        if have is not None and want is not None and have != want and not allow_stale:
+            label = "frozen-prefix weights" if key == "weights" else "input data"
+            raise StaleCacheError(f"{what}: the {label} changed since the cache was built "
+                                  f"(recorded {have[:12]}, now {want[:12]})")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _install(partial: Path, final: Path) -> None:
+    """Move a committed partial cache to its final path, replacing an old one last."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        _remove(old)
+        os.replace(final, old)
+    os.replace(partial, final)
+    _remove(old)
+
+
