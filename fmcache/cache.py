@@ -71,12 +71,16 @@ class CacheWriter:
             if detect_backend(self.partial) != backend_id:
                 raise CacheError(f"{self.partial} is not a {backend_id} cache; cannot resume it as one")
             self.backend: Backend = cls(self.partial, writable=True)
-            raw = self.backend.get_meta("draft")
-            if raw is None:  # created but nothing declared yet: start again
+            try:
+                raw = self.backend.get_meta("draft")
+                if raw is not None:
+                    draft = Manifest.from_json(raw, f"{self.partial}: draft")
+            except BaseException:
+                self.backend.close()
+                raise
+            if draft is None:  # created but nothing declared yet: start again
                 self.backend.close()
                 _remove(self.partial)
-            else:
-                draft = Manifest.from_json(raw, f"{self.partial}: draft")
         elif self.partial.exists():
             if not overwrite:
                 raise CacheExistsError(f"{self.partial} holds an interrupted build",
@@ -89,13 +93,21 @@ class CacheWriter:
             self._write_draft()
             self.samples = 0
         else:
-            _check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
-            self.manifest = draft
-            for index, layer in enumerate(draft.layers.values()):
-                self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
-            progress = self.backend.get_meta("progress")
-            self.samples = int(json.loads(progress)["samples"]) if progress else 0
-            self.backend.truncate(self.samples)
+            try:
+                self._reopen(draft, fingerprints, allow_stale)
+            except BaseException:
+                self.backend.close()
+                raise
+
+    def _reopen(self, draft: Manifest, fingerprints: Mapping[str, str | None], allow_stale: bool) -> None:
+        """Continue an interrupted build from its last committed batch."""
+        _check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
+        self.manifest = draft
+        for index, layer in enumerate(draft.layers.values()):
+            self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
+        progress = self.backend.get_meta("progress")
+        self.samples = int(json.loads(progress)["samples"]) if progress else 0
+        self.backend.truncate(self.samples)
 
     # ---- declaring ------------------------------------------------------------------------
     def add_layer(self, name: str, shape: Sequence[int], *, codec: Codec | str | None = None,

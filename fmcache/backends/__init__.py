@@ -33,4 +33,4 @@ def detect_backend(path: Path) -> str | None:
     return None
 
 
-__all__ = ["BACKENDS", "Backend", "PartSpec", "backend_class", "backend_for_suffix", "detect_backend"]
+__all__ = ["BACKENDS", "Backend", "Hdf5Backend", "LmdbBackend", "PartSpec", "backend_class", "backend_for_suffix", "detect_backend"]

@@ -40,17 +40,27 @@ _REC = struct.Struct(">cHQ")
 _LABELS = struct.Struct(">cQ")
 INITIAL_MAP_SIZE_BYTES = 64 << 20
 
-_envs: dict[tuple[int, str, bool], list[Any]] = {}  # (pid, realpath, writable) -> [env, refcount]
+_envs: dict[tuple[int, str], list[Any]] = {}  # (pid, realpath) -> [env, refcount, inode, writable]
 _envs_lock = threading.Lock()
 
 
 def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
-    key = (os.getpid(), os.path.realpath(path), writable)
+    key = (os.getpid(), os.path.realpath(path))
+    try:
+        inode = os.stat(path / "data.mdb").st_ino
+    except FileNotFoundError:
+        inode = None
     with _envs_lock:
         entry = _envs.get(key)
-        if entry is not None:
+        if entry is not None and entry[2] == inode and entry[3] == writable:
             entry[1] += 1
             return entry[0]
+        if entry is not None:
+            # The cache at this path was replaced (a commit with overwrite) or is being
+            # reopened for writing: py-lmdb allows one environment per path, so the old
+            # one is closed; its remaining users get a clear error on their next read.
+            del _envs[key]
+            entry[0].close()
         if writable:
             env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE_BYTES, subdir=True, max_dbs=0,
                             readahead=False, meminit=False)
@@ -60,15 +70,17 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
                                 readahead=False, max_spare_txns=4)
             except lmdb.Error as exc:
                 raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
-        _envs[key] = [env, 1]
+        if inode is None:
+            inode = os.stat(path / "data.mdb").st_ino
+        _envs[key] = [env, 1, inode, writable]
         return env
 
 
-def _release_env(path: Path, writable: bool) -> None:
-    key = (os.getpid(), os.path.realpath(path), writable)
+def _release_env(path: Path, env: lmdb.Environment) -> None:
+    key = (os.getpid(), os.path.realpath(path))
     with _envs_lock:
         entry = _envs.get(key)
-        if entry is None:
+        if entry is None or entry[0] is not env:
             return
         entry[1] -= 1
         if entry[1] <= 0:
@@ -104,9 +116,12 @@ class LmdbBackend(Backend):
 
     def close(self) -> None:
         if getattr(self, "_h_env", None) is not None and self._pid == os.getpid():
-            if self.writable:
-                self._h_env.sync(True)
-            _release_env(self.path, self.writable)
+            try:
+                if self.writable:
+                    self._h_env.sync(True)
+            except lmdb.Error:
+                pass  # already closed because the path was replaced
+            _release_env(self.path, self._h_env)
         self._h_env = None
 
     def flush(self) -> None:

@@ -1,0 +1,205 @@
+"""Augmentation draws: one sample's augmentation (:class:`AugDraw`), the family it is drawn
+from (:class:`AugFamily`), and the per-(seed, epoch, sample) random stream (:func:`draw_for`).
+
+Units: ``dy``/``dx`` are *input pixels*; ``brightness``/``contrast`` are factors
+(1.0 = unchanged). A draw means "flip, then shift, then photometric" (docs/augmentation.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import AugmentationError
+
+#: Mixed into every draw stream so that it never coincides with another stream seeded from
+#: the same (seed, epoch, ...) numbers, such as the sampler's shuffle.
+_AUG_STREAM_TAG = 0x5ACA
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise AugmentationError(f"{what} must be an int, got {value!r}")
+    return int(value)
+
+
+def _as_factor(value: Any, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise AugmentationError(f"{what} must be a number, got {value!r}")
+    factor = float(value)
+    if not math.isfinite(factor) or factor <= 0:
+        raise AugmentationError(f"{what} must be a finite factor > 0, got {value!r}")
+    return factor
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise AugmentationError(f"{what} must be a bool, got {value!r}")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class AugDraw:
+    """One drawn augmentation.
+
+    Parameters
+    ----------
+    flip : bool
+        Mirror the W axis (horizontal flip).
+    dy, dx : int
+        Translation in input pixels: output pixel ``(i, j)`` is input pixel
+        ``(i - dy, j - dx)``, zero outside (a random crop with zero padding).
+    brightness, contrast : float
+        Photometric factors, 1.0 = unchanged (see :func:`fmcache.augment.apply_input`).
+
+    Fields are normalised to plain ``bool``/``int``/``float``, so draws built from numpy
+    scalars compare and hash like the same draw built from Python numbers.
+    """
+
+    flip: bool
+    dy: int
+    dx: int
+    brightness: float = 1.0
+    contrast: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flip", _as_bool(self.flip, "AugDraw.flip"))
+        object.__setattr__(self, "dy", _as_int(self.dy, "AugDraw.dy"))
+        object.__setattr__(self, "dx", _as_int(self.dx, "AugDraw.dx"))
+        object.__setattr__(self, "brightness", _as_factor(self.brightness, "AugDraw.brightness"))
+        object.__setattr__(self, "contrast", _as_factor(self.contrast, "AugDraw.contrast"))
+
+    @property
+    def geometric(self) -> AugDraw:
+        """The flip and shift only (photometric factors reset to 1)."""
+        return replace(self, brightness=1.0, contrast=1.0)
+
+    @property
+    def is_photometric(self) -> bool:
+        """True when brightness or contrast differs from 1."""
+        return self.brightness != 1.0 or self.contrast != 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict; :meth:`from_dict` inverts it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AugDraw:
+        """Draw from :meth:`to_dict` output; unknown or missing keys raise."""
+        return cls(**_checked_kwargs(cls, data, required=("flip", "dy", "dx")))
+
+
+#: The draw that changes nothing.
+IDENTITY = AugDraw(flip=False, dy=0, dx=0)
+
+
+def _checked_kwargs(cls: type, data: Mapping[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise AugmentationError(f"{cls.__name__} config must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise AugmentationError(f"{cls.__name__} config has unknown keys {unknown} (known: {sorted(known)})")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise AugmentationError(f"{cls.__name__} config lacks keys {missing}")
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class AugFamily:
+    """The augmentation family draws come from (the usual crop + flip + jitter recipe).
+
+    Parameters
+    ----------
+    flip : bool
+        Draw a horizontal flip with probability 1/2.
+    max_shift : int
+        Draw ``dy`` and ``dx`` uniformly from the integers in ``[-max_shift, max_shift]``
+        (input pixels; a random crop with ``padding=max_shift``).
+    photometric : bool
+        Draw brightness and contrast factors; when False both are 1.
+    brightness, contrast : float
+        Factors are uniform in ``[1 - brightness, 1 + brightness)`` and
+        ``[1 - contrast, 1 + contrast)``; each must lie in ``[0, 1)``.
+    """
+
+    flip: bool = True
+    max_shift: int = 4
+    photometric: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flip", _as_bool(self.flip, "AugFamily.flip"))
+        object.__setattr__(self, "photometric", _as_bool(self.photometric, "AugFamily.photometric"))
+        max_shift = _as_int(self.max_shift, "AugFamily.max_shift")
+        if max_shift < 0:
+            raise AugmentationError(f"AugFamily.max_shift must be >= 0, got {max_shift}")
+        object.__setattr__(self, "max_shift", max_shift)
+        for name in ("brightness", "contrast"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise AugmentationError(f"AugFamily.{name} must be a number, got {value!r}")
+            if not 0.0 <= float(value) < 1.0:
+                raise AugmentationError(
+                    f"AugFamily.{name} must lie in [0, 1), got {value!r}",
+                    hint="a factor range 1 +- x with x >= 1 would reach zero or negative factors",
+                )
+            object.__setattr__(self, name, float(value))
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-serialisable config; :meth:`from_config` rebuilds an equal family."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> AugFamily:
+        """Family from :meth:`get_config` output; missing keys take their defaults."""
+        return cls(**_checked_kwargs(cls, config))
+
+    def draw(self, rng: np.random.Generator) -> AugDraw:
+        """Draw one augmentation.
+
+        Always consumes exactly five uniforms from ``rng`` (flip, dy, dx, brightness,
+        contrast, in that order), whatever the configuration, so switching one part of
+        the family on or off never changes what the other parts draw.
+        """
+        u_flip, u_dy, u_dx, u_b, u_c = rng.random(5)
+        span = 2 * self.max_shift + 1
+        # min() guards the (measure-zero) u == 1 - 2**-53 rounding edge.
+        dy = min(int(u_dy * span), span - 1) - self.max_shift
+        dx = min(int(u_dx * span), span - 1) - self.max_shift
+        flip = self.flip and bool(u_flip < 0.5)
+        if self.photometric:
+            brightness = 1.0 + self.brightness * (2.0 * float(u_b) - 1.0)
+            contrast = 1.0 + self.contrast * (2.0 * float(u_c) - 1.0)
+        else:
+            brightness = contrast = 1.0
+        return AugDraw(flip=flip, dy=dy, dx=dx, brightness=brightness, contrast=contrast)
+
+
+def draw_for(seed: int, epoch: int, sample: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch.
+
+    Parameters
+    ----------
+    seed, epoch, sample : int
+        Non-negative; ``sample`` is the data set index.
+
+    Returns
+    -------
+    numpy.random.Generator
+        A fresh generator that depends only on ``(seed, epoch, sample)``: the same triple
+        gives the same draws in any process, worker or order.
+    """
+    parts = [_as_int(seed, "seed"), _as_int(epoch, "epoch"), _as_int(sample, "sample")]
+    if min(parts) < 0:
+        raise AugmentationError(f"seed, epoch and sample must be >= 0, got {tuple(parts)}")
+    return np.random.default_rng([*parts, _AUG_STREAM_TAG])
+
+
+__all__ = ["IDENTITY", "AugDraw", "AugFamily", "draw_for"]

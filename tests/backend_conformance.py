@@ -1,0 +1,142 @@
+"""The conformance suite every backend passes: subclass BackendTests, set ``backend_cls``
+and ``suffix``. A new backend needs only such a subclass (see test_backend_*.py)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmcache.backends import Backend, PartSpec
+from fmcache.codecs import codec_from_spec
+from fmcache.errors import ReadOnlyError
+
+PARTS = [PartSpec("a", (3, 4, 5), codec_from_spec("raw")), PartSpec("b", (2, 4, 5), codec_from_spec("blosc2"))]
+TOKENS = [PartSpec("all", (7, 3), codec_from_spec("raw"))]
+
+
+def _batch(rng: np.random.Generator, n: int) -> dict[str, dict[str, np.ndarray]]:
+    return {
+        "conv": {"a": rng.normal(size=(n, 3, 4, 5)).astype(np.float32),
+                 "b": rng.normal(size=(n, 2, 4, 5)).astype(np.float32)},
+        "tok/x": {"all": rng.normal(size=(n, 7, 3)).astype(np.float32)},
+    }
+
+
+class BackendTests:
+    backend_cls: type[Backend]
+    suffix: str
+
+    def make(self, tmp_path: Path) -> Backend:
+        backend = self.backend_cls.create(tmp_path / f"cache{self.suffix}")
+        self.declare(backend)
+        return backend
+
+    @staticmethod
+    def declare(backend: Backend) -> None:
+        backend.declare_layer(0, "conv", PARTS, samples_per_chunk=3)
+        backend.declare_layer(1, "tok/x", TOKENS, samples_per_chunk=4)
+
+    def reopen(self, backend: Backend, writable: bool = False) -> Backend:
+        backend.close()
+        again = self.backend_cls(backend.path, writable=writable)
+        self.declare(again)
+        return again
+
+    def fill(self, backend: Backend, sizes: tuple[int, ...] = (5, 4)) -> dict[str, dict[str, np.ndarray]]:
+        rng = np.random.default_rng(1)
+        batches = [_batch(rng, n) for n in sizes]
+        start = 0
+        for batch, n in zip(batches, sizes):
+            backend.write_batch(start, batch, np.arange(start, start + n), json.dumps({"samples": start + n}).encode())
+            start += n
+        return {layer: {part: np.concatenate([b[layer][part] for b in batches]) for part in batches[0][layer]}
+                for layer in batches[0]}
+
+    def test_detect(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        assert self.backend_cls.detect(backend.path)
+        assert not self.backend_cls.detect(tmp_path / "nothing")
+
+    def test_round_trip_after_reopen(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        truth = self.fill(backend)
+        backend = self.reopen(backend)
+        got = backend.read("conv", np.arange(9))
+        np.testing.assert_array_equal(got["a"], truth["conv"]["a"])
+        np.testing.assert_array_equal(got["b"], truth["conv"]["b"])
+        np.testing.assert_array_equal(backend.read("tok/x", np.arange(9))["all"], truth["tok/x"]["all"])
+        np.testing.assert_array_equal(backend.read_labels(9), np.arange(9))
+        backend.close()
+
+    def test_read_any_order_with_duplicates_and_part_subset(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        truth = self.fill(backend)
+        backend = self.reopen(backend)
+        order = np.array([8, 0, 4, 4, 3])
+        got = backend.read("conv", order, parts=["b"])
+        assert list(got) == ["b"]
+        np.testing.assert_array_equal(got["b"], truth["conv"]["b"][order])
+        backend.close()
+
+    def test_meta_round_trip(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        backend.put_meta("draft", b'{"x": 1}')
+        assert backend.get_meta("draft") == b'{"x": 1}'
+        assert backend.get_meta("manifest") is None
+        backend = self.reopen(backend)
+        assert backend.get_meta("draft") == b'{"x": 1}'
+        backend.close()
+
+    def test_progress_written_with_batch(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        self.fill(backend, (3, 2))
+        assert json.loads(backend.get_meta("progress")) == {"samples": 5}
+        backend.close()
+
+    def test_truncate_forgets_tail(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        truth = self.fill(backend, (4, 4))
+        backend.truncate(4)
+        rng = np.random.default_rng(7)
+        new = _batch(rng, 2)
+        backend.write_batch(4, new, np.array([40, 41]), b'{"samples": 6}')
+        backend = self.reopen(backend)
+        got = backend.read("conv", np.arange(6))["a"]
+        np.testing.assert_array_equal(got[:4], truth["conv"]["a"][:4])
+        np.testing.assert_array_equal(got[4:], new["conv"]["a"])
+        np.testing.assert_array_equal(backend.read_labels(6), [0, 1, 2, 3, 40, 41])
+        backend.close()
+
+    def test_read_only_is_enforced(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        self.fill(backend)
+        backend = self.reopen(backend, writable=False)
+        with pytest.raises(ReadOnlyError):
+            backend.put_meta("draft", b"{}")
+        with pytest.raises(ReadOnlyError):
+            backend.write_batch(9, _batch(np.random.default_rng(0), 1), np.array([0]), b"{}")
+        with pytest.raises(ReadOnlyError):
+            backend.truncate(0)
+        backend.close()
+
+    def test_pickles_without_handles(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        truth = self.fill(backend)
+        backend = self.reopen(backend)
+        backend.read("conv", np.arange(2))  # open handles in this process
+        clone = pickle.loads(pickle.dumps(backend))
+        np.testing.assert_array_equal(clone.read("conv", np.array([3]))["a"][0], truth["conv"]["a"][3])
+        backend.close()
+
+    def test_stored_bytes_counts_every_part(self, tmp_path: Path) -> None:
+        backend = self.make(tmp_path)
+        self.fill(backend)
+        sizes = backend.stored_bytes("conv")
+        assert set(sizes) == {"a", "b"}
+        assert sizes["a"] >= 9 * 3 * 4 * 5 * 4  # raw float32 cannot be smaller
+        assert 0 < sizes["b"]
+        backend.close()
