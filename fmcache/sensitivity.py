@@ -161,7 +161,9 @@ class SensitivityAccumulator:
 def _check_scores(scores: Any) -> np.ndarray:
     arr = np.asarray(scores, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
-        raise SensitivityError(f"scores must be a non-empty 1-D array of finite numbers, got shape {arr.shape}")
+        raise SensitivityError(
+            f"scores must be a non-empty 1-D array of finite numbers, got shape {arr.shape}"
+        )
     return arr
 
 
@@ -209,13 +211,16 @@ def score_summary(scores: Any) -> dict[str, Any]:
         ``n_channels``, ``min``, ``p10``, ``p50``, ``p90``, ``max``, ``mean`` (floats;
         linear-interpolated percentiles), ``above_1`` (channels with score > 1:
         anti-correlated on average) and ``histogram``: ``edges`` (11 floats on
-        ``[0, 1]``) and ``counts`` (10 ints). Scores outside ``[0, 1]`` are counted in
-        the end bins, so the counts add up to ``n_channels``.
+        ``[0, 1]``) and ``counts`` (10 ints); bin ``i`` holds ``[i/10, (i+1)/10)``, the
+        last also 1.0. Scores outside ``[0, 1]`` are counted in the end bins, so the
+        counts add up to ``n_channels``.
     """
     arr = _check_scores(scores)
     p10, p50, p90 = (float(v) for v in np.percentile(arr, [10, 50, 90]))
     edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
-    counts, _ = np.histogram(np.clip(arr, 0.0, 1.0), bins=edges)
+    # floor(score * bins), not np.histogram: its float edges put 0.3 in the [0.2, 0.3) bin
+    bins = np.minimum(np.floor(np.clip(arr, 0.0, 1.0) * HISTOGRAM_BINS).astype(np.intp), HISTOGRAM_BINS - 1)
+    counts = np.bincount(bins, minlength=HISTOGRAM_BINS)
     return {
         "n_channels": int(arr.size),
         "min": float(arr.min()),

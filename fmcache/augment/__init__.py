@@ -22,12 +22,12 @@ from .variants import (
 
 __all__ = [
     "AUGMENT_MODES",
+    "IDENTITY",
+    "IDENTITY_NAME",
     "AugDraw",
     "AugFamily",
     "AugmentMode",
     "AugmentationError",
-    "IDENTITY",
-    "IDENTITY_NAME",
     "SensitivityError",
     "StrideError",
     "VariantNameError",

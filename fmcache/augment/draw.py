@@ -143,7 +143,9 @@ class AugFamily:
         object.__setattr__(self, "max_shift", max_shift)
         for name in ("brightness", "contrast"):
             value = getattr(self, name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
                 raise AugmentationError(f"AugFamily.{name} must be a number, got {value!r}")
             if not 0.0 <= float(value) < 1.0:
                 raise AugmentationError(

@@ -52,7 +52,9 @@ def infer_stride(input_hw: tuple[int, int], map_hw: tuple[int, int]) -> int:
     try:
         (in_h, in_w), (map_h, map_w) = (int(v) for v in input_hw), (int(v) for v in map_hw)
     except (TypeError, ValueError):
-        raise StrideError(f"input_hw and map_hw must be (H, W) pairs, got {input_hw!r} and {map_hw!r}") from None
+        raise StrideError(
+            f"input_hw and map_hw must be (H, W) pairs, got {input_hw!r} and {map_hw!r}"
+        ) from None
     if min(in_h, in_w, map_h, map_w) < 1:
         raise StrideError(f"sizes must be positive, got input {input_hw} and map {map_hw}")
     if in_h % map_h or in_w % map_w or in_h // map_h != in_w // map_w:
@@ -131,7 +133,9 @@ def apply_feature(
     """
     stride = _check_stride(stride)
     if not isinstance(fmap, (np.ndarray, torch.Tensor)):
-        raise AugmentationError(f"apply_feature takes a numpy array or torch tensor, got {type(fmap).__name__}")
+        raise AugmentationError(
+            f"apply_feature takes a numpy array or torch tensor, got {type(fmap).__name__}"
+        )
     if not isinstance(draw, AugDraw):
         raise AugmentationError(f"draw must be an AugDraw, got {type(draw).__name__}")
     _check_out(fmap, out)

@@ -38,9 +38,7 @@ def _photometric(x: torch.Tensor, brightness: float, contrast: float) -> torch.T
     return y
 
 
-def _apply_one(
-    x: torch.Tensor, draw: AugDraw, value_range: tuple[float, float] | None
-) -> torch.Tensor:
+def _apply_one(x: torch.Tensor, draw: AugDraw, value_range: tuple[float, float] | None) -> torch.Tensor:
     y = torch.flip(x, dims=(-1,)) if draw.flip else x
     if draw.dy or draw.dx:
         y = _shift_zero_fill(y, draw.dy, draw.dx)

@@ -32,7 +32,9 @@ def _check_base(base: np.ndarray) -> None:
 def _check_sensitive(sensitive: object, n_channels: int) -> np.ndarray:
     idx = np.asarray(sensitive)
     if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-        raise AugmentationError(f"sensitive must be a 1-D array of channel indices, got {idx.dtype} {idx.shape}")
+        raise AugmentationError(
+            f"sensitive must be a 1-D array of channel indices, got {idx.dtype} {idx.shape}"
+        )
     idx = idx.astype(np.intp, copy=False)
     if idx.size and (idx[0] < 0 or idx[-1] >= n_channels or np.any(np.diff(idx) <= 0)):
         raise AugmentationError(
@@ -138,13 +140,17 @@ def augment_map(
         Always a new array (or ``out``), never ``base`` itself.
     """
     if mode not in AUGMENT_MODES:
-        raise AugmentationError(f"unknown augmentation mode {mode!r}; choose one of {', '.join(AUGMENT_MODES)}")
+        raise AugmentationError(
+            f"unknown augmentation mode {mode!r}; choose one of {', '.join(AUGMENT_MODES)}"
+        )
     _check_base(base)
     if mode == "none":
         if out is None:
             return base.copy()
         if out.shape != base.shape or out.dtype != base.dtype:
-            raise AugmentationError(f"out must have shape {base.shape} and dtype {base.dtype}, got {out.shape} {out.dtype}")
+            raise AugmentationError(
+                f"out must have shape {base.shape} and dtype {base.dtype}, got {out.shape} {out.dtype}"
+            )
         out[...] = base
         return out
     if not isinstance(draw, AugDraw):
@@ -153,7 +159,8 @@ def augment_map(
         return apply_feature(base, draw, stride, out=out)
     if sensitive is None:
         raise AugmentationError(
-            "mode 'saca' needs the sensitive channel indices", hint="pass sensitive= from the cache's tier plan"
+            "mode 'saca' needs the sensitive channel indices",
+            hint="pass sensitive= from the cache's tier plan",
         )
     return saca_compose(base, draw, stride, sensitive, variants if variants is not None else {}, out=out)
 
