@@ -1,2 +1,5 @@
-"""Shared pytest set-up. Its presence puts ``tests/`` on ``sys.path`` (pytest's rootdir
-conftest rule), so test modules and tools import ``strategies`` directly."""
+"""Shared pytest set-up (kept minimal).
+
+pytest's default import mode puts ``tests/`` on ``sys.path``, so test modules import the
+generators in ``strategies.py`` directly; a tool that wants them adds ``tests/`` itself.
+"""
