@@ -13,9 +13,11 @@ from .cache import Cache, CacheWriter, create_cache, open_cache  # noqa: E402
 from .codecs import Codec, codec_from_config, codec_from_spec, registered_codecs  # noqa: E402
 from .manifest import FORMAT_VERSION, LayerInfo, Manifest  # noqa: E402
 from .tiers import Tier, TierPlan  # noqa: E402
+from .dataset import FeatureMapDataset  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
+    "FeatureMapDataset",
     "Cache",
     "CacheWriter",
     "Codec",

@@ -370,8 +370,11 @@ def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:
 
 def open_cache(path: str | os.PathLike[str], *, weights_fingerprint: str | None = None,
                data_fingerprint: str | None = None, allow_stale: bool = False) -> Cache:
-    """Open a committed cache read-only; with fingerprints given, refuse a stale one."""
-    cache = Cache(path)
+    """Open a committed cache (or a merged sharded one) read-only; with fingerprints
+    given, refuse a stale one."""
+    from .shards import ShardedCache, is_sharded
+
+    cache: Cache = ShardedCache(path) if is_sharded(Path(path)) else Cache(path)  # type: ignore[assignment]
     if weights_fingerprint is not None or data_fingerprint is not None:
         cache.check_fingerprints(weights=weights_fingerprint, data=data_fingerprint, allow_stale=allow_stale)
     return cache

@@ -230,13 +230,7 @@ def test_decode_into_out_fills_it(spec: str, x: np.ndarray) -> None:
     assert out.tobytes() == codec.decode(encoded).tobytes()
 
 
-_STRIDED_OUT_BUG = pytest.mark.xfail(
-    strict=True, raises=FmcacheError,
-    reason="lossless.blosc2_decompress_into needs a C-contiguous dst; it reports a CorruptionError instead")
-
-
-@pytest.mark.parametrize("spec", [pytest.param(s, marks=_STRIDED_OUT_BUG) if s.startswith("blosc2") else s
-                                  for s in ALL_SPECS])
+@pytest.mark.parametrize("spec", ALL_SPECS)
 def test_decode_into_a_strided_out(spec: str) -> None:
     codec = _codec(spec)
     x = realistic_post_relu(np.random.default_rng(5), (6, 5, 4))

@@ -67,7 +67,9 @@ class Hdf5Backend(Backend):
             raise ReadOnlyError(f"{self.path} already exists")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with h5py.File(self.path, "w", libver=("v110", "latest")) as fh:
+            # The default (earliest) file format: newer superblocks carry a "file is open
+            # for writing" flag that a crashed build leaves set, which blocks --resume.
+            with h5py.File(self.path, "w") as fh:
                 fh.attrs["fmcache"] = "feature-map cache; see fmcache_manifest"
         except OSError as exc:
             raise ReadOnlyError(f"{self.path}: cannot create the cache file ({exc})") from None

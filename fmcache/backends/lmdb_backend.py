@@ -40,27 +40,31 @@ _REC = struct.Struct(">cHQ")
 _LABELS = struct.Struct(">cQ")
 INITIAL_MAP_SIZE_BYTES = 64 << 20
 
-_envs: dict[tuple[int, str], list[Any]] = {}  # (pid, realpath) -> [env, refcount, inode, writable]
+_envs: dict[tuple[int, int, int], list[Any]] = {}  # (pid, dev, inode of data.mdb) -> [env, refcount, writable]
 _envs_lock = threading.Lock()
 
 
-def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
-    key = (os.getpid(), os.path.realpath(path))
+def _identity(path: Path) -> tuple[int, int] | None:
     try:
-        inode = os.stat(path / "data.mdb").st_ino
+        st = os.stat(path / "data.mdb")
     except FileNotFoundError:
-        inode = None
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
+    """One environment per LMDB file per process (py-lmdb refuses a second one for the same
+    file, even under another path after a rename), shared by reference count."""
     with _envs_lock:
-        entry = _envs.get(key)
-        if entry is not None and entry[2] == inode and entry[3] == writable:
+        _forget_inherited()
+        ident = _identity(path)
+        entry = _envs.get((os.getpid(), *ident)) if ident else None
+        if entry is not None:
+            if entry[2] != writable:
+                raise ReadOnlyError(f"{path} is open {'for writing' if entry[2] else 'read-only'} in this process",
+                                    hint="close the other handle first")
             entry[1] += 1
             return entry[0]
-        if entry is not None:
-            # The cache at this path was replaced (a commit with overwrite) or is being
-            # reopened for writing: py-lmdb allows one environment per path, so the old
-            # one is closed; its remaining users get a clear error on their next read.
-            del _envs[key]
-            entry[0].close()
         if writable:
             env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE_BYTES, subdir=True, max_dbs=0,
                             readahead=False, meminit=False)
@@ -70,22 +74,32 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
                                 readahead=False, max_spare_txns=4)
             except lmdb.Error as exc:
                 raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
-        if inode is None:
-            inode = os.stat(path / "data.mdb").st_ino
-        _envs[key] = [env, 1, inode, writable]
+        ident = _identity(path)
+        if ident is not None:
+            _envs[(os.getpid(), *ident)] = [env, 1, writable]
         return env
 
 
-def _release_env(path: Path, env: lmdb.Environment) -> None:
-    key = (os.getpid(), os.path.realpath(path))
+def _forget_inherited() -> None:
+    """Drop environments inherited through fork(): LMDB handles must not be used in a
+    child, and py-lmdb would refuse to open the same file again while they are open.
+    Closing a read-only, lock-free environment only unmaps the child's copy."""
+    pid = os.getpid()
+    for key in [k for k in _envs if k[0] != pid]:
+        env, _count, writable = _envs.pop(key)
+        if not writable:
+            env.close()
+
+
+def _release_env(env: lmdb.Environment) -> None:
     with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None or entry[0] is not env:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _envs[key]
-            entry[0].close()
+        for key, entry in list(_envs.items()):
+            if entry[0] is env and key[0] == os.getpid():
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _envs[key]
+                    env.close()
+                return
 
 
 def record_key(layer_index: int, sample: int) -> bytes:
@@ -121,7 +135,7 @@ class LmdbBackend(Backend):
                     self._h_env.sync(True)
             except lmdb.Error:
                 pass  # already closed because the path was replaced
-            _release_env(self.path, self._h_env)
+            _release_env(self._h_env)
         self._h_env = None
 
     def flush(self) -> None:

@@ -32,7 +32,10 @@ def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
     nbytes, cbytes, _ = blosc2.get_cbuffer_sizes(payload)
     if nbytes != dst.nbytes or cbytes != len(payload):
         raise ValueError(f"blosc2 frame holds {nbytes} bytes in {cbytes}, expected {dst.nbytes} in {len(payload)}")
-    blosc2.decompress2(payload, dst=dst.reshape(-1).view(np.uint8))
+    if dst.flags.c_contiguous:
+        blosc2.decompress2(payload, dst=dst.reshape(-1).view(np.uint8))
+    else:
+        dst[...] = np.frombuffer(blosc2.decompress2(payload), dtype=dst.dtype).reshape(dst.shape)
     return dst
 
 
