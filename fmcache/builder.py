@@ -1,0 +1,173 @@
+"""Frozen prefix -> feature maps -> cache.
+
+:func:`build_cache` runs the prefix of any ``nn.Module`` up to the named boundary modules
+(eval mode, no grad, forward stopped after the last boundary), batches, encodes and
+writes per-layer, per-sample maps with labels. It records fingerprints of the prefix's
+weights and of the data, resumes an interrupted build from its last committed batch,
+and can build one shard ``(index, count)`` of the data set (see :mod:`fmcache.shards`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .cache import create_cache
+from .capture import Capture
+from .codecs import Codec
+from .errors import BuildError, NonFiniteError
+from .fingerprint import data_fingerprint, weights_fingerprint
+from .manifest import Manifest
+from .tiers import TierPlan
+
+DEFAULT_CODEC = "bf16"
+PlanFor = Callable[[str, tuple[int, ...]], TierPlan]
+
+
+def shard_range(num_samples: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """[start, stop) of shard ``(index, count)``: contiguous, sizes differing by at most 1."""
+    if shard is None:
+        return 0, num_samples
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise BuildError(f"shard {index}/{count} is invalid", hint="use --shard i/n with 0 <= i < n")
+    return num_samples * index // count, num_samples * (index + 1) // count
+
+
+def prefix_fingerprint(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> str:
+    """Fingerprint of the modules that run before the last boundary, found by running
+    ``example`` (a batch) through the model once."""
+    capture = Capture(model, layers)
+    with torch.inference_mode():
+        capture(example, record_prefix=True)
+    return weights_fingerprint(model, capture.ran)
+
+
+def _labels(label: Any) -> np.ndarray:
+    if isinstance(label, torch.Tensor):
+        return label.cpu().numpy()
+    return np.asarray(label)
+
+
+def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: str | os.PathLike[str], *,
+                codec: Codec | str = DEFAULT_CODEC, plans: Mapping[str, TierPlan] | PlanFor | None = None,
+                backend: str | None = None, batch_size: int = 64, resume: bool = False,
+                overwrite: bool = False, shard: tuple[int, int] | None = None, num_workers: int = 0,
+                variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                variant_tiers: Sequence[str] | None = None, allow_stale: bool = False,
+                progress: bool = True, build_info: Mapping[str, Any] | None = None,
+                layer_extra: Mapping[str, Mapping[str, Any]] | None = None,
+                device: str | torch.device = "cpu") -> Manifest:
+    """Build (or resume) a cache of ``layers`` of ``model`` over ``dataset``.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; put in eval mode for the build and restored afterwards.
+    dataset
+        A map-style data set of ``(input, label)``; inputs batch with the default collate.
+    layers
+        ``named_modules()`` names of the boundaries to cache.
+    out
+        Cache path; ``.h5``/``.hdf5`` selects HDF5 unless ``backend`` says otherwise.
+    codec, plans
+        One codec for every channel of every layer, or per layer a ``TierPlan`` (a mapping,
+        or a function ``(layer, shape) -> TierPlan``).
+    variants
+        name -> input transform: for each, the prefix also runs on the transformed batch
+        and the ``variant_tiers`` channels of its maps are stored (SACA).
+    shard
+        ``(index, count)``: build only that contiguous share of the data set.
+    """
+    layers = list(dict.fromkeys(layers))
+    capture = Capture(model, layers)  # validates names before anything is written
+    n_total = len(dataset)  # type: ignore[arg-type]
+    lo, hi = shard_range(n_total, shard)
+    if hi <= lo:
+        raise BuildError(f"shard {shard} of {n_total} samples is empty")
+    subset = Subset(dataset, range(lo, hi))
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(batch_size, hi - lo))))
+        first_inputs = first_inputs.to(device)
+        fingerprints = {"weights": prefix_fingerprint(model, layers, first_inputs),
+                        "data": data_fingerprint(dataset)}
+        with torch.inference_mode():
+            shapes = {name: tuple(t.shape[1:]) for name, t in capture(first_inputs[:1]).items()}
+        info = {"layers": layers, "batch_size": batch_size, "samples_total": n_total,
+                "input_shape": list(first_inputs.shape[1:]),
+                "shard": {"index": shard[0], "count": shard[1], "start": lo, "stop": hi} if shard else None,
+                "variants": sorted(variants or {}), **dict(build_info or {})}
+        writer = create_cache(out, backend=backend, overwrite=overwrite, resume=resume,
+                              fingerprints=fingerprints, build=info, allow_stale=allow_stale)
+        with writer:
+            for name in layers:
+                plan = _plan_for(plans, name, shapes[name], codec)
+                writer.add_layer(name, shapes[name], plan=plan, variants=sorted(variants or {}),
+                                 variant_tiers=variant_tiers, extra=dict((layer_extra or {}).get(name, {})))
+            _run(model, capture, subset, writer, lo, batch_size, num_workers, variants or {}, progress, device)
+            return writer.commit()
+    finally:
+        model.train(was_training)
+
+
+def _plan_for(plans: Mapping[str, TierPlan] | PlanFor | None, name: str, shape: tuple[int, ...],
+              codec: Codec | str) -> TierPlan:
+    from .codecs import channel_axis
+
+    if plans is None:
+        return TierPlan.single(shape[channel_axis(len(shape))], codec)
+    if callable(plans):
+        return plans(name, shape)
+    if name in plans:
+        return plans[name]
+    return TierPlan.single(shape[channel_axis(len(shape))], codec)
+
+
+def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: int, batch_size: int,
+         num_workers: int, variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], progress: bool,
+         device: str | torch.device) -> None:
+    start = writer.samples
+    remaining = Subset(subset.dataset, range(lo + start, lo + len(subset)))
+    if len(remaining) == 0:
+        return
+    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(subset), initial=start, unit="sample", desc=f"build {Path(writer.path).name}",
+                   dynamic_ncols=True, leave=False)
+    t0, raw_bytes = time.perf_counter(), 0
+    try:
+        with torch.inference_mode():
+            for inputs, labels in loader:
+                inputs = inputs.to(device)
+                maps = {k: v.float().cpu().numpy() for k, v in capture(inputs).items()}
+                extra = {}
+                if variants:
+                    for vname, transform in variants.items():
+                        vmaps = capture(transform(inputs))
+                        for layer, tensor in vmaps.items():
+                            extra.setdefault(layer, {})[vname] = tensor.float().cpu().numpy()
+                try:
+                    writer.append(maps, _labels(labels), variants=extra or None)
+                except NonFiniteError as exc:
+                    raise NonFiniteError(f"{exc.message} (data set index = {lo} + cache index)") from None
+                raw_bytes += sum(m.nbytes for m in maps.values())
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    bar.update(len(labels))
+                    bar.set_postfix_str(f"{raw_bytes / elapsed / 1e6:.0f} MB/s")
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,98 @@
+"""Capture the outputs of named modules with forward hooks, stopping the forward early.
+
+The frozen prefix of any ``nn.Module`` is "everything that runs before the last
+requested boundary has fired": hooks record each boundary's output and, once all have
+fired, raise a private exception that ends the forward pass, so later layers are never
+computed. A module that fires more than once (a shared block) contributes its first
+output.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BuildError, LayerNotFoundError
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every boundary has fired."""
+
+
+def resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """name -> module for each requested boundary; a typed error suggests near names."""
+    if not names:
+        raise BuildError("no layer given", hint="pass at least one module name, e.g. --layer layer2")
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        if name not in modules or name == "":
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=5)
+            tops = [n for n, _ in model.named_children()]
+            raise LayerNotFoundError(
+                f"the model ({type(model).__name__}) has no module named {name!r}",
+                hint=f"did you mean {', '.join(close)}?" if close else
+                f"names come from model.named_modules(); top level: {', '.join(tops)}")
+        found[name] = modules[name]
+    return found
+
+
+def _as_tensor(name: str, output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise BuildError(f"module {name!r} returned {type(output).__name__}, not a tensor",
+                     hint="choose a module whose output is a tensor (or a tuple starting with one)")
+
+
+class Capture:
+    """Run ``model`` on inputs and return the outputs of ``names``.
+
+    ``Capture(model, ["layer2"])(x)`` -> ``{"layer2": tensor}``; eval mode and no grad
+    are the caller's business (the builder sets both). ``ran`` lists the modules whose
+    forward started before the stop, in order (the frozen prefix).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        self.names = list(dict.fromkeys(names))
+        self.modules = resolve_modules(model, self.names)
+        self.ran: list[str] = []
+
+    def __call__(self, inputs: Any, *, record_prefix: bool = False) -> dict[str, torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def make_hook(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+                if name not in outputs:
+                    outputs[name] = _as_tensor(name, output).detach()
+                if len(outputs) == len(self.names):
+                    raise _StopForward
+
+            return hook
+
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        if record_prefix:
+            self.ran = []
+            for mname, module in self.model.named_modules():
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, _a, mname=mname: self.ran.append(mname) if mname not in self.ran else None))
+        try:
+            self.model(inputs)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [n for n in self.names if n not in outputs]
+        if missing:
+            raise BuildError(f"modules {missing} never ran in the model's forward pass",
+                             hint="choose modules that the forward of this model calls")
+        return outputs

@@ -1,0 +1,163 @@
+"""FeatureMapDataset: a cached layer as a ``torch.utils.data.Dataset``.
+
+Each item is ``(features, label)``: float32 (or bf16 on request) ``(C, H, W)`` or
+``(T, D)``, augmented in feature space by one of three modes:
+
+``none``     the stored base map;
+``feature``  ``T_a`` (flip of W, shift by offset/stride, photometric = identity) on all channels;
+``saca``     bulk channels ``T_a(base)``, sensitive channels the cached variant nearest
+             to ``a`` then the residual transform (:mod:`fmcache.augment`).
+
+The draw ``a`` is a function of ``(seed, epoch, sample)`` only, so the data are the same in
+any worker, process or order. The dataset holds a path; the cache opens lazily in each
+process and is never pickled, so ``DataLoader(num_workers>0)`` works under fork, spawn and
+forkserver. ``__getitems__`` reads a whole batch at once (DataLoader uses it), so a
+chunk-aware sampler's batches are served with one read per stored run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .augment import AUGMENT_MODES, AugFamily, augment_map, draw_for, infer_stride
+from .cache import Cache, open_cache
+from .errors import CacheError
+from .manifest import VARIANT_SEP
+from .sampler import ChunkShuffleSampler
+
+_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class FeatureMapDataset(Dataset):
+    """One layer of a cache, as ``(features, label)`` items.
+
+    Parameters
+    ----------
+    path
+        A committed cache (or a merged sharded one).
+    layer
+        The layer to serve; default: the only layer (error if several).
+    augment
+        ``"none"``, ``"feature"`` or ``"saca"`` (needs a cache built with a ``sensitive`` tier
+        and variants).
+    seed
+        Seed of the augmentation draws.
+    dtype
+        ``"float32"`` or ``"bf16"`` (or the torch dtypes).
+    family
+        The augmentation family (:class:`fmcache.augment.AugFamily`); default: the one
+        recorded by the build, else ``AugFamily()``.
+    stride
+        Input pixels per map pixel; default: inferred from the recorded input shape.
+    weights_fingerprint, allow_stale
+        Refuse a cache whose frozen weights differ from these (see :func:`open_cache`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], layer: str | None = None, *, augment: str = "none",
+                 seed: int = 0, dtype: str | torch.dtype = "float32", family: AugFamily | None = None,
+                 stride: int | None = None, weights_fingerprint: str | None = None,
+                 allow_stale: bool = False) -> None:
+        self.path = Path(path)
+        if augment not in AUGMENT_MODES:
+            raise CacheError(f"unknown augment mode {augment!r}", hint=f"use one of {', '.join(AUGMENT_MODES)}")
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise CacheError(f"dtype {dtype!r} is not supported", hint="use 'float32' or 'bf16'")
+        cache = open_cache(self.path, weights_fingerprint=weights_fingerprint, allow_stale=allow_stale)
+        self._cache: Cache | None = cache
+        if layer is None:
+            if len(cache.layers) != 1:
+                raise CacheError(f"{self.path} has layers {list(cache.layers)}: pass layer=")
+            layer = next(iter(cache.layers))
+        self.layer = layer
+        info = cache.layer(layer)
+        self.shape = info.shape
+        self.samples_per_chunk = info.samples_per_chunk
+        self._len = len(cache)
+        build = cache.manifest.build
+        self.family = family or AugFamily.from_config(build.get("augment_family") or {})
+        self.tokens = len(info.shape) <= 2
+        if stride is None and not self.tokens and augment != "none":
+            input_shape = build.get("input_shape")
+            if not input_shape:
+                raise CacheError(f"{self.path}: no recorded input shape to infer the stride from",
+                                 hint="pass stride= (input pixels per map pixel)")
+            stride = infer_stride(tuple(input_shape[-2:]), tuple(info.shape[-2:]))
+        self.stride = int(stride or 1)
+        self.sensitive: np.ndarray | None = None
+        self.variant_parts: dict[str, str] = {}
+        if augment == "saca":
+            if "sensitive" not in info.plan.names:
+                raise CacheError(f"{self.path}: layer {layer!r} has no 'sensitive' tier; augment='saca' needs one",
+                                 hint="build with SACA (fmcache build --saca) or use augment='feature'")
+            self.sensitive = np.asarray(info.plan.tier("sensitive").channels, dtype=np.int64)
+            self.variant_parts = {v: f"sensitive{VARIANT_SEP}{v}" for v in info.variants}
+        labels = cache.labels
+        self._labels = labels
+
+    # ---- process safety -----------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            self._cache = open_cache(self.path)
+        return self._cache
+
+    # ---- epochs -------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch`` (call before creating each epoch's iterator)."""
+        self.epoch = int(epoch)
+
+    def sampler(self, *, shuffle: str = "chunks", buffer_chunks: int = 8, rank: int | None = None,
+                world_size: int | None = None, drop_last: bool = False) -> ChunkShuffleSampler:
+        """A chunk-aware sampler matched to this layer's storage chunks."""
+        return ChunkShuffleSampler(len(self), self.samples_per_chunk, buffer_chunks=buffer_chunks, seed=self.seed,
+                                   shuffle=shuffle, rank=rank, world_size=world_size,  # type: ignore[arg-type]
+                                   drop_last=drop_last)
+
+    # ---- items -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._len
+
+    def _label(self, index: int) -> Any:
+        if self._labels is None:
+            return -1
+        value = self._labels[index]
+        return int(value) if np.ndim(value) == 0 and self._labels.dtype.kind in "iub" else torch.as_tensor(value)
+
+    def _finish(self, index: int, base: np.ndarray, parts: dict[str, np.ndarray] | None, row: int) -> torch.Tensor:
+        if self.augment == "none":
+            fmap = base
+        else:
+            draw = self.family.draw(draw_for(self.seed, self.epoch, index))
+            variants = None
+            if parts is not None:
+                variants = {v: parts[p][row] for v, p in self.variant_parts.items()}
+            fmap = augment_map(self.augment, base, draw, self.stride, self.sensitive, variants)
+        tensor = torch.from_numpy(np.ascontiguousarray(fmap))
+        return tensor if self.dtype == torch.float32 else tensor.to(self.dtype)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
+        idx = np.asarray(indices, dtype=np.int64)
+        idx = np.where(idx < 0, idx + self._len, idx)
+        cache = self.cache
+        base = cache.read_batch(self.layer, idx)
+        parts = cache.read_parts(self.layer, idx, list(self.variant_parts.values())) if self.variant_parts else None
+        return [(self._finish(int(i), base[row], parts, row), self._label(int(i))) for row, i in enumerate(idx)]

@@ -1,0 +1,43 @@
+"""Models and data sets by reference: ``'package.module:factory'``.
+
+The CLI takes ``--model`` and ``--data`` as such references; the factory is called with
+no arguments (or the keyword arguments given) and must return an ``nn.Module`` or a
+map-style ``Dataset``. The current directory is importable, as for ``python -m``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .errors import SpecImportError
+
+
+def load_factory(ref: str) -> Callable[..., Any]:
+    """The callable named by ``'package.module:attr'``."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise SpecImportError(f"{ref!r} is not a 'package.module:factory' reference")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecImportError(f"cannot import {module_name!r} for {ref!r}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise SpecImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise SpecImportError(f"{ref!r} names a {type(target).__name__}, not a callable factory")
+    return target
+
+
+def call_factory(ref: str, **kwargs: Any) -> Any:
+    return load_factory(ref)(**kwargs)

@@ -1,0 +1,173 @@
+"""Sharded builds and their merge.
+
+A build split across processes or ranks writes one cache per shard (``--shard i/n``:
+samples ``[i*N/n, (i+1)*N/n)``). :func:`merge_shards` moves the shard caches into one
+directory and writes ``fmcache-shards.json`` last (the commit point): a lossless, O(1)
+merge, since no map is decoded or re-encoded. :func:`fmcache.open_cache` opens such a
+directory as a :class:`ShardedCache`, which reads like one cache (``fmcache compact``
+rewrites it as a single flat cache when wanted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import Cache, partial_path
+from .errors import CacheError, CacheExistsError, CorruptionError, IncompleteCacheError, SampleIndexError
+from .manifest import LayerInfo, Manifest, json_crc32
+
+SHARDS_FILE = "fmcache-shards.json"
+
+
+def is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / SHARDS_FILE).is_file()
+
+
+def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
+    """Move complete shard caches (in data order) into ``out`` and commit the merge."""
+    out = Path(out)
+    if out.exists():
+        raise CacheExistsError(f"{out} already exists")
+    caches = [Cache(p) for p in shards]
+    if not caches:
+        raise CacheError("merge_shards needs at least one shard")
+    caches.sort(key=lambda c: (c.manifest.build.get("shard") or {}).get("start", 0))
+    first = caches[0].manifest
+    expected = 0
+    for cache in caches:
+        m = cache.manifest
+        shard = m.build.get("shard") or {"start": 0, "stop": len(cache)}
+        if shard["start"] != expected:
+            raise CacheError(f"{cache.path}: shard starts at sample {shard['start']}, expected {expected}",
+                             hint="pass every shard of the build; none may be missing or repeated")
+        expected = shard["stop"]
+        if m.fingerprints != first.fingerprints:
+            raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only")
+        if [layer.to_dict()["plan"] for layer in m.layers.values()] != \
+                [layer.to_dict()["plan"] for layer in first.layers.values()] or list(m.layers) != list(first.layers):
+            raise CacheError(f"{cache.path}: layers or tier plans differ from {caches[0].path}'s")
+        cache.close()
+    total = first.build.get("samples_total", expected)
+    if expected != total:
+        raise CacheError(f"the shards cover samples 0..{expected - 1} of {total}", hint="pass every shard")
+    staging = partial_path(out)
+    staging.mkdir(parents=True)
+    names = []
+    for i, cache in enumerate(caches):
+        name = f"shard-{i:05d}-of-{len(caches):05d}{cache.path.suffix}"
+        os.replace(cache.path, staging / name)
+        names.append(name)
+    doc = json.dumps({"format_version": 1, "shards": names, "samples": expected}).encode()
+    (staging / SHARDS_FILE).write_bytes(doc)
+    (staging / (SHARDS_FILE + ".crc32")).write_text(str(json_crc32(doc)))
+    os.replace(staging, out)
+    return out
+
+
+class ShardedCache:
+    """Several shard caches read as one (same API as :class:`fmcache.Cache`)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        raw = (self.path / SHARDS_FILE).read_bytes()
+        crc_file = self.path / (SHARDS_FILE + ".crc32")
+        if not crc_file.exists() or int(crc_file.read_text()) != json_crc32(raw):
+            raise CorruptionError(f"{self.path}: {SHARDS_FILE} fails its checksum")
+        doc = json.loads(raw)
+        if not doc.get("shards"):
+            raise IncompleteCacheError(f"{self.path}: no shards listed")
+        self.shards = [Cache(self.path / name) for name in doc["shards"]]
+        sizes = [len(c) for c in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        base = self.shards[0].manifest
+        self.manifest = Manifest(**{**base.__dict__, "samples": int(self.offsets[-1]),
+                                    "extra": {**base.extra, "shards": doc["shards"]}})
+        self.manifest.layers = {name: _merged_layer(name, self.shards) for name in base.layers}
+        self._labels: np.ndarray | None = None
+
+    @property
+    def layers(self) -> dict[str, LayerInfo]:
+        return self.manifest.layers
+
+    @property
+    def backend_id(self) -> str:
+        return self.shards[0].backend_id
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self._labels is None:
+            parts = [c.labels for c in self.shards]
+            self._labels = None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
+        return self._labels
+
+    def layer(self, name: str) -> LayerInfo:
+        self.shards[0].layer(name)
+        return self.manifest.layers[name]
+
+    def _split(self, samples: Iterable[int] | int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.atleast_1d(np.asarray(samples, dtype=np.int64))
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise SampleIndexError(f"{self.path}: sample out of range (the cache has {n} samples)")
+        idx = np.where(idx < 0, idx + n, idx)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        return idx, shard, idx - self.offsets[shard]
+
+    def _gather(self, samples: Iterable[int] | int, read: Any) -> dict[str, np.ndarray]:
+        idx, shard, local = self._split(samples)
+        out: dict[str, np.ndarray] = {}
+        for s in np.unique(shard):
+            rows = np.nonzero(shard == s)[0]
+            for part, values in read(self.shards[int(s)], local[rows]).items():
+                if part not in out:
+                    out[part] = np.empty((len(idx), *values.shape[1:]), dtype=values.dtype)
+                out[part][rows] = values
+        return out
+
+    def read_parts(self, layer: str, samples: Iterable[int], parts: Sequence[str] | None = None
+                   ) -> dict[str, np.ndarray]:
+        return self._gather(samples, lambda c, s: c.read_parts(layer, s, parts))
+
+    def read_batch(self, layer: str, samples: Iterable[int], out: np.ndarray | None = None) -> np.ndarray:
+        result = self._gather(samples, lambda c, s: {"": c.read_batch(layer, s)})[""]
+        if out is not None:
+            out[...] = result
+            return out
+        return result
+
+    def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self.read_batch(layer, [sample], None if out is None else out[None])[0]
+
+    def check_fingerprints(self, **kwargs: Any) -> None:
+        self.shards[0].check_fingerprints(**kwargs)
+
+    def close(self) -> None:
+        for c in self.shards:
+            c.close()
+
+    def __enter__(self) -> ShardedCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _merged_layer(name: str, shards: list[Cache]) -> LayerInfo:
+    first = shards[0].manifest.layers[name]
+    merged = LayerInfo.from_dict(first.to_dict())
+    for key in ("raw_bytes", "stored_bytes"):
+        totals: dict[str, int] = {}
+        for cache in shards:
+            for part, n in getattr(cache.manifest.layers[name], key).items():
+                totals[part] = totals.get(part, 0) + n
+        setattr(merged, key, totals)
+    return merged

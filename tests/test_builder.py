@@ -1,0 +1,228 @@
+"""End to end: real Fashion-MNIST through a small CNN into both backends and back."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from contracts import assert_within_contract
+from fmnist_small import N_SAMPLES, tiny_model, train_subset
+from torch.utils.data import DataLoader
+
+import fmcache
+from fmcache import FeatureMapDataset
+from fmcache.builder import build_cache, shard_range
+from fmcache.errors import BuildError, LayerNotFoundError, StaleCacheError
+from fmcache.shards import merge_shards
+
+HERE = Path(__file__).parent
+
+
+def prefix_outputs(model: torch.nn.Module, dataset, layers):
+    from fmcache.capture import Capture
+
+    capture = Capture(model.eval(), layers)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return {k: v.numpy() for k, v in capture(x).items()}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return train_subset()
+
+
+@pytest.mark.parametrize("backend,codec", [("lmdb", "bf16"), ("hdf5", "zfp:accuracy=0.01"), ("lmdb", "int8"),
+                                           ("hdf5", "sz3:abs=0.001")])
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_build_then_dataloader_workers_match_the_prefix(tmp_path, data, backend, codec, start_method):
+    model = tiny_model()
+    out = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    build_cache(model, data, ["block2", "block1"], out, codec=codec, batch_size=40, progress=False)
+    truth = prefix_outputs(model, data, ["block1", "block2"])
+    labels = np.array([data[i][1] for i in range(len(data))])
+    codec_obj = fmcache.codec_from_spec(codec)
+    for layer in ("block1", "block2"):
+        ds = FeatureMapDataset(out, layer)
+        loader = DataLoader(ds, batch_size=16, num_workers=2, multiprocessing_context=mp.get_context(start_method))
+        got_x, got_y = zip(*[(x.numpy(), y.numpy()) for x, y in loader])
+        got_x, got_y = np.concatenate(got_x), np.concatenate(got_y)
+        np.testing.assert_array_equal(got_y, labels)
+        for i in range(N_SAMPLES):
+            assert_within_contract(codec_obj, truth[layer][i], got_x[i], f"{layer}[{i}]")
+
+
+def test_forward_stops_after_the_last_boundary(data):
+    model = tiny_model()
+    ran = []
+    model.fc.register_forward_hook(lambda *a: ran.append("fc"))
+    model.block3.register_forward_hook(lambda *a: ran.append("block3"))
+    from fmcache.capture import Capture
+
+    Capture(model, ["block2"])(torch.zeros(2, 1, 32, 32))
+    assert ran == []
+
+
+def test_unknown_layer_is_a_typed_error_with_suggestions(tmp_path, data):
+    with pytest.raises(LayerNotFoundError, match="no module named 'blok2'") as info:
+        build_cache(tiny_model(), data, ["blok2"], tmp_path / "c.lmdb", progress=False)
+    assert "block2" in info.value.hint
+    assert not (tmp_path / "c.lmdb").exists() and not (tmp_path / "c.lmdb.partial").exists()
+
+
+def test_fingerprints_refuse_changed_weights(tmp_path, data):
+    model = tiny_model()
+    out = tmp_path / "c.lmdb"
+    m = build_cache(model, data, ["block2"], out, progress=False)
+    with torch.no_grad():
+        model.block3[0].weight.add_(1.0)  # after the boundary: not part of the prefix
+    again = fmcache.builder.prefix_fingerprint(model, ["block2"], torch.zeros(1, 1, 32, 32))
+    assert again == m.fingerprints["weights"]
+    with torch.no_grad():
+        model.block1[0].weight.add_(1e-3)
+    changed = fmcache.builder.prefix_fingerprint(model, ["block2"], torch.zeros(1, 1, 32, 32))
+    with pytest.raises(StaleCacheError):
+        fmcache.open_cache(out, weights_fingerprint=changed)
+    with pytest.raises(StaleCacheError):
+        FeatureMapDataset(out, weights_fingerprint=changed)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import fmcache.cache as cache_mod
+from fmnist_small import tiny_model, train_subset
+from fmcache.builder import build_cache
+original = cache_mod.CacheWriter.append
+calls = []
+def append(self, *a, **k):
+    result = original(self, *a, **k)
+    calls.append(1)
+    if len(calls) == {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+cache_mod.CacheWriter.append = append
+build_cache(tiny_model(), train_subset(), ["block1", "block2"], {out!r}, codec={codec!r}, batch_size=16,
+            progress=False, resume=True)
+"""
+
+
+@pytest.mark.parametrize("backend,codec", [("lmdb", "bf16"), ("hdf5", "zfp:accuracy=0.01")])
+def test_sigkill_then_resume_equals_an_uninterrupted_build(tmp_path, data, backend, codec):
+    suffix = ".h5" if backend == "hdf5" else ".lmdb"
+    killed, clean = tmp_path / f"killed{suffix}", tmp_path / f"clean{suffix}"
+    script = KILL_SCRIPT.format(here=str(HERE), out=str(killed), codec=codec, kill_after=3)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    with pytest.raises(fmcache.errors.IncompleteCacheError):
+        fmcache.open_cache(killed)
+    build_cache(tiny_model(), data, ["block1", "block2"], killed, codec=codec, batch_size=16, progress=False,
+                resume=True)
+    build_cache(tiny_model(), data, ["block1", "block2"], clean, codec=codec, batch_size=16, progress=False)
+    a, b = fmcache.open_cache(killed), fmcache.open_cache(clean)
+    assert len(a) == len(b) == N_SAMPLES
+    np.testing.assert_array_equal(a.labels, b.labels)
+    for layer in ("block1", "block2"):
+        np.testing.assert_array_equal(a.read_batch(layer, range(N_SAMPLES)), b.read_batch(layer, range(N_SAMPLES)))
+        assert a.layers[layer].stored_bytes == b.layers[layer].stored_bytes
+    assert a.manifest.fingerprints == b.manifest.fingerprints
+
+
+def test_resume_with_other_data_is_refused(tmp_path, data):
+    out = tmp_path / "c.lmdb"
+    script = KILL_SCRIPT.format(here=str(HERE), out=str(out), codec="bf16", kill_after=2)
+    subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    other = fmcache.zoo.FashionMNIST("test", limit=N_SAMPLES)
+    with pytest.raises(StaleCacheError, match="input data changed"):
+        build_cache(tiny_model(), other, ["block1", "block2"], out, batch_size=16, progress=False, resume=True)
+
+
+def test_shards_merge_into_one_cache(tmp_path, data):
+    model = tiny_model()
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.lmdb"
+        build_cache(model, data, ["block2"], p, codec="raw", shard=(i, 3), progress=False)
+        parts.append(p)
+    assert [len(fmcache.open_cache(p)) for p in parts] == [32, 32, 32]
+    merged = merge_shards(parts[::-1], tmp_path / "merged")
+    cache = fmcache.open_cache(merged)
+    truth = prefix_outputs(model, data, ["block2"])["block2"]
+    np.testing.assert_array_equal(cache.read_batch("block2", range(N_SAMPLES)), truth)
+    np.testing.assert_array_equal(cache.labels, [data[i][1] for i in range(N_SAMPLES)])
+    ds = FeatureMapDataset(merged, "block2")
+    np.testing.assert_array_equal(ds[95][0].numpy(), truth[95])
+
+
+def test_merge_refuses_missing_shards(tmp_path, data):
+    model = tiny_model()
+    parts = []
+    for i in (0, 2):
+        p = tmp_path / f"s{i}.lmdb"
+        build_cache(model, data, ["block2"], p, codec="raw", shard=(i, 3), progress=False)
+        parts.append(p)
+    with pytest.raises(fmcache.errors.CacheError, match="expected 32"):
+        merge_shards(parts, tmp_path / "merged")
+    assert all(p.exists() for p in parts)  # nothing moved
+
+
+@pytest.mark.parametrize("n,count", [(10, 3), (96, 4), (5, 5), (7, 1)])
+def test_shard_ranges_partition_the_data(n, count):
+    ranges = [shard_range(n, (i, count)) for i in range(count)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_bad_shard_is_refused():
+    with pytest.raises(BuildError):
+        shard_range(10, (3, 3))
+
+
+DDP_SCRIPT = """
+import os, sys, json
+import torch.distributed as dist
+sys.path.insert(0, {here!r})
+from fmcache import FeatureMapDataset
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+ds = FeatureMapDataset({path!r}, "block2")
+sampler = ds.sampler()
+seen = {{}}
+for epoch in (0, 1):
+    sampler.set_epoch(epoch)
+    seen[epoch] = [int(i) for i in sampler]
+    assert all(ds[i][0].shape == (8, 16, 16) for i in seen[epoch][:3])
+print(json.dumps(seen))
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_ranks_get_disjoint_complete_shares(tmp_path, data):
+    import socket
+
+    out = tmp_path / "c.lmdb"
+    build_cache(tiny_model(), data, ["block2"], out, codec="bf16", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = DDP_SCRIPT.format(here=str(HERE), path=str(out), port=port)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1].decode()[-1500:] for o in outs]
+    import json
+
+    shares = [json.loads(o[0].decode().strip().splitlines()[-1]) for o in outs]
+    for epoch in ("0", "1"):
+        a, b = set(shares[0][epoch]), set(shares[1][epoch])
+        assert not a & b and a | b == set(range(N_SAMPLES))
+        assert len(shares[0][epoch]) == len(shares[1][epoch]) == N_SAMPLES // 2
+    assert shares[0]["0"] != shares[0]["1"]
