@@ -1,0 +1,195 @@
+"""The ``fmcache`` command: parse, call one library function, render.
+
+Errors print one line (``error: ...`` with the hint) and exit 1; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import FmcacheError
+
+
+class _Group(click.Group):
+    """Turns library errors into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI boundary
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            elif isinstance(exc, FmcacheError):
+                click.echo(f"error: {exc}", err=True)
+            else:
+                click.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="fmcache")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """fmcache: cache the feature maps of frozen layers, train from them."""
+    ctx.obj = {"debug": debug}
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    index, sep, count = value.partition("/")
+    try:
+        return int(index), int(count)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not i/n", param_hint="--shard") from None
+
+
+def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="sample", desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return bar.update, bar
+
+
+@main.command()
+@click.option("--model", "model_ref", required=True, help="package.module:factory returning an nn.Module.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A state dict (.pt) to load.")
+@click.option("--data", "data_ref", required=True, help="package.module:factory returning a map-style Dataset.")
+@click.option("--data-dir", type=click.Path(), help="Passed to the data factory as data_dir=.")
+@click.option("--layer", "layers", multiple=True, required=True, help="Boundary module name (repeatable).")
+@click.option("--out", required=True, type=click.Path(), help="Cache path (.h5/.hdf5 -> HDF5, else LMDB).")
+@click.option("--backend", type=click.Choice(["lmdb", "hdf5"]), help="Override the suffix rule.")
+@click.option("--codec", default="bf16", show_default=True, help="Codec spec for every channel.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for the input data.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build from its last batch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache (at commit).")
+@click.option("--shard", help="Build only share i/n of the data (merge with `fmcache merge`).")
+@click.option("--allow-stale", is_flag=True, help="Resume even if weights/data fingerprints changed.")
+@click.option("--no-progress", is_flag=True)
+def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | None, layers: tuple[str, ...],
+          out: str, backend: str | None, codec: str, batch_size: int, num_workers: int, resume: bool,
+          overwrite: bool, shard: str | None, allow_stale: bool, no_progress: bool) -> None:
+    """Run the frozen prefix over a data set and cache LAYER outputs."""
+    import torch
+
+    from .builder import build_cache
+    from .refs import call_factory
+    from .report import inspect_cache, render_table
+
+    model = call_factory(model_ref)
+    if weights:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    dataset = call_factory(data_ref, **({"data_dir": data_dir} if data_dir else {}))
+    build_cache(model, dataset, layers, out, codec=codec, backend=backend, batch_size=batch_size,
+                num_workers=num_workers, resume=resume, overwrite=overwrite, shard=_shard(shard),
+                allow_stale=allow_stale, progress=not no_progress,
+                build_info={"model": model_ref, "data": data_ref, "weights": weights})
+    click.echo(render_table(inspect_cache(out)))
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show a cache's layers, tiers, codecs and bytes."""
+    from .report import inspect_cache, render_table, require_cache
+
+    summary = inspect_cache(require_cache(path))
+    click.echo(json.dumps(summary, indent=1) if as_json else render_table(summary))
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--no-progress", is_flag=True)
+def verify(path: str, no_progress: bool) -> None:
+    """Check every checksum and decode every record; exit 1 at the first bad one."""
+    from .cache import open_cache
+    from .verify import verify_cache
+
+    with open_cache(path) as cache:
+        total = len(cache) * len(cache.layers)
+    update, bar = (None, None) if no_progress else _progress(total, "verify")
+    try:
+        report = verify_cache(path, progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"ok: {path}: {report.samples} samples, layers "
+               + ", ".join(f"{k} ({v} records)" for k, v in report.layers.items()))
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--codec", help="Re-encode every tier with this codec spec.")
+@click.option("--backend", type=click.Choice(["lmdb", "hdf5"]), help="Destination backend (default: DST suffix).")
+@click.option("--drop-layer", "drop", multiple=True, help="Leave this layer out (repeatable).")
+@click.option("--overwrite", is_flag=True)
+def compact(src: str, dst: str, codec: str | None, backend: str | None, drop: tuple[str, ...],
+            overwrite: bool) -> None:
+    """Rewrite SRC as DST: new codec, other backend, fewer layers. SRC is never touched."""
+    from .compact import compact_cache
+    from .report import inspect_cache, render_table
+
+    compact_cache(src, dst, codec=codec, backend=backend, drop_layers=drop, overwrite=overwrite)
+    click.echo(render_table(inspect_cache(dst)))
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True))
+def merge(out: str, shards: tuple[str, ...]) -> None:
+    """Merge the shard caches of one build (--shard i/n) into OUT."""
+    from .report import inspect_cache, render_table
+    from .shards import merge_shards
+
+    merge_shards(shards, out)
+    click.echo(render_table(inspect_cache(out)))
+
+
+@main.command()
+def codecs() -> None:
+    """List the registered codecs and their default configs."""
+    from .codecs import registered_codecs
+
+    for codec_id, cls in registered_codecs().items():
+        try:
+            spec = cls().spec  # type: ignore[call-arg]
+        except FmcacheError:
+            spec = f"{codec_id}:... (parameters required)"
+        contract = "lossless" if cls.lossless else "lossy"
+        click.echo(f"{codec_id:<8} {contract:<9} default {spec}")
+
+
+@main.command()
+@click.option("--out-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--samples", default=6000, show_default=True, help="Training samples of Fashion-MNIST.")
+@click.option("--epochs", default=3, show_default=True)
+@click.option("--layer", default="layer2", show_default=True, help="Freeze boundary.")
+@click.option("--width", default=16, show_default=True, help="ResNet-18 base width.")
+@click.option("--codec", default="bf16", show_default=True)
+@click.option("--data-dir", type=click.Path(), help="Fashion-MNIST IDX folder.")
+def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec: str,
+         data_dir: str | None) -> None:
+    """The main job: build a cache, inspect it, train the suffix from it vs. recomputing."""
+    from .demo import run_demo
+
+    run_demo(Path(out_dir), samples=samples, epochs=epochs, layer=layer, width=width, codec=codec,
+             data_dir=data_dir, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,115 @@
+"""What ``fmcache inspect`` shows: a JSON-able summary and a readable table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .backends import backend_class, detect_backend
+from .cache import open_cache, partial_path
+from .errors import IncompleteCacheError, NotACacheError
+from .manifest import Manifest
+
+
+def _layer_summary(manifest: Manifest) -> dict[str, Any]:
+    layers = {}
+    for name, layer in manifest.layers.items():
+        base_parts = set(layer.plan.names)
+        entry: dict[str, Any] = {
+            "shape": list(layer.shape),
+            "dtype": layer.dtype,
+            "samples_per_chunk": layer.samples_per_chunk,
+            "raw_bytes": sum(v for k, v in layer.raw_bytes.items() if k in base_parts),
+            "stored_bytes": sum(v for k, v in layer.stored_bytes.items() if k in base_parts),
+            "tiers": [{"name": t.name, "channels": len(t.channels), "codec": t.codec.spec,
+                       "raw_bytes": layer.raw_bytes.get(t.name, 0),
+                       "stored_bytes": layer.stored_bytes.get(t.name, 0)} for t in layer.plan.tiers],
+            "variants": list(layer.variants),
+        }
+        if layer.variants:
+            entry["variant_stored_bytes"] = sum(v for k, v in layer.stored_bytes.items() if k not in base_parts)
+            entry["variant_raw_bytes"] = sum(v for k, v in layer.raw_bytes.items() if k not in base_parts)
+        sens = layer.extra.get("sensitivity_summary")
+        if sens:
+            entry["sensitivity"] = sens
+        layers[name] = entry
+    return layers
+
+
+def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summary of a cache; an interrupted build is reported with ``complete: false``."""
+    path = Path(path)
+    try:
+        cache = open_cache(path)
+    except IncompleteCacheError:
+        partial = partial_path(path)
+        backend_id = detect_backend(partial)
+        if backend_id is None:
+            raise
+        backend = backend_class(backend_id)(partial, writable=False)
+        try:
+            draft = Manifest.from_json(backend.get_meta("draft") or b"{}", f"{partial}: draft")
+            progress = json.loads(backend.get_meta("progress") or b'{"samples": 0}')
+        finally:
+            backend.close()
+        return {"path": str(path), "complete": False, "samples": int(progress["samples"]),
+                "backend": backend_id, "format_version": draft.format_version,
+                "layers": _layer_summary(draft), "fingerprints": draft.fingerprints,
+                "hint": "an interrupted build: finish it with `fmcache build ... --resume`"}
+    with cache:
+        m = cache.manifest
+        total_raw = sum(sum(layer.raw_bytes.values()) for layer in m.layers.values())
+        total_stored = sum(sum(layer.stored_bytes.values()) for layer in m.layers.values())
+        return {"path": str(path), "complete": m.complete, "samples": len(cache), "backend": cache.backend_id,
+                "format_version": m.format_version, "fmcache_version": m.fmcache_version,
+                "labels": m.labels, "layers": _layer_summary(m), "raw_bytes": total_raw,
+                "stored_bytes": total_stored, "fingerprints": m.fingerprints, "build": m.build,
+                "created_utc": m.created_utc, "committed_utc": m.committed_utc}
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def render_table(summary: dict[str, Any]) -> str:
+    """The human form of :func:`inspect_cache`."""
+    lines = [f"{summary['path']}  ({summary['backend']}, format v{summary['format_version']}, "
+             f"{summary['samples']} samples, {'complete' if summary['complete'] else 'INCOMPLETE'})"]
+    if not summary["complete"]:
+        lines.append(f"  {summary['hint']}")
+    header = f"  {'layer':<16} {'shape':<14} {'tier':<10} {'ch':>4}  {'codec':<34} {'raw':>10} {'stored':>10} {'ratio':>6}"
+    lines.append(header)
+    for name, layer in summary["layers"].items():
+        shape = "x".join(map(str, layer["shape"]))
+        for i, tier in enumerate(layer["tiers"]):
+            ratio = tier["raw_bytes"] / tier["stored_bytes"] if tier["stored_bytes"] else 0.0
+            lines.append(f"  {name if i == 0 else '':<16} {shape if i == 0 else '':<14} {tier['name']:<10} "
+                         f"{tier['channels']:>4}  {tier['codec']:<34} {_size(tier['raw_bytes']):>10} "
+                         f"{_size(tier['stored_bytes']):>10} {ratio:>5.1f}x")
+        if layer["variants"]:
+            lines.append(f"  {'':<16} {'':<14} variants: {', '.join(layer['variants'])}  "
+                         f"stored {_size(layer.get('variant_stored_bytes', 0))}")
+        sens = layer.get("sensitivity")
+        if sens:
+            hist = " ".join(str(c) for c in sens.get("histogram", []))
+            lines.append(f"  {'':<16} {'':<14} sensitivity p10/p50/p90 {sens.get('p10', 0):.3f}/"
+                         f"{sens.get('p50', 0):.3f}/{sens.get('p90', 0):.3f}  hist[0..1] {hist}")
+    if summary["complete"]:
+        ratio = summary["raw_bytes"] / summary["stored_bytes"] if summary["stored_bytes"] else 0.0
+        lines.append(f"  total: raw {_size(summary['raw_bytes'])}, stored {_size(summary['stored_bytes'])} "
+                     f"({ratio:.1f}x)")
+    return "\n".join(lines)
+
+
+def require_cache(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.exists() and not partial_path(path).exists():
+        raise NotACacheError(f"{path} does not exist")
+    return path
