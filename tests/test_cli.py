@@ -1,0 +1,163 @@
+"""The fmcache command: CliRunner for each command, one run of the installed script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fmnist_small import N_SAMPLES
+
+import fmcache
+from fmcache.backends.lmdb_backend import record_key
+from fmcache.cli import main
+
+HERE = Path(__file__).parent
+BUILD = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset",
+         "--layer", "block1", "--layer", "block2", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture()
+def runner(monkeypatch):
+    monkeypatch.chdir(HERE)  # the current directory is importable for --model/--data
+    return CliRunner()
+
+
+@pytest.fixture()
+def built(runner, tmp_path):
+    out = tmp_path / "c.lmdb"
+    result = runner.invoke(main, [*BUILD, "--out", str(out), "--codec", "int8"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_build_prints_the_inspect_table(runner, tmp_path):
+    out = tmp_path / "c.h5"
+    result = runner.invoke(main, [*BUILD, "--out", str(out), "--codec", "zfp:accuracy=0.01"])
+    assert result.exit_code == 0, result.output
+    assert "hdf5" in result.output and "block2" in result.output and "zfp:accuracy=0.01" in result.output
+    assert len(fmcache.open_cache(out)) == N_SAMPLES
+
+
+def test_inspect_json_has_the_documented_fields(runner, built):
+    result = runner.invoke(main, ["inspect", str(built), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["samples"] == N_SAMPLES and doc["complete"] is True
+    assert doc["backend"] == "lmdb" and doc["format_version"] == fmcache.FORMAT_VERSION
+    layer = doc["layers"]["block2"]
+    assert layer["shape"] == [8, 16, 16] and layer["dtype"] == "float32"
+    assert layer["raw_bytes"] == N_SAMPLES * 8 * 16 * 16 * 4
+    assert 0 < layer["stored_bytes"] < layer["raw_bytes"] / 2  # int8 is at least 2x smaller than fp32
+    assert layer["tiers"] == [{"name": "all", "channels": 8, "codec": "int8:cname=lz4,clevel=5,shuffle=bit",
+                               "raw_bytes": layer["raw_bytes"], "stored_bytes": layer["stored_bytes"]}]
+
+
+def test_inspect_reports_an_interrupted_build(runner, tmp_path):
+    out = tmp_path / "c.lmdb"
+    w = fmcache.create_cache(out)
+    w.add_layer("l", (2, 2, 2), codec="raw")
+    w.append({"l": np.ones((3, 2, 2, 2), np.float32)}, [0, 1, 2])
+    w.close()
+    result = runner.invoke(main, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["complete"] is False and doc["samples"] == 3
+    assert "--resume" in runner.invoke(main, ["inspect", str(out)]).output
+
+
+def test_verify_passes_a_good_cache(runner, built):
+    result = runner.invoke(main, ["verify", str(built), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"{N_SAMPLES} samples" in result.output and "block1 (96 records)" in result.output
+
+
+def test_verify_names_the_first_bad_layer_and_sample(runner, built):
+    env = lmdb.open(str(built), subdir=True)
+    with env.begin(write=True) as txn:
+        key = record_key(1, 17)  # layer block2 (declared second), sample 17
+        value = bytearray(txn.get(key))
+        value[len(value) // 2] ^= 0x40
+        txn.put(key, bytes(value))
+    env.close()
+    result = runner.invoke(main, ["verify", str(built), "--no-progress"])
+    assert result.exit_code == 1
+    assert "layer 'block2' sample 17" in result.output and "checksum" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_compact_converts_drops_and_reencodes(runner, built, tmp_path):
+    dst = tmp_path / "small.h5"
+    result = runner.invoke(main, ["compact", str(built), str(dst), "--codec", "fp16", "--drop-layer", "block1"])
+    assert result.exit_code == 0, result.output
+    src, out = fmcache.open_cache(built), fmcache.open_cache(dst)
+    assert out.backend_id == "hdf5" and list(out.layers) == ["block2"]
+    assert out.layers["block2"].plan.tiers[0].codec.codec_id == "fp16"
+    a, b = src.read_batch("block2", range(N_SAMPLES)), out.read_batch("block2", range(N_SAMPLES))
+    np.testing.assert_allclose(b, a, rtol=2**-11, atol=2**-24)  # fp16 of the int8-decoded maps
+    np.testing.assert_array_equal(out.labels, src.labels)
+    assert list(src.layers) == ["block1", "block2"]  # the source is untouched
+
+
+def test_shards_build_and_merge(runner, tmp_path):
+    parts = []
+    for i in range(2):
+        p = tmp_path / f"s{i}.lmdb"
+        result = runner.invoke(main, [*BUILD, "--out", str(p), "--shard", f"{i}/2", "--codec", "raw"])
+        assert result.exit_code == 0, result.output
+        parts.append(str(p))
+    result = runner.invoke(main, ["merge", str(tmp_path / "all"), *parts])
+    assert result.exit_code == 0, result.output
+    assert len(fmcache.open_cache(tmp_path / "all")) == N_SAMPLES
+
+
+def test_codecs_lists_every_registered_codec(runner):
+    result = runner.invoke(main, ["codecs"])
+    assert result.exit_code == 0
+    listed = {line.split()[0] for line in result.output.splitlines()}
+    assert listed == set(fmcache.registered_codecs())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/nonexistent/cache.lmdb"], "does not exist"),
+    (["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "nope",
+      "--out", "{tmp}/x.lmdb", "--no-progress"], "no module named 'nope'"),
+    (["build", "--model", "fmnist_small:nothing", "--data", "fmnist_small:train_subset", "--layer", "block1",
+      "--out", "{tmp}/x.lmdb"], "has no attribute 'nothing'"),
+    (["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block1",
+      "--out", "{tmp}/x.lmdb", "--codec", "zfp:accuracy=-1", "--no-progress"], "zfp"),
+    (["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block1",
+      "--out", "{tmp}/x.lmdb", "--codec", "gzip", "--no-progress"], "unknown codec id 'gzip'"),
+], ids=["missing-path", "bad-layer", "bad-factory", "bad-codec-param", "unknown-codec"])
+def test_errors_are_one_line_and_exit_1(runner, tmp_path, args, message):
+    result = runner.invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert not (tmp_path / "x.lmdb").exists()
+
+
+def test_debug_shows_the_traceback(runner):
+    result = runner.invoke(main, ["--debug", "inspect", "/nonexistent/c.lmdb"])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "NotACacheError" in result.output
+
+
+def test_installed_command_runs_in_a_subprocess(tmp_path):
+    exe = Path(sys.executable).with_name("fmcache")
+    assert exe.exists(), "the console script is installed with the package"
+    out = tmp_path / "c.h5"
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    proc = subprocess.run([str(exe), *BUILD, "--out", str(out), "--codec", "bf16"], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([str(exe), "inspect", str(out), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["samples"] == N_SAMPLES
+    proc = subprocess.run([str(exe), "verify", "/nonexistent"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ")
