@@ -5,6 +5,7 @@ Public API (everything else is private and may change)::
     codec_from_spec, codec_from_config, registered_codecs   codecs
     TierPlan                                                 per-channel precision tiers
     create_cache, open_cache, Cache, CacheWriter, Manifest   the engine
+    FeatureMapDataset                                        a cached layer as a torch Dataset
 """
 
 __version__ = "0.1.0"
@@ -16,19 +17,19 @@ from .tiers import Tier, TierPlan  # noqa: E402
 from .dataset import FeatureMapDataset  # noqa: E402
 
 __all__ = [
-    "FORMAT_VERSION",
-    "FeatureMapDataset",
     "Cache",
     "CacheWriter",
     "Codec",
-    "LayerInfo",
-    "Manifest",
-    "Tier",
-    "TierPlan",
-    "__version__",
     "codec_from_config",
     "codec_from_spec",
     "create_cache",
+    "FeatureMapDataset",
+    "FORMAT_VERSION",
+    "LayerInfo",
+    "Manifest",
     "open_cache",
     "registered_codecs",
+    "Tier",
+    "TierPlan",
+    "__version__",
 ]
