@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .builder import build_cache
+from .cpu import bf16_autocast_is_fast
 from .dataset import FeatureMapDataset
 from .report import inspect_cache, render_table
 from .zoo import FashionMNIST, pretrained_resnet, split_at
@@ -44,6 +45,7 @@ def train_epochs(suffix: nn.Module, loader_for_epoch: Callable[[int], DataLoader
     steps = epochs * len(loader_for_epoch(0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()
+    bf16 = bf16_autocast_is_fast()
     t0 = time.perf_counter()
     for epoch in range(epochs):
         suffix.train()
@@ -51,7 +53,7 @@ def train_epochs(suffix: nn.Module, loader_for_epoch: Callable[[int], DataLoader
             if prefix is not None:
                 with torch.no_grad():
                     x = prefix(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(suffix(x.float()), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
