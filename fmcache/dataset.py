@@ -70,7 +70,7 @@ class FeatureMapDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
-        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise CacheError(f"dtype {dtype!r} is not supported", hint="use 'float32' or 'bf16'")
         cache = open_cache(self.path, weights_fingerprint=weights_fingerprint, allow_stale=allow_stale)

@@ -1,0 +1,98 @@
+"""FeatureMapDataset: dtypes, augmentation determinism, batch reads, token maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fmcache
+from fmcache import FeatureMapDataset
+from fmcache.augment import AugFamily, apply_feature, draw_for
+from fmcache.errors import CacheError
+
+
+def _cache(tmp_path, shape=(4, 8, 8), n=12, build=None, name="c.lmdb"):
+    rng = np.random.default_rng(0)
+    x = (rng.random((n, *shape)) * (rng.random((n, *shape)) > 0.4)).astype(np.float32)
+    path = tmp_path / name
+    with fmcache.create_cache(path, build=build or {"input_shape": [1, 16, 16]}) as w:
+        w.add_layer("l", shape, codec="raw", samples_per_chunk=4)
+        w.append({"l": x}, np.arange(n) % 3)
+        w.commit()
+    return path, x
+
+
+def test_items_are_the_stored_maps_and_labels(tmp_path):
+    path, x = _cache(tmp_path)
+    ds = FeatureMapDataset(path)
+    assert len(ds) == 12 and ds.layer == "l"
+    fmap, label = ds[5]
+    assert fmap.dtype == torch.float32 and label == 5 % 3
+    np.testing.assert_array_equal(fmap.numpy(), x[5])
+    np.testing.assert_array_equal(ds[-1][0].numpy(), x[11])
+
+
+def test_bf16_on_request(tmp_path):
+    path, x = _cache(tmp_path)
+    fmap, _ = FeatureMapDataset(path, dtype="bf16")[3]
+    assert fmap.dtype == torch.bfloat16
+    np.testing.assert_array_equal(fmap.float().numpy(), torch.from_numpy(x[3]).to(torch.bfloat16).float().numpy())
+
+
+def test_batch_reads_equal_item_reads(tmp_path):
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=3)
+    ds.set_epoch(2)
+    batch = ds.__getitems__([7, 0, 7, 11])
+    for (a, la), i in zip(batch, [7, 0, 7, 11]):
+        b, lb = ds[i]
+        assert torch.equal(a, b) and la == lb
+
+
+def test_feature_augmentation_is_t_a_of_the_seeded_draw(tmp_path):
+    path, x = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=7)
+    assert ds.stride == 2  # 16x16 input, 8x8 maps
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for i in (0, 4, 9):
+            draw = AugFamily().draw(draw_for(7, epoch, i))
+            np.testing.assert_array_equal(ds[i][0].numpy(), apply_feature(x[i], draw, 2))
+    ds.set_epoch(0)
+    e0 = torch.stack([ds[i][0] for i in range(12)])
+    ds.set_epoch(1)
+    e1 = torch.stack([ds[i][0] for i in range(12)])
+    assert not torch.equal(e0, e1)
+
+
+def test_token_maps_are_served_unchanged_by_feature_augmentation(tmp_path):
+    path, x = _cache(tmp_path, shape=(5, 6))
+    ds = FeatureMapDataset(path, augment="feature")
+    np.testing.assert_array_equal(ds[2][0].numpy(), x[2])
+
+
+def test_sampler_matches_the_storage_chunks(tmp_path):
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path)
+    sampler = ds.sampler(buffer_chunks=1)
+    assert sampler.chunk_size == 4
+    order = list(sampler)
+    assert sorted(order) == list(range(12))
+    assert sorted(ds.sampler(shuffle="exact")) == list(range(12))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"augment": "mixup"}, "unknown augment mode"),
+                                             ({"augment": "saca"}, "no 'sensitive' tier"),
+                                             ({"dtype": "int8"}, "dtype")])
+def test_bad_arguments_are_typed_errors(tmp_path, kwargs, message):
+    path, _ = _cache(tmp_path)
+    with pytest.raises((CacheError, KeyError), match=message):
+        FeatureMapDataset(path, **kwargs)
+
+
+def test_feature_mode_needs_a_stride(tmp_path):
+    path, _ = _cache(tmp_path, build={"note": "no input shape"})
+    with pytest.raises(CacheError, match="stride"):
+        FeatureMapDataset(path, augment="feature")
+    assert FeatureMapDataset(path, augment="feature", stride=2).stride == 2
