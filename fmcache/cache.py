@@ -24,10 +24,13 @@ from .codecs import Codec, channel_axis, codec_from_spec
 from .errors import (
     CacheError,
     CacheExistsError,
+    CorruptionError,
+    DiskFullError,
     IncompleteCacheError,
     LayerNotFoundError,
     NonFiniteError,
     NotACacheError,
+    ResumeError,
     SampleIndexError,
     ShapeMismatchError,
     StaleCacheError,
@@ -37,6 +40,11 @@ from .tiers import TierPlan
 
 PARTIAL_SUFFIX = ".partial"
 TARGET_CHUNK_BYTES = 1 << 20
+#: Free space kept beyond a batch's raw size: room for backend metadata (HDF5 writes
+#: metadata lazily and crashes badly on a full disk, so we stop before it is full).
+FREE_SPACE_MARGIN_BYTES = 1 << 20
+#: Samples re-read per step when a resume checks what a non-atomic backend committed.
+RESUME_CHECK_SAMPLES = 256
 
 
 def partial_path(path: Path) -> Path:
@@ -75,6 +83,9 @@ class CacheWriter:
                 raw = self.backend.get_meta("draft")
                 if raw is not None:
                     draft = Manifest.from_json(raw, f"{self.partial}: draft")
+            except CorruptionError as exc:
+                self.backend.close()
+                raise ResumeError(f"cannot resume {self.partial}: {exc.message}") from exc
             except BaseException:
                 self.backend.close()
                 raise
@@ -92,6 +103,7 @@ class CacheWriter:
                                      build=dict(build or {}), fmcache_version=__version__)
             self._write_draft()
             self.samples = 0
+            self._dtypes = {}
         else:
             try:
                 self._reopen(draft, fingerprints, allow_stale)
@@ -105,9 +117,23 @@ class CacheWriter:
         self.manifest = draft
         for index, layer in enumerate(draft.layers.values()):
             self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
-        progress = self.backend.get_meta("progress")
-        self.samples = int(json.loads(progress)["samples"]) if progress else 0
+        try:
+            progress = self.backend.get_meta("progress")
+            self.samples = int(json.loads(progress)["samples"]) if progress else 0
+            if not self.backend.crash_atomic:
+                self._check_committed()
+        except (CorruptionError, SampleIndexError) as exc:
+            raise ResumeError(f"cannot resume {self.partial}: what it committed is damaged ({exc.message})") from exc
         self.backend.truncate(self.samples)
+        self._dtypes: dict[str, np.dtype] = {}
+
+    def _check_committed(self) -> None:
+        """Re-read (checksums, decode) every committed sample and label: HDF5 may have
+        been killed half-way through writing its metadata."""
+        self.backend.read_labels(self.samples)
+        for name in self.manifest.layers:
+            for start in range(0, self.samples, RESUME_CHECK_SAMPLES):
+                self.backend.read(name, np.arange(start, min(start + RESUME_CHECK_SAMPLES, self.samples)))
 
     # ---- declaring ------------------------------------------------------------------------
     def add_layer(self, name: str, shape: Sequence[int], *, codec: Codec | str | None = None,
@@ -185,6 +211,7 @@ class CacheWriter:
                 for tier in layer.variant_tiers:
                     layer_parts[part_name(tier, variant)] = layer.plan.select(vbatch, tier, batched=True)
             parts[name] = layer_parts
+        self._check_free_space(parts, labels_arr)
         progress = json.dumps({"samples": self.samples + n}).encode()
         self.backend.write_batch(self.samples, parts, labels_arr, progress)
         self.samples += n
@@ -199,6 +226,11 @@ class CacheWriter:
                 hint="every batch must keep the layer's per-sample shape and the labels' length")
         if arr.dtype.kind not in "fiu":
             raise ShapeMismatchError(f"layer {name!r}{what}: dtype {arr.dtype} is not numeric")
+        first = self._dtypes.setdefault(name + what, arr.dtype)
+        if arr.dtype != first:
+            raise ShapeMismatchError(f"layer {name!r}{what}: dtype changed from {first} to {arr.dtype} "
+                                     f"at sample {self.samples}",
+                                     hint="cast every batch to one dtype (the builder uses float32)")
         arr = np.asarray(arr, dtype=np.float32)
         if not self.allow_nonfinite:
             finite = np.isfinite(arr.reshape(n, -1)).all(axis=1)
@@ -207,6 +239,16 @@ class CacheWriter:
                 raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad} "
                                      f"({int((~finite).sum())} samples in this batch)")
         return arr
+
+    def _check_free_space(self, parts: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray) -> None:
+        """DiskFullError before writing a batch that might not fit (its raw size bounds
+        what the codecs produce): a full disk must never reach the backend mid-batch."""
+        need = labels.nbytes + FREE_SPACE_MARGIN_BYTES
+        need += sum(4 * arr.size for layer_parts in parts.values() for arr in layer_parts.values())
+        free = shutil.disk_usage(self.partial.parent).free
+        if free < need:
+            raise DiskFullError(f"{self.partial}: {free} bytes free, the batch at sample {self.samples} "
+                                f"may need up to {need}; nothing of it was written")
 
     def _check_labels(self, labels: np.ndarray) -> None:
         info = {"dtype": labels.dtype.str, "shape": list(labels.shape[1:])}
@@ -287,6 +329,7 @@ class Cache:
         for index, layer in enumerate(self.manifest.layers.values()):
             self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
         self._labels: np.ndarray | None = None
+        self._whole_tier: dict[str, str] = {}
 
     @property
     def layers(self) -> dict[str, LayerInfo]:
@@ -328,16 +371,37 @@ class Cache:
         return self.backend.read(layer, self._samples(samples), parts)
 
     def read_batch(self, layer: str, samples: Iterable[int], out: np.ndarray | None = None) -> np.ndarray:
-        """float32 ``(len(samples), *shape)``: the base maps, tiers merged."""
+        """float32 ``(len(samples), *shape)``: the base maps, tiers merged (into ``out`` if given)."""
         info = self.layer(layer)
-        parts = self.backend.read(layer, self._samples(samples), info.plan.names)
-        if len(parts) == 1 and out is None:
-            return next(iter(parts.values()))
-        return info.plan.merge(parts, batched=True, out=out)
+        return self._read_base(layer, info, self._samples(samples), out)
 
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
-        """float32 map of one sample, shape ``layer.shape``."""
-        return self.read_batch(layer, [sample], None if out is None else out[None])[0]
+        """float32 map of one sample, shape ``layer.shape`` (into ``out`` if given)."""
+        info = self.layer(layer)
+        n = len(self)
+        if isinstance(sample, (int, np.integer)) and -n <= sample < n:  # the per-sample fast path
+            idx = np.array([sample + n if sample < 0 else sample], dtype=np.int64)
+        else:
+            idx = self._samples([sample])
+        return self._read_base(layer, info, idx, None if out is None else out[None])[0]
+
+    def _read_base(self, layer: str, info: LayerInfo, idx: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        shape = (len(idx), *info.shape)
+        if out is not None and (out.shape != shape or out.dtype != np.float32):
+            raise ShapeMismatchError(f"out has shape {out.shape} {out.dtype}, expected {shape} float32")
+        whole = self._whole_tier.get(layer)
+        if whole is None:  # a single tier holding every channel in order, or ""
+            tiers = info.plan.tiers
+            whole = tiers[0].name if len(tiers) == 1 and tiers[0].channels == tuple(range(len(tiers[0].channels))) \
+                else ""
+            self._whole_tier[layer] = whole
+        if whole and (out is None or out.flags.c_contiguous):
+            # Decode straight into the result: no per-part batch, no merge copy.
+            dst = np.empty(shape, dtype=np.float32) if out is None else out
+            self.backend.read(layer, idx, (whole,), out={whole: dst})
+            return dst
+        parts = self.backend.read(layer, idx, info.plan.names)
+        return info.plan.merge(parts, batched=True, out=out)
 
     def check_fingerprints(self, *, weights: str | None = None, data: str | None = None,
                            allow_stale: bool = False) -> None:
@@ -403,6 +467,9 @@ def _remove(path: Path) -> None:
 
 def _install(partial: Path, final: Path) -> None:
     """Move a committed partial cache to its final path, replacing an old one last."""
+    if partial.is_file() and final.is_file():  # one file (HDF5): an atomic swap
+        os.replace(partial, final)
+        return
     old = final.with_name(final.name + ".old")
     if final.exists():
         _remove(old)

@@ -20,7 +20,9 @@ the familiar types too::
     │   ├── SampleIndexError (IndexError)
     │   ├── ShapeMismatchError (ValueError)   a batch that does not match its layer
     │   ├── CacheExistsError (FileExistsError)
-    │   └── ReadOnlyError (PermissionError)
+    │   ├── ReadOnlyError (PermissionError)   read-only cache, file system or directory
+    │   ├── DiskFullError (OSError)           no room for the next batch; committed ones kept
+    │   └── ResumeError                       an interrupted build that cannot be continued
     ├── BuildError                            the builder could not run the prefix
     │   └── NonFiniteError (ValueError)       NaN/Inf in activations
     └── SpecImportError (ImportError)         --model / --data 'pkg.module:factory'
@@ -116,6 +118,17 @@ class ReadOnlyError(CacheError, PermissionError):
     default_hint = "open the cache for writing, or write to a location you can write to"
 
 
+class DiskFullError(CacheError, OSError):
+    default_hint = ("free space (or choose another location), then run `fmcache build ... --resume`: "
+                    "the batches already written are kept")
+
+
+class ResumeError(CacheError):
+    """The partial cache of an interrupted build is damaged (e.g. HDF5 killed mid-write)."""
+
+    default_hint = "rebuild it from scratch: `fmcache build ... --overwrite` (overwrite=True)"
+
+
 class BuildError(FmcacheError):
     """The builder could not capture or write feature maps."""
 
@@ -138,6 +151,7 @@ __all__ = [
     "CodecError",
     "CodecSpecError",
     "CorruptionError",
+    "DiskFullError",
     "EncodeError",
     "FmcacheError",
     "FormatVersionError",
@@ -146,6 +160,7 @@ __all__ = [
     "NonFiniteError",
     "NotACacheError",
     "ReadOnlyError",
+    "ResumeError",
     "SampleIndexError",
     "ShapeMismatchError",
     "SpecImportError",

@@ -37,6 +37,9 @@ class Backend(ABC):
     """Storage for parts of layers, labels and small metadata blobs."""
 
     backend_id: ClassVar[str]
+    #: True when a process killed inside any write leaves the last committed state intact
+    #: (LMDB transactions); False makes a resume re-read everything committed first.
+    crash_atomic: ClassVar[bool] = True
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         self.path = Path(path)
@@ -111,8 +114,10 @@ class Backend(ABC):
         """A blob stored with :meth:`put_meta`, or None; CorruptionError if damaged."""
 
     @abstractmethod
-    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """part -> decoded float32 batch ``(len(samples), *part_shape)``."""
+    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """part -> decoded float32 batch ``(len(samples), *part_shape)``; parts named in
+        ``out`` are decoded into those arrays (C-contiguous, exactly that shape)."""
 
     @abstractmethod
     def read_labels(self, samples: int) -> np.ndarray | None:

@@ -20,6 +20,7 @@ which fail in h5py's process with "error during user callback".
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zlib
@@ -32,8 +33,8 @@ import hdf5plugin
 import numpy as np
 
 from ..codecs import Hdf5Field
-from ..errors import CorruptionError, ReadOnlyError
-from .base import Backend
+from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
+from .base import Backend, PartSpec
 
 hdf5plugin.register(force=True)
 
@@ -54,6 +55,9 @@ class Hdf5Backend(Backend):
     """Feature maps in one HDF5 file."""
 
     backend_id = "hdf5"
+    #: HDF5 has no transactions: a process killed inside a batch can leave the file's
+    #: metadata half written, so a resume first re-reads what was committed.
+    crash_atomic = False
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -65,14 +69,14 @@ class Hdf5Backend(Backend):
     def _create(self) -> None:
         if self.path.exists():
             raise ReadOnlyError(f"{self.path} already exists")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             # The default (earliest) file format: newer superblocks carry a "file is open
             # for writing" flag that a crashed build leaves set, which blocks --resume.
             with h5py.File(self.path, "w") as fh:
                 fh.attrs["fmcache"] = "feature-map cache; see fmcache_manifest"
         except OSError as exc:
-            raise ReadOnlyError(f"{self.path}: cannot create the cache file ({exc})") from None
+            raise _write_failure(self.path, exc, "cannot create the cache file") from None
 
     # ---- handles -----------------------------------------------------------------------
     def _file(self) -> h5py.File:
@@ -82,13 +86,34 @@ class Hdf5Backend(Backend):
                                          rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
             except OSError as exc:
                 raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
+            self._h_datasets: dict[str, h5py.Dataset] = {}
         return self._h_file
+
+    def _dataset(self, path: str) -> h5py.Dataset:
+        """An open dataset, kept open: HDF5's chunk cache lives with the open dataset, so
+        reopening it per read would decompress a whole chunk for every sample."""
+        fh = self._file()
+        ds = self._h_datasets.get(path)
+        if ds is None:
+            ds = self._h_datasets[path] = fh[path]
+        return ds
+
+    def _read_fields(self, layer: str) -> list[tuple[PartSpec, list[tuple[Hdf5Field, str]]]]:
+        """Per part of ``layer``: its fields with their dataset paths (built once per process)."""
+        cache: dict[str, Any] = self.__dict__.setdefault("_h_read_fields", {})
+        fields = cache.get(layer)
+        if fields is None:
+            _, specs, _ = self._layers[layer]
+            fields = cache[layer] = [(spec, [(f, dataset_path(layer, spec.name, f.name))
+                                             for f in spec.codec.hdf5_fields(spec.shape)]) for spec in specs]
+        return fields
 
     def close(self) -> None:
         handle = getattr(self, "_h_file", None)
         if handle is not None and self._pid == os.getpid():
             handle.close()
         self._h_file = None
+        self._h_datasets = {}
 
     def flush(self) -> None:
         if self.writable:
@@ -122,6 +147,20 @@ class Hdf5Backend(Backend):
     # ---- writing -------------------------------------------------------------------------
     def _write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
                      progress: bytes) -> dict[str, dict[str, int]]:
+        try:
+            self._write_rows_of_batch(start, maps, labels)
+            # Progress only moves once the batch's data are out of HDF5's caches: a crash
+            # between the two flushes leaves data past the progress mark (truncated on resume).
+            fh = self._file()
+            fh.flush()
+            self._set_attr_blob(fh, "progress", progress)
+            fh.flush()
+        except (OSError, RuntimeError) as exc:
+            raise _write_failure(self.path, exc, f"writing samples from {start} failed") from exc
+        return {}
+
+    def _write_rows_of_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]],
+                             labels: np.ndarray) -> None:
         fh = self._file()
         for layer, parts in maps.items():
             _, specs, _ = self._layers[layer]
@@ -138,14 +177,14 @@ class Hdf5Backend(Backend):
             fh.create_dataset("labels", shape=(0, *labels.shape[1:]), maxshape=(None, *labels.shape[1:]),
                               dtype=labels.dtype, chunks=(4096, *labels.shape[1:]), fletcher32=True)
         _write_rows(fh["labels"], start, labels)
-        self._set_attr_blob(fh, "progress", progress)
-        fh.flush()
-        return {}
 
     def _put_meta(self, key: str, data: bytes) -> None:
         fh = self._file()
-        self._set_attr_blob(fh, key, data)
-        fh.flush()
+        try:
+            self._set_attr_blob(fh, key, data)
+            fh.flush()
+        except (OSError, RuntimeError) as exc:
+            raise _write_failure(self.path, exc, f"writing the {key} failed") from exc
 
     @staticmethod
     def _set_attr_blob(fh: h5py.File, key: str, data: bytes) -> None:
@@ -165,40 +204,46 @@ class Hdf5Backend(Backend):
     # ---- reading -------------------------------------------------------------------------
     def get_meta(self, key: str) -> bytes | None:
         attrs = self._file().attrs
-        text = attrs.get(f"fmcache_{key}")
-        if text is None:
-            return None
-        data = (text if isinstance(text, str) else bytes(text).decode()).encode()
-        crc = attrs.get(f"fmcache_{key}_crc32")
+        try:
+            text = attrs.get(f"fmcache_{key}")
+            if text is None:
+                return None
+            data = (text if isinstance(text, str) else bytes(text).decode()).encode()
+            crc = attrs.get(f"fmcache_{key}_crc32")
+        except (OSError, RuntimeError, UnicodeError) as exc:  # a damaged attribute or object header
+            raise CorruptionError(f"{self.path}: the {key} attribute cannot be read ({exc})") from None
         if crc is None or int(crc) != zlib.crc32(data):
             raise CorruptionError(f"{self.path}: the {key} attribute fails its checksum")
         return data
 
-    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        fh = self._file()
-        _, specs, _ = self._layers[layer]
+    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         samples = np.asarray(samples, dtype=np.int64)
-        out: dict[str, np.ndarray] = {}
-        for spec in specs:
+        result: dict[str, np.ndarray] = {}
+        for spec, spec_fields in self._read_fields(layer):
             if parts is not None and spec.name not in parts:
                 continue
             where = f"{self.path}: layer {layer!r} part {spec.name!r}"
             fields: dict[str, np.ndarray] = {}
-            for field in spec.codec.hdf5_fields(spec.shape):
-                path = dataset_path(layer, spec.name, field.name)
-                fields[field.name] = _read_rows(fh, path, samples, where)
+            for field, path in spec_fields:
+                fields[field.name] = _read_rows(self, path, samples, where)
                 if field.dtype is None:
-                    crcs = _read_rows(fh, path + ".crc32", samples, where)
+                    crcs = _read_rows(self, path + ".crc32", samples, where)
                     for row, (rec, crc) in enumerate(zip(fields[field.name], crcs)):
                         if zlib.crc32(np.asarray(rec, np.uint8)) != int(crc):
                             raise CorruptionError(f"{where} sample {int(samples[row])}: checksum mismatch")
             try:
-                out[spec.name] = spec.codec.from_hdf5(fields, spec.shape)
+                result[spec.name] = spec.codec.from_hdf5(fields, spec.shape)
             except CorruptionError:
                 raise
             except (ValueError, KeyError) as exc:
                 raise CorruptionError(f"{where}: cannot decode samples ({exc})") from exc
-        return out
+        if out is not None:
+            for name, dst in out.items():
+                if name in result:
+                    np.copyto(dst, result[name])
+                    result[name] = dst
+        return result
 
     def read_labels(self, samples: int) -> np.ndarray | None:
         fh = self._file()
@@ -207,7 +252,7 @@ class Hdf5Backend(Backend):
         ds = fh["labels"]
         if ds.shape[0] < samples:
             raise CorruptionError(f"{self.path}: labels stop at sample {ds.shape[0]}, the cache has {samples}")
-        return _read_rows(fh, "labels", np.arange(samples), f"{self.path}: labels")
+        return _read_rows(self, "labels", np.arange(samples), f"{self.path}: labels")
 
     def stored_bytes(self, layer: str) -> dict[str, int]:
         fh = self._file()
@@ -228,23 +273,52 @@ def _write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
     ds[start:end] = rows
 
 
-def _read_rows(fh: h5py.File, path: str, samples: np.ndarray, where: str) -> np.ndarray:
+def _write_failure(path: Path, exc: BaseException, what: str) -> CacheError:
+    """The typed error for a failed HDF5 write (h5py raises OSError or RuntimeError)."""
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space" in text:
+        return DiskFullError(f"{path}: {what}: the disk is full ({text[:200]})")
+    if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Read-only" in text \
+            or "Permission denied" in text:
+        return ReadOnlyError(f"{path}: {what}: the location is not writable ({text[:200]})")
+    return CacheError(f"{path}: {what} ({text[:300]})",
+                      hint="the batches before it are kept: fix the cause and resume (--resume)")
+
+
+def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
+    """The first of ``samples`` whose row cannot be read (error path only: one row at a time)."""
+    for sample in samples:
+        try:
+            ds[int(sample)]
+        except OSError:
+            return int(sample)
+    return None
+
+
+def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str) -> np.ndarray:
     """Rows ``samples`` of a dataset; contiguous runs are read as one slice."""
+    ds = None
     try:
-        ds = fh[path]
+        ds = backend._dataset(path)
         if len(samples) == 0:
             return ds[0:0]
         lo, hi = int(samples[0]), int(samples[-1]) + 1
         if hi - lo == len(samples) and np.all(np.diff(samples) == 1):
             return ds[lo:hi]
-        order = np.argsort(samples, kind="stable")
-        ordered = samples[order]
-        unique, inverse = np.unique(ordered, return_inverse=True)
-        block = ds[unique]
-        result = np.empty_like(block, shape=(len(samples), *block.shape[1:]))
-        result[order] = block[inverse]
-        return result
+        unique, inverse = np.unique(samples, return_inverse=True)
+        lo, hi = int(unique[0]), int(unique[-1]) + 1
+        if hi - lo <= 4 * len(unique):
+            # A chunk-aware sampler's batch spans a few chunks: one slice read (HDF5 decodes
+            # each chunk once) then a gather, instead of h5py's slow point selection.
+            return ds[lo:hi][unique - lo][inverse]
+        # Scattered rows: one slice per contiguous run of the sorted rows.
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        block = np.concatenate([ds[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)])
+        return block[inverse]
     except KeyError:
         raise CorruptionError(f"{where}: dataset {path} is missing") from None
     except OSError as exc:
-        raise CorruptionError(f"{where}: HDF5 read failed ({exc})") from None
+        # Name the sample: a checksum (fletcher32) or filter failure covers a whole chunk.
+        bad = _first_unreadable(ds, samples) if ds is not None else None
+        at = f" sample {bad}" if bad is not None else ""
+        raise CorruptionError(f"{where}{at}: HDF5 read failed ({exc})") from None

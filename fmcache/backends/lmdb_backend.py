@@ -20,8 +20,10 @@ shared per process (:func:`_shared_env`).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -31,7 +33,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from ..errors import CorruptionError, ReadOnlyError, SampleIndexError
+from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
 from ..record import pack_blob, pack_record, unpack_blob, unpack_record
 from .base import Backend
 
@@ -65,19 +67,50 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
                                     hint="close the other handle first")
             entry[1] += 1
             return entry[0]
-        if writable:
-            env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE_BYTES, subdir=True, max_dbs=0,
-                            readahead=False, meminit=False)
-        else:
-            try:
+        try:
+            if writable:
+                env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE_BYTES, subdir=True, max_dbs=0,
+                                readahead=False, meminit=False)
+            else:
                 env = lmdb.open(str(path), readonly=True, lock=False, subdir=True, max_dbs=0,
                                 readahead=False, max_spare_txns=4)
-            except lmdb.Error as exc:
-                raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
+        except lmdb.Error as exc:
+            if writable and _is_read_only(path):
+                raise ReadOnlyError(f"{path}: cannot open the LMDB environment for writing ({exc})") from None
+            raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
+        _check_not_truncated(path, env)
         ident = _identity(path)
         if ident is not None:
             _envs[(os.getpid(), *ident)] = [env, 1, writable]
         return env
+
+
+def _check_not_truncated(path: Path, env: lmdb.Environment) -> None:
+    """CorruptionError if data.mdb ends before its last used page: LMDB maps the file and
+    would touch the missing pages, and the process would die of SIGBUS instead."""
+    try:
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = os.stat(path / "data.mdb").st_size
+    except (lmdb.Error, OSError) as exc:
+        env.close()
+        raise CorruptionError(f"{path}: LMDB cannot read its header ({exc})") from None
+    if size < needed:
+        env.close()
+        raise CorruptionError(f"{path}: data.mdb is truncated ({size} bytes, its pages need {needed})")
+
+
+def _is_read_only(path: Path) -> bool:
+    return not os.access(path, os.W_OK) or bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _write_failure(path: Path, exc: lmdb.Error) -> CacheError:
+    """The typed error for a failed write transaction (LMDB rolled it back)."""
+    if isinstance(exc, lmdb.ReadonlyError) or _is_read_only(path):
+        return ReadOnlyError(f"{path}: LMDB write failed, the location is read-only ({exc})")
+    if isinstance(exc, lmdb.DiskError) or "No space" in str(exc) or shutil.disk_usage(path).free < (4 << 20):
+        return DiskFullError(f"{path}: LMDB write failed, the disk is full ({exc}); the batch was rolled back")
+    return CacheError(f"{path}: LMDB write failed ({exc}); the batch was rolled back",
+                      hint="the batches before it are kept: fix the cause and resume (--resume)")
 
 
 def _forget_inherited() -> None:
@@ -102,6 +135,16 @@ def _release_env(env: lmdb.Environment) -> None:
                 return
 
 
+def _out_array(out: Mapping[str, np.ndarray] | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``out[name]`` (checked) if given, else a new float32 array of ``shape``."""
+    given = out.get(name) if out is not None else None
+    if given is None:
+        return np.empty(shape, dtype=np.float32)
+    if given.shape != shape or given.dtype != np.float32:
+        raise ValueError(f"out[{name!r}] has shape {given.shape} {given.dtype}, expected {shape} float32")
+    return given
+
+
 def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
@@ -118,8 +161,12 @@ class LmdbBackend(Backend):
     def _create(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=False)
-        except PermissionError as exc:
-            raise ReadOnlyError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ReadOnlyError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
+            raise
         self._env()
 
     # ---- handles -----------------------------------------------------------------------
@@ -156,6 +203,8 @@ class LmdbBackend(Backend):
                 return
             except lmdb.MapFullError:
                 env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                raise _write_failure(self.path, exc) from exc
 
     def _write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
                      progress: bytes) -> dict[str, dict[str, int]]:
@@ -210,28 +259,33 @@ class LmdbBackend(Backend):
             return None
         return bytes(unpack_blob(value, f"{self.path}: {key}"))
 
-    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         index, specs, _ = self._layers[layer]
         wanted = [s for s in specs if parts is None or s.name in parts]
-        out = {s.name: np.empty((len(samples), *s.shape), dtype=np.float32) for s in wanted}
+        result = {s.name: _out_array(out, s.name, (len(samples), *s.shape)) for s in wanted}
+        rows = [(result[s.name], s.name, s.codec) for s in wanted]
+        prefix = f"{self.path}: layer {layer!r} sample "  # error context, formatted once per call
+        key = _REC.pack
         with self._env().begin(buffers=True) as txn:
+            get = txn.get
             for row, sample in enumerate(samples):
-                value = txn.get(record_key(index, int(sample)))
-                where = f"{self.path}: layer {layer!r} sample {int(sample)}"
-                if value is None:
-                    raise SampleIndexError(f"{where}: no record", hint="the cache may be incomplete; verify it")
-                record = unpack_record(value, where)
-                for spec in wanted:
-                    payload = record.get(spec.name)
+                sample = int(sample)
+                value = get(key(b"L", index, sample))
+                if value is None:  # in range (the cache checks that) yet absent: a damaged database
+                    raise CorruptionError(f"{prefix}{sample}: no record")
+                record = unpack_record(value, f"{prefix}{sample}")  # CRC checked before any decode
+                for dst, name, codec in rows:
+                    payload = record.get(name)
                     if payload is None:
-                        raise CorruptionError(f"{where}: record has no part {spec.name!r}")
+                        raise CorruptionError(f"{prefix}{sample}: record has no part {name!r}")
                     try:
-                        spec.codec.decode(payload, out=out[spec.name][row])
+                        codec.decode(payload, out=dst[row])
                     except CorruptionError as exc:
-                        raise CorruptionError(f"{where}, part {spec.name!r}: {exc.message}") from exc
+                        raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc.message}") from exc
                     except ValueError as exc:
-                        raise CorruptionError(f"{where}, part {spec.name!r}: {exc}") from exc
-        return out
+                        raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc}") from exc
+        return result
 
     def read_labels(self, samples: int) -> np.ndarray | None:
         blocks: list[np.ndarray] = []

@@ -1,0 +1,209 @@
+"""Crashes: SIGKILL at several points of a build and of a compaction, both backends.
+
+Each case forks a child that writes a real cache and kills itself (SIGKILL) at one
+point. Afterwards the cache must never open as complete, ``resume`` must finish it
+identical to an uninterrupted build, and an interrupted compaction must leave its
+source intact and its destination unopenable as complete.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+from reliability_support import (
+    BACKENDS,
+    assert_same_cache,
+    die,
+    flip_byte,
+    hdf5_chunk_offset,
+    run_killed,
+    suffix,
+    write,
+)
+
+import fmcache
+import fmcache.backends.hdf5_backend as hdf5_backend
+import fmcache.cache as cache_mod
+from fmcache.backends.lmdb_backend import LmdbBackend
+from fmcache.compact import compact_cache
+from fmcache.errors import IncompleteCacheError, ResumeError
+from fmcache.verify import verify_cache
+
+KILLED = -signal.SIGKILL
+
+
+class _DieWhileIterating(list):
+    """The puts of a write transaction; iterating past ``at`` items kills the process,
+    i.e. inside ``with env.begin(write=True)``, half of the puts done."""
+
+    def __init__(self, items: list, at: int) -> None:
+        super().__init__(items)
+        self.at = at
+
+    def __iter__(self):
+        for i, item in enumerate(super().__iter__()):
+            if i == self.at:
+                die()
+            yield item
+
+
+def _kill_inside_batch(path, backend, batch):
+    """Die half-way through writing batch number ``batch`` (0-based)."""
+    if backend == "lmdb":
+        original = LmdbBackend._write_txn
+        seen = []
+
+        def write_txn(self, puts, deletes=()):
+            if any(key.startswith(b"\x00meta/progress") for key, _ in puts):
+                seen.append(1)
+                if len(seen) == batch + 1:
+                    puts = _DieWhileIterating(puts, len(puts) // 2)
+            return original(self, puts, deletes)
+
+        LmdbBackend._write_txn = write_txn
+    else:
+        original_rows = hdf5_backend._write_rows
+        calls = []
+
+        def write_rows(ds, start, rows):
+            if start == batch * 8:
+                calls.append(1)
+                if len(calls) == 3:  # some datasets grown and written, others not
+                    ds.resize(start + len(rows), axis=0)
+                    ds[start:start + len(rows) // 2] = rows[:len(rows) // 2]
+                    die()
+            return original_rows(ds, start, rows)
+
+        hdf5_backend._write_rows = write_rows
+    write(path, backend)
+
+
+def _kill_between_batches(path, backend, batches):
+    original = cache_mod.CacheWriter.append
+
+    def append(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if result == batches * 8:
+            die()
+        return result
+
+    cache_mod.CacheWriter.append = append
+    write(path, backend)
+
+
+def _kill_inside_manifest(path, backend):
+    """Die while the final manifest is being stored (before the rename)."""
+    if backend == "lmdb":
+        original = LmdbBackend._write_txn
+
+        def write_txn(self, puts, deletes=()):
+            if any(key == b"\x00meta/manifest" for key, _ in puts):
+                die()  # inside the transaction: the put is never committed
+            return original(self, puts, deletes)
+
+        LmdbBackend._write_txn = write_txn
+    else:
+        original_set = hdf5_backend.Hdf5Backend._set_attr_blob
+
+        def set_attr_blob(fh, key, data):
+            if key == "manifest":
+                fh.attrs["fmcache_manifest"] = data.decode()  # the text, not yet its CRC
+                fh.flush()
+                die()
+            return original_set(fh, key, data)
+
+        hdf5_backend.Hdf5Backend._set_attr_blob = staticmethod(set_attr_blob)
+    write(path, backend)
+
+
+def _kill_before_rename(path, backend):
+    """Die after the manifest is durable, before ``<path>.partial`` becomes ``path``."""
+    cache_mod._install = lambda partial, final: die()
+    write(path, backend)
+
+
+CRASH_POINTS = {
+    "inside-first-batch": lambda p, b: _kill_inside_batch(p, b, 0),
+    "inside-a-later-batch": lambda p, b: _kill_inside_batch(p, b, 3),
+    "between-batches": lambda p, b: _kill_between_batches(p, b, 5),
+    "inside-manifest-write": _kill_inside_manifest,
+    "after-manifest-before-rename": _kill_before_rename,
+}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """One uninterrupted build per backend, the reference."""
+    root = tmp_path_factory.mktemp("clean")
+    paths = {}
+    for backend in BACKENDS:
+        paths[backend] = root / f"clean{suffix(backend)}"
+        write(paths[backend], backend)
+    return paths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_sigkill_during_build_then_resume_equals_a_clean_build(tmp_path, clean, backend, point):
+    path = tmp_path / f"c{suffix(backend)}"
+    assert run_killed(CRASH_POINTS[point], path, backend) == KILLED
+    with pytest.raises(IncompleteCacheError):
+        fmcache.open_cache(path)  # never a cache that opens as complete
+    write(path, backend, resume=True)
+    assert_same_cache(path, clean[backend])
+    assert not cache_mod.partial_path(path).exists()
+
+
+def test_hdf5_partial_damaged_by_a_crash_refuses_resume_with_a_rebuild_hint(tmp_path, clean):
+    """HDF5 has no transactions: if a crash left committed data unreadable, resume says
+    so (typed, with the --overwrite hint) instead of building on top of it."""
+    path = tmp_path / "c.h5"
+    assert run_killed(CRASH_POINTS["between-batches"], path, "hdf5") == KILLED
+    partial = cache_mod.partial_path(path)
+    offset, size = hdf5_chunk_offset(partial, "/layers/conv/all/values", 2)
+    flip_byte(partial, offset + size // 2)  # what a torn metadata/chunk write leaves
+    with pytest.raises(ResumeError, match="sample 2") as info:
+        write(path, "hdf5", resume=True)
+    assert "--overwrite" in info.value.hint
+    write(path, "hdf5", overwrite=True)  # the way out the hint names
+    assert_same_cache(path, clean["hdf5"])
+
+
+def _kill_compaction(src, dst, when):
+    if when == "mid-copy":
+        original = cache_mod.CacheWriter.append
+
+        def append(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if result >= 16:
+                die()
+            return result
+
+        cache_mod.CacheWriter.append = append
+    else:
+        cache_mod._install = lambda partial, final: die()
+    compact_cache(src, dst, codec="fp16", batch_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("when", ["mid-copy", "before-rename"])
+def test_sigkill_during_compaction_leaves_source_intact(tmp_path, clean, backend, when):
+    src = tmp_path / f"src{suffix(backend)}"
+    write(src, backend)
+    before = src.stat().st_mtime_ns if src.is_file() else (src / "data.mdb").stat().st_mtime_ns
+    other = "hdf5" if backend == "lmdb" else "lmdb"  # convert too: both writers get killed
+    dst = tmp_path / f"dst{suffix(other)}"
+    assert run_killed(_kill_compaction, src, dst, when) == KILLED
+    with pytest.raises(IncompleteCacheError):
+        fmcache.open_cache(dst)
+    after = src.stat().st_mtime_ns if src.is_file() else (src / "data.mdb").stat().st_mtime_ns
+    assert after == before
+    assert verify_cache(src).samples == 64
+    assert_same_cache(src, clean[backend])
+    compact_cache(src, dst, codec="fp16", batch_size=8, overwrite=True)  # a retry just works
+    with fmcache.open_cache(dst) as out, fmcache.open_cache(src) as ref:
+        np.testing.assert_allclose(out.read_batch("conv", range(64)), ref.read_batch("conv", range(64)),
+                                   rtol=1e-3, atol=1e-4)
+
