@@ -1,0 +1,358 @@
+"""Read path: per-sample read + decode speed of fmcache caches, beside the bare codec and memcpy.
+
+The maps are real post-ReLU feature maps: :func:`fmcache.zoo.pretrained_resnet` (a
+CIFAR-style ResNet-18 of ``--width``, briefly trained on Fashion-MNIST, cached under
+``~/.cache/fmcache/zoo``) at ``--layers`` for the first ``--samples`` Fashion-MNIST
+training images.
+
+For every backend (LMDB, HDF5) x codec (the default tier: bf16/fp16/int8 + LZ4 or zstd;
+the compact tier: ZFP, SZ3), it builds a cache with :func:`fmcache.create_cache` and
+measures, in float32 MB (10^6 bytes) per second:
+
+* ``write``          building the cache (encode + store + commit), wall clock;
+* ``read``           ``cache.read(layer, i)`` per sample, a new array per call (CPU time
+                     of this thread: MB/s per core);
+* ``read_out``       the same into a reused ``out=`` buffer;
+* ``loader_w0/1/2``  ``FeatureMapDataset`` + ``DataLoader(batch_size=128, num_workers=0/1/2)``
+                     with its chunk-aware sampler, wall clock for one epoch (the machine has
+                     two cores: with workers the main process and the workers share them);
+* ``codec``          the bare codec: ``codec.decode(bytes)`` per sample, new array per call;
+* ``codec_out``      the same into a reused ``out=`` buffer;
+* ``memcpy``         ``np.copyto`` per sample into a reused buffer (the ceiling).
+
+and beside each: compression ratio (float32 bytes / stored bytes), relative L2 error and
+max abs error of the stored maps. All in-process timings are interleaved: every repeat
+runs each measurement once in turn, so a neighbour's load hits them alike; the tables
+give the median and the spread (min-max) over ``--repeats``.
+
+Run from the repository root::
+
+    python tools/bench_read.py            # width 32, 1024 samples, layers layer1-3, 5 repeats
+    python tools/bench_read.py --quick    # width 16, 256 samples, layer2, 3 repeats; docs untouched
+
+It prints JSON on stdout and (unless ``--quick``) writes ``docs/bench.json`` (key
+``read``), ``docs/bench_read.png`` and the table between ``<!-- bench_read:start -->``
+and ``<!-- bench_read:end -->`` in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
+
+from fmcache import FeatureMapDataset, create_cache, open_cache  # noqa: E402
+from fmcache.codecs import codec_from_spec  # noqa: E402
+from fmcache.zoo import FashionMNIST, pretrained_resnet  # noqa: E402
+
+DEFAULT_CODECS = (
+    "bf16",  # the builder's default: bf16 + blosc2 LZ4-5, byte shuffle
+    "bf16:cname=zstd,clevel=1,shuffle=byte",
+    "fp16",
+    "int8",
+    "zfp:accuracy=0.05",
+    "sz3:abs=0.02",
+)
+DEFAULT_CODEC = "bf16"
+COMPACT_CODEC = "sz3:abs=0.02"
+BACKENDS = ("lmdb", "hdf5")
+MB = 1e6
+MARK_BEGIN = "<!-- bench_read:start -->"
+MARK_END = "<!-- bench_read:end -->"
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def capture_maps(width: int, steps: int, layers: Sequence[str], samples: int) -> dict[str, np.ndarray]:
+    """Post-ReLU maps (N, C, H, W) float32 at ``layers`` for the first ``samples`` training images."""
+    model = pretrained_resnet(width=width, steps=steps).eval()
+    data = FashionMNIST("train", augment=False)
+    captured: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _i, output, name=name: captured[name].append(output.numpy().copy())) for name in layers]
+    try:
+        for start in range(0, samples, 128):
+            model(torch.stack([data[i][0] for i in range(start, min(start + 128, samples))]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: np.ascontiguousarray(np.concatenate(parts)) for name, parts in captured.items()}
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def interleaved(runs: dict[str, tuple[Callable[[], Any], str]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per pass of each run, ``repeats`` rounds, each round running all of them in turn.
+
+    Each run is ``(callable, clock)``, clock ``"cpu"`` (this thread's CPU time: per core)
+    or ``"wall"``. One warm-up pass each first.
+    """
+    for run, _ in runs.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, clock) in runs.items():
+            timer = time.thread_time if clock == "cpu" else time.perf_counter
+            t0 = timer()
+            run()
+            seconds[name].append(max(timer() - t0, 1e-9))
+    return seconds
+
+
+def error_metrics(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
+    diff = decoded.astype(np.float64) - original
+    norm = float(np.linalg.norm(original))
+    return {"rel_l2_error": float(np.linalg.norm(diff)) / norm if norm else 0.0,
+            "max_abs_error": float(np.max(np.abs(diff)))}
+
+
+def build(path: Path, backend: str, layer: str, maps: np.ndarray, codec: str) -> float:
+    """Write ``maps`` as a cache; returns wall seconds (encode, store, commit)."""
+    labels = np.zeros(len(maps), dtype=np.int64)
+    t0 = time.perf_counter()
+    with create_cache(path, backend=backend, overwrite=True) as writer:
+        writer.add_layer(layer, maps.shape[1:], codec=codec)
+        for start in range(0, len(maps), 256):
+            writer.append({layer: maps[start:start + 256]}, labels[start:start + 256])
+        writer.commit()
+    return time.perf_counter() - t0
+
+
+def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: int, workdir: Path,
+                loader_workers: Sequence[int]) -> dict[str, Any]:
+    n = len(maps)
+    megabytes = maps.nbytes / MB
+    sample_shape = maps.shape[1:]
+    out = np.empty(sample_shape, dtype=np.float32)
+    results: dict[str, Any] = {"shape": list(sample_shape), "samples": n, "megabytes": megabytes, "codecs": {}}
+
+    def per_sample(fn: Callable[[int], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(n):
+                fn(i)
+        return run
+
+    runs: dict[str, tuple[Callable[[], Any], str]] = {
+        "memcpy": (per_sample(lambda i: np.copyto(out, maps[i])), "cpu")}
+    meta: dict[str, dict[str, Any]] = {}
+    caches = []
+    for spec in codecs:
+        codec = codec_from_spec(spec)
+        encoded = [codec.encode(maps[i]) for i in range(n)]
+        runs[f"{spec}|codec"] = (per_sample(lambda i, c=codec, e=encoded: c.decode(e[i])), "cpu")
+        runs[f"{spec}|codec_out"] = (per_sample(lambda i, c=codec, e=encoded: c.decode(e[i], out=out)), "cpu")
+        meta[spec] = {"codec": {"ratio": maps.nbytes / sum(map(len, encoded))}, "backends": {}}
+        for backend in BACKENDS:
+            path = workdir / f"{layer}-{backend}-{len(caches)}{'.h5' if backend == 'hdf5' else '.lmdb'}"
+            write_s = build(path, backend, layer, maps, spec)
+            cache = open_cache(path)
+            caches.append(cache)
+            stored = sum(cache.layer(layer).stored_bytes.values())
+            decoded = cache.read_batch(layer, range(n))
+            meta[spec]["backends"][backend] = {
+                "write_mb_s": megabytes / write_s, "ratio": maps.nbytes / stored, "stored_bytes": stored,
+                **error_metrics(maps, decoded)}
+            runs[f"{spec}|{backend}|read"] = (per_sample(lambda i, c=cache: c.read(layer, i)), "cpu")
+            runs[f"{spec}|{backend}|read_out"] = (per_sample(lambda i, c=cache: c.read(layer, i, out=out)), "cpu")
+            for workers in loader_workers:
+                runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
+    seconds = interleaved(runs, repeats)
+    for cache in caches:
+        cache.close()
+    rate = {name: summary([megabytes / s for s in values]) for name, values in seconds.items()}
+    results["memcpy"] = rate["memcpy"]
+    for spec in codecs:
+        entry = results["codecs"][spec] = meta[spec]
+        entry["codec"].update(codec=rate[f"{spec}|codec"], codec_out=rate[f"{spec}|codec_out"])
+        for backend in BACKENDS:
+            b = entry["backends"][backend]
+            for key in ("read", "read_out", *(f"loader_w{w}" for w in loader_workers)):
+                b[key] = rate[f"{spec}|{backend}|{key}"]
+            # read / bare decode, both new arrays per call, measured in the same rounds
+            b["read_vs_codec"] = statistics.median(
+                s_codec / s_read for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read"]))
+    return results
+
+
+def loader_epoch(path: Path, workers: int) -> Callable[[], None]:
+    dataset = FeatureMapDataset(path)
+    sampler = dataset.sampler()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, sampler=sampler, num_workers=workers,
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def run() -> None:
+        for _features, _labels in loader:
+            pass
+    return run
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def _f(stat: dict[str, float]) -> str:
+    return f"{stat['median']:,.0f} ({stat['min']:,.0f}–{stat['max']:,.0f})"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = []
+    settings = results["settings"]
+    lines.append(f"Settings: ResNet-18 width {settings['width']}, {settings['samples']} samples, "
+                 f"{settings['repeats']} repeats, torch/blosc2 one thread; {settings['cpu']}. "
+                 "MB/s of float32 per second, median (min–max). `read`, `codec`, `memcpy`: CPU time of "
+                 "the reading thread (per core); `loader`: wall clock, DataLoader batch 128.\n")
+    workers = settings["loader_workers"]
+    for layer, res in results["layers"].items():
+        lines.append(f"**{layer}** {tuple(res['shape'])}, {res['megabytes']:.0f} MB float32; "
+                     f"memcpy {_f(res['memcpy'])} MB/s\n")
+        head = ["codec", "backend", "ratio", "rel L2", "write", "read", "read out=", "read/codec",
+                *(f"loader w{w}" for w in workers), "bare codec", "codec out="]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for spec, entry in res["codecs"].items():
+            for backend, b in entry["backends"].items():
+                row = [f"`{spec}`", backend, f"{b['ratio']:.2f}", f"{b['rel_l2_error']:.1e}",
+                       f"{b['write_mb_s']:,.0f}", _f(b["read"]), _f(b["read_out"]), f"{b['read_vs_codec']:.2f}",
+                       *(_f(b[f"loader_w{w}"]) for w in workers), _f(entry["codec"]["codec"]),
+                       _f(entry["codec"]["codec_out"])]
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(results["layers"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 4.5), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        res = results["layers"][layer]
+        specs = list(res["codecs"])
+        x = np.arange(len(specs))
+        series = [("bare codec", lambda e: e["codec"]["codec"]),
+                  ("LMDB read", lambda e: e["backends"]["lmdb"]["read"]),
+                  ("HDF5 read", lambda e: e["backends"]["hdf5"]["read"]),
+                  ("LMDB loader w0", lambda e: e["backends"]["lmdb"]["loader_w0"])]
+        width = 0.8 / len(series)
+        for k, (label, get) in enumerate(series):
+            med = [get(res["codecs"][s])["median"] for s in specs]
+            lo = [m - get(res["codecs"][s])["min"] for s, m in zip(specs, med)]
+            hi = [get(res["codecs"][s])["max"] - m for s, m in zip(specs, med)]
+            ax.bar(x + (k - 1.5) * width, med, width, yerr=[lo, hi], label=label, capsize=2)
+        ax.set_xticks(x, [s.split(":")[0] + ("\n" + s.split(":")[1] if ":" in s else "") for s in specs],
+                      fontsize=7)
+        ax.set_ylabel("MB/s float32 (per core; loader: wall)")
+        ax.set_title(f"{layer} {tuple(res['shape'])}")
+        ax.axhline(2000, color="grey", ls="--", lw=0.8)
+        ax.axhline(500, color="grey", ls=":", lw=0.8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_region(path: Path, begin: str, end: str, text: str) -> None:
+    doc = path.read_text() if path.exists() else ""
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        doc = f"{head}{begin}\n{text}\n{end}{tail}"
+    else:
+        doc = f"{doc.rstrip()}\n\n{begin}\n{text}\n{end}\n"
+    path.write_text(doc)
+
+
+def update_json(path: Path, key: str, value: Any) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="small run; leaves docs/ alone")
+    parser.add_argument("--width", type=int, default=None, help="ResNet width (default 32; quick 16)")
+    parser.add_argument("--steps", type=int, default=50, help="pre-training steps of the model")
+    parser.add_argument("--samples", type=int, default=None, help="samples (default 1024; quick 256)")
+    parser.add_argument("--layers", nargs="+", default=None, help="default layer1 layer2 layer3; quick layer2")
+    parser.add_argument("--codecs", nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="default 5; quick 3")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader num_workers")
+    parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    quick = args.quick
+    width = args.width or (16 if quick else 32)
+    samples = args.samples or (256 if quick else 1024)
+    layers = args.layers or (["layer2"] if quick else ["layer1", "layer2", "layer3"])
+    repeats = args.repeats or (3 if quick else 5)
+    codecs = args.codecs or (["bf16", "sz3:abs=0.02"] if quick else list(DEFAULT_CODECS))
+    torch.set_num_threads(1)
+    import blosc2
+
+    blosc2.set_nthreads(1)
+    maps = capture_maps(width, args.steps, layers, samples)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_read-"))
+    try:
+        per_layer = {layer: bench_layer(layer, maps[layer], codecs, repeats, workdir, args.workers)
+                     for layer in layers}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results = {
+        "settings": {"width": width, "steps": args.steps, "samples": samples, "repeats": repeats,
+                     "codecs": codecs, "default_codec": DEFAULT_CODEC, "compact_codec": COMPACT_CODEC,
+                     "loader_workers": args.workers, "cpu": cpu_name(), "cores": os.cpu_count(),
+                     "torch": torch.__version__, "blosc2": blosc2.__version__,
+                     "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                     "command": " ".join(["python", "tools/bench_read.py", *(argv or sys.argv[1:])])},
+        "layers": per_layer,
+    }
+    print(json.dumps(results, indent=1))
+    print(markdown_table(results), file=sys.stderr)
+    if not quick and args.docs:
+        docs = Path(args.docs)
+        update_json(docs / "bench.json", "read", results)
+        plot(results, docs / "bench_read.png")
+        write_region(docs / "benchmarks.md", MARK_BEGIN, MARK_END, markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

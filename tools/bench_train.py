@@ -1,0 +1,393 @@
+"""Training from cached maps: epoch time of the trainable suffix, against what users would do instead.
+
+Model: :func:`fmcache.zoo.pretrained_resnet` (CIFAR-style ResNet-18 of ``--width``, briefly
+trained on Fashion-MNIST, 1x32x32 inputs). Data: the first ``--samples`` Fashion-MNIST
+training images. For each freeze boundary (``layer1``, ``layer2``, ``layer3``) the suffix
+(every child after the boundary) trains with SGD, batch ``--batch`` (drop_last), starting
+from the same weights for every approach; an epoch is one pass over the samples:
+
+``classic``     the frozen prefix recomputed every step (eval mode, no grad) on
+                input-augmented images (random crop + flip), i.e. classic layer freezing;
+``memory``      the maps held in memory as one float32 tensor, batches by indexing (no
+                augmentation): the limit of any cache;
+``fmcache-<backend>-<tier>``  a SACA cache (:func:`fmcache.builder.build_saca_cache`,
+                ``--saca-samples`` calibration samples) read through ``FeatureMapDataset(
+                augment="saca")`` + its chunk-aware sampler + ``DataLoader``; tier
+                ``default`` = :meth:`CompressionPolicy.default` (the codecs for the
+                boundary's depth), ``compact`` = SZ3 bulk (``sz3:rel=0.02``) + int8 sensitive;
+``torchsave``   one ``torch.save`` file per sample, ``torch.load`` per item;
+``memmap``      one uncompressed float32 ``np.memmap`` file, one row per item;
+``h5py``        one uncompressed (contiguous) float32 h5py dataset, one row per item.
+
+The ``torchsave``/``memmap``/``h5py`` readers are what a user would write by hand
+(``__getitem__`` per sample, default collate), without augmentation: that only makes them
+faster, so fmcache being ahead is a conservative claim. Every loader runs with
+``num_workers=0``: on two cores the trainer's two torch threads already use the machine.
+
+Each repeat runs one epoch of every approach in turn (side by side, so a neighbour's
+load hits them alike); the tables give the median and min-max of the epoch seconds and
+the median of the per-repeat ratios. It also times the build: one no-grad forward pass
+of the prefix over the data, against ``build_cache`` with the default codec (bf16) and
+with SZ3, and the SACA build, and reports bytes on disk of every approach.
+
+Run from the repository root::
+
+    python tools/bench_train.py            # width 32, 1024 samples, batch 128, 3 repeats
+    python tools/bench_train.py --quick    # width 16, 256 samples, layer3 only, 1 repeat; docs untouched
+
+It prints JSON on stdout and (unless ``--quick``) writes ``docs/bench.json`` (key
+``train``), ``docs/bench_train.png`` and the tables between ``<!-- bench_train:start -->``
+and ``<!-- bench_train:end -->`` in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_read import cpu_name, update_json, write_region  # noqa: E402
+
+from fmcache import FeatureMapDataset  # noqa: E402
+from fmcache.builder import SacaConfig, build_cache, build_saca_cache  # noqa: E402
+from fmcache.policy import CompressionPolicy  # noqa: E402
+from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at  # noqa: E402
+
+BOUNDARIES = ("layer1", "layer2", "layer3")
+COMPACT_POLICY = CompressionPolicy.constant("sz3:rel=0.02", "int8:cname=zstd,clevel=1,shuffle=bit")
+MARK_BEGIN = "<!-- bench_train:start -->"
+MARK_END = "<!-- bench_train:end -->"
+
+
+# ---- the hand-written alternatives ------------------------------------------------------------
+
+class TorchSaveDataset(Dataset):
+    """(d) one ``torch.save`` file per sample."""
+
+    def __init__(self, folder: Path, labels: np.ndarray) -> None:
+        self.folder, self.labels = folder, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.load(self.folder / f"{i}.pt"), int(self.labels[i])
+
+
+class MemmapDataset(Dataset):
+    """(e) an uncompressed float32 ``np.memmap``."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], labels: np.ndarray) -> None:
+        self.path, self.shape, self.labels = path, shape, labels
+        self.maps: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.maps is None:
+            self.maps = np.memmap(self.path, dtype=np.float32, mode="r", shape=(len(self.labels), *self.shape))
+        return torch.from_numpy(np.array(self.maps[i])), int(self.labels[i])
+
+
+class H5pyDataset(Dataset):
+    """(f) an uncompressed h5py dataset (contiguous layout, h5py's default)."""
+
+    def __init__(self, path: Path, labels: np.ndarray) -> None:
+        self.path, self.labels = path, labels
+        self.ds: h5py.Dataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.ds is None:
+            self.ds = h5py.File(self.path, "r")["maps"]
+        return torch.from_numpy(self.ds[i]), int(self.labels[i])
+
+
+def folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def train_epoch(suffix: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                opt: torch.optim.Optimizer, prefix: nn.Module | None = None) -> float:
+    """One epoch; returns wall seconds."""
+    loss_fn = nn.CrossEntropyLoss()
+    suffix.train()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        if prefix is not None:
+            with torch.no_grad():
+                x = prefix(x)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(suffix(x.float()), y)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def memory_batches(maps: torch.Tensor, labels: torch.Tensor, batch: int, epoch: int) -> Iterable[Any]:
+    order = torch.randperm(len(maps), generator=torch.Generator().manual_seed(epoch))
+    for start in range(0, len(order) - batch + 1, batch):
+        idx = order[start:start + batch]
+        yield maps[idx], labels[idx]
+
+
+@torch.no_grad()
+def forward_maps(prefix: nn.Module, data: Dataset, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Maps of the whole data set through ``prefix`` (eval, no grad), labels, and seconds."""
+    prefix.eval()
+    loader = DataLoader(data, batch_size=batch, shuffle=False)
+    maps, labels = [], []
+    t0 = time.perf_counter()
+    for x, y in loader:
+        maps.append(prefix(x).numpy())
+        labels.append(y.numpy())
+    seconds = time.perf_counter() - t0
+    return np.concatenate(maps), np.concatenate(labels), seconds
+
+
+# ---- one boundary ------------------------------------------------------------------------------
+
+def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNIST, args: argparse.Namespace,
+            workdir: Path) -> dict[str, Any]:
+    """Build every store for ``boundary``; returns loaders (epoch -> batches) and facts."""
+    prefix, suffix = split_at(copy.deepcopy(model), boundary)
+    prefix.eval()
+    maps, labels, forward_s = forward_maps(prefix, data, args.batch)
+    shape = tuple(maps.shape[1:])
+    info: dict[str, Any] = {"shape": list(shape), "forward_s": forward_s, "build_s": {}, "bytes": {},
+                            "raw_bytes": int(maps.nbytes)}
+    loaders: dict[str, Callable[[int], Iterable[Any]]] = {}
+
+    def loader_of(dataset: Dataset, sampler: Any = None) -> Callable[[int], Iterable[Any]]:
+        def batches(epoch: int) -> Iterable[Any]:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                return DataLoader(dataset, batch_size=args.batch, sampler=sampler, drop_last=True)
+            gen = torch.Generator().manual_seed(epoch)
+            return DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=gen, drop_last=True)
+        return batches
+
+    # (a) classic freezing: the prefix runs every step on augmented inputs
+    loaders["classic"] = loader_of(aug_data)
+    # (b) in memory
+    maps_t, labels_t = torch.from_numpy(maps), torch.from_numpy(labels).long()
+    loaders["memory"] = lambda epoch: memory_batches(maps_t, labels_t, args.batch, epoch)
+    info["bytes"]["memory"] = int(maps.nbytes)
+    # build time with plain build_cache: default codec and SZ3, against one forward pass
+    for name, codec in (("bf16", "bf16"), ("sz3", "sz3:rel=0.02")):
+        out = workdir / f"{boundary}-plain-{name}.lmdb"
+        t0 = time.perf_counter()
+        build_cache(copy.deepcopy(model), data, [boundary], out, codec=codec, batch_size=args.batch,
+                    progress=False)
+        info["build_s"][f"plain-{name}-lmdb"] = time.perf_counter() - t0
+        info["bytes"][f"plain-{name}-lmdb"] = folder_bytes(out)
+        shutil.rmtree(out, ignore_errors=True)
+    # (c) fmcache SACA caches
+    saca = SacaConfig(n_samples=args.saca_samples)
+    for backend in args.backends:
+        for tier, policy in (("default", CompressionPolicy.default()), ("compact", COMPACT_POLICY)):
+            name = f"fmcache-{backend}-{tier}"
+            out = workdir / f"{boundary}-{name}{'.h5' if backend == 'hdf5' else '.lmdb'}"
+            t0 = time.perf_counter()
+            manifest = build_saca_cache(copy.deepcopy(model), data, boundary, out, saca=saca, policy=policy,
+                                        backend=backend, batch_size=args.batch, progress=False)
+            info["build_s"][name] = time.perf_counter() - t0
+            info["bytes"][name] = folder_bytes(out)
+            layer = manifest.layers[boundary]
+            info.setdefault("codecs", {})[name] = {t.name: t.codec.spec for t in layer.plan.tiers}
+            info.setdefault("variants", list(layer.variants))
+            dataset = FeatureMapDataset(out, augment="saca", seed=0)
+            loaders[name] = loader_of(dataset, dataset.sampler(drop_last=False))
+    # (d) torch.save per sample
+    folder = workdir / f"{boundary}-torchsave"
+    folder.mkdir()
+    t0 = time.perf_counter()
+    for i in range(len(maps)):
+        torch.save(torch.from_numpy(maps[i]), folder / f"{i}.pt")
+    info["build_s"]["torchsave-write"] = time.perf_counter() - t0
+    info["bytes"]["torchsave"] = folder_bytes(folder)
+    loaders["torchsave"] = loader_of(TorchSaveDataset(folder, labels))
+    # (e) np.memmap
+    path = workdir / f"{boundary}.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=maps.shape)
+    mm[:] = maps
+    mm.flush()
+    del mm
+    info["bytes"]["memmap"] = folder_bytes(path)
+    loaders["memmap"] = loader_of(MemmapDataset(path, shape, labels))
+    # (f) h5py, uncompressed
+    path = workdir / f"{boundary}-plain.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("maps", data=maps)
+    info["bytes"]["h5py"] = folder_bytes(path)
+    loaders["h5py"] = loader_of(H5pyDataset(path, labels))
+    return {"prefix": prefix, "suffix": suffix, "loaders": loaders, "info": info}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = pretrained_resnet(width=args.width, steps=args.steps).eval()
+    data = Subset(FashionMNIST("train", augment=False), range(args.samples))
+    aug_data = FashionMNIST("train", augment=True, seed=0, limit=args.samples)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    try:
+        torch.set_num_threads(args.threads)
+        setups = {b: prepare(b, model, data, aug_data, args, workdir) for b in args.boundaries}
+        seconds: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
+        # warm-up: one epoch each, untimed (page cache, lazy opens, allocator)
+        for rep in range(args.repeats + 1):
+            for boundary, setup in setups.items():
+                for name, batches in setup["loaders"].items():
+                    suffix = copy.deepcopy(setup["suffix"])
+                    opt = torch.optim.SGD(suffix.parameters(), lr=0.01, momentum=0.9)
+                    prefix = setup["prefix"] if name == "classic" else None
+                    s = train_epoch(suffix, batches(rep), opt, prefix)
+                    if rep > 0:
+                        seconds[boundary][name].append(s)
+                    print(f"rep {rep} {boundary} {name}: {s:.2f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    steps = args.samples // args.batch
+    result: dict[str, Any] = {}
+    for boundary, setup in setups.items():
+        per = seconds[boundary]
+        entry = {"info": setup["info"], "epoch_s": {}, "img_s": {}, "vs_memory": {}, "vs_classic": {}}
+        for name, values in per.items():
+            entry["epoch_s"][name] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            entry["img_s"][name] = steps * args.batch / statistics.median(values)
+            # ratios per repeat (side by side), then the median: > 1 means faster than the reference
+            entry["vs_memory"][name] = statistics.median(m / v for m, v in zip(per["memory"], values))
+            entry["vs_classic"][name] = statistics.median(c / v for c, v in zip(per["classic"], values))
+        result[boundary] = entry
+    return result
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = [f"Settings: ResNet-18 width {s['width']} ({s['steps']} pre-training steps), {s['samples']} samples, "
+             f"batch {s['batch']}, {s['threads']} torch threads, fp32, loaders in the main process; "
+             f"{s['repeats']} repeats after a warm-up epoch; SACA calibrated on {s['saca_samples']} samples; "
+             f"{s['cpu']}. Epoch seconds: median (min–max); ratios: median of per-repeat ratios "
+             "(> 1 = faster than the reference).\n"]
+    for boundary, entry in results["boundaries"].items():
+        info = entry["info"]
+        lines.append(f"**{boundary}** maps {tuple(info['shape'])}, raw {info['raw_bytes'] / 1e6:.1f} MB; "
+                     f"SACA variants {', '.join(info.get('variants', [])) or 'none'}\n")
+        lines.append("| approach | epoch s | img/s | vs memory | vs classic | bytes on disk |")
+        lines.append("|---|---|---|---|---|---|")
+        for name, stat in entry["epoch_s"].items():
+            nbytes = info["bytes"].get(name)
+            lines.append(f"| {name} | {stat['median']:.2f} ({stat['min']:.2f}–{stat['max']:.2f}) | "
+                         f"{entry['img_s'][name]:.0f} | {entry['vs_memory'][name]:.2f} | "
+                         f"{entry['vs_classic'][name]:.2f} | "
+                         f"{'' if nbytes is None else f'{nbytes / 1e6:.1f} MB'} |")
+        codecs = info.get("codecs", {})
+        if codecs:
+            lines.append("\nCodecs: " + "; ".join(f"{k}: " + ", ".join(f"{t} `{c}`" for t, c in v.items())
+                                                  for k, v in codecs.items()))
+        builds = ", ".join(f"{k} {v:.1f} s ({v / info['forward_s']:.2f}×)" for k, v in info["build_s"].items())
+        lines.append(f"\nBuild: one forward pass of the prefix {info['forward_s']:.1f} s; {builds}.\n")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    boundaries = list(results["boundaries"])
+    names = list(results["boundaries"][boundaries[0]]["epoch_s"])
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    x = np.arange(len(boundaries))
+    for k, name in enumerate(names):
+        stats = [results["boundaries"][b]["epoch_s"][name] for b in boundaries]
+        med = [st["median"] for st in stats]
+        err = [[m - st["min"] for m, st in zip(med, stats)], [st["max"] - m for m, st in zip(med, stats)]]
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, med, width, yerr=err, capsize=2, label=name)
+    ax.set_xticks(x, [f"frozen to {b}" for b in boundaries])
+    ax.set_ylabel(f"epoch seconds ({results['settings']['samples']} samples)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="small run; leaves docs/ alone")
+    parser.add_argument("--width", type=int, default=None, help="default 32; quick 16")
+    parser.add_argument("--steps", type=int, default=50, help="pre-training steps of the model")
+    parser.add_argument("--samples", type=int, default=None, help="default 1024; quick 256")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3; quick 1")
+    parser.add_argument("--boundaries", nargs="+", default=None)
+    parser.add_argument("--backends", nargs="+", default=["lmdb", "hdf5"])
+    parser.add_argument("--saca-samples", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
+    args = parser.parse_args(argv)
+    args.width = args.width or (16 if args.quick else 32)
+    args.samples = args.samples or (256 if args.quick else 1024)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.boundaries = args.boundaries or (["layer3"] if args.quick else list(BOUNDARIES))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import blosc2
+
+    blosc2.set_nthreads(1)
+    boundaries = run(args)
+    results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
+                            "repeats": args.repeats, "threads": args.threads, "saca_samples": args.saca_samples,
+                            "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
+                            "torch": torch.__version__,
+                            "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                            "command": " ".join(["python", "tools/bench_train.py", *(argv or sys.argv[1:])])},
+               "boundaries": boundaries}
+    print(json.dumps(results, indent=1))
+    print(markdown(results), file=sys.stderr)
+    if not args.quick and args.docs:
+        docs = Path(args.docs)
+        update_json(docs / "bench.json", "train", results)
+        plot(results, docs / "bench_train.png")
+        write_region(docs / "benchmarks.md", MARK_BEGIN, MARK_END, markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
