@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .augment import AugFamily, default_variants, parse_variant, variant_name
 from .cache import create_cache
+from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture
 from .codecs import Codec
 from .errors import BuildError, NonFiniteError
 from .fingerprint import data_fingerprint, weights_fingerprint
 from .manifest import Manifest
+from .policy import CompressionPolicy, frozen_fraction
+from .sensitivity import select_sensitive
 from .tiers import TierPlan
 
 DEFAULT_CODEC = "bf16"
@@ -153,7 +158,7 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
             for inputs, labels in loader:
                 inputs = inputs.to(device)
                 maps = {k: v.float().cpu().numpy() for k, v in capture(inputs).items()}
-                extra = {}
+                extra: dict[str, dict[str, np.ndarray]] = {}
                 if variants:
                     for vname, transform in variants.items():
                         vmaps = capture(transform(inputs))
@@ -171,3 +176,97 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     finally:
         if bar is not None:
             bar.close()
+
+
+# ---- SACA builds ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SacaConfig:
+    """How a SACA cache is calibrated and which variants it stores.
+
+    Parameters
+    ----------
+    family
+        The training augmentation family (recorded in the manifest; the Dataset draws from it).
+    rho
+        Fraction of channels in the sensitive tier.
+    variants
+        Canonical variant names to cache; ``None``: :func:`fmcache.augment.default_variants`
+        (flip, then shifts by the stride multiple nearest ``2 max_shift / 3``), the first
+        ``max_variants`` of them when that is set.
+    n_samples, shifts_per_sample, seed
+        Calibration subset size, shift draws per sample, seed (:mod:`fmcache.calibrate`).
+    photometric_in_calibration
+        Also measure one photometric draw per sample (reported per kind); it counts in the
+        selection only when ``family`` itself draws photometric jitter.
+    """
+
+    family: AugFamily = field(default_factory=AugFamily)
+    rho: float = 0.25
+    variants: tuple[str, ...] | None = None
+    max_variants: int | None = None
+    n_samples: int = 512
+    shifts_per_sample: int = 2
+    seed: int = 0
+    photometric_in_calibration: bool = True
+
+    def get_config(self) -> dict[str, Any]:
+        return {"family": self.family.get_config(), "rho": self.rho,
+                "variants": list(self.variants) if self.variants is not None else None,
+                "max_variants": self.max_variants,
+                "n_samples": self.n_samples, "shifts_per_sample": self.shifts_per_sample, "seed": self.seed,
+                "photometric_in_calibration": self.photometric_in_calibration}
+
+    def variant_names(self, stride: int) -> list[str]:
+        if self.variants is not None:
+            return [variant_name(parse_variant(v)) for v in self.variants]
+        names = [variant_name(d) for d in default_variants(self.family.max_shift, stride, flip=self.family.flip)]
+        return names if self.max_variants is None else names[:self.max_variants]
+
+
+def selection_scores(calibration: Calibration, family: AugFamily) -> np.ndarray:
+    """Scores the sensitive tier is chosen by: the pair-weighted mean over the kinds
+    ``family`` draws (photometric counts only if the family jitters)."""
+    kinds = [k for k in calibration.per_kind if k != "photometric" or family.photometric]
+    if not kinds:
+        return calibration.scores
+    weights = np.array([calibration.kind_pairs.get(k, 1) for k in kinds], dtype=np.float64)
+    stacked = np.stack([calibration.per_kind[k] for k in kinds])
+    return (weights[:, None] * stacked).sum(axis=0) / weights.sum()
+
+
+def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | os.PathLike[str], *,
+                     saca: SacaConfig | None = None, policy: CompressionPolicy | None = None,
+                     frozen: float | None = None, pixels: PixelSpace | None = None,
+                     build_info: Mapping[str, Any] | None = None, **kwargs: Any) -> Manifest:
+    """Calibrate, select the sensitive tier, and build a two-tier cache with variants.
+
+    ``policy`` (default :meth:`CompressionPolicy.default`) picks the codecs for the freeze
+    depth ``frozen`` (default :func:`fmcache.policy.frozen_fraction` of ``layer``).
+    The manifest's layer extra holds the scores, the selection, ``rho`` and their summary;
+    its build info the augmentation family, the SACA config and the policy stage.
+    Other keyword arguments go to :func:`build_cache`.
+    """
+    saca = saca or SacaConfig()
+    pixels = pixels or PixelSpace()
+    policy = policy or CompressionPolicy.default()
+    if frozen is None:
+        frozen = frozen_fraction(model, layer) if layer in dict(model.named_children()) else 1.0
+    calib_family = replace(saca.family, photometric=True) if saca.photometric_in_calibration else saca.family
+    t0 = time.perf_counter()
+    cal = calibrate(model, layer, dataset, calib_family, n_samples=saca.n_samples, seed=saca.seed,
+                    shifts_per_sample=saca.shifts_per_sample, pixels=pixels)
+    calibrate_s = time.perf_counter() - t0
+    scores = selection_scores(cal, saca.family)
+    bulk, sensitive = policy.codecs_for(frozen)
+    chosen = select_sensitive(scores, saca.rho)
+    plan = TierPlan.two_tier(len(scores), chosen.tolist(), sensitive, bulk)
+    names = saca.variant_names(cal.stride)
+    transforms = {name: input_transform(parse_variant(name), pixels) for name in names}
+    extra = cal.layer_extra(saca.rho, selection=scores)
+    info = {"augment_family": saca.family.get_config(), "saca": saca.get_config(), "pixels": pixels.get_config(),
+            "policy": policy.get_config(), "frozen_fraction": frozen, "calibrate_s": round(calibrate_s, 3),
+            **dict(build_info or {})}
+    return build_cache(model, dataset, [layer], out, plans={layer: plan}, variants=transforms or None,
+                       variant_tiers=["sensitive"] if transforms else None, build_info=info,
+                       layer_extra={layer: extra}, **kwargs)

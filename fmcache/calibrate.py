@@ -1,0 +1,212 @@
+"""SACA calibration: measure per-channel augmentation sensitivity at a freeze boundary.
+
+Measuring is kept apart from deciding (:func:`fmcache.sensitivity.select_sensitive`):
+
+* :func:`calibration_draws` — which augmentations each calibration sample gets: one
+  horizontal flip, ``shifts_per_sample`` shifts (a random crop with zero padding) and one
+  photometric draw (brightness/contrast), all from ``(seed, sample)``;
+* :class:`PixelSpace` — how to move between the data set's (normalised) tensors and raw
+  pixels, because crops pad with black and jitter scales around black in *raw* space;
+* :func:`augment_inputs` — ``a(x)`` on a batch of normalised inputs;
+* :func:`measure_sensitivity` — feeds pairs ``(P(a(x)), T_a(P(x)))`` to a
+  :class:`~fmcache.sensitivity.SensitivityAccumulator`, per augmentation kind and overall.
+
+Everything takes a ``prefix`` callable (a batch of inputs -> a batch of maps), so any
+model works; :func:`calibrate` wires it to a named boundary of an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .augment import AugDraw, AugFamily, apply_feature, apply_input, draw_for, infer_stride
+from .augment.errors import SensitivityError
+from .capture import Capture
+from .sensitivity import SensitivityAccumulator, score_summary, select_sensitive
+
+#: Draw-stream tag of calibration (kept apart from training draws of the same seed).
+_CALIB_EPOCH = 1_000_003
+KINDS = ("flip", "shift", "photometric")
+
+
+@dataclass(frozen=True)
+class PixelSpace:
+    """``normalised = (raw - mean) / std``; raw pixels lie in ``value_range``.
+
+    The default (mean 0, std 1, no clamp) treats the inputs as raw already.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise SensitivityError(f"PixelSpace needs a finite mean and std > 0, got {self.mean}, {self.std}")
+
+    def get_config(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std,
+                "value_range": list(self.value_range) if self.value_range else None}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PixelSpace:
+        vr = config.get("value_range")
+        return cls(float(config.get("mean", 0.0)), float(config.get("std", 1.0)), tuple(vr) if vr else None)
+
+
+def augment_inputs(x: torch.Tensor, draws: AugDraw | Sequence[AugDraw], pixels: PixelSpace | None = None
+                   ) -> torch.Tensor:
+    """``a(x)`` for a batch of *normalised* inputs: to raw pixels, augment, normalise again."""
+    pixels = pixels or PixelSpace()
+    raw = x * pixels.std + pixels.mean
+    out = apply_input(raw, draws, value_range=pixels.value_range)
+    return (out - pixels.mean) / pixels.std
+
+
+def input_transform(draw: AugDraw, pixels: PixelSpace | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batch transform applying one fixed draw (what the builder runs for a variant)."""
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return augment_inputs(x, draw, pixels)
+
+    return transform
+
+
+def calibration_draws(family: AugFamily, sample: int, *, seed: int = 0,
+                      shifts_per_sample: int = 2) -> list[tuple[str, AugDraw]]:
+    """The ``(kind, draw)`` pairs one calibration sample is measured with.
+
+    A pure flip (when the family flips), ``shifts_per_sample`` non-zero shifts drawn
+    uniformly from the family's range (no flip), and one photometric draw (when the family
+    has one). Depends only on ``(family, seed, sample)``.
+    """
+    rng = draw_for(seed, _CALIB_EPOCH, sample)
+    out: list[tuple[str, AugDraw]] = []
+    if family.flip:
+        out.append(("flip", AugDraw(True, 0, 0)))
+    m = family.max_shift
+    if m > 0:
+        for _ in range(shifts_per_sample):
+            while True:
+                dy, dx = (int(v) for v in rng.integers(-m, m + 1, size=2))
+                if dy or dx:
+                    break
+            out.append(("shift", AugDraw(False, dy, dx)))
+    if family.photometric:
+        b = 1.0 + family.brightness * float(rng.uniform(-1, 1))
+        c = 1.0 + family.contrast * float(rng.uniform(-1, 1))
+        out.append(("photometric", AugDraw(False, 0, 0, brightness=b, contrast=c)))
+    if not out:
+        raise SensitivityError("the augmentation family draws nothing (no flip, shift or photometric)")
+    return out
+
+
+@dataclass
+class Calibration:
+    """Result of :func:`measure_sensitivity`: scores overall and per augmentation kind."""
+
+    scores: np.ndarray
+    per_kind: dict[str, np.ndarray] = field(default_factory=dict)
+    n_samples: int = 0
+    n_pairs: int = 0
+    stride: int = 1
+    kind_pairs: dict[str, int] = field(default_factory=dict)
+
+    def layer_extra(self, rho: float, selection: np.ndarray | None = None) -> dict[str, Any]:
+        """The manifest entries of a layer: scores, selection, rho and summary.
+
+        ``selection`` (default: the overall scores) are the scores the channels are chosen by.
+        """
+        chosen = select_sensitive(self.scores if selection is None else selection, rho)
+        return {"sensitivity": [round(float(s), 6) for s in self.scores],
+                "sensitivity_per_kind": {k: [round(float(s), 6) for s in v] for k, v in self.per_kind.items()},
+                "sensitive_channels": [int(c) for c in chosen], "rho": float(rho),
+                "sensitivity_summary": score_summary(self.scores),
+                "calibration": {"samples": self.n_samples, "pairs": self.n_pairs, "stride": self.stride}}
+
+
+def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+                        family: AugFamily, *, sample_ids: Sequence[int] | None = None, seed: int = 0,
+                        shifts_per_sample: int = 2, pixels: PixelSpace | None = None,
+                        stride: int | None = None, batch_size: int = 64) -> Calibration:
+    """Per-channel sensitivity ``1 - mean cos(P(a(x))_c, T_a(P(x))_c)`` of ``prefix``.
+
+    Parameters
+    ----------
+    prefix
+        Batch of inputs ``(N, C, H, W)`` -> batch of maps ``(N, C', H', W')``.
+    inputs
+        Normalised calibration inputs.
+    family
+        Which augmentations exist (:func:`calibration_draws`).
+    sample_ids
+        Data set index of each input (seeds its draws); default ``0..N-1``.
+    stride
+        Input pixels per map pixel; default inferred from the shapes.
+    """
+    if inputs.ndim != 4 or len(inputs) == 0:
+        raise SensitivityError(f"calibration inputs must be a non-empty (N, C, H, W) batch, got {tuple(inputs.shape)}")
+    ids = list(range(len(inputs))) if sample_ids is None else [int(i) for i in sample_ids]
+    if len(ids) != len(inputs):
+        raise SensitivityError(f"{len(ids)} sample ids for {len(inputs)} inputs")
+    total: SensitivityAccumulator | None = None
+    kinds: dict[str, SensitivityAccumulator] = {}
+    with torch.inference_mode():
+        for lo in range(0, len(inputs), batch_size):
+            x = inputs[lo:lo + batch_size]
+            base = prefix(x).float()
+            if stride is None:
+                stride = infer_stride((int(x.shape[-2]), int(x.shape[-1])), (int(base.shape[-2]), int(base.shape[-1])))
+            base_np = base.cpu().numpy()
+            per_sample = [calibration_draws(family, ids[lo + i], seed=seed, shifts_per_sample=shifts_per_sample)
+                          for i in range(len(x))]
+            for j in range(len(per_sample[0])):
+                draws = [d[j][1] for d in per_sample]
+                kind = per_sample[0][j][0]
+                aug = prefix(augment_inputs(x, draws, pixels)).float().cpu().numpy()
+                target = np.stack([apply_feature(base_np[i], draws[i], stride) for i in range(len(x))])
+                if total is None:
+                    total = SensitivityAccumulator(base_np.shape[1])
+                total.update(aug, target)
+                kinds.setdefault(kind, SensitivityAccumulator(base_np.shape[1])).update(aug, target)
+    assert total is not None and stride is not None
+    return Calibration(total.scores(), {k: acc.scores() for k, acc in kinds.items()},
+                       n_samples=len(inputs), n_pairs=total.n_pairs, stride=int(stride),
+                       kind_pairs={k: acc.n_pairs for k, acc in kinds.items()})
+
+
+def calibration_batch(dataset: Dataset, n_samples: int = 512, *, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """``n_samples`` inputs drawn without replacement (seeded) from ``dataset``, and their indices."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if n_samples < 1:
+        raise SensitivityError(f"n_samples must be >= 1, got {n_samples}")
+    ids = sorted(np.random.default_rng([seed, 0xCA1]).choice(n, size=min(n, n_samples), replace=False).tolist())
+    x, _ = next(iter(DataLoader(Subset(dataset, ids), batch_size=len(ids))))
+    return x, ids
+
+
+def calibrate(model: nn.Module, layer: str, dataset: Dataset, family: AugFamily, *, n_samples: int = 512,
+              seed: int = 0, shifts_per_sample: int = 2, pixels: PixelSpace | None = None,
+              batch_size: int = 64) -> Calibration:
+    """:func:`measure_sensitivity` of ``model`` up to the module ``layer`` (eval mode, no grad)."""
+    capture = Capture(model, [layer])
+    was_training = model.training
+    model.eval()
+    try:
+        x, ids = calibration_batch(dataset, n_samples, seed=seed)
+        return measure_sensitivity(lambda b: capture(b)[layer], x, family, sample_ids=ids, seed=seed,
+                                   shifts_per_sample=shifts_per_sample, pixels=pixels, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["KINDS", "Calibration", "PixelSpace", "augment_inputs", "calibrate", "calibration_batch",
+           "calibration_draws", "input_transform", "measure_sensitivity"]

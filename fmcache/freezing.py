@@ -1,0 +1,362 @@
+"""The freezing trainer: when to freeze (a schedule or an adaptive criterion), and what to
+train from afterwards (the raw data through a recomputed prefix, or a cache of its maps).
+
+* :class:`FreezeSchedule` — ``epoch -> boundary``: at the start of that epoch everything up
+  to and including the named top-level child is frozen.
+* :class:`AdaptiveFreezer` — freezes the next block once its parameters' relative change per
+  epoch has flattened (AutoFreeze-style) or its gradient norm has (Egeria-style); it never
+  skips a block and never unfreezes.
+* :class:`CacheRecipe` — how to build the cache at a freeze point (codecs or a policy,
+  SACA or not) and how to read it (augmentation mode).
+* :class:`FreezingTrainer` — the loop: at each freeze point it freezes the prefix, builds
+  the cache for the new boundary from the raw inputs, switches the training data to it, and
+  deletes the previous cache. Usable from your own loop via :meth:`FreezingTrainer.on_epoch_start`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .builder import SacaConfig, build_cache, build_saca_cache
+from .calibrate import PixelSpace
+from .dataset import FeatureMapDataset
+from .errors import FmcacheError
+from .policy import CompressionPolicy, frozen_fraction
+from .train import StepCounter, epoch_loader, evaluate, sgd, train_epoch
+from .zoo import split_at
+
+
+class FreezeError(FmcacheError, ValueError):
+    """A schedule or criterion that cannot be applied to this model."""
+
+    default_hint = "boundaries are top-level children of the model, in forward order"
+
+
+# ---- when to freeze -----------------------------------------------------------------------
+
+class FreezeSchedule:
+    """``{epoch: boundary}``; boundaries must move deeper as epochs grow.
+
+    ``FreezeSchedule.parse("2:layer2,4:layer3")`` reads the CLI form.
+    """
+
+    def __init__(self, points: Mapping[int, str]) -> None:
+        self.points = dict(sorted((int(e), str(b)) for e, b in points.items()))
+        if any(e < 0 for e in self.points):
+            raise FreezeError(f"freeze epochs must be >= 0, got {sorted(self.points)}")
+
+    @classmethod
+    def parse(cls, text: str) -> FreezeSchedule:
+        points: dict[int, str] = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            epoch, sep, boundary = item.partition(":")
+            if not sep or not epoch.strip().isdigit() or not boundary.strip():
+                raise FreezeError(f"bad schedule item {item!r}", hint="write EPOCH:BOUNDARY[,EPOCH:BOUNDARY...]")
+            points[int(epoch)] = boundary.strip()
+        return cls(points)
+
+    def validate(self, order: Sequence[str]) -> None:
+        """Check the boundaries exist in ``order`` (top-level children) and move deeper."""
+        last = -1
+        for epoch, boundary in self.points.items():
+            if boundary not in order:
+                raise FreezeError(f"schedule epoch {epoch}: {boundary!r} is not a top-level child",
+                                  hint=f"choose from {', '.join(order)}")
+            if order.index(boundary) <= last:
+                raise FreezeError(f"schedule epoch {epoch}: {boundary!r} is not deeper than the previous boundary")
+            last = order.index(boundary)
+
+    def boundary_at(self, epoch: int) -> str | None:
+        """The boundary in force during ``epoch`` (None: nothing frozen)."""
+        current = None
+        for e, b in self.points.items():
+            if e <= epoch:
+                current = b
+        return current
+
+    def to_text(self) -> str:
+        return ",".join(f"{e}:{b}" for e, b in self.points.items())
+
+
+def relative_change(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
+    """``||after - before|| / ||before||`` over all tensors (0 when ``before`` is all zero)."""
+    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(after, before))
+    den = sum(float(b.float().pow(2).sum()) for b in before)
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+@dataclass
+class AdaptiveFreezer:
+    """Freeze the next block when its per-epoch signal has flattened.
+
+    The signal of a block after epoch ``e`` is ``metric``: ``"param_change"`` (relative change
+    of its parameters over the epoch, AutoFreeze) or ``"grad_norm"`` (the mean gradient norm
+    recorded through :meth:`record_grad`, Egeria uses a similar plasticity signal). A block is
+    *flat* when the signal fell below ``threshold`` × its first recorded value, or changed by
+    less than ``flat_tol`` (relative) since the previous epoch. Only the next block in order
+    can freeze, at most one per epoch, and never before ``min_epoch``; the last candidate
+    ``max_boundary`` (if given) is as deep as it goes.
+    """
+
+    blocks: Sequence[str]
+    metric: str = "param_change"
+    threshold: float = 0.3
+    flat_tol: float = 0.1
+    min_epoch: int = 1
+    max_boundary: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("param_change", "grad_norm"):
+            raise FreezeError(f"metric must be 'param_change' or 'grad_norm', got {self.metric!r}")
+        self.blocks = list(self.blocks)
+        if self.max_boundary is not None and self.max_boundary not in self.blocks:
+            raise FreezeError(f"max_boundary {self.max_boundary!r} is not one of the blocks {self.blocks}")
+        self.frozen_upto = -1
+        self._snap: dict[str, list[torch.Tensor]] = {}
+        self._grad_sum: dict[str, float] = {}
+        self._grad_n = 0
+
+    def start_epoch(self, model: nn.Module) -> None:
+        """Snapshot parameters (call at the start of each epoch)."""
+        mods = dict(model.named_children())
+        self._snap = {b: [p.detach().clone() for p in mods[b].parameters()] for b in self.blocks}
+        self._grad_sum = {b: 0.0 for b in self.blocks}
+        self._grad_n = 0
+
+    def record_grad(self, model: nn.Module) -> None:
+        """Add each block's gradient norm (call after ``backward``, before ``step``)."""
+        mods = dict(model.named_children())
+        for b in self.blocks:
+            sq = sum(float(p.grad.float().pow(2).sum()) for p in mods[b].parameters() if p.grad is not None)
+            self._grad_sum[b] = self._grad_sum.get(b, 0.0) + sq ** 0.5
+        self._grad_n += 1
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> str | None:
+        """Record this epoch's signals; return the new boundary to freeze at, or None."""
+        mods = dict(model.named_children())
+        for b in self.blocks:
+            if self.metric == "param_change":
+                value = relative_change(self._snap.get(b, []), [p.detach() for p in mods[b].parameters()])
+            else:
+                value = self._grad_sum.get(b, 0.0) / max(self._grad_n, 1)
+            self.history.setdefault(b, []).append(value)
+        nxt = self.frozen_upto + 1
+        limit = self.blocks.index(self.max_boundary) if self.max_boundary else len(self.blocks) - 1
+        if epoch + 1 < self.min_epoch or nxt > limit:
+            return None
+        if self.is_flat(self.history[self.blocks[nxt]]):
+            self.frozen_upto = nxt
+            return self.blocks[nxt]
+        return None
+
+    def is_flat(self, signal: Sequence[float]) -> bool:
+        if len(signal) < 2:
+            return False
+        first, prev, last = signal[0], signal[-2], signal[-1]
+        if first > 0 and last < self.threshold * first:
+            return True
+        return prev > 0 and abs(prev - last) / prev < self.flat_tol
+
+
+# ---- what to train from -------------------------------------------------------------------
+
+@dataclass
+class CacheRecipe:
+    """How a freeze point's cache is built and read.
+
+    ``kind``: ``"classic"`` (no cache: the prefix is recomputed on augmented inputs every
+    step), ``"plain"`` (one codec for all channels), ``"tiers"`` (calibrated two-tier plan
+    from ``policy``, no variants) or ``"saca"`` (tiers plus cached variants).
+    ``augment``: the Dataset mode (``none``/``feature``/``saca``).
+    """
+
+    kind: str = "saca"
+    augment: str = "saca"
+    codec: str = "raw"
+    policy: CompressionPolicy = field(default_factory=CompressionPolicy.default)
+    saca: SacaConfig = field(default_factory=SacaConfig)
+    pixels: PixelSpace = field(default_factory=PixelSpace)
+    backend: str = "lmdb"
+    build_batch_size: int = 256
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("classic", "plain", "tiers", "saca"):
+            raise FreezeError(f"recipe kind {self.kind!r} is not classic, plain, tiers or saca")
+        mismatch = (self.kind == "saca") != (self.augment == "saca")
+        if mismatch and self.kind != "classic":
+            raise FreezeError(f"augment={self.augment!r} does not fit kind={self.kind!r}",
+                                  hint="augment='saca' needs kind='saca' (and the reverse)")
+
+    def build(self, model: nn.Module, plain_data: Dataset, boundary: str, path: Path,
+              fraction: float) -> dict[str, Any]:
+        """Build the cache of ``boundary``; returns ``{"path", "build_s", "stored_bytes", "raw_bytes"}``."""
+        t0 = time.perf_counter()
+        common: dict[str, Any] = {"overwrite": True, "progress": False, "batch_size": self.build_batch_size,
+                                  "backend": self.backend}
+        info = {"augment_family": self.saca.family.get_config(), "recipe": self.kind}
+        if self.kind == "plain":
+            manifest = build_cache(model, plain_data, [boundary], path, codec=self.codec, build_info=info, **common)
+        else:
+            saca = self.saca
+            if self.kind == "tiers":
+                saca = SacaConfig(**{**saca.__dict__, "variants": ()})
+            manifest = build_saca_cache(model, plain_data, boundary, path, saca=saca, policy=self.policy,
+                                        frozen=fraction, pixels=self.pixels, build_info=info, **common)
+        layer = manifest.layers[boundary]
+        return {"path": str(path), "build_s": time.perf_counter() - t0,
+                "stored_bytes": int(sum(layer.stored_bytes.values())),
+                "raw_bytes": int(sum(layer.raw_bytes.values())), "boundary": boundary,
+                "frozen_fraction": fraction,
+                "codecs": {t.name: t.codec.spec for t in layer.plan.tiers}}
+
+    def dataset(self, path: Path, seed: int) -> FeatureMapDataset:
+        return FeatureMapDataset(path, augment=self.augment, seed=seed, dtype=self.dtype)
+
+
+def _remove(path: str | Path) -> None:
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+class FreezingTrainer:
+    """Train ``model`` for ``epochs``, freezing progressively and training from caches.
+
+    Parameters
+    ----------
+    model
+        An ``nn.Sequential``-like model whose top-level children run in order.
+    train_data, plain_data
+        The augmented training set (for unfrozen training and classic freezing) and the same
+        samples without augmentation (what caches are built from), in the same order.
+    schedule, freezer
+        A :class:`FreezeSchedule`, or an :class:`AdaptiveFreezer`, or neither (no freezing).
+    recipe
+        :class:`CacheRecipe`; ``kind="classic"`` recomputes the prefix instead of caching.
+    work_dir
+        Where caches are written (one at a time: the previous one is deleted).
+    """
+
+    def __init__(self, model: nn.Module, train_data: Dataset, plain_data: Dataset, *, epochs: int,
+                 work_dir: str | Path, recipe: CacheRecipe | None = None,
+                 schedule: FreezeSchedule | None = None, freezer: AdaptiveFreezer | None = None,
+                 batch_size: int = 128, lr: float = 0.05, seed: int = 0, bf16: bool | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        if schedule is not None and freezer is not None:
+            raise FreezeError("give a schedule or an adaptive freezer, not both")
+        self.model = model
+        self.order = [n for n, _ in model.named_children()]
+        if schedule is not None:
+            schedule.validate(self.order)
+        self.train_data, self.plain_data = train_data, plain_data
+        self.epochs, self.batch_size, self.seed, self.bf16 = int(epochs), int(batch_size), int(seed), bf16
+        self.recipe = recipe or CacheRecipe()
+        self.schedule, self.freezer = schedule, freezer
+        self.work_dir = Path(work_dir)
+        self.log = log or (lambda _msg: None)
+        self.opt = sgd(model.parameters(), lr=lr)
+        steps_per_epoch = len(train_data) // batch_size  # type: ignore[arg-type]
+        self.steps = StepCounter(self.epochs * steps_per_epoch, lr)
+        self.boundary: str | None = None
+        self.prefix: nn.Module | None = None
+        self.suffix: nn.Module = model
+        self.cache: dict[str, Any] | None = None
+        self.cache_data: FeatureMapDataset | None = None
+        self.builds: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+
+    # ---- freeze points ----------------------------------------------------------------------
+    def freeze_to(self, boundary: str) -> None:
+        """Freeze everything up to ``boundary``; build its cache, switch to it, drop the old one."""
+        if boundary not in self.order:
+            raise FreezeError(f"{boundary!r} is not a top-level child", hint=f"choose from {', '.join(self.order)}")
+        if self.boundary is not None and self.order.index(boundary) <= self.order.index(self.boundary):
+            return
+        self.prefix, self.suffix = split_at(self.model, boundary)
+        self.prefix.eval()
+        for p in self.prefix.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        self.boundary = boundary
+        if self.recipe.kind == "classic":
+            self.log(f"froze up to {boundary} (prefix recomputed each step)")
+            return
+        fraction = frozen_fraction(self.model, boundary)
+        path = self.work_dir / f"cache-{boundary}.{'h5' if self.recipe.backend == 'hdf5' else 'lmdb'}"
+        built = self.recipe.build(self.model, self.plain_data, boundary, path, fraction)
+        self.builds.append(built)
+        old = self.cache
+        self.cache = built
+        self.cache_data = self.recipe.dataset(path, self.seed)
+        if old is not None and old["path"] != built["path"]:
+            _remove(old["path"])
+        self.log(f"froze up to {boundary}: cache {path.name} {built['stored_bytes']:,} B "
+                 f"in {built['build_s']:.1f} s ({built['codecs']})")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Apply the schedule for ``epoch`` (for users driving their own loop)."""
+        if self.schedule is not None:
+            boundary = self.schedule.boundary_at(epoch)
+            if boundary is not None and boundary != self.boundary:
+                self.freeze_to(boundary)
+
+    def loader(self, epoch: int) -> Iterable[Any]:
+        """This epoch's training batches: cached maps after a cached freeze, else raw inputs."""
+        if self.cache_data is not None:
+            return epoch_loader(self.cache_data, self.batch_size, epoch, self.seed)
+        return epoch_loader(self.train_data, self.batch_size, epoch, self.seed)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Run all epochs; returns ``{"wall_s", "build_s", "builds", "history"}``."""
+        t0 = time.perf_counter()
+        for epoch in range(self.epochs):
+            self.on_epoch_start(epoch)
+            if self.freezer is not None:
+                self.freezer.start_epoch(self.model)
+            prefix = self.prefix if (self.recipe.kind == "classic" and self.prefix is not None) else None
+            hook = None
+            if self.freezer is not None and self.freezer.metric == "grad_norm":
+                def hook() -> None:
+                    assert self.freezer is not None
+                    self.freezer.record_grad(self.model)
+            stats: dict[str, Any] = train_epoch(self.suffix, self.loader(epoch), self.opt, self.steps, prefix=prefix, bf16=self.bf16,
+                                on_backward=hook)
+            stats.update(epoch=epoch, boundary=self.boundary)
+            self.history.append(stats)
+            self.log(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['samples']} samples, "
+                     f"{stats['seconds']:.1f} s, frozen to {self.boundary})")
+            if self.freezer is not None and epoch + 1 < self.epochs:
+                new = self.freezer.end_epoch(self.model, epoch)
+                if new is not None:
+                    self.freeze_to(new)
+        return {"wall_s": time.perf_counter() - t0, "build_s": [b["build_s"] for b in self.builds],
+                "builds": self.builds, "history": self.history}
+
+    def evaluate(self, test_data: Dataset) -> float:
+        return evaluate(self.model, test_data, bf16=self.bf16)
+
+    def close(self) -> None:
+        """Delete the current cache."""
+        if self.cache is not None:
+            self.cache_data = None
+            _remove(self.cache["path"])
+            self.cache = None
+
+
+__all__ = ["AdaptiveFreezer", "CacheRecipe", "FreezeError", "FreezeSchedule", "FreezingTrainer",
+           "relative_change"]

@@ -1,0 +1,183 @@
+"""Tests of fmcache.calibrate and the SACA build path (builder.build_saca_cache)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fmcache.augment import AugDraw, AugFamily, apply_input, default_variants, variant_name
+from fmcache.augment.errors import SensitivityError
+from fmcache.builder import SacaConfig, build_saca_cache, selection_scores
+from fmcache.cache import open_cache
+from fmcache.calibrate import (
+    PixelSpace,
+    augment_inputs,
+    calibration_draws,
+    measure_sensitivity,
+)
+from fmcache.dataset import FeatureMapDataset
+from fmcache.policy import CompressionPolicy
+from fmcache.report import inspect_cache
+from fmcache.zoo import FashionMNIST, small_cnn
+from fmcache.zoo.fashion_mnist import MEAN, STD
+
+FMNIST = PixelSpace(MEAN, STD, (0.0, 1.0))
+
+
+# ---- draws ------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.integers(0, 10**6), st.integers(0, 6), st.integers(1, 3))
+def test_calibration_draws_cover_each_kind_and_stay_in_the_family(seed, sample, max_shift, shifts):
+    family = AugFamily(max_shift=max_shift, brightness=0.3, contrast=0.1)
+    draws = calibration_draws(family, sample, seed=seed, shifts_per_sample=shifts)
+    assert draws == calibration_draws(family, sample, seed=seed, shifts_per_sample=shifts)
+    kinds = [k for k, _ in draws]
+    assert kinds == ["flip"] + ["shift"] * (shifts if max_shift else 0) + ["photometric"]
+    for kind, d in draws:
+        if kind == "flip":
+            assert d == AugDraw(True, 0, 0)
+        elif kind == "shift":
+            assert not d.flip and (d.dy, d.dx) != (0, 0) and max(abs(d.dy), abs(d.dx)) <= max_shift
+        else:
+            assert (d.flip, d.dy, d.dx) == (False, 0, 0)
+            assert 0.7 <= d.brightness <= 1.3 and 0.9 <= d.contrast <= 1.1
+
+
+def test_a_family_without_photometric_draws_none():
+    kinds = {k for k, _ in calibration_draws(AugFamily(photometric=False), 3)}
+    assert kinds == {"flip", "shift"}
+
+
+def test_a_family_that_draws_nothing_is_refused():
+    with pytest.raises(SensitivityError):
+        calibration_draws(AugFamily(flip=False, max_shift=0, photometric=False), 0)
+
+
+# ---- input space -------------------------------------------------------------------------------
+
+def test_augment_inputs_pads_with_raw_black_not_with_the_normalised_zero():
+    raw = torch.rand(2, 1, 8, 8)
+    x = (raw - MEAN) / STD
+    out = augment_inputs(x, AugDraw(False, 2, 0), FMNIST)
+    assert torch.allclose(out[:, :, :2], torch.full_like(out[:, :, :2], -MEAN / STD))
+    assert torch.allclose(out[:, :, 2:], x[:, :, :-2], atol=1e-6)
+
+
+def test_augment_inputs_equals_apply_input_on_raw_pixels():
+    raw = torch.rand(3, 1, 8, 8)
+    draws = [AugDraw(True, 1, -2, 1.2, 0.9), AugDraw(False, 0, 3), AugDraw(True, 0, 0)]
+    expected = (apply_input(raw, draws, value_range=(0.0, 1.0)) - MEAN) / STD
+    assert torch.allclose(augment_inputs((raw - MEAN) / STD, draws, FMNIST), expected, atol=1e-5)
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def _edge_prefix(x: torch.Tensor) -> torch.Tensor:
+    """Channel 0: the image (flip- and shift-equivariant); channel 1: a horizontal difference
+    (anti-symmetric kernel: a flip negates it); channel 2: all zero."""
+    diff = F.conv2d(x, torch.tensor([[[[-1.0, 0.0, 1.0]]]]), padding=(0, 1))
+    return torch.cat([x, diff, torch.zeros_like(x)], dim=1)
+
+
+def test_identity_prefix_has_zero_geometric_sensitivity():
+    x = torch.rand(16, 2, 12, 12) + 0.1
+    cal = measure_sensitivity(lambda b: b, x, AugFamily(photometric=False), stride=1)
+    np.testing.assert_allclose(cal.scores, 0.0, atol=1e-9)
+    assert cal.n_pairs == 16 * 3 and cal.kind_pairs == {"flip": 16, "shift": 32}
+
+
+def test_a_flip_antisymmetric_channel_is_the_sensitive_one():
+    x = torch.rand(8, 1, 16, 16)
+    cal = measure_sensitivity(_edge_prefix, x, AugFamily(max_shift=2, photometric=False))
+    flip = cal.per_kind["flip"]
+    assert flip[0] == pytest.approx(0.0, abs=1e-9)
+    assert flip[1] > 1.5  # cosine near -1: the flip negates a horizontal difference
+    assert flip[2] == 0.0  # a dead channel is never sensitive
+    assert cal.scores.argmax() == 1
+
+
+def test_selection_scores_weigh_kinds_by_pairs_and_skip_photometric_unless_trained():
+    x = torch.rand(8, 1, 16, 16)
+    cal = measure_sensitivity(_edge_prefix, x, AugFamily(max_shift=2))
+    geo = AugFamily(max_shift=2, photometric=False)
+    expected = (cal.per_kind["flip"] * 8 + cal.per_kind["shift"] * 16) / 24
+    np.testing.assert_allclose(selection_scores(cal, geo), expected)
+    np.testing.assert_allclose(selection_scores(cal, AugFamily(max_shift=2)), cal.scores, atol=1e-12)
+
+
+def test_measuring_is_deterministic_and_independent_of_the_batch_size():
+    x = torch.rand(10, 1, 8, 8)
+    a = measure_sensitivity(_edge_prefix, x, AugFamily(max_shift=2), seed=3, batch_size=3).scores
+    b = measure_sensitivity(_edge_prefix, x, AugFamily(max_shift=2), seed=3, batch_size=10).scores
+    np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_bad_calibration_inputs_are_typed_errors():
+    with pytest.raises(SensitivityError):
+        measure_sensitivity(lambda b: b, torch.rand(0, 1, 4, 4), AugFamily())
+    with pytest.raises(SensitivityError):
+        measure_sensitivity(lambda b: b, torch.rand(2, 1, 4, 4), AugFamily(), sample_ids=[0])
+
+
+# ---- the SACA build ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saca_cache(tmp_path_factory):
+    torch.manual_seed(0)
+    model = small_cnn(in_channels=1, width=4).eval()
+    data = FashionMNIST("train", limit=48)
+    out = tmp_path_factory.mktemp("saca") / "c.lmdb"
+    family = AugFamily(photometric=False)
+    build_saca_cache(model, data, "block2", out, saca=SacaConfig(family=family, rho=0.25, n_samples=16),
+                     policy=CompressionPolicy.constant("raw"), pixels=FMNIST, progress=False, batch_size=16)
+    return model, data, out, family
+
+
+def test_the_manifest_holds_scores_selection_and_family(saca_cache):
+    _, _, out, family = saca_cache
+    with open_cache(out) as cache:
+        layer = cache.layer("block2")
+        build = cache.manifest.build
+    extra = layer.extra
+    assert len(extra["sensitivity"]) == 8 and extra["rho"] == 0.25
+    assert len(extra["sensitive_channels"]) == math.ceil(0.25 * 8)
+    assert list(layer.plan.tier("sensitive").channels) == extra["sensitive_channels"]
+    assert AugFamily.from_config(build["augment_family"]) == family
+    assert list(layer.variants) == sorted(variant_name(d) for d in default_variants(4, 2))
+    assert inspect_cache(out)["layers"]["block2"]["sensitivity"]["n_channels"] == 8
+
+
+def test_stored_variants_are_the_true_augmented_maps(saca_cache):
+    model, data, out, _ = saca_cache
+    x = torch.stack([data[i][0] for i in range(4)])
+    with open_cache(out) as cache:
+        sens = list(cache.layer("block2").plan.tier("sensitive").channels)
+        for name in cache.layer("block2").variants:
+            stored = cache.read_parts("block2", range(4), [f"sensitive@{name}"])[f"sensitive@{name}"]
+            from fmcache.augment import parse_variant
+
+            with torch.inference_mode():
+                truth = model[:2](augment_inputs(x, parse_variant(name), FMNIST))[:, sens].numpy()
+            np.testing.assert_allclose(stored, truth, rtol=1e-5, atol=1e-5)
+
+
+def test_saca_items_are_deterministic_and_differ_from_feature_only_on_sensitive_channels(saca_cache):
+    _, _, out, _ = saca_cache
+    saca = FeatureMapDataset(out, augment="saca", seed=1)
+    feature = FeatureMapDataset(out, augment="feature", seed=1)
+    sens = set(saca.sensitive.tolist())
+    bulk = [c for c in range(8) if c not in sens]
+    for epoch in (0, 1):
+        saca.set_epoch(epoch)
+        feature.set_epoch(epoch)
+        for i in range(6):
+            a, b = saca[i][0], feature[i][0]
+            assert torch.equal(a, saca[i][0])
+            assert torch.equal(a[bulk], b[bulk])

@@ -1,0 +1,165 @@
+"""Tests of fmcache.freezing: the schedule, the adaptive criterion and the freezing trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fmcache.augment import AugFamily
+from fmcache.builder import SacaConfig
+from fmcache.calibrate import PixelSpace
+from fmcache.freezing import (
+    AdaptiveFreezer,
+    CacheRecipe,
+    FreezeError,
+    FreezeSchedule,
+    FreezingTrainer,
+    relative_change,
+)
+from fmcache.policy import CompressionPolicy
+from fmcache.zoo import FashionMNIST, small_cnn
+from fmcache.zoo.fashion_mnist import MEAN, STD
+
+ORDER = ["block1", "block2", "block3", "pool", "flatten", "fc"]
+
+
+# ---- schedule ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("epoch", "boundary"), [(0, None), (1, None), (2, "block1"), (3, "block1"), (4, "block2"),
+                                                 (99, "block2")])
+def test_schedule_boundary_in_force(epoch, boundary):
+    assert FreezeSchedule.parse("2:block1, 4:block2").boundary_at(epoch) == boundary
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.integers(0, 50), st.sampled_from(ORDER), max_size=5))
+def test_schedule_text_round_trips(points):
+    schedule = FreezeSchedule(points)
+    assert FreezeSchedule.parse(schedule.to_text()).points == schedule.points
+
+
+@pytest.mark.parametrize("text", ["2", "x:block1", "2:", "-1:block1", "2:block1,,3"], ids=str)
+def test_bad_schedule_text_is_refused(text):
+    with pytest.raises(FreezeError):
+        FreezeSchedule.parse(text)
+
+
+@pytest.mark.parametrize(("text", "match"), [("1:block9", "block9"), ("1:block2,2:block1", "deeper"),
+                                             ("1:block2,2:block2", "deeper")])
+def test_schedule_validation_names_the_problem(text, match):
+    with pytest.raises(FreezeError, match=match):
+        FreezeSchedule.parse(text).validate(ORDER)
+
+
+# ---- adaptive criterion ---------------------------------------------------------------------
+
+def test_relative_change_values():
+    a = [torch.ones(4), torch.zeros(2)]
+    b = [torch.full((4,), 1.5), torch.zeros(2)]
+    assert relative_change(a, b) == pytest.approx(0.5)
+    assert relative_change([torch.zeros(3)], [torch.ones(3)]) == 0.0
+
+
+def _three_blocks() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+
+
+def _epoch(freezer: AdaptiveFreezer, model: nn.Module, epoch: int, steps: list[float]) -> str | None:
+    freezer.start_epoch(model)
+    with torch.no_grad():
+        for block, step in zip(model, steps):
+            for p in block.parameters():
+                p.mul_(1 + step)
+    return freezer.end_epoch(model, epoch)
+
+
+def test_freezes_the_next_block_once_its_change_has_flattened_and_never_skips():
+    torch.manual_seed(0)
+    model = _three_blocks()
+    freezer = AdaptiveFreezer(["0", "1", "2"], threshold=0.3, flat_tol=0.05, min_epoch=1, max_boundary="1")
+    assert _epoch(freezer, model, 0, [0.10, 0.01, 0.10]) is None  # one point: not flat yet
+    # block 1 is flat already, but block 0 must go first
+    assert _epoch(freezer, model, 1, [0.08, 0.01, 0.10]) is None
+    assert _epoch(freezer, model, 2, [0.02, 0.01, 0.10]) == "0"  # 0.02 < 0.3 * 0.10
+    assert _epoch(freezer, model, 3, [0.0, 0.01, 0.10]) == "1"  # change 0 % since the last epoch
+    assert _epoch(freezer, model, 4, [0.0, 0.0, 0.0]) is None  # max_boundary reached
+    assert freezer.history["0"] == pytest.approx([0.10, 0.08, 0.02, 0.0, 0.0], abs=1e-6)
+
+
+def test_grad_norm_metric_reads_recorded_gradients():
+    model = _three_blocks()
+    freezer = AdaptiveFreezer(["0", "1", "2"], metric="grad_norm", threshold=0.5, min_epoch=0)
+    for epoch, scale in enumerate((1.0, 0.2)):
+        freezer.start_epoch(model)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, scale)
+        freezer.record_grad(model)
+        result = freezer.end_epoch(model, epoch)
+    assert result == "0"
+    assert freezer.history["0"][1] == pytest.approx(0.2 * freezer.history["0"][0])
+
+
+def test_bad_metric_is_refused():
+    with pytest.raises(FreezeError):
+        AdaptiveFreezer(["0"], metric="loss")
+
+
+# ---- trainer --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data():
+    return FashionMNIST("train", limit=96, augment=True, seed=0), FashionMNIST("train", limit=96)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind,augment", [("classic", "none"), ("plain", "feature"), ("saca", "saca")])
+def test_frozen_prefix_stays_fixed_and_old_caches_are_deleted(tmp_path, data, kind, augment):
+    torch.manual_seed(0)
+    model = small_cnn(in_channels=1, width=4)
+    recipe = CacheRecipe(kind=kind, augment=augment, codec="raw", policy=CompressionPolicy.constant("raw"),
+                         saca=SacaConfig(family=AugFamily(photometric=False), n_samples=16),
+                         pixels=PixelSpace(MEAN, STD, (0.0, 1.0)), build_batch_size=32)
+    trainer = FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path, recipe=recipe,
+                              schedule=FreezeSchedule.parse("1:block1,2:block2"), batch_size=32)
+    seen: list[tuple[str | None, dict[str, torch.Tensor]]] = []
+    original = trainer.freeze_to
+
+    def spy(boundary: str) -> None:
+        original(boundary)
+        seen.append((boundary, _snapshot(trainer.prefix)))
+
+    trainer.freeze_to = spy  # type: ignore[method-assign]
+    out = trainer.fit()
+    assert [h["boundary"] for h in out["history"]] == [None, "block1", "block2"]
+    for boundary, snap in seen:  # nothing frozen moved afterwards (weights nor BN statistics)
+        now = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in {k2.split(".")[0] for k2 in snap}}
+        for key, value in snap.items():
+            assert torch.equal(now[key], value), (boundary, key)
+    if kind == "classic":
+        assert out["builds"] == [] and not list(Path(tmp_path).iterdir())
+    else:
+        assert [b["boundary"] for b in out["builds"]] == ["block1", "block2"]
+        assert not Path(out["builds"][0]["path"]).exists()  # the previous cache is gone
+        assert Path(out["builds"][1]["path"]).exists()
+        trainer.close()
+        assert not Path(out["builds"][1]["path"]).exists()
+    assert 0.0 <= trainer.evaluate(FashionMNIST("test", limit=64)) <= 1.0
+
+
+def test_trainer_refuses_a_schedule_and_a_freezer_together(tmp_path, data):
+    with pytest.raises(FreezeError):
+        FreezingTrainer(small_cnn(in_channels=1, width=2), *data, epochs=1, work_dir=tmp_path,
+                        schedule=FreezeSchedule({}), freezer=AdaptiveFreezer(["block1"]))
+
+
+def test_recipe_refuses_saca_reading_without_a_saca_cache():
+    with pytest.raises(FreezeError, match="saca"):
+        CacheRecipe(kind="plain", augment="saca")

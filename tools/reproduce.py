@@ -1,0 +1,273 @@
+"""Reproduce the freezing-with-cached-feature-maps comparison on Fashion-MNIST.
+
+Six arms, the same model, data, epochs, freezing schedule and seeds::
+
+    full                no freezing
+    classic_freeze      the schedule; the frozen prefix recomputed on augmented inputs every step
+    cache_fp32_noaug    the schedule; train from a float32 cache, no augmentation
+    cache_fp32_feature  ... float32 cache, T_a on every channel
+    fmcache_no_saca     ... calibrated tiers + progressive compression, T_a on every channel
+    fmcache             ... SACA (tiers + cached variants) + progressive compression
+
+Each finished (arm, seed) is saved as JSON under ``runs/reproduce/<setting hash>/`` and
+skipped when the script runs again (resume). After each one the aggregate is written:
+``docs/results.json``, the table in ``docs/results.md`` (between markers) and two PNG plots.
+
+    .venv/bin/python tools/reproduce.py --quick          # a few minutes, writes runs/quick/
+    .venv/bin/python tools/reproduce.py                  # the full setting, writes docs/
+    .venv/bin/python tools/reproduce.py --render-only    # redraw docs from saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fmcache.augment import AugFamily
+from fmcache.builder import SacaConfig
+from fmcache.calibrate import PixelSpace
+from fmcache.freezing import CacheRecipe, FreezeSchedule, FreezingTrainer
+from fmcache.policy import CompressionPolicy
+from fmcache.zoo import FashionMNIST, native_bf16, pretrained_resnet
+from fmcache.zoo.fashion_mnist import CROP_PADDING, MEAN, STD
+
+ARMS = ("full", "classic_freeze", "cache_fp32_noaug", "cache_fp32_feature", "fmcache_no_saca", "fmcache")
+
+FULL = {"width": 8, "pretrain_steps": 50, "train_samples": 3000, "test_samples": 5000, "epochs": 6,
+        "schedule": "1:layer2,3:layer3", "batch_size": 128, "lr": 0.05, "seeds": [0, 1, 2],
+        "rho": 0.25, "variants": None, "max_variants": 3, "calib_samples": 512, "threads": 2}
+QUICK = {**FULL, "train_samples": 512, "test_samples": 500, "epochs": 3, "schedule": "1:layer2,2:layer3",
+         "seeds": [0], "calib_samples": 128}
+
+
+def recipe_for(arm: str, setting: dict[str, Any]) -> CacheRecipe | None:
+    family = AugFamily(flip=True, max_shift=CROP_PADDING, photometric=False)  # = FashionMNIST(augment=True)
+    pixels = PixelSpace(MEAN, STD, (0.0, 1.0))
+    variants = tuple(setting["variants"]) if setting["variants"] is not None else None
+    saca = SacaConfig(family=family, rho=setting["rho"], variants=variants, max_variants=setting.get("max_variants"),
+                      n_samples=setting["calib_samples"])
+    policy = CompressionPolicy.from_config(setting["policy"]) if setting.get("policy") else CompressionPolicy.default()
+    common = {"saca": saca, "pixels": pixels, "policy": policy}
+    return {
+        "full": None,
+        "classic_freeze": CacheRecipe(kind="classic", augment="none", **common),
+        "cache_fp32_noaug": CacheRecipe(kind="plain", codec="raw", augment="none", **common),
+        "cache_fp32_feature": CacheRecipe(kind="plain", codec="raw", augment="feature", **common),
+        "fmcache_no_saca": CacheRecipe(kind="tiers", augment="feature", **common),
+        "fmcache": CacheRecipe(kind="saca", augment="saca", **common),
+    }[arm]
+
+
+def run_one(arm: str, seed: int, setting: dict[str, Any], work: Path) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    base = pretrained_resnet(width=setting["width"], steps=setting["pretrain_steps"])
+    model = copy.deepcopy(base).train()
+    n = setting["train_samples"]
+    train = FashionMNIST("train", limit=n, augment=True, seed=seed)
+    plain = FashionMNIST("train", limit=n)
+    test = FashionMNIST("test", limit=setting["test_samples"])
+    recipe = recipe_for(arm, setting)
+    schedule = FreezeSchedule.parse(setting["schedule"]) if recipe is not None else None
+    trainer = FreezingTrainer(model, train, plain, epochs=setting["epochs"], work_dir=work, recipe=recipe or CacheRecipe(
+        kind="classic", augment="none"), schedule=schedule, batch_size=setting["batch_size"], lr=setting["lr"],
+        seed=seed, log=lambda m: print(f"  [{arm} s{seed}] {m}", flush=True))
+    try:
+        fit = trainer.fit()
+    finally:
+        trainer.close()
+    t0 = time.perf_counter()
+    acc = trainer.evaluate(test)
+    eval_s = time.perf_counter() - t0
+    return {"arm": arm, "seed": seed, "acc": acc, "wall_s": fit["wall_s"], "build_s": sum(fit["build_s"]),
+            "eval_s": eval_s, "cache_bytes": sum(b["stored_bytes"] for b in fit["builds"]),
+            "cache_bytes_peak": max([b["stored_bytes"] for b in fit["builds"]] or [0]),
+            "builds": fit["builds"], "history": fit["history"]}
+
+
+def setting_hash(setting: dict[str, Any]) -> str:
+    keyed = {k: v for k, v in setting.items() if k not in ("seeds", "threads")}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def aggregate(setting: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        rs = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        arms[arm] = {"seeds": [r["seed"] for r in rs], "acc": [r["acc"] for r in rs],
+                     "wall_s": [round(r["wall_s"], 2) for r in rs], "cache_bytes": rs[0]["cache_bytes"],
+                     "cache_bytes_peak": rs[0]["cache_bytes_peak"], "build_s": [round(r["build_s"], 2) for r in rs],
+                     "builds": [{k: b[k] for k in ("boundary", "stored_bytes", "raw_bytes", "codecs", "build_s")}
+                                for b in rs[0]["builds"]]}
+    return {"setting": setting, "arms": arms}
+
+
+def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    m = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def targets(agg: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met?) read from the aggregate; None where an arm is missing."""
+    a = agg["arms"]
+
+    def mean(arm: str, key: str) -> float | None:
+        return statistics.mean(a[arm][key]) if arm in a else None
+
+    out: list[tuple[str, str, bool | None]] = []
+    fm, cl, fu, no = (mean(x, "acc") for x in ("fmcache", "classic_freeze", "full", "cache_fp32_noaug"))
+    if fm is not None and cl is not None:
+        out.append(("fmcache acc within 0.3 pt of classic_freeze", f"{100 * (fm - cl):+.2f} pt", abs(fm - cl) <= 0.003))
+    if fm is not None and fu is not None:
+        out.append(("fmcache acc within 0.5 pt of full", f"{100 * (fm - fu):+.2f} pt", abs(fm - fu) <= 0.005 or fm > fu))
+    fw, cw, uw = (mean(x, "wall_s") for x in ("fmcache", "classic_freeze", "full"))
+    if fw is not None and uw is not None:
+        out.append(("fmcache wall <= 0.6x full", f"{fw / uw:.2f}x", fw / uw <= 0.6))
+    if fw is not None and cw is not None:
+        out.append(("fmcache wall <= 0.75x classic_freeze", f"{fw / cw:.2f}x", fw / cw <= 0.75))
+    if "fmcache" in a and "cache_fp32_noaug" in a:
+        r = a["fmcache"]["cache_bytes"] / max(a["cache_fp32_noaug"]["cache_bytes"], 1)
+        out.append(("fmcache bytes <= 1/8 of cache_fp32_noaug (variants included)", f"1/{1 / r:.1f}", r <= 1 / 8))
+    if fm is not None and cl is not None and no is not None:
+        gap = cl - no
+        closed = (fm - no) / gap if gap > 0 else float("nan")
+        out.append(("SACA closes >= 50 % of the cache_fp32_noaug -> classic_freeze gap",
+                    f"{100 * closed:.0f} % of a {100 * gap:.2f} pt gap" if gap > 0 else f"no gap ({100 * gap:+.2f} pt)",
+                    (closed >= 0.5) if gap > 0 else None))
+    return out
+
+
+def table(agg: dict[str, Any]) -> str:
+    lines = ["| arm | seeds | test acc (%) | train wall s (incl. builds) | builds s | cache bytes (all builds) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for arm, r in agg["arms"].items():
+        lines.append(f"| {arm} | {len(r['acc'])} | {_ms(r['acc'], 100)} | {_ms(r['wall_s'], 1, 1)} | "
+                     f"{_ms(r['build_s'], 1, 1)} | {r['cache_bytes']:,} |")
+    missing = [a for a in ARMS if a not in agg["arms"]]
+    if missing:
+        lines.append("")
+        lines.append("Not finished: " + ", ".join(missing) + ".")
+    lines.append("")
+    lines.append("| target | measured | met |")
+    lines.append("|---|---:|---|")
+    for name, value, ok in targets(agg):
+        lines.append(f"| {name} | {value} | {'yes' if ok else ('n/a' if ok is None else '**no**')} |")
+    return "\n".join(lines)
+
+
+def plots(agg: dict[str, Any], out_dir: Path, stem: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = agg["arms"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, r in arms.items():
+        ax.errorbar(statistics.mean(r["wall_s"]), 100 * statistics.mean(r["acc"]),
+                    yerr=100 * statistics.stdev(r["acc"]) if len(r["acc"]) > 1 else 0, fmt="o", label=arm, capsize=3)
+    ax.set_xlabel("training wall time incl. cache builds (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, ResNet-18: accuracy vs wall time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}_acc_vs_wall.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [a for a in arms if arms[a]["cache_bytes"] > 0]
+    ax.bar(names, [arms[a]["cache_bytes"] / 2**20 for a in names])
+    ax.set_ylabel("cache MiB (all builds, variants included)")
+    ax.set_title("bytes per arm")
+    ax.tick_params(axis="x", labelrotation=25, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}_bytes.png", dpi=110)
+    plt.close(fig)
+
+
+def render(setting: dict[str, Any], results: list[dict[str, Any]], json_path: Path, md_path: Path | None) -> None:
+    agg = aggregate(setting, results)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(agg, indent=1))
+    stem = json_path.stem
+    plots(agg, json_path.parent, stem)
+    text = table(agg)
+    print(text, flush=True)
+    if md_path is not None:
+        start, end = "<!-- results:start -->", "<!-- results:end -->"
+        doc = md_path.read_text() if md_path.exists() else f"# Results\n\n{start}\n{end}\n"
+        if start not in doc:
+            doc += f"\n{start}\n{end}\n"
+        head, rest = doc.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        md_path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def load_results(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("*-seed*.json"))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small version (a few minutes)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
+    ap.add_argument("--seeds", help="comma-separated seeds (default: the setting's)")
+    ap.add_argument("--set", action="append", default=[], help="override a setting: KEY=JSON (repeatable)")
+    ap.add_argument("--render-only", action="store_true", help="redraw the outputs from saved results")
+    ap.add_argument("--out", help="results JSON (default docs/results.json, or runs/quick/results.json)")
+    args = ap.parse_args()
+    setting = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        setting[key] = json.loads(value)
+    if args.seeds:
+        setting["seeds"] = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(int(setting["threads"]))
+    tag = setting_hash(setting)
+    run_dir = ROOT / "runs" / "reproduce" / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "setting.json").write_text(json.dumps(setting, indent=1))
+    out = Path(args.out) if args.out else (ROOT / "runs/quick/results.json" if args.quick else ROOT / "docs/results.json")
+    md = None if args.quick and not args.out else out.with_suffix(".md")
+    setting_doc = {**setting, "hash": tag, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                   "torch": torch.__version__, "native_bf16": native_bf16(),
+                   "data": f"Fashion-MNIST train[:{setting['train_samples']}], test[:{setting['test_samples']}]"}
+    arms = [a for a in args.arms.split(",") if a]
+    print(f"setting {tag}: {json.dumps(setting)}", flush=True)
+    if not args.render_only:
+        for seed in setting["seeds"]:
+            for arm in arms:
+                path = run_dir / f"{arm}-seed{seed}.json"
+                if path.exists():
+                    print(f"skip {arm} seed {seed} (done: {path.name})", flush=True)
+                    continue
+                print(f"== {arm} seed {seed}", flush=True)
+                result = run_one(arm, seed, setting, run_dir / "work" / f"{arm}-{seed}")
+                print(f"== {arm} seed {seed}: acc {100 * result['acc']:.2f} %, wall {result['wall_s']:.1f} s, "
+                      f"builds {result['build_s']:.1f} s, cache {result['cache_bytes']:,} B", flush=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result, indent=1))
+                tmp.replace(path)
+                render(setting_doc, load_results(run_dir), out, md)
+    render(setting_doc, load_results(run_dir), out, md)
+
+
+if __name__ == "__main__":
+    main()
