@@ -92,8 +92,10 @@ def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
         fh.write(bytes([byte ^ mask]))
 
 
-def lmdb_record_offset(cache_dir: Path, layer_index: int, sample: int) -> int:
-    """File offset of a byte inside the payload of record (layer, sample) in data.mdb."""
+def lmdb_record_copies(cache_dir: Path, layer_index: int, sample: int) -> tuple[list[int], int]:
+    """(file offsets, length) of every copy of record (layer, sample) in data.mdb. LMDB
+    is copy-on-write, so stale copies linger in freed pages: damage them all to be sure
+    the live one is hit."""
     import lmdb
 
     from fmcache.backends.lmdb_backend import record_key
@@ -103,9 +105,25 @@ def lmdb_record_offset(cache_dir: Path, layer_index: int, sample: int) -> int:
         value = txn.get(record_key(layer_index, sample))
     env.close()
     data = (cache_dir / "data.mdb").read_bytes()
-    start = data.find(value)
-    assert start >= 0 and data.find(value, start + 1) < 0, "record bytes must be unique in the file"
-    return start + len(value) - 5  # inside the last part's payload
+    offsets, at = [], data.find(value)
+    while at >= 0:
+        offsets.append(at)
+        at = data.find(value, at + 1)
+    assert offsets, "the record must be in the file"
+    return offsets, len(value)
+
+
+def flip_everywhere(path: Path, offsets: list[int], delta: int, mask: int = 0x40) -> None:
+    for offset in offsets:
+        flip_byte(path, offset + delta, mask)
+
+
+def find_all(blob: bytes, needle: bytes) -> list[int]:
+    out, at = [], blob.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = blob.find(needle, at + 1)
+    return out
 
 
 def hdf5_chunk_offset(path: Path, dataset: str, chunk: int) -> tuple[int, int]:
