@@ -79,9 +79,25 @@ def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Any]:
 @click.option("--shard", help="Build only share i/n of the data (merge with `fmcache merge`).")
 @click.option("--allow-stale", is_flag=True, help="Resume even if weights/data fingerprints changed.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--saca", is_flag=True, help="Calibrate sensitivity, two tiers by --policy, cache variants.")
+@click.option("--rho", default=0.25, show_default=True, help="SACA: fraction of channels in the sensitive tier.")
+@click.option("--variants", help="SACA: comma-separated variant names (default: flip + stride-multiple shifts).")
+@click.option("--max-variants", type=int, help="SACA: keep only the first N default variants.")
+@click.option("--calib-samples", default=512, show_default=True, help="SACA: calibration subset size.")
+@click.option("--max-shift", default=4, show_default=True, help="SACA: augmentation family's max shift (pixels).")
+@click.option("--no-flip", is_flag=True, help="SACA: the augmentation family has no horizontal flip.")
+@click.option("--photometric", is_flag=True, help="SACA: the training family also jitters brightness/contrast.")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
+              help="SACA: compression policy JSON (default: the built-in one, docs/policy.md).")
+@click.option("--frozen-fraction", type=float, help="SACA: freeze depth for the policy (default: from the model).")
+@click.option("--pixels", default="0,1", show_default=True,
+              help="SACA: MEAN,STD[,LO,HI] of the inputs' normalisation and raw range (Fashion-MNIST: "
+                   "0.286,0.353,0,1).")
 def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | None, layers: tuple[str, ...],
           out: str, backend: str | None, codec: str, batch_size: int, num_workers: int, resume: bool,
-          overwrite: bool, shard: str | None, allow_stale: bool, no_progress: bool) -> None:
+          overwrite: bool, shard: str | None, allow_stale: bool, no_progress: bool, saca: bool, rho: float,
+          variants: str | None, max_variants: int | None, calib_samples: int, max_shift: int, no_flip: bool,
+          photometric: bool, policy_path: str | None, frozen_fraction: float | None, pixels: str) -> None:
     """Run the frozen prefix over a data set and cache LAYER outputs."""
     import torch
 
@@ -93,10 +109,30 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
     if weights:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     dataset = call_factory(data_ref, **({"data_dir": data_dir} if data_dir else {}))
-    build_cache(model, dataset, layers, out, codec=codec, backend=backend, batch_size=batch_size,
-                num_workers=num_workers, resume=resume, overwrite=overwrite, shard=_shard(shard),
-                allow_stale=allow_stale, progress=not no_progress,
-                build_info={"model": model_ref, "data": data_ref, "weights": weights})
+    info = {"model": model_ref, "data": data_ref, "weights": weights}
+    common = {"backend": backend, "batch_size": batch_size, "num_workers": num_workers, "resume": resume,
+              "overwrite": overwrite, "shard": _shard(shard), "allow_stale": allow_stale,
+              "progress": not no_progress, "build_info": info}
+    if saca:
+        from .augment import AugFamily
+        from .builder import SacaConfig, build_saca_cache
+        from .calibrate import PixelSpace
+        from .policy import CompressionPolicy
+
+        if len(layers) != 1:
+            raise click.UsageError("--saca builds one layer: give exactly one --layer")
+        nums = [float(v) for v in pixels.split(",")]
+        if len(nums) not in (2, 4):
+            raise click.BadParameter(f"{pixels!r} is not MEAN,STD[,LO,HI]", param_hint="--pixels")
+        space = PixelSpace(nums[0], nums[1], (nums[2], nums[3]) if len(nums) == 4 else None)
+        family = AugFamily(flip=not no_flip, max_shift=max_shift, photometric=photometric)
+        config = SacaConfig(family=family, rho=rho, n_samples=calib_samples, max_variants=max_variants,
+                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None)
+        policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
+        build_saca_cache(model, dataset, layers[0], out, saca=config, policy=policy, frozen=frozen_fraction,
+                         pixels=space, **common)
+    else:
+        build_cache(model, dataset, layers, out, codec=codec, **common)
     click.echo(render_table(inspect_cache(out)))
 
 
@@ -189,6 +225,41 @@ def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec:
 
     run_demo(Path(out_dir), samples=samples, epochs=epochs, layer=layer, width=width, codec=codec,
              data_dir=data_dir, echo=click.echo)
+
+
+@main.command()
+@click.option("--arm", default="fmcache", show_default=True,
+              type=click.Choice(["full", "classic_freeze", "cache_fp32_noaug", "cache_fp32_feature",
+                                 "fmcache_no_saca", "fmcache"]),
+              help="What to train from after each freeze point (docs/results.md).")
+@click.option("--schedule", default="1:layer2,3:layer3", show_default=True, help="EPOCH:BOUNDARY,...")
+@click.option("--adaptive", is_flag=True, help="Freeze when a block's parameter change flattens (no schedule).")
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--samples", default=3000, show_default=True, help="Fashion-MNIST training samples.")
+@click.option("--test-samples", default=10000, show_default=True)
+@click.option("--width", default=8, show_default=True, help="ResNet-18 base width.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--rho", default=0.25, show_default=True)
+@click.option("--max-variants", type=int, help="Keep only the first N default SACA variants.")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), help="Policy JSON.")
+@click.option("--work-dir", default="runs/train", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def train(arm: str, schedule: str, adaptive: bool, epochs: int, samples: int, test_samples: int, width: int,
+          seed: int, rho: float, max_variants: int | None, policy_path: str | None, work_dir: str,
+          as_json: bool) -> None:
+    """Freezing training of ResNet-18 on Fashion-MNIST, building a cache at each freeze point."""
+    from .experiment import run_arm
+    from .policy import CompressionPolicy
+
+    policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
+    result = run_arm(arm, seed=seed, width=width, train_samples=samples, test_samples=test_samples, epochs=epochs,
+                     schedule=schedule, adaptive=adaptive, work_dir=work_dir, rho=rho, max_variants=max_variants,
+                     policy=policy, log=click.echo)
+    if as_json:
+        click.echo(json.dumps(result, indent=1, default=str))
+    else:
+        click.echo(f"{arm}: test accuracy {100 * result['acc']:.2f} %, wall {result['wall_s']:.1f} s "
+                   f"(cache builds {result['build_s']:.1f} s), cache bytes {result['cache_bytes']:,}")
 
 
 if __name__ == "__main__":  # pragma: no cover

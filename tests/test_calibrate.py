@@ -181,3 +181,34 @@ def test_saca_items_are_deterministic_and_differ_from_feature_only_on_sensitive_
             a, b = saca[i][0], feature[i][0]
             assert torch.equal(a, saca[i][0])
             assert torch.equal(a[bulk], b[bulk])
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_build_saca_writes_scores_tiers_and_variants(tmp_path):
+    from click.testing import CliRunner
+
+    from fmcache.cli import main
+
+    out = tmp_path / "s.lmdb"
+    args = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block2",
+            "--out", str(out), "--saca", "--rho", "0.5", "--calib-samples", "16", "--max-variants", "1",
+            "--pixels", f"{MEAN},{STD},0,1", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "sensitivity" in result.output
+    with open_cache(out) as cache:
+        layer = cache.layer("block2")
+    assert layer.variants == ("flip",) and len(layer.plan.tier("sensitive").channels) == 4
+    assert layer.extra["rho"] == 0.5
+
+
+def test_cli_build_saca_needs_one_layer(tmp_path):
+    from click.testing import CliRunner
+
+    from fmcache.cli import main
+
+    args = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block1",
+            "--layer", "block2", "--out", str(tmp_path / "x.lmdb"), "--saca", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "one --layer" in result.output

@@ -21,13 +21,11 @@ skipped when the script runs again (resume). After each one the aggregate is wri
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmcache.augment import AugFamily
-from fmcache.builder import SacaConfig
-from fmcache.calibrate import PixelSpace
-from fmcache.freezing import CacheRecipe, FreezeSchedule, FreezingTrainer
+from fmcache.experiment import ARMS, run_arm
 from fmcache.policy import CompressionPolicy
-from fmcache.zoo import FashionMNIST, native_bf16, pretrained_resnet
-from fmcache.zoo.fashion_mnist import CROP_PADDING, MEAN, STD
-
-ARMS = ("full", "classic_freeze", "cache_fp32_noaug", "cache_fp32_feature", "fmcache_no_saca", "fmcache")
+from fmcache.zoo import native_bf16
 
 FULL = {"width": 8, "pretrain_steps": 50, "train_samples": 3000, "test_samples": 5000, "epochs": 6,
         "schedule": "1:layer2,3:layer3", "batch_size": 128, "lr": 0.05, "seeds": [0, 1, 2],
@@ -53,48 +45,15 @@ QUICK = {**FULL, "train_samples": 512, "test_samples": 500, "epochs": 3, "schedu
          "seeds": [0], "calib_samples": 128}
 
 
-def recipe_for(arm: str, setting: dict[str, Any]) -> CacheRecipe | None:
-    family = AugFamily(flip=True, max_shift=CROP_PADDING, photometric=False)  # = FashionMNIST(augment=True)
-    pixels = PixelSpace(MEAN, STD, (0.0, 1.0))
-    variants = tuple(setting["variants"]) if setting["variants"] is not None else None
-    saca = SacaConfig(family=family, rho=setting["rho"], variants=variants, max_variants=setting.get("max_variants"),
-                      n_samples=setting["calib_samples"])
-    policy = CompressionPolicy.from_config(setting["policy"]) if setting.get("policy") else CompressionPolicy.default()
-    common = {"saca": saca, "pixels": pixels, "policy": policy}
-    return {
-        "full": None,
-        "classic_freeze": CacheRecipe(kind="classic", augment="none", **common),
-        "cache_fp32_noaug": CacheRecipe(kind="plain", codec="raw", augment="none", **common),
-        "cache_fp32_feature": CacheRecipe(kind="plain", codec="raw", augment="feature", **common),
-        "fmcache_no_saca": CacheRecipe(kind="tiers", augment="feature", **common),
-        "fmcache": CacheRecipe(kind="saca", augment="saca", **common),
-    }[arm]
-
-
 def run_one(arm: str, seed: int, setting: dict[str, Any], work: Path) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    base = pretrained_resnet(width=setting["width"], steps=setting["pretrain_steps"])
-    model = copy.deepcopy(base).train()
-    n = setting["train_samples"]
-    train = FashionMNIST("train", limit=n, augment=True, seed=seed)
-    plain = FashionMNIST("train", limit=n)
-    test = FashionMNIST("test", limit=setting["test_samples"])
-    recipe = recipe_for(arm, setting)
-    schedule = FreezeSchedule.parse(setting["schedule"]) if recipe is not None else None
-    trainer = FreezingTrainer(model, train, plain, epochs=setting["epochs"], work_dir=work, recipe=recipe or CacheRecipe(
-        kind="classic", augment="none"), schedule=schedule, batch_size=setting["batch_size"], lr=setting["lr"],
-        seed=seed, log=lambda m: print(f"  [{arm} s{seed}] {m}", flush=True))
-    try:
-        fit = trainer.fit()
-    finally:
-        trainer.close()
-    t0 = time.perf_counter()
-    acc = trainer.evaluate(test)
-    eval_s = time.perf_counter() - t0
-    return {"arm": arm, "seed": seed, "acc": acc, "wall_s": fit["wall_s"], "build_s": sum(fit["build_s"]),
-            "eval_s": eval_s, "cache_bytes": sum(b["stored_bytes"] for b in fit["builds"]),
-            "cache_bytes_peak": max([b["stored_bytes"] for b in fit["builds"]] or [0]),
-            "builds": fit["builds"], "history": fit["history"]}
+    policy = CompressionPolicy.from_config(setting["policy"]) if setting.get("policy") else None
+    return run_arm(arm, seed=seed, width=setting["width"], pretrain_steps=setting["pretrain_steps"],
+                   train_samples=setting["train_samples"], test_samples=setting["test_samples"],
+                   epochs=setting["epochs"], schedule=setting["schedule"], batch_size=setting["batch_size"],
+                   lr=setting["lr"], work_dir=work, rho=setting["rho"],
+                   variants=tuple(setting["variants"]) if setting["variants"] is not None else None,
+                   max_variants=setting.get("max_variants"), calib_samples=setting["calib_samples"], policy=policy,
+                   log=lambda m: print(f"  [{arm} s{seed}] {m}", flush=True))
 
 
 def setting_hash(setting: dict[str, Any]) -> str:
