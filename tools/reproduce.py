@@ -183,6 +183,40 @@ def load_results(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("*-seed*.json"))]
 
 
+def item_timing(samples: int = 1024, repeats: int = 3, batch: int = 128) -> dict[str, Any]:
+    """Seconds per item of FeatureMapDataset in each augment mode, on a SACA cache of layer2
+    (reading + decoding + augmentation; the same batches in each mode)."""
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from fmcache.builder import build_saca_cache
+    from fmcache.dataset import FeatureMapDataset
+    from fmcache.experiment import FAMILY, PIXELS, SacaConfig
+    from fmcache.zoo import FashionMNIST, pretrained_resnet
+
+    model = pretrained_resnet(width=FULL["width"], steps=FULL["pretrain_steps"])
+    out: dict[str, Any] = {"samples": samples, "batch": batch, "layer": "layer2"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.lmdb"
+        build_saca_cache(model, FashionMNIST("train", limit=samples), "layer2", path,
+                         saca=SacaConfig(family=FAMILY, n_samples=128, max_variants=FULL["max_variants"]),
+                         pixels=PIXELS, progress=False, batch_size=256)
+        order = np.random.default_rng(0).permutation(samples)
+        for mode in ("none", "feature", "saca"):
+            ds = FeatureMapDataset(path, augment=mode, seed=0)
+            best = float("inf")
+            for r in range(repeats):
+                ds.set_epoch(r)
+                t0 = time.perf_counter()
+                for lo in range(0, samples, batch):
+                    ds.__getitems__(order[lo:lo + batch].tolist())
+                best = min(best, time.perf_counter() - t0)
+            out[f"{mode}_us_per_item"] = round(1e6 * best / samples, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small version (a few minutes)")
@@ -190,6 +224,7 @@ def main() -> None:
     ap.add_argument("--seeds", help="comma-separated seeds (default: the setting's)")
     ap.add_argument("--set", action="append", default=[], help="override a setting: KEY=JSON (repeatable)")
     ap.add_argument("--render-only", action="store_true", help="redraw the outputs from saved results")
+    ap.add_argument("--item-timing", action="store_true", help="time Dataset items per augment mode and exit")
     ap.add_argument("--out", help="results JSON (default docs/results.json, or runs/quick/results.json)")
     args = ap.parse_args()
     setting = dict(QUICK if args.quick else FULL)
@@ -199,6 +234,11 @@ def main() -> None:
     if args.seeds:
         setting["seeds"] = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(int(setting["threads"]))
+    if args.item_timing:
+        timing = item_timing()
+        print(json.dumps(timing), flush=True)
+        (ROOT / "docs/item_timing.json").write_text(json.dumps(timing, indent=1))
+        return
     tag = setting_hash(setting)
     run_dir = ROOT / "runs" / "reproduce" / tag
     run_dir.mkdir(parents=True, exist_ok=True)
