@@ -98,7 +98,9 @@ def render_table(summary: dict[str, Any]) -> str:
                          f"stored {_size(layer.get('variant_stored_bytes', 0))}")
         sens = layer.get("sensitivity")
         if sens:
-            hist = " ".join(str(c) for c in sens.get("histogram", []))
+            counts = sens.get("histogram", [])
+            counts = counts.get("counts", []) if isinstance(counts, dict) else counts  # score_summary's form
+            hist = " ".join(str(c) for c in counts)
             lines.append(f"  {'':<16} {'':<14} sensitivity p10/p50/p90 {sens.get('p10', 0):.3f}/"
                          f"{sens.get('p50', 0):.3f}/{sens.get('p90', 0):.3f}  hist[0..1] {hist}")
     if summary["complete"]:
