@@ -217,6 +217,42 @@ def item_timing(samples: int = 1024, repeats: int = 3, batch: int = 128) -> dict
     return out
 
 
+POLICY_CODECS = ("int8:cname=zstd,clevel=1,shuffle=bit", "int4:cname=zstd,clevel=1,shuffle=bit",
+                 "fp16:cname=zstd,clevel=1,shuffle=byte", "bf16:cname=zstd,clevel=1,shuffle=byte",
+                 "zfp:accuracy=0.05", "zfp:accuracy=0.1", "sz3:rel=0.01", "sz3:rel=0.05")
+
+
+def policy_codecs(width: int = 16, samples: int = 128) -> list[dict[str, Any]]:
+    """Ratio vs float32 and mean per-sample relative L2 error of candidate policy codecs on
+    layer2/layer3 maps of the briefly pre-trained ResNet-18 (the default policy's evidence)."""
+    import numpy as np
+
+    from fmcache.capture import Capture
+    from fmcache.codecs import codec_from_spec
+    from fmcache.zoo import FashionMNIST, pretrained_resnet
+
+    model = pretrained_resnet(width=width, steps=FULL["pretrain_steps"]).eval()
+    data = FashionMNIST("train", limit=samples)
+    x = torch.stack([data[i][0] for i in range(samples)])
+    with torch.inference_mode():
+        maps = Capture(model, ["layer2", "layer3"])(x)
+    rows = []
+    for layer, tensor in maps.items():
+        arr = tensor.float().numpy()
+        for spec in POLICY_CODECS:
+            codec = codec_from_spec(spec)
+            nbytes, errors = 0, []
+            for sample in arr:
+                blob = codec.encode(sample)
+                nbytes += len(blob)
+                back = codec.decode(blob)
+                errors.append(float(np.linalg.norm(back - sample) / max(float(np.linalg.norm(sample)), 1e-12)))
+            rows.append({"layer": layer, "codec": codec.spec, "ratio": round(arr.nbytes / nbytes, 2),
+                         "rel_l2": float(f"{statistics.mean(errors):.3g}")})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small version (a few minutes)")
@@ -225,6 +261,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override a setting: KEY=JSON (repeatable)")
     ap.add_argument("--render-only", action="store_true", help="redraw the outputs from saved results")
     ap.add_argument("--item-timing", action="store_true", help="time Dataset items per augment mode and exit")
+    ap.add_argument("--policy-codecs", action="store_true", help="measure the policy's candidate codecs and exit")
     ap.add_argument("--out", help="results JSON (default docs/results.json, or runs/quick/results.json)")
     args = ap.parse_args()
     setting = dict(QUICK if args.quick else FULL)
@@ -234,6 +271,9 @@ def main() -> None:
     if args.seeds:
         setting["seeds"] = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(int(setting["threads"]))
+    if args.policy_codecs:
+        (ROOT / "docs/policy_codecs.json").write_text(json.dumps(policy_codecs(), indent=1))
+        return
     if args.item_timing:
         timing = item_timing()
         print(json.dumps(timing), flush=True)
