@@ -85,6 +85,9 @@ class Hdf5Backend(Backend):
                 self._h_file = h5py.File(self.path, "a" if self.writable else "r",
                                          rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
             except OSError as exc:
+                if self.writable and (not os.access(self.path, os.W_OK)
+                                      or os.statvfs(self.path.parent).f_flag & os.ST_RDONLY):
+                    raise ReadOnlyError(f"{self.path}: cannot open it for writing ({exc})") from None
                 raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
             self._h_datasets: dict[str, h5py.Dataset] = {}
         return self._h_file

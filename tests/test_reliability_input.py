@@ -1,0 +1,382 @@
+"""Stale caches and bad input: each refused with a typed error that names what and where
+and says what to do, with nothing already committed lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from fmnist_small import N_SAMPLES as FMNIST_SAMPLES
+from fmnist_small import tiny_model, train_subset
+from reliability_support import (
+    BACKENDS,
+    BATCH,
+    SHAPES,
+    assert_same_cache,
+    die,
+    run_killed,
+    suffix,
+    synthetic,
+    write,
+)
+
+import fmcache
+import fmcache.cache as cache_mod
+from fmcache import FeatureMapDataset, TierPlan
+from fmcache.backends import backend_class
+from fmcache.builder import build_cache, prefix_fingerprint
+from fmcache.cli import main
+from fmcache.errors import (
+    CacheError,
+    CodecSpecError,
+    CorruptionError,
+    DiskFullError,
+    FormatVersionError,
+    IncompleteCacheError,
+    LayerNotFoundError,
+    NonFiniteError,
+    NotACacheError,
+    ReadOnlyError,
+    ShapeMismatchError,
+    StaleCacheError,
+    TierPlanError,
+    UnknownCodecError,
+)
+
+HERE = Path(__file__).parent
+
+
+def other_data():
+    """The CLI's --data factory for 'the data changed': Fashion-MNIST test images."""
+    return fmcache.zoo.FashionMNIST("test", limit=FMNIST_SAMPLES)
+
+
+# ---- stale caches ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stale") / "c.lmdb"
+    model = tiny_model()
+    manifest = build_cache(model, train_subset(), ["block2"], path, batch_size=32, progress=False)
+    return path, manifest
+
+
+def test_dataset_refuses_a_model_whose_prefix_changed(built):
+    path, manifest = built
+    model = tiny_model()
+    example = torch.zeros(1, 1, 32, 32)
+    same = prefix_fingerprint(model, ["block2"], example)
+    assert same == manifest.fingerprints["weights"]
+    FeatureMapDataset(path, weights_fingerprint=same)  # unchanged: fine
+    with torch.no_grad():
+        model.block1[0].weight.mul_(1.001)
+    changed = prefix_fingerprint(model, ["block2"], example)
+    with pytest.raises(StaleCacheError, match="frozen-prefix weights changed") as info:
+        FeatureMapDataset(path, weights_fingerprint=changed)
+    assert "allow_stale" in info.value.hint and str(path) in str(info.value)
+    ds = FeatureMapDataset(path, weights_fingerprint=changed, allow_stale=True)  # the explicit override
+    assert len(ds) == FMNIST_SAMPLES
+
+
+KILL_BUILD = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import fmcache.cache as cache_mod
+from fmnist_small import tiny_model, train_subset
+from fmcache.builder import build_cache
+original = cache_mod.CacheWriter.append
+def append(self, *a, **k):
+    result = original(self, *a, **k)
+    if result >= 32:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+cache_mod.CacheWriter.append = append
+build_cache(tiny_model(), train_subset(), ["block1"], {out!r}, batch_size=16, progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """The partial cache of a real build killed after 32 samples (a subprocess: torch's
+    thread pools do not survive fork)."""
+    out = tmp_path_factory.mktemp("killed") / "c.lmdb"
+    proc = subprocess.run([sys.executable, "-c", KILL_BUILD.format(here=str(HERE), out=str(out))],
+                          capture_output=True, timeout=300)
+    assert proc.returncode < 0, proc.stderr.decode()[-2000:]
+    return cache_mod.partial_path(out)
+
+
+def _copy_partial(partial, tmp_path):
+    out = tmp_path / "c.lmdb"
+    shutil.copytree(partial, cache_mod.partial_path(out))
+    return out
+
+
+def _cli_resume(out, data, *extra):
+    return CliRunner().invoke(main, ["build", "--model", "fmnist_small:tiny_model", "--layer", "block1", "--out",
+                                     str(out), "--batch-size", "16", "--resume", "--no-progress", "--data", data,
+                                     *extra])
+
+
+def test_cli_resume_with_other_data_is_refused(tmp_path, interrupted):
+    out = _copy_partial(interrupted, tmp_path)
+    refused = _cli_resume(out, "test_reliability_input:other_data")
+    assert refused.exit_code == 1
+    assert "input data changed" in refused.output and "--allow-stale" in refused.output, refused.output
+    with pytest.raises(IncompleteCacheError):
+        fmcache.open_cache(out)  # nothing was committed or lost: still resumable
+    same = _cli_resume(out, "fmnist_small:train_subset")
+    assert same.exit_code == 0, same.output
+    assert len(fmcache.open_cache(out)) == FMNIST_SAMPLES
+
+
+def test_cli_allow_stale_overrides(tmp_path, interrupted):
+    out = _copy_partial(interrupted, tmp_path)
+    result = _cli_resume(out, "test_reliability_input:other_data", "--allow-stale")
+    assert result.exit_code == 0, result.output
+    assert len(fmcache.open_cache(out)) == FMNIST_SAMPLES
+
+
+def test_cli_unknown_layer_names_it_and_suggests(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--model", "fmnist_small:tiny_model", "--data",
+                                       "fmnist_small:train_subset", "--layer", "blok2", "--out",
+                                       str(tmp_path / "c.lmdb"), "--no-progress"])
+    assert result.exit_code == 1
+    assert "blok2" in result.output and "block2" in result.output, result.output
+    assert not (tmp_path / "c.lmdb.partial").exists()
+
+
+def test_unknown_layer_in_the_library_is_a_layer_not_found_error(tmp_path):
+    with pytest.raises(LayerNotFoundError, match="blok2"):
+        build_cache(tiny_model(), train_subset(), ["block1", "blok2"], tmp_path / "c.h5", progress=False)
+
+
+# ---- bad batches ------------------------------------------------------------------------------
+def _writer(path, backend):
+    w = fmcache.create_cache(path, backend=backend, fingerprints={"weights": "w0", "data": "d0"})
+    for name, shape in SHAPES.items():
+        w.add_layer(name, shape, codec="raw", samples_per_chunk=4)
+    return w
+
+
+def _batch(maps, start):
+    return {k: v[start:start + BATCH] for k, v in maps.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_activations_name_layer_and_sample(tmp_path, backend, bad_value):
+    maps, labels = synthetic()
+    path = tmp_path / f"c{suffix(backend)}"
+    with _writer(path, backend) as w:
+        w.append(_batch(maps, 0), labels[:BATCH])
+        bad = _batch(maps, BATCH)
+        bad["tokens"] = bad["tokens"].copy()
+        bad["tokens"][3, 2, 1] = bad_value
+        with pytest.raises(NonFiniteError, match=r"layer 'tokens'.*sample 11") as info:
+            w.append(bad, labels[BATCH:2 * BATCH])
+        assert "normalisation" in info.value.hint
+        for start in range(BATCH, 64, BATCH):  # the writer goes on; batch 0 is intact
+            w.append(_batch(maps, start), labels[start:start + BATCH])
+        w.commit()
+    with fmcache.open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read_batch("tokens", range(64)), maps["tokens"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shape_and_dtype_changes_mid_build(tmp_path, backend):
+    maps, labels = synthetic()
+    path = tmp_path / f"c{suffix(backend)}"
+    with _writer(path, backend) as w:
+        w.append(_batch(maps, 0), labels[:BATCH])
+        smaller = _batch(maps, BATCH)
+        smaller["conv"] = smaller["conv"][:, :5]
+        with pytest.raises(ShapeMismatchError, match=r"layer 'conv'.*at sample 8"):
+            w.append(smaller, labels[BATCH:2 * BATCH])
+        wider = _batch(maps, BATCH)
+        wider["conv"] = wider["conv"].astype(np.float64)
+        with pytest.raises(ShapeMismatchError, match=r"layer 'conv': dtype changed from float32 to float64 at sample 8"):
+            w.append(wider, labels[BATCH:2 * BATCH])
+        with pytest.raises(ShapeMismatchError, match="labels at sample 8"):
+            w.append(_batch(maps, BATCH), labels[BATCH:2 * BATCH].astype(np.float32))
+        with pytest.raises(CacheError, match="needs maps for layers"):
+            w.append({"conv": maps["conv"][BATCH:2 * BATCH]}, labels[BATCH:2 * BATCH])
+        for start in range(BATCH, 64, BATCH):
+            w.append(_batch(maps, start), labels[start:start + BATCH])
+        w.commit()
+    with fmcache.open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read_batch("conv", range(64)), maps["conv"])
+
+
+@pytest.mark.parametrize("spec,error,match", [
+    ("zstd9", UnknownCodecError, "zstd9"),
+    ("zfp:accuracy", CodecSpecError, "zfp"),
+    ("zfp:accuracy=abc", CodecSpecError, "not a number"),
+    ("zfp:accuracy=0.1,rate=8", CodecSpecError, "exactly one"),
+    ("sz3", CodecSpecError, "exactly one of abs= and rel="),
+    ("int8:bits=3", CodecSpecError, "int8"),
+], ids=["unknown-id", "no-value", "not-a-number", "two-modes", "no-bound", "unknown-param"])
+def test_bad_codec_specs_leave_a_committed_cache_untouched(tmp_path, spec, error, match):
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", codec="raw")
+    with fmcache.create_cache(path, overwrite=True) as w:
+        with pytest.raises(error, match=match) as info:
+            w.add_layer("conv", SHAPES["conv"], codec=spec)
+        assert info.value.hint
+    with fmcache.open_cache(path) as cache:  # the old cache is whole
+        np.testing.assert_array_equal(cache.read_batch("conv", range(64)), synthetic()[0]["conv"])
+
+
+@pytest.mark.parametrize("tiers,match", [
+    ([("a", [0, 1, 2], "raw"), ("b", [2, 3, 4, 5], "fp16")], "channel 2 is in tier 'a' and in tier 'b'"),
+    ([("a", [0, 1, 2], "raw"), ("b", [3, 4], "fp16")], "channels 5 belong to no tier"),
+    ([("a", [0, 1, 2], "raw"), ("b", [3, 4, 5, 6], "fp16")], "names channel 6, outside 0..5"),
+    ([("a", [0, 1, 2], "raw"), ("a", [3, 4, 5], "fp16")], "appears twice"),
+    ([("bad name", list(range(6)), "raw")], "tier name"),
+    ([], "at least one tier"),
+], ids=["overlap", "missing", "out-of-range", "duplicate-name", "bad-name", "empty"])
+def test_invalid_tier_plans(tiers, match):
+    with pytest.raises(TierPlanError, match=match) as info:
+        TierPlan(6, tiers)
+    assert info.value.hint
+
+
+def test_tier_plan_for_another_channel_count_names_the_layer(tmp_path):
+    with fmcache.create_cache(tmp_path / "c.lmdb") as w:
+        with pytest.raises(ShapeMismatchError, match=r"layer 'conv': the tier plan covers 4 channels"):
+            w.add_layer("conv", SHAPES["conv"], plan=TierPlan.single(4, "raw"))
+
+
+# ---- the file system ---------------------------------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root only): a disk that can fill up, or be made read-only."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_disk_stops_before_the_batch_and_resume_finishes(tmp_path, tmpfs, backend):
+    filler = tmpfs / "filler"
+    free = shutil.disk_usage(tmpfs).free
+    # leave room for the environment/file and a few batches beyond the 1 MiB margin
+    filler.write_bytes(b"\0" * (free - cache_mod.FREE_SPACE_MARGIN_BYTES - 96 * 1024))
+    path = tmpfs / f"c{suffix(backend)}"
+    with pytest.raises(DiskFullError, match="nothing of it was written") as info:
+        write(path, backend, codec="raw")
+    assert "--resume" in info.value.hint
+    with pytest.raises(IncompleteCacheError):
+        fmcache.open_cache(path)
+    filler.unlink()
+    write(path, backend, codec="raw", resume=True)
+    clean = tmp_path / f"clean{suffix(backend)}"
+    write(clean, backend, codec="raw")
+    assert_same_cache(path, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_only_location(tmp_path, tmpfs, backend):
+    committed = tmpfs / f"c{suffix(backend)}"
+    write(committed, backend)
+    killed = tmpfs / f"k{suffix(backend)}"
+    assert run_killed(_die_after_two_batches, killed, backend) < 0
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with fmcache.open_cache(committed) as cache:  # reading needs no write access
+        assert len(cache) == 64 and cache.read_batch("conv", range(64)).shape == (64, *SHAPES["conv"])
+    with pytest.raises(ReadOnlyError) as info:
+        write(tmpfs / f"new{suffix(backend)}", backend)
+    assert "location you can write to" in info.value.hint
+    with pytest.raises(ReadOnlyError):
+        write(killed, backend, resume=True)
+
+
+def _die_after_two_batches(path, backend):
+    original = cache_mod.CacheWriter.append
+
+    def append(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if result >= 2 * BATCH:
+            die()
+        return result
+
+    cache_mod.CacheWriter.append = append
+    write(path, backend)
+
+
+# ---- what is at the path --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manifest_from_a_newer_format(tmp_path, backend):
+    path = tmp_path / f"c{suffix(backend)}"
+    write(path, backend)
+    storage = backend_class(backend)(path, writable=True)
+    manifest = json.loads(storage.get_meta("manifest"))
+    manifest["format_version"] = fmcache.FORMAT_VERSION + 1
+    manifest["fmcache_version"] = "9.0.0"
+    storage.put_meta("manifest", json.dumps(manifest).encode())
+    storage.close()
+    with pytest.raises(FormatVersionError, match=r"format version 2 \(fmcache 9.0.0\)") as info:
+        fmcache.open_cache(path)
+    assert "upgrade fmcache" in info.value.hint
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda p: None, NotACacheError, "does not exist"),
+    (lambda p: p.mkdir(), NotACacheError, "not an fmcache cache"),
+    (lambda p: p.write_text("hello"), NotACacheError, "not an fmcache cache"),
+    (lambda p: (p.mkdir(), (p / "data.mdb").write_bytes(os.urandom(8192))), CorruptionError, "LMDB cannot open"),
+    (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(600)), CorruptionError, "HDF5 cannot open"),
+], ids=["missing", "empty-dir", "text-file", "garbage-lmdb", "garbage-hdf5"])
+def test_a_path_that_is_not_a_cache(tmp_path, make, error, match):
+    path = tmp_path / "thing"
+    make(path)
+    with pytest.raises(error, match=match) as info:
+        fmcache.open_cache(path)
+    assert str(path) in str(info.value) and info.value.hint
+
+
+PLUGIN_SCRIPT = """
+import numpy as np, fmcache, h5py
+rng = np.random.default_rng(0)
+x = (rng.random((12, 4, 8, 8)) * (rng.random((12, 4, 8, 8)) > 0.4)).astype(np.float32)
+bounds = {"zfp:accuracy=0.01": 0.01, "sz3:abs=0.001": 0.001, "blosc2:cname=lz4,shuffle=bit": 0.0}
+with fmcache.create_cache(OUT) as w:
+    for i, spec in enumerate(bounds):
+        w.add_layer(f"l{i}", (4, 8, 8), codec=spec)
+    for s in range(0, 12, 4):
+        w.append({f"l{i}": x[s:s + 4] for i in range(len(bounds))}, np.arange(s, s + 4))
+    w.commit()
+with fmcache.open_cache(OUT) as c:
+    for i, bound in enumerate(bounds.values()):
+        err = float(np.abs(c.read_batch(f"l{i}", range(12)) - x).max())
+        assert err <= bound, (i, err)
+with h5py.File(OUT, "r") as fh:  # plain h5py reads through the filters too
+    assert fh["/layers/l0/all/values"].shape == (12, 32, 8)
+    fh["/layers/l0/all/values"][0]
+print("ok")
+"""
+
+
+def test_builds_and_reads_with_hdf5_plugin_path_exported(tmp_path):
+    import hdf5plugin
+
+    out = tmp_path / "p.h5"
+    env = {**os.environ, "HDF5_PLUGIN_PATH": hdf5plugin.PLUGIN_PATH}
+    proc = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + PLUGIN_SCRIPT], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(b"ok"), proc.stderr.decode()[-2000:]
+    if shutil.which("h5dump"):  # and h5dump, as users run it, prints decoded values
+        dump = subprocess.run(["h5dump", "-d", "/layers/l0/all/values", "-c", "1,1,2", str(out)], env=env,
+                              capture_output=True, timeout=60)
+        assert dump.returncode == 0 and b"DATA" in dump.stdout, dump.stderr.decode()[-1000:]
