@@ -1,0 +1,159 @@
+"""Many readers: one cache opened twice in a process, 8 DataLoader workers beside another
+process, more reader processes than LMDB's 126 reader slots, readers racing a writer,
+and fork / spawn / forkserver workers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+import torch
+from reliability_support import BACKENDS, N_SAMPLES, suffix, synthetic, write
+from torch.utils.data import ConcatDataset, DataLoader
+
+import fmcache
+from fmcache import FeatureMapDataset
+from fmcache.errors import IncompleteCacheError, NotACacheError
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readers")
+    paths = {}
+    for backend in BACKENDS:
+        paths[backend] = root / f"c{suffix(backend)}"
+        write(paths[backend], backend, codec="raw")
+    return paths
+
+
+TRUTH = synthetic()[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_cache_open_twice_in_one_process(caches, backend):
+    """A Dataset and an open_cache side by side (a notebook): both read, and closing one
+    leaves the other working (LMDB environments are shared and reference-counted)."""
+    ds = FeatureMapDataset(caches[backend], "conv")
+    other = fmcache.open_cache(caches[backend])
+    third = fmcache.open_cache(caches[backend])
+    np.testing.assert_array_equal(ds[5][0].numpy(), TRUTH["conv"][5])
+    np.testing.assert_array_equal(other.read("conv", 6), TRUTH["conv"][6])
+    other.close()
+    np.testing.assert_array_equal(ds[7][0].numpy(), TRUTH["conv"][7])
+    np.testing.assert_array_equal(third.read("tokens", 8), TRUTH["tokens"][8])
+    third.close()
+    np.testing.assert_array_equal(ds[9][0].numpy(), TRUTH["conv"][9])
+
+
+def _read_repeatedly(path, rounds, conn):
+    with fmcache.open_cache(path) as cache:
+        ok = all(np.array_equal(cache.read_batch("conv", np.arange(N_SAMPLES)), TRUTH["conv"]) for _ in range(rounds))
+    conn.send(ok)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 8 worker processes")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eight_workers_and_a_second_process(caches, backend):
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    other = ctx.Process(target=_read_repeatedly, args=(caches[backend], 20, child))
+    other.start()
+    ds = FeatureMapDataset(caches[backend], "conv")
+    ds[0]  # handles already open in the parent before the workers fork
+    loader = DataLoader(ds, batch_size=4, num_workers=8, shuffle=False, multiprocessing_context=ctx)
+    got = torch.cat([x for x, _ in loader]).numpy()
+    np.testing.assert_array_equal(got, TRUTH["conv"])
+    assert parent.recv() is True
+    other.join(60)
+    assert other.exitcode == 0
+
+
+def _hold_open_and_read(path, barrier, results, index):
+    cache = fmcache.open_cache(path)
+    first = cache.read("conv", index % N_SAMPLES)
+    barrier.wait(timeout=120)  # every reader has the cache open at once
+    again = cache.read("conv", (index * 7) % N_SAMPLES)
+    ok = np.array_equal(first, TRUTH["conv"][index % N_SAMPLES]) and \
+        np.array_equal(again, TRUTH["conv"][(index * 7) % N_SAMPLES])
+    results[index] = 1 if ok else 2
+    cache.close()
+
+
+def test_more_reader_processes_than_lmdb_reader_slots(caches):
+    """Readers open without LMDB's lock file (lock=False), so its 126 reader slots are no
+    limit: 130 processes hold the cache open at the same moment."""
+    n = 130
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(n)
+    results = ctx.Array("b", n)
+    procs = [ctx.Process(target=_hold_open_and_read, args=(caches["lmdb"], barrier, results, i)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * n
+    assert list(results) == [1] * n
+
+
+def _rewrite_slowly(path, backend, started):
+    """Overwrite the committed cache at ``path`` with other data, batch by batch."""
+    maps, labels = synthetic(seed=1)
+    with fmcache.create_cache(path, backend=backend, overwrite=True) as w:
+        for name, shape in {"conv": (6, 8, 8), "tokens": (5, 7)}.items():
+            w.add_layer(name, shape, codec="raw", samples_per_chunk=4)
+        for start in range(0, N_SAMPLES, 8):
+            w.append({k: v[start:start + 8] for k, v in maps.items()}, labels[start:start + 8])
+            started.set()
+            time.sleep(0.02)
+        w.commit()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_readers_racing_a_writer_see_one_whole_committed_cache(tmp_path, backend):
+    """The writer works on <path>.partial and replaces ``path`` at commit. A reader opened
+    before keeps reading the old cache; every open during the rewrite sees the old or the
+    new cache whole (never a mix), or a typed 'not there / incomplete' error."""
+    path = tmp_path / f"c{suffix(backend)}"
+    write(path, backend, codec="raw")
+    old, new = TRUTH["conv"], synthetic(seed=1)[0]["conv"]
+    early = fmcache.open_cache(path)
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    writer = ctx.Process(target=_rewrite_slowly, args=(path, backend, started))
+    writer.start()
+    assert started.wait(60)
+    seen = {"old": 0, "new": 0, "typed error": 0}
+    while True:
+        done = not writer.is_alive()
+        try:
+            with fmcache.open_cache(path) as cache:
+                got = cache.read_batch("conv", np.arange(N_SAMPLES))
+            which = "old" if np.array_equal(got, old) else "new" if np.array_equal(got, new) else "MIXED"
+            assert which != "MIXED"
+            seen[which] += 1
+        except (IncompleteCacheError, NotACacheError):
+            seen["typed error"] += 1
+        np.testing.assert_array_equal(early.read_batch("conv", np.arange(N_SAMPLES)), old)
+        if done:
+            break
+    writer.join()
+    assert writer.exitcode == 0
+    assert seen["old"] > 0 and seen["new"] > 0, seen
+    np.testing.assert_array_equal(early.read("conv", 3), old[3])  # still the old one, still readable
+    early.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_workers_under_every_start_method(caches, method):
+    """One loader over an LMDB and an HDF5 cache at once; the datasets were used in the
+    parent first, so open handles exist there and must not travel."""
+    datasets = [FeatureMapDataset(caches[b], "conv") for b in BACKENDS]
+    for ds in datasets:
+        ds[1]
+    # fork: 2 workers; spawn/forkserver start a fresh interpreter each (torch import), so 1
+    loader = DataLoader(ConcatDataset(datasets), batch_size=16, num_workers=2 if method == "fork" else 1,
+                        multiprocessing_context=mp.get_context(method))
+    got = torch.cat([x for x, _ in loader]).numpy()
+    np.testing.assert_array_equal(got, np.concatenate([TRUTH["conv"], TRUTH["conv"]]))
