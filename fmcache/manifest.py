@@ -159,9 +159,8 @@ class Manifest:
                 committed_utc=data.get("committed_utc"),
                 extra=dict(data.get("extra") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, FormatVersionError):
-                raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # any field of the wrong JSON type ends here (found by tests/test_reliability_fuzz.py)
             raise CorruptionError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
     @classmethod
