@@ -163,3 +163,28 @@ def test_trainer_refuses_a_schedule_and_a_freezer_together(tmp_path, data):
 def test_recipe_refuses_saca_reading_without_a_saca_cache():
     with pytest.raises(FreezeError, match="saca"):
         CacheRecipe(kind="plain", augment="saca")
+
+
+# ---- the reproduction's arms -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("arm", "kind", "augment", "codec"), [
+    ("classic_freeze", "classic", "none", None), ("cache_fp32_noaug", "plain", "none", "raw"),
+    ("cache_fp32_feature", "plain", "feature", "raw"), ("fmcache_no_saca", "tiers", "feature", None),
+    ("fmcache", "saca", "saca", None)])
+def test_each_arm_maps_to_its_recipe(arm, kind, augment, codec):
+    from fmcache.experiment import FAMILY, recipe_for
+
+    recipe = recipe_for(arm, rho=0.125, max_variants=2)
+    assert (recipe.kind, recipe.augment) == (kind, augment)
+    assert recipe.saca.family == FAMILY and recipe.saca.rho == 0.125 and recipe.saca.max_variants == 2
+    if codec:
+        assert recipe.codec == codec
+
+
+def test_full_arm_has_no_recipe_and_unknown_arms_are_refused():
+    from fmcache.errors import FmcacheError
+    from fmcache.experiment import recipe_for
+
+    assert recipe_for("full") is None
+    with pytest.raises(FmcacheError, match="unknown arm"):
+        recipe_for("fastest")

@@ -253,6 +253,42 @@ def policy_codecs(width: int = 16, samples: int = 128) -> list[dict[str, Any]]:
     return rows
 
 
+def bytes_ablation(samples: int = 500) -> list[dict[str, Any]]:
+    """Cache bytes of SACA builds (both freeze boundaries of the schedule) relative to a float32
+    cache without variants, over rho x V x policy; no training (the pre-trained prefix)."""
+    import tempfile
+
+    from fmcache.builder import build_cache, build_saca_cache
+    from fmcache.experiment import FAMILY, PIXELS, SacaConfig
+    from fmcache.policy import frozen_fraction
+    from fmcache.zoo import FashionMNIST, pretrained_resnet
+
+    model = pretrained_resnet(width=FULL["width"], steps=FULL["pretrain_steps"])
+    data = FashionMNIST("train", limit=samples)
+    policies = {"default": CompressionPolicy.default(),
+                "sz3-0.05-both": CompressionPolicy.constant("sz3:rel=0.05", "sz3:rel=0.05")}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = 0
+        for layer in ("layer2", "layer3"):
+            fp32 += sum(build_cache(model, data, [layer], Path(tmp) / f"raw-{layer}.lmdb", codec="raw",
+                                    progress=False, batch_size=250).layers[layer].stored_bytes.values())
+        for pname, policy in policies.items():
+            for rho in (0.25, 0.125):
+                for v in (3, 1):
+                    total = 0
+                    for layer in ("layer2", "layer3"):
+                        m = build_saca_cache(model, data, layer, Path(tmp) / "s.lmdb", overwrite=True, progress=False,
+                                             saca=SacaConfig(family=FAMILY, rho=rho, max_variants=v, n_samples=128),
+                                             policy=policy, frozen=frozen_fraction(model, layer), pixels=PIXELS,
+                                             batch_size=250)
+                        total += sum(m.layers[layer].stored_bytes.values())
+                    rows.append({"policy": pname, "rho": rho, "variants": v, "bytes": total,
+                                 "fraction_of_fp32": round(total / fp32, 4)})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small version (a few minutes)")
@@ -262,6 +298,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="redraw the outputs from saved results")
     ap.add_argument("--item-timing", action="store_true", help="time Dataset items per augment mode and exit")
     ap.add_argument("--policy-codecs", action="store_true", help="measure the policy's candidate codecs and exit")
+    ap.add_argument("--bytes-ablation", action="store_true", help="cache bytes over rho x V x policy and exit")
     ap.add_argument("--out", help="results JSON (default docs/results.json, or runs/quick/results.json)")
     args = ap.parse_args()
     setting = dict(QUICK if args.quick else FULL)
@@ -273,6 +310,9 @@ def main() -> None:
     torch.set_num_threads(int(setting["threads"]))
     if args.policy_codecs:
         (ROOT / "docs/policy_codecs.json").write_text(json.dumps(policy_codecs(), indent=1))
+        return
+    if args.bytes_ablation:
+        (ROOT / "docs/bytes_ablation.json").write_text(json.dumps(bytes_ablation(), indent=1))
         return
     if args.item_timing:
         timing = item_timing()
