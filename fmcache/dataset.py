@@ -158,6 +158,13 @@ class FeatureMapDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         idx = np.where(idx < 0, idx + self._len, idx)
         cache = self.cache
-        base = cache.read_batch(self.layer, idx)
-        parts = cache.read_parts(self.layer, idx, list(self.variant_parts.values())) if self.variant_parts else None
+        parts = None
+        if self.variant_parts:
+            # One pass over the records for tiers and variants alike: each record is
+            # fetched and checksummed once, not once for the base and again for variants.
+            plan = cache.layer(self.layer).plan
+            parts = cache.read_parts(self.layer, idx, [*plan.names, *self.variant_parts.values()])
+            base = plan.merge({name: parts[name] for name in plan.names}, batched=True)
+        else:
+            base = cache.read_batch(self.layer, idx)
         return [(self._finish(int(i), base[row], parts, row), self._label(int(i))) for row, i in enumerate(idx)]

@@ -18,6 +18,7 @@ numpy on this machine, and decoding copies into ``out`` without a temporary floa
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import EncodeError
-from .base import Codec, Hdf5Field, check_choice
+from .base import Codec, Hdf5Field, check_choice, scratch_array
 from .lossless import CNAMES, SHUFFLES, blosc2_compress, blosc2_decompress_into, blosc2_hdf5_filter
 from .registry import register_codec
 
@@ -69,8 +70,10 @@ class LosslessStage:
         return bytes([_STAGE_BLOSC2]) + blosc2_compress(data, self.cname, self.clevel, self.shuffle)
 
     @staticmethod
-    def unpack(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """A new array of ``dtype`` and ``shape`` from ``stage byte | body``.
+    def unpack(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...],
+               out: np.ndarray | None = None) -> np.ndarray:
+        """An array of ``dtype`` and ``shape`` from ``stage byte | body``: into ``out``
+        (C-contiguous, that dtype and shape) if given, else a new array.
 
         ValueError if the payload is malformed; the sizes are checked before anything
         is allocated, so a damaged shape header cannot ask for gigabytes.
@@ -78,16 +81,24 @@ class LosslessStage:
         if len(payload) < 1:
             raise ValueError("payload has no stage byte")
         stage, body = payload[0], payload[1:]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if stage == _STAGE_BLOSC2:
-            if len(body) < 32 or blosc2.get_cbuffer_sizes(body)[0] != nbytes:
-                raise ValueError(f"blosc2 body does not hold the {nbytes} bytes the shape needs")
-            return blosc2_decompress_into(body, np.empty(shape, dtype=dtype))
+            if out is None:
+                nbytes = math.prod(shape) * dtype.itemsize
+                if len(body) < 32 or blosc2.get_cbuffer_sizes(body)[0] != nbytes:
+                    raise ValueError(f"blosc2 body does not hold the {nbytes} bytes the shape needs")
+                out = np.empty(shape, dtype=dtype)
+            # blosc2_decompress_into checks the frame's sizes against `out` before decoding
+            return blosc2_decompress_into(body, out)
         if stage != _STAGE_PLAIN:
             raise ValueError(f"unknown stage byte {stage}")
+        nbytes = math.prod(shape) * dtype.itemsize
         if len(body) != nbytes:
             raise ValueError(f"plain body holds {len(body)} bytes, expected {nbytes}")
-        return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+        values = np.frombuffer(body, dtype=dtype).reshape(shape)
+        if out is None:
+            return values.copy()
+        np.copyto(out, values)
+        return out
 
     def hdf5_filter(self) -> dict[str, Any]:
         """h5py ``create_dataset`` kwargs: the Blosc2 filter, or none for ``cname="none"``."""
@@ -138,7 +149,10 @@ class _Cast16(Codec):
         return self.stage.pack(self._to16(x))
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
-        values16 = self.stage.unpack(payload, self._storage_dtype, shape)
+        # The 16-bit values go to a reused per-thread buffer (in cache, no allocation),
+        # then widen straight into `out`: one pass over the output.
+        values16 = self.stage.unpack(payload, self._storage_dtype, shape,
+                                     scratch_array(shape, self._storage_dtype))
         if out is not None and out.flags.c_contiguous:
             return self._from16_into(values16, out)
         result = self._from16_into(values16, np.empty(shape, dtype=np.float32))

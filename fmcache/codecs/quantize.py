@@ -18,16 +18,18 @@ nibble), plain or in one blosc2 frame.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from ..errors import EncodeError
-from .base import Codec, Hdf5Field, channel_axis
+from .base import Codec, Hdf5Field, channel_axis, scratch_array
 from .cast import LosslessStage
 from .registry import register_codec
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_U8 = np.dtype(np.uint8)
 
 
 def _channels_2d(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -140,7 +142,9 @@ class _AffineQuantizer(Codec):
             raise ValueError(f"payload of {len(payload)} bytes is shorter than its {n_channels} channel params")
         lo = np.frombuffer(payload, dtype="<f4", count=n_channels)
         scale = np.frombuffer(payload, dtype="<f4", count=n_channels, offset=4 * n_channels)
-        codes = self.stage.unpack(payload[params_bytes:], np.dtype(np.uint8), (self._code_count(int(np.prod(shape))),))
+        n_codes = self._code_count(math.prod(shape))
+        # codes go to a reused per-thread buffer: no allocation per sample
+        codes = self.stage.unpack(payload[params_bytes:], _U8, (n_codes,), scratch_array((n_codes,), _U8))
         result = out if out is not None and out.flags.c_contiguous else np.empty(shape, dtype=np.float32)
         dequantize_into(self._unpack(codes, shape), lo, scale, result)
         if out is not None and result is not out:
