@@ -83,7 +83,8 @@ def run_arm(arm: str, *, seed: int = 0, width: int = 8, pretrain_steps: int = 50
         trainer.close()
     t0 = time.perf_counter()
     acc = trainer.evaluate(test)
-    return {"arm": arm, "seed": seed, "acc": acc, "wall_s": fit["wall_s"], "build_s": sum(fit["build_s"]),
+    return {"arm": arm, "seed": seed, "acc": acc, "wall_s": fit["wall_s"], "cpu_s": fit["cpu_s"],
+            "build_s": sum(fit["build_s"]),
             "eval_s": time.perf_counter() - t0,
             "cache_bytes": sum(b["stored_bytes"] for b in fit["builds"]),
             "cache_bytes_peak": max([b["stored_bytes"] for b in fit["builds"]] or [0]),

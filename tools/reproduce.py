@@ -68,7 +68,8 @@ def aggregate(setting: dict[str, Any], results: list[dict[str, Any]]) -> dict[st
         if not rs:
             continue
         arms[arm] = {"seeds": [r["seed"] for r in rs], "acc": [r["acc"] for r in rs],
-                     "wall_s": [round(r["wall_s"], 2) for r in rs], "cache_bytes": rs[0]["cache_bytes"],
+                     "wall_s": [round(r["wall_s"], 2) for r in rs],
+                     "cpu_s": [round(r["cpu_s"], 2) for r in rs if "cpu_s" in r], "cache_bytes": rs[0]["cache_bytes"],
                      "cache_bytes_peak": rs[0]["cache_bytes_peak"], "build_s": [round(r["build_s"], 2) for r in rs],
                      "builds": [{k: b[k] for k in ("boundary", "stored_bytes", "raw_bytes", "codecs", "build_s")}
                                 for b in rs[0]["builds"]]}
