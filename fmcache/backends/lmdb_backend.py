@@ -33,7 +33,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
+from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
 from ..record import pack_blob, pack_record, unpack_blob, unpack_record
 from .base import Backend
 
@@ -75,6 +75,9 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
                 env = lmdb.open(str(path), readonly=True, lock=False, subdir=True, max_dbs=0,
                                 readahead=False, max_spare_txns=4)
         except lmdb.Error as exc:
+            if not (path / "data.mdb").exists():  # replaced by a concurrent commit since detected
+                raise NotACacheError(f"{path} disappeared while it was being opened",
+                                     hint="a build committed over it: open it again") from None
             if writable and _is_read_only(path):
                 raise ReadOnlyError(f"{path}: cannot open the LMDB environment for writing ({exc})") from None
             raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
