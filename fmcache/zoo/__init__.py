@@ -6,7 +6,15 @@ briefly and caches the result.
 """
 
 from .fashion_mnist import DataError, DataFileNotFoundError, FashionMNIST, load_split, read_idx
-from .pretrain import TrainingError, accuracy, default_cache_dir, pretrain, pretrained_resnet
+from .pretrain import (
+    TrainingError,
+    accuracy,
+    channels_last_is_safe,
+    default_cache_dir,
+    native_bf16,
+    pretrain,
+    pretrained_resnet,
+)
 from .resnet import BoundaryError, ModelConfigError, cifar_resnet18, small_cnn, split_at
 
 __all__ = [
@@ -17,9 +25,11 @@ __all__ = [
     "ModelConfigError",
     "TrainingError",
     "accuracy",
+    "channels_last_is_safe",
     "cifar_resnet18",
     "default_cache_dir",
     "load_split",
+    "native_bf16",
     "pretrain",
     "pretrained_resnet",
     "read_idx",

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import warnings
 from collections.abc import Iterator, Sized
 from pathlib import Path
@@ -29,7 +30,10 @@ from ..errors import FmcacheError
 from .fashion_mnist import FashionMNIST
 from .resnet import cifar_resnet18
 
-__all__ = ["THREADS_ENV", "TrainingError", "accuracy", "default_cache_dir", "pretrain", "pretrained_resnet"]
+__all__ = [
+    "THREADS_ENV", "TrainingError", "accuracy", "channels_last_is_safe", "default_cache_dir", "native_bf16",
+    "pretrain", "pretrained_resnet",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,29 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN's own check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent in some builds
+        return False
+
+
+#: oneDNN's 1x1 stride-2 backward-weights kernel on channels-last input with fewer input
+#: channels than its block (8 on AVX2, 16 on AVX-512) hangs, crashes or computes wrong
+#: gradients (uxlfoundation/oneDNN#6035; seen here as a hang at ResNet width 2 and 4).
+_ONEDNN_1X1_MIN_CHANNELS = 16
+
+
+def channels_last_is_safe(model: nn.Module) -> bool:
+    """False when ``model`` has a strided 1x1 conv that oneDNN#6035 mistrains in channels-last."""
+    return not any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+        and m.in_channels // m.groups < _ONEDNN_1X1_MIN_CHANNELS
+        for m in model.modules()
+    )
+
+
 def _batch(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [dataset[int(i)] for i in indices]
     return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs], dtype=torch.long)
@@ -96,7 +123,7 @@ def pretrain(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     seed: int = 0,
-    bf16: bool = True,
+    bf16: bool | None = None,
     num_threads: int | None = None,
     log_every: int = 50,
 ) -> nn.Module:
@@ -118,10 +145,15 @@ def pretrain(
         The SGD recipe; ``lr`` is the peak learning rate.
     seed : int
         Seeds the batch order and torch's global RNG for the duration (restored after),
-        so augmentation drawn from it is reproducible too.
-    bf16 : bool
-        bfloat16 autocast and channels-last on CPU: about 2.5x faster on CPUs with BF16
-        instructions (measurements.md).
+        so augmentation drawn from it is reproducible too. A data set with a
+        ``set_epoch(epoch)`` method (like :class:`FashionMNIST`) is told the pass number
+        at the start of each pass, from 0.
+    bf16 : bool, optional
+        bfloat16 autocast. About 2.5x faster on CPUs with native BF16 (AVX512-BF16, AMX;
+        measurements.md), but about 15x *slower* on AVX2-only CPUs, where oneDNN emulates
+        it. ``None`` (default) turns it on only where :func:`native_bf16` says so.
+        Training runs channels-last (15-30 % faster on CPU) unless
+        :func:`channels_last_is_safe` says no (narrow strided 1x1 convs, a oneDNN bug).
     num_threads : int, optional
         torch threads while training; default ``$FMCACHE_NUM_THREADS`` or torch's own.
     log_every : int
@@ -151,29 +183,29 @@ def pretrain(
         raise TrainingError(f"the data set has {n} samples, fewer than one batch of {batch_size}",
                             hint="pass a smaller batch_size or more data")
     per_pass = n // batch_size
+    if bf16 is None:
+        bf16 = native_bf16()
+    memory_format = torch.channels_last if channels_last_is_safe(model) else torch.contiguous_format
     with _torch_threads(num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         order = torch.Generator().manual_seed(seed)
-        if bf16:
-            model.to(memory_format=torch.channels_last)
+        model.to(memory_format=memory_format)  # type: ignore[call-overload]
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                     weight_decay=weight_decay, nesterov=True)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
-        permutation = torch.randperm(n, generator=order)
+        set_epoch = getattr(dataset, "set_epoch", None)
         running = 0.0
         for step in range(steps):
             position = step % per_pass
-            if position == 0 and step > 0:
+            if position == 0:
                 permutation = torch.randperm(n, generator=order)
-                set_epoch = getattr(dataset, "set_epoch", None)
                 if callable(set_epoch):  # a seeded augmenting data set draws new crops per pass
                     set_epoch(step // per_pass)
             inputs, targets = _batch(dataset, permutation[position * batch_size:(position + 1) * batch_size])
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, steps, lr)
-            if bf16:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=memory_format)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(model(inputs), targets)
             if not torch.isfinite(loss):
@@ -182,12 +214,11 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            running += float(loss)
+            running += loss.item()
             if log_every and (step + 1) % log_every == 0:
                 logger.info("step %d/%d  loss %.4f", step + 1, steps, running / log_every)
                 running = 0.0
-        if bf16:
-            model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return model.eval()
 
 
@@ -218,7 +249,7 @@ def pretrained_resnet(
     """A CIFAR-style ResNet-18 briefly trained on Fashion-MNIST, cached on disk.
 
     Recipe: ``cifar_resnet18(in_channels=1, width=width)`` initialised under ``seed``,
-    :func:`pretrain` with the default recipe (batch 128, peak lr 0.05, bf16) for
+    :func:`pretrain` with the default recipe (batch 128, peak lr 0.05) for
     ``steps`` steps on the augmented training split (random crop + flip, seeded).
     The state dict is saved under ``cache_dir`` keyed by (width, steps, seed, recipe
     version) and loaded on later calls instead of training again.
@@ -251,7 +282,8 @@ def pretrained_resnet(
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
-        except Exception as exc:  # an unreadable file is replaced, never half-used
+        # a damaged or foreign file is replaced, never half-used
+        except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as exc:
             warnings.warn(f"{path} could not be loaded ({exc}); training again", stacklevel=2)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
