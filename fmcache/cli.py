@@ -212,10 +212,10 @@ def codecs() -> None:
 
 @main.command()
 @click.option("--out-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--samples", default=6000, show_default=True, help="Training samples of Fashion-MNIST.")
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--samples", default=4000, show_default=True, help="Training samples of Fashion-MNIST.")
+@click.option("--epochs", default=2, show_default=True)
 @click.option("--layer", default="layer2", show_default=True, help="Freeze boundary.")
-@click.option("--width", default=16, show_default=True, help="ResNet-18 base width.")
+@click.option("--width", default=8, show_default=True, help="ResNet-18 base width.")
 @click.option("--codec", default="bf16", show_default=True)
 @click.option("--data-dir", type=click.Path(), help="Fashion-MNIST IDX folder.")
 def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec: str,

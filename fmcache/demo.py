@@ -1,6 +1,6 @@
 """``fmcache demo``: the main job on the embedded default.
 
-1. A CIFAR-style ResNet-18 (width 16) briefly trained on Fashion-MNIST stands in for a
+1. A CIFAR-style ResNet-18 (width 8) briefly trained on Fashion-MNIST stands in for a
    network whose first blocks have converged; it is frozen up to ``layer``.
 2. The frozen prefix runs once over the training subset into a cache (``inspect`` shown).
 3. The trainable suffix (re-initialised, same seed) is trained twice for the same epochs:
@@ -73,14 +73,20 @@ def evaluate(prefix: nn.Module, suffix: nn.Module, dataset: Any, batch_size: int
     return correct / max(total, 1)
 
 
-def run_demo(out_dir: Path, *, samples: int = 6000, epochs: int = 3, layer: str = "layer2", width: int = 16,
-             codec: str = "bf16", data_dir: str | None = None, batch_size: int = 128,
+DEMO_WIDTH = 8
+DEMO_PRETRAIN_STEPS = 100
+
+
+def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str = "layer2",
+             width: int = DEMO_WIDTH, codec: str = "bf16", pretrain_steps: int = DEMO_PRETRAIN_STEPS, data_dir: str | None = None, batch_size: int = 128,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     echo(f"[1/4] frozen prefix: CIFAR ResNet-18 (width {width}) pre-trained briefly on Fashion-MNIST, "
          f"frozen up to {layer!r}")
-    model = pretrained_resnet(width=width, data_dir=data_dir)
+    t0 = time.perf_counter()
+    model = pretrained_resnet(width=width, steps=pretrain_steps, data_dir=data_dir)
+    echo(f"  ready in {time.perf_counter() - t0:.1f} s (trained once, then loaded from ~/.cache/fmcache/zoo)")
     prefix, suffix0 = split_at(model, layer)
     for p in prefix.parameters():
         p.requires_grad_(False)

@@ -12,9 +12,11 @@ from .pretrain import pretrained_resnet
 
 
 def resnet18_fmnist() -> nn.Module:
-    """The demo's CIFAR-style ResNet-18 (1 input channel, width 16), briefly trained on
+    """The demo's CIFAR-style ResNet-18 (1 input channel, width 8), briefly trained on
     Fashion-MNIST; trained on first use and cached under ``~/.cache/fmcache/zoo``."""
-    return pretrained_resnet(width=16)
+    from ..demo import DEMO_PRETRAIN_STEPS, DEMO_WIDTH
+
+    return pretrained_resnet(width=DEMO_WIDTH, steps=DEMO_PRETRAIN_STEPS)
 
 
 def fmnist_train(data_dir: str | None = None) -> FashionMNIST:
