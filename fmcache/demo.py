@@ -23,10 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .builder import build_cache
-from .cpu import bf16_autocast_is_fast
 from .dataset import FeatureMapDataset
 from .report import inspect_cache, render_table
-from .zoo import FashionMNIST, pretrained_resnet, split_at
+from .zoo import FashionMNIST, native_bf16, pretrained_resnet, split_at
 
 
 def _reset(module: nn.Module, seed: int) -> nn.Module:
@@ -45,7 +44,7 @@ def train_epochs(suffix: nn.Module, loader_for_epoch: Callable[[int], DataLoader
     steps = epochs * len(loader_for_epoch(0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()
-    bf16 = bf16_autocast_is_fast()
+    bf16 = native_bf16()
     t0 = time.perf_counter()
     for epoch in range(epochs):
         suffix.train()
