@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .augment import AUGMENT_MODES, AugFamily, augment_map, draw_for, infer_stride
+from .augment import AUGMENT_MODES, AugDraw, AugFamily, augment_map, draw_for, infer_stride, nearest_variant
 from .cache import Cache, open_cache
 from .errors import CacheError
 from .manifest import VARIANT_SEP
@@ -139,17 +139,31 @@ class FeatureMapDataset(Dataset):
         value = self._labels[index]
         return int(value) if np.ndim(value) == 0 and self._labels.dtype.kind in "iub" else torch.as_tensor(value)
 
-    def _finish(self, index: int, base: np.ndarray, parts: dict[str, np.ndarray] | None, row: int) -> torch.Tensor:
-        if self.augment == "none":
-            fmap = base
-        else:
-            draw = self.family.draw(draw_for(self.seed, self.epoch, index))
-            variants = None
-            if parts is not None:
-                variants = {v: parts[p][row] for v, p in self.variant_parts.items()}
-            fmap = augment_map(self.augment, base, draw, self.stride, self.sensitive, variants)
+    def _finish(self, draw: AugDraw | None, base: np.ndarray, variants: dict[str, np.ndarray] | None) -> torch.Tensor:
+        fmap = base if self.augment == "none" else \
+            augment_map(self.augment, base, draw, self.stride, self.sensitive, variants)
         tensor = torch.from_numpy(np.ascontiguousarray(fmap))
         return tensor if self.dtype == torch.float32 else tensor.to(self.dtype)
+
+    def _nearest_variants(self, cache: Cache, idx: np.ndarray, draws: Sequence[AugDraw]) -> list[dict[str, np.ndarray]]:
+        """Per row, ``{name: map}`` of the one cached variant SACA will use (or ``{}``).
+
+        ``nearest_variant`` is a total order, so the nearest of all variants is also the
+        nearest of the subset holding it: passing only that one to ``augment_map`` gives
+        the same map, and only one variant per sample is decoded instead of all.
+        """
+        rows_of: dict[str, list[int]] = {}
+        for row, draw in enumerate(draws):
+            name, _ = nearest_variant(draw, self.variant_parts)
+            if name in self.variant_parts:
+                rows_of.setdefault(name, []).append(row)
+        chosen: list[dict[str, np.ndarray]] = [{} for _ in idx]
+        for name, rows in rows_of.items():
+            part = self.variant_parts[name]
+            maps = cache.read_parts(self.layer, idx[rows], [part])[part]
+            for k, row in enumerate(rows):
+                chosen[row] = {name: maps[k]}
+        return chosen
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         return self.__getitems__([index])[0]
@@ -158,13 +172,12 @@ class FeatureMapDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         idx = np.where(idx < 0, idx + self._len, idx)
         cache = self.cache
-        parts = None
-        if self.variant_parts:
-            # One pass over the records for tiers and variants alike: each record is
-            # fetched and checksummed once, not once for the base and again for variants.
-            plan = cache.layer(self.layer).plan
-            parts = cache.read_parts(self.layer, idx, [*plan.names, *self.variant_parts.values()])
-            base = plan.merge({name: parts[name] for name in plan.names}, batched=True)
-        else:
-            base = cache.read_batch(self.layer, idx)
-        return [(self._finish(int(i), base[row], parts, row), self._label(int(i))) for row, i in enumerate(idx)]
+        base = cache.read_batch(self.layer, idx)
+        draws: list[AugDraw | None] = [None] * len(idx)
+        if self.augment != "none":
+            draws = [self.family.draw(draw_for(self.seed, self.epoch, int(i))) for i in idx]
+        variants: list[dict[str, np.ndarray]] | list[None] = [None] * len(idx)
+        if self.augment == "saca":
+            variants = self._nearest_variants(cache, idx, draws)  # type: ignore[arg-type]
+        return [(self._finish(draws[row], base[row], variants[row]), self._label(int(i)))
+                for row, i in enumerate(idx)]

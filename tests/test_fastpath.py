@@ -2,8 +2,8 @@
 
 Fast paths under test: codecs decoding through a reused per-thread scratch buffer and
 into ``out=``; ``Cache.read`` decoding a single in-order tier straight into the result;
-HDF5 batch reads of scattered rows by covering slices; ``FeatureMapDataset`` reading
-tiers and SACA variants in one pass.
+HDF5 batch reads of scattered rows by covering slices; ``FeatureMapDataset`` decoding
+only the SACA variant each sample uses.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import fmcache
-from fmcache import TierPlan
+from fmcache import FeatureMapDataset, TierPlan
+from fmcache.augment import AugFamily, augment_map, default_variants, draw_for, nearest_variant, variant_name
 from fmcache.codecs import codec_from_spec
 
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "fp16:cname=none", "bf16", "bf16:cname=none",
@@ -127,3 +128,40 @@ def test_hdf5_scattered_rows_match_single_reads(tmp_path: Path, order: list[int]
         singles = np.stack([cache.read_batch("l", [i])[0] for i in order])
         assert same_bits(cache.read_batch("l", order), singles)
         assert np.array_equal(cache.labels, np.arange(23))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saca_items_decode_only_the_nearest_variant_and_match_the_plain_composition(tmp_path: Path,
+                                                                                   backend: str) -> None:
+    rng = np.random.default_rng(6)
+    n, shape, stride = 19, (6, 8, 8), 4
+    names = sorted(variant_name(d) for d in default_variants(4, stride))
+    plan = TierPlan.two_tier(6, [1, 4], "fp16", "int8")
+    maps = post_relu(rng, (n, *shape))
+    variants = {v: post_relu(rng, (n, *shape)) for v in names}
+    path = tmp_path / ("s.h5" if backend == "hdf5" else "s.lmdb")
+    family = AugFamily()
+    with fmcache.create_cache(path, backend=backend,
+                              build={"input_shape": [1, 32, 32], "augment_family": family.get_config()}) as writer:
+        writer.add_layer("l", shape, plan=plan, variants=names, samples_per_chunk=4)
+        writer.append({"l": maps}, np.arange(n), variants={"l": variants})
+        writer.commit()
+    dataset = FeatureMapDataset(path, augment="saca", seed=3)
+    with fmcache.open_cache(path) as cache:
+        every = list(range(n))
+        base = cache.read_batch("l", every)
+        stored = cache.read_parts("l", every, [f"sensitive@{v}" for v in names])
+    sensitive = np.asarray(plan.tier("sensitive").channels)
+    used = set()
+    for epoch in (0, 1, 2):
+        dataset.set_epoch(epoch)
+        order = list(rng.permutation(n))
+        items = dataset.__getitems__(order)
+        for i, (features, label) in zip(order, items):
+            draw = family.draw(draw_for(3, epoch, int(i)))
+            everything = {v: stored[f"sensitive@{v}"][i] for v in names}  # the plain path: all variants
+            expected = augment_map("saca", base[i], draw, stride, sensitive, everything)
+            assert same_bits(features.numpy(), expected)
+            assert label == i
+            used.add(nearest_variant(draw, names)[0])
+    assert len(used) >= 3  # the draws exercised several variants and the identity

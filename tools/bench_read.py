@@ -57,9 +57,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
-from fmcache import FeatureMapDataset, create_cache, open_cache  # noqa: E402
-from fmcache.codecs import codec_from_spec  # noqa: E402
-from fmcache.zoo import FashionMNIST, pretrained_resnet  # noqa: E402
+from fmcache import FeatureMapDataset, create_cache, open_cache
+from fmcache.codecs import codec_from_spec
+from fmcache.zoo import FashionMNIST, pretrained_resnet
 
 DEFAULT_CODECS = (
     "bf16",  # the builder's default: bf16 + blosc2 LZ4-5, byte shuffle

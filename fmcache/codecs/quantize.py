@@ -128,7 +128,7 @@ class _AffineQuantizer(Codec):
     def _unpack(self, codes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if self.bits == 8:
             return codes.reshape(shape)
-        return unpack_nibbles(codes.reshape(-1), int(np.prod(shape))).reshape(shape)
+        return unpack_nibbles(codes.reshape(-1), math.prod(shape)).reshape(shape)
 
     # ---- bytes face ---------------------------------------------------------------
     def _encode(self, x: np.ndarray) -> bytes:
