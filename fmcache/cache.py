@@ -67,6 +67,7 @@ class CacheWriter:
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.allow_nonfinite = allow_nonfinite
+        self._dtypes: dict[str, np.dtype] = {}  # first dtype seen per layer (and variant)
         self._committed = False
         if self.path.exists() and not overwrite:
             raise CacheExistsError(f"{self.path} already exists")
@@ -103,7 +104,6 @@ class CacheWriter:
                                      build=dict(build or {}), fmcache_version=__version__)
             self._write_draft()
             self.samples = 0
-            self._dtypes = {}
         else:
             try:
                 self._reopen(draft, fingerprints, allow_stale)
@@ -125,7 +125,6 @@ class CacheWriter:
         except (CorruptionError, SampleIndexError) as exc:
             raise ResumeError(f"cannot resume {self.partial}: what it committed is damaged ({exc.message})") from exc
         self.backend.truncate(self.samples)
-        self._dtypes: dict[str, np.dtype] = {}
 
     def _check_committed(self) -> None:
         """Re-read (checksums, decode) every committed sample and label: HDF5 may have

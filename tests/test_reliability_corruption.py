@@ -91,6 +91,45 @@ def test_lmdb_every_byte_of_a_compressed_record_is_covered(tmp_path):
     assert _in_child(sweep) == ["CorruptionError"]
 
 
+def test_lmdb_flipped_bit_in_a_btree_key_never_serves_another_sample(tmp_path):
+    """LMDB has no page checksums. One bit flipped in the B-tree key of sample 56 makes it
+    a second key 57, and a lookup of 57 could land on sample 56's record, which is intact
+    and passes its CRC (it did, before records carried their own key: part '#key')."""
+    from fmcache.backends.lmdb_backend import KEY_PART, record_key
+
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", codec="raw")
+    blob = (path / "data.mdb").read_bytes()
+    key = record_key(0, 56)
+    # B-tree node keys only (node header ends with the key size, 11), not the '#key' parts
+    in_index = [at for at in find_all(blob, key) if blob[at - 2:at] == bytes([len(key), 0])]
+    assert in_index
+    flip_everywhere(path / "data.mdb", in_index, len(key) - 1, 0x01)  # ...56 -> ...57
+    truth = synthetic()[0]["conv"]
+    with fmcache.open_cache(path) as cache:
+        for sample in range(64):
+            try:
+                got = cache.read("conv", sample)
+            except CorruptionError as exc:
+                assert f"sample {sample}" in str(exc)
+                continue
+            np.testing.assert_array_equal(got, truth[sample], err_msg=f"sample {sample} served wrong data")
+        with pytest.raises(CorruptionError, match="sample 56: no record"):
+            cache.read("conv", 56)
+    code, output = verify_cli(path)
+    assert code == 1 and "sample 56" in output, output
+    import lmdb
+
+    from fmcache.record import unpack_record
+
+    fresh = tmp_path / "fresh.lmdb"  # records carry their own key
+    write(fresh, "lmdb", codec="raw")
+    env = lmdb.open(str(fresh), readonly=True, lock=False, subdir=True)
+    with env.begin() as txn:
+        assert bytes(unpack_record(txn.get(record_key(1, 9)), "test")[KEY_PART]) == record_key(1, 9)
+    env.close()
+
+
 def _in_child(fn):
     """Run ``fn(conn)`` in a forked child; its answer, or the signal that killed it."""
     parent, child = mp.get_context("fork").Pipe()

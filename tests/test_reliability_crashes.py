@@ -24,8 +24,8 @@ from reliability_support import (
 )
 
 import fmcache
-import fmcache.backends.hdf5_backend as hdf5_backend
 import fmcache.cache as cache_mod
+from fmcache.backends import hdf5_backend
 from fmcache.backends.lmdb_backend import LmdbBackend
 from fmcache.compact import compact_cache
 from fmcache.errors import IncompleteCacheError, ResumeError

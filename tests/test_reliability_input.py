@@ -108,7 +108,7 @@ def interrupted(tmp_path_factory):
     thread pools do not survive fork)."""
     out = tmp_path_factory.mktemp("killed") / "c.lmdb"
     proc = subprocess.run([sys.executable, "-c", KILL_BUILD.format(here=str(HERE), out=str(out))],
-                          capture_output=True, timeout=300)
+                          capture_output=True, timeout=300, check=False)
     assert proc.returncode < 0, proc.stderr.decode()[-2000:]
     return cache_mod.partial_path(out)
 
@@ -249,9 +249,9 @@ def test_invalid_tier_plans(tiers, match):
 
 
 def test_tier_plan_for_another_channel_count_names_the_layer(tmp_path):
-    with fmcache.create_cache(tmp_path / "c.lmdb") as w:
-        with pytest.raises(ShapeMismatchError, match=r"layer 'conv': the tier plan covers 4 channels"):
-            w.add_layer("conv", SHAPES["conv"], plan=TierPlan.single(4, "raw"))
+    with fmcache.create_cache(tmp_path / "c.lmdb") as w, \
+            pytest.raises(ShapeMismatchError, match=r"layer 'conv': the tier plan covers 4 channels"):
+        w.add_layer("conv", SHAPES["conv"], plan=TierPlan.single(4, "raw"))
 
 
 # ---- the file system ---------------------------------------------------------------------------
@@ -260,7 +260,8 @@ def tmpfs(tmp_path):
     """A small tmpfs (root only): a disk that can fill up, or be made read-only."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
+                          check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
     yield mnt
@@ -374,9 +375,9 @@ def test_builds_and_reads_with_hdf5_plugin_path_exported(tmp_path):
     out = tmp_path / "p.h5"
     env = {**os.environ, "HDF5_PLUGIN_PATH": hdf5plugin.PLUGIN_PATH}
     proc = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + PLUGIN_SCRIPT], env=env,
-                          capture_output=True, timeout=300)
+                          capture_output=True, timeout=300, check=False)
     assert proc.returncode == 0 and proc.stdout.strip().endswith(b"ok"), proc.stderr.decode()[-2000:]
     if shutil.which("h5dump"):  # and h5dump, as users run it, prints decoded values
         dump = subprocess.run(["h5dump", "-d", "/layers/l0/all/values", "-c", "1,1,2", str(out)], env=env,
-                              capture_output=True, timeout=60)
+                              capture_output=True, timeout=60, check=False)
         assert dump.returncode == 0 and b"DATA" in dump.stdout, dump.stderr.decode()[-1000:]

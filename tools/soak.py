@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fmcache  # noqa: E402
-from fmcache import FeatureMapDataset  # noqa: E402
+import fmcache
+from fmcache import FeatureMapDataset
 
 CODECS = {"lmdb": "bf16", "hdf5": "zfp:accuracy=0.01"}
 SHAPE = (16, 16, 16)

@@ -5,7 +5,8 @@ Layout of the LMDB environment (a directory holding ``data.mdb``)::
     b"\\x00meta/<key>"            framed blob: manifest, draft, progress
     b"L" u16 layer | u64 sample   framed record (fmcache.record), one part per tier/variant,
                                   each part a codec's encoded bytes (big-endian ints, so
-                                  the samples of a layer are stored in order)
+                                  the samples of a layer are stored in order), plus a part
+                                  "#key" holding the record's own key
     b"Y" u64 start                framed .npy bytes: labels of one written batch
 
 A batch is one write transaction (many samples), committed together with its progress
@@ -41,6 +42,11 @@ _META = b"\x00meta/"
 _REC = struct.Struct(">cHQ")
 _LABELS = struct.Struct(">cQ")
 INITIAL_MAP_SIZE_BYTES = 64 << 20
+#: Record part holding the record's own key. LMDB has no page checksums: one flipped bit
+#: in a B-tree key (sample 5 -> 4) would serve an intact record, CRC and all, for the
+#: wrong sample. Readers compare it with the key they asked for (records without it,
+#: written before it existed, are read as before).
+KEY_PART = "#key"
 
 _envs: dict[tuple[int, int, int], list[Any]] = {}  # (pid, dev, inode of data.mdb) -> [env, refcount, writable]
 _envs_lock = threading.Lock()
@@ -224,7 +230,9 @@ class LmdbBackend(Backend):
                     payload = codec.encode(batch[i])
                     sizes[name] += len(payload)
                     encoded[name] = payload
-                puts.append((record_key(index, start + i), pack_record(encoded)))
+                key = record_key(index, start + i)
+                encoded[KEY_PART] = key
+                puts.append((key, pack_record(encoded)))
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(labels), allow_pickle=False)
         puts.append((_LABELS.pack(b"Y", start), pack_blob(buf.getvalue())))
@@ -274,10 +282,15 @@ class LmdbBackend(Backend):
             get = txn.get
             for row, sample in enumerate(samples):
                 sample = int(sample)
-                value = get(key(b"L", index, sample))
+                wanted_key = key(b"L", index, sample)
+                value = get(wanted_key)
                 if value is None:  # in range (the cache checks that) yet absent: a damaged database
                     raise CorruptionError(f"{prefix}{sample}: no record")
                 record = unpack_record(value, f"{prefix}{sample}")  # CRC checked before any decode
+                own_key = record.get(KEY_PART)
+                if own_key is not None and own_key != wanted_key:
+                    raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
+                                          "(the database's index is damaged)")
                 for dst, name, codec in rows:
                     payload = record.get(name)
                     if payload is None:
