@@ -73,7 +73,7 @@ def evaluate(prefix: nn.Module, suffix: nn.Module, dataset: Any, batch_size: int
 
 
 DEMO_WIDTH = 8
-DEMO_PRETRAIN_STEPS = 100
+DEMO_PRETRAIN_STEPS = 50
 
 
 def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str = "layer2",
