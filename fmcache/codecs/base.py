@@ -47,17 +47,21 @@ _scratch = threading.local()
 def scratch_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A per-thread reusable C-contiguous array of ``shape`` and ``dtype``.
 
-    Decoders stage intermediate values (16-bit casts, quantised codes) here instead of a
-    fresh array per call: allocation, not arithmetic, dominates fast codecs
-    (measurements.md), and a reused buffer stays in cache. The contents are only valid
-    until the next call on the same thread; callers must not return it.
+    Decoders stage intermediate values (quantised codes, ...) here instead of a fresh
+    array per call: allocation, not arithmetic, dominates fast codecs (measurements.md),
+    a reused buffer stays in cache, and the array is looked up, not rebuilt, per call.
+    The contents are only valid until the next call on the same thread; callers must
+    not return it.
     """
-    nbytes = math.prod(shape) * dtype.itemsize
-    buf: np.ndarray | None = getattr(_scratch, "buf", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1 << 16) // 8 + 1, dtype=np.uint64)  # 8-byte aligned
-        _scratch.buf = buf
-    return buf.view(np.uint8)[:nbytes].view(dtype).reshape(shape)
+    arrays: dict[tuple[tuple[int, ...], str], np.ndarray] | None = getattr(_scratch, "arrays", None)
+    if arrays is None:
+        arrays = _scratch.arrays = {}
+    array = arrays.get((shape, dtype.str))
+    if array is None:
+        if len(arrays) >= 32:  # many shapes: start over rather than grow
+            arrays.clear()
+        array = arrays[(shape, dtype.str)] = np.empty(shape, dtype=dtype)
+    return array
 
 
 def channel_axis(ndim: int) -> int:

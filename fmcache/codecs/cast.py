@@ -19,6 +19,7 @@ numpy on this machine, and decoding copies into ``out`` without a temporary floa
 from __future__ import annotations
 
 import math
+import threading
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import EncodeError
-from .base import Codec, Hdf5Field, check_choice, scratch_array
+from .base import Codec, Hdf5Field, check_choice
 from .lossless import CNAMES, SHUFFLES, blosc2_compress, blosc2_decompress_into, blosc2_hdf5_filter
 from .registry import register_codec
 
@@ -107,6 +108,25 @@ class LosslessStage:
         return blosc2_hdf5_filter(self.cname, self.clevel, self.shuffle)
 
 
+_scratch = threading.local()
+
+
+def _scratch16(shape: tuple[int, ...], dtype: np.dtype, torch_dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
+    """A per-thread reusable 16-bit array of ``shape`` and the torch view of it as
+    ``torch_dtype``: decoding stages values there (no allocation, stays in cache) and
+    widens from the view (no per-call tensor construction). Valid until the next call."""
+    views: dict[tuple[tuple[int, ...], str], tuple[np.ndarray, torch.Tensor]] | None = getattr(_scratch, "views", None)
+    if views is None:
+        views = _scratch.views = {}
+    pair = views.get((shape, dtype.str))
+    if pair is None:
+        if len(views) >= 32:  # many shapes (e.g. per-layer tiers): start over rather than grow
+            views.clear()
+        array = np.empty(shape, dtype=dtype)
+        pair = views[(shape, dtype.str)] = (array, torch.from_numpy(array.view(np.int16)).view(torch_dtype))
+    return pair
+
+
 def _writable(x: np.ndarray) -> np.ndarray:
     # torch.from_numpy warns on read-only arrays (e.g. views of bytes); copy those only.
     return x if x.flags.writeable else x.copy()
@@ -130,6 +150,7 @@ class _Cast16(Codec):
     stores_nonfinite = True
     keeps_zeros = True
     _storage_dtype: np.dtype
+    _torch_dtype: torch.dtype
 
     def __init__(self, cname: str = "lz4", clevel: int = 5, shuffle: str = "byte") -> None:
         self.stage = LosslessStage.checked(self.codec_id, cname, clevel, shuffle)
@@ -151,10 +172,11 @@ class _Cast16(Codec):
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         # The 16-bit values go to a reused per-thread buffer (in cache, no allocation),
         # then widen straight into `out`: one pass over the output.
-        values16 = self.stage.unpack(payload, self._storage_dtype, shape,
-                                     scratch_array(shape, self._storage_dtype))
+        values16, tensor16 = _scratch16(shape, self._storage_dtype, self._torch_dtype)
+        self.stage.unpack(payload, self._storage_dtype, shape, values16)
         if out is not None and out.flags.c_contiguous:
-            return self._from16_into(values16, out)
+            torch.from_numpy(out).copy_(tensor16)
+            return out
         result = self._from16_into(values16, np.empty(shape, dtype=np.float32))
         if out is None:
             return result
@@ -181,6 +203,7 @@ class Fp16(_Cast16):
 
     codec_id = "fp16"
     _storage_dtype = np.dtype("<f2")
+    _torch_dtype = torch.float16
 
     def _to16(self, x: np.ndarray) -> np.ndarray:
         x = _writable(x)
@@ -225,6 +248,7 @@ class Bf16(_Cast16):
 
     codec_id = "bf16"
     _storage_dtype = np.dtype("<u2")
+    _torch_dtype = torch.bfloat16
 
     def _to16(self, x: np.ndarray) -> np.ndarray:
         x = _writable(x)

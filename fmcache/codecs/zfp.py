@@ -19,6 +19,7 @@ tolerance (see :class:`Zfp`).
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Callable
@@ -72,7 +73,7 @@ def _span(x: np.ndarray) -> tuple[float, float]:
 
 def view_shape(sample_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of :func:`~fmcache.codecs.base.as_2d_view` for a sample shape."""
-    return (int(np.prod(sample_shape[:-1], dtype=np.int64)), sample_shape[-1])
+    return (math.prod(sample_shape[:-1]), sample_shape[-1])
 
 
 def frame(x: np.ndarray, nonneg: bool, stream: bytes | None) -> bytes:
@@ -93,7 +94,7 @@ def unframe_into(payload: memoryview, shape: tuple[int, ...], out: np.ndarray | 
         raise ValueError(f"payload of {len(payload)} bytes has no mode and flags")
     mode, flags, body = payload[0], payload[1], payload[2:]
     if mode == MODE_RAW:
-        n_values = int(np.prod(shape, dtype=np.int64))
+        n_values = math.prod(shape)
         if len(body) != 4 * n_values:
             raise ValueError(f"raw body holds {len(body)} bytes, shape {shape} needs {4 * n_values}")
         decoded = np.frombuffer(body, dtype="<f4")
