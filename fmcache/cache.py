@@ -319,12 +319,16 @@ class Cache:
                 raise NotACacheError(f"{self.path} does not exist")
             raise NotACacheError(f"{self.path} is not an fmcache cache (neither an LMDB directory nor an HDF5 file)")
         self.backend = backend_class(backend_id)(self.path, writable=False)
-        raw = self.backend.get_meta("manifest")
-        if raw is None:
-            raise IncompleteCacheError(f"{self.path} has no committed manifest")
-        self.manifest = Manifest.from_json(raw, f"{self.path}: manifest")
-        if not self.manifest.complete:
-            raise IncompleteCacheError(f"{self.path}: the manifest is not marked complete")
+        try:
+            raw = self.backend.get_meta("manifest")
+            if raw is None:
+                raise IncompleteCacheError(f"{self.path} has no committed manifest")
+            self.manifest = Manifest.from_json(raw, f"{self.path}: manifest")
+            if not self.manifest.complete:
+                raise IncompleteCacheError(f"{self.path}: the manifest is not marked complete")
+        except BaseException:
+            self.backend.close()  # no handle (or shared LMDB environment) left behind
+            raise
         for index, layer in enumerate(self.manifest.layers.values()):
             self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
         self._labels: np.ndarray | None = None
