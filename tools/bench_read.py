@@ -16,6 +16,7 @@ measures, in float32 MB (10^6 bytes) per second:
 * ``loader_w0/1/2``  ``FeatureMapDataset`` + ``DataLoader(batch_size=128, num_workers=0/1/2)``
                      with its chunk-aware sampler, wall clock for one epoch (the machine has
                      two cores: with workers the main process and the workers share them);
+                     ``loader_w0_cpu`` the same without workers in CPU time (per core);
 * ``codec``          the bare codec: ``codec.decode(bytes)`` per sample, new array per call;
 * ``codec_out``      the same into a reused ``out=`` buffer;
 * ``memcpy``         ``np.copyto`` per sample into a reused buffer (the ceiling).
@@ -177,6 +178,8 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
             runs[f"{spec}|{backend}|read_out"] = (per_sample(lambda i, c=cache: c.read(layer, i, out=out)), "cpu")
             for workers in loader_workers:
                 runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
+            if 0 in loader_workers:  # all of it runs in this thread: CPU time too, comparable with `read`
+                runs[f"{spec}|{backend}|loader_w0_cpu"] = (loader_epoch(path, 0), "cpu")
     seconds = interleaved(runs, repeats)
     for cache in caches:
         cache.close()
@@ -187,7 +190,8 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
         entry["codec"].update(codec=rate[f"{spec}|codec"], codec_out=rate[f"{spec}|codec_out"])
         for backend in BACKENDS:
             b = entry["backends"][backend]
-            for key in ("read", "read_out", *(f"loader_w{w}" for w in loader_workers)):
+            for key in ("read", "read_out", *(f"loader_w{w}" for w in loader_workers),
+                        *(["loader_w0_cpu"] if 0 in loader_workers else [])):
                 b[key] = rate[f"{spec}|{backend}|{key}"]
             # read / bare decode, both new arrays per call, measured in the same rounds
             b["read_vs_codec"] = statistics.median(
@@ -218,20 +222,22 @@ def markdown_table(results: dict[str, Any]) -> str:
     settings = results["settings"]
     lines.append(f"Settings: ResNet-18 width {settings['width']}, {settings['samples']} samples, "
                  f"{settings['repeats']} repeats, torch/blosc2 one thread; {settings['cpu']}. "
-                 "MB/s of float32 per second, median (min–max). `read`, `codec`, `memcpy`: CPU time of "
-                 "the reading thread (per core); `loader`: wall clock, DataLoader batch 128.\n")
+                 "MB/s of float32 per second, median (min–max). `read`, `codec`, `memcpy`, `loader w0 (CPU)`: "
+                 "CPU time of the reading thread (per core); `loader wN`: wall clock, DataLoader batch 128.\n")
     workers = settings["loader_workers"]
     for layer, res in results["layers"].items():
         lines.append(f"**{layer}** {tuple(res['shape'])}, {res['megabytes']:.0f} MB float32; "
                      f"memcpy {_f(res['memcpy'])} MB/s\n")
         head = ["codec", "backend", "ratio", "rel L2", "write", "read", "read out=", "read/codec",
-                *(f"loader w{w}" for w in workers), "bare codec", "codec out="]
+                *(["loader w0 (CPU)"] if 0 in workers else []), *(f"loader w{w}" for w in workers),
+                "bare codec", "codec out="]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for spec, entry in res["codecs"].items():
             for backend, b in entry["backends"].items():
                 row = [f"`{spec}`", backend, f"{b['ratio']:.2f}", f"{b['rel_l2_error']:.1e}",
                        f"{b['write_mb_s']:,.0f}", _f(b["read"]), _f(b["read_out"]), f"{b['read_vs_codec']:.2f}",
+                       *([_f(b["loader_w0_cpu"])] if 0 in workers else []),
                        *(_f(b[f"loader_w{w}"]) for w in workers), _f(entry["codec"]["codec"]),
                        _f(entry["codec"]["codec_out"])]
                 lines.append("| " + " | ".join(row) + " |")
