@@ -171,6 +171,36 @@ def test_hdf5_partial_damaged_by_a_crash_refuses_resume_with_a_rebuild_hint(tmp_
     assert_same_cache(path, clean["hdf5"])
 
 
+def _kill_between_renames(path):
+    """Overwrite a committed LMDB cache and die after the old one was moved aside, before
+    the new one is moved in (a directory cannot be swapped in one rename)."""
+    import os
+
+    original = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(1)
+        if len(calls) == 2:
+            die()
+        return original(src, dst)
+
+    cache_mod.os.replace = replace
+    write(path, "lmdb", overwrite=True)
+
+
+def test_sigkill_between_the_renames_of_an_lmdb_overwrite(tmp_path, clean):
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", seed=1)  # an older cache of other data at the path
+    assert run_killed(_kill_between_renames, path) == KILLED
+    assert not path.exists() and path.with_name("c.lmdb.old").exists()
+    with pytest.raises(IncompleteCacheError):
+        fmcache.open_cache(path)
+    write(path, "lmdb", resume=True, overwrite=True)
+    assert_same_cache(path, clean["lmdb"])
+    assert not path.with_name("c.lmdb.old").exists() and not cache_mod.partial_path(path).exists()
+
+
 def _kill_compaction(src, dst, when):
     if when == "mid-copy":
         original = cache_mod.CacheWriter.append
