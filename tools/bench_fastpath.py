@@ -57,7 +57,7 @@ def child(shape: tuple[int, ...], samples: int, workdir: Path) -> dict[str, floa
         encoded = [codec.encode(m) for m in maps]
         out = np.empty(shape, dtype=np.float32)
         results[f"{spec} codec.decode"] = rate(lambda c=codec, e=encoded: [c.decode(x) for x in e])
-        results[f"{spec} codec.decode out="] = rate(lambda c=codec, e=encoded: [c.decode(x, out=out) for x in e])
+        results[f"{spec} codec.decode out="] = rate(lambda c=codec, e=encoded, o=out: [c.decode(x, out=o) for x in e])
         for backend in ("lmdb", "hdf5"):
             path = workdir / f"{spec}-{backend}{'.h5' if backend == 'hdf5' else '.lmdb'}"
             with fmcache.create_cache(path, backend=backend) as writer:
@@ -78,6 +78,10 @@ def child(shape: tuple[int, ...], samples: int, workdir: Path) -> dict[str, floa
                 lambda c=cache, b=batches: [c.read_batch("l", x) for x in b])
             cache.close()
     return results
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})" if values else "–"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work.mkdir()
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 out = subprocess.run([sys.executable, "-c",
-                                      "import sys, runpy; sys.argv = sys.argv[1:]; "
-                                      "runpy.run_path(sys.argv[0], run_name='__main__')",
+                                      ("import sys, runpy; sys.argv = sys.argv[1:]; "
+                                       "runpy.run_path(sys.argv[0], run_name='__main__')"),
                                       str(Path(__file__).resolve()), "--child", str(work), "--samples",
                                       str(args.samples), "--shape", *map(str, shape)],
                                      env=env, cwd=tree, check=True, capture_output=True, text=True)
@@ -113,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runs[label].setdefault(key, []).append(value)
                 shutil.rmtree(work, ignore_errors=True)
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True,
+                       check=False)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"shape {shape}, {args.samples} samples, {args.repeats} alternating runs each; "
           f"MB/s per core, median (min-max); baseline {args.baseline}")
@@ -122,8 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in runs["now"]:
         old, new = runs["baseline"].get(key, []), runs["now"][key]
         ratio = statistics.median(n / o for n, o in zip(new, old)) if old else float("nan")
-        fmt = lambda v: f"{statistics.median(v):,.0f} ({min(v):,.0f}–{max(v):,.0f})" if v else "–"  # noqa: E731
-        print(f"| {key} | {fmt(old)} | {fmt(new)} | {ratio:.2f} |")
+        print(f"| {key} | {_fmt(old)} | {_fmt(new)} | {ratio:.2f} |")
     return 0
 
 
