@@ -22,7 +22,8 @@ from the same weights for every approach; an epoch is one pass over the samples:
 The ``torchsave``/``memmap``/``h5py`` readers are what a user would write by hand
 (``__getitem__`` per sample, default collate), without augmentation: that only makes them
 faster, so fmcache being ahead is a conservative claim. Every loader runs with
-``num_workers=0``: on two cores the trainer's two torch threads already use the machine.
+``num_workers=0`` and torch uses one thread: on this shared two-core machine two torch
+threads ran 3-5x *slower* than one (OpenMP spinning against other jobs).
 
 Each repeat runs one epoch of every approach in turn (side by side, so a neighbour's
 load hits them alike); the tables give the median and min-max of the epoch seconds and
@@ -32,8 +33,8 @@ with SZ3, and the SACA build, and reports bytes on disk of every approach.
 
 Run from the repository root::
 
-    python tools/bench_train.py            # width 32, 768 samples, batch 64, 3 repeats
-    python tools/bench_train.py --quick    # width 16, 256 samples, layer3 only, 1 repeat; docs untouched
+    python tools/bench_train.py            # width 16, 1024 samples, batch 64, 5 repeats, 1 thread
+    python tools/bench_train.py --quick    # 256 samples, layer3 only, 1 repeat; docs untouched
 
 It prints JSON on stdout and (unless ``--quick``) writes ``docs/bench.json`` (key
 ``train``), ``docs/bench_train.png`` and the tables between ``<!-- bench_train:start -->``
@@ -358,20 +359,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="small run; leaves docs/ alone")
-    parser.add_argument("--width", type=int, default=None, help="default 32; quick 16")
+    parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50, help="pre-training steps of the model")
-    parser.add_argument("--samples", type=int, default=None, help="default 768; quick 256")
+    parser.add_argument("--samples", type=int, default=None, help="default 1024; quick 256")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=None, help="default 3; quick 1")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5; quick 1")
     parser.add_argument("--boundaries", nargs="+", default=None)
     parser.add_argument("--backends", nargs="+", default=["lmdb", "hdf5"])
-    parser.add_argument("--saca-samples", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--saca-samples", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine 2 threads ran 3-5x slower)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
     args = parser.parse_args(argv)
-    args.width = args.width or (16 if args.quick else 32)
-    args.samples = args.samples or (256 if args.quick else 768)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.samples = args.samples or (256 if args.quick else 1024)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     args.boundaries = args.boundaries or (["layer3"] if args.quick else list(BOUNDARIES))
     return args
 
