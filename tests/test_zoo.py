@@ -353,23 +353,23 @@ def test_thread_count_from_environment_must_be_an_integer(tmp_path, monkeypatch)
 
 def test_pretrained_resnet_is_cached_by_recipe(tmp_path, monkeypatch):
     fake_split(tmp_path / "data", n=130)
-    model = pretrained_resnet(width=2, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
+    model = pretrained_resnet(width=8, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
     files = sorted(p.name for p in (tmp_path / "zoo").iterdir())
-    assert files == ["cifar_resnet18-fmnist-w2-s1-seed0-r1.pt"] and not model.training
+    assert files == ["cifar_resnet18-fmnist-w8-s1-seed0-r1.pt"] and not model.training
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model must be loaded, not trained")
 
     monkeypatch.setattr(pretrain_module, "pretrain", no_training)
-    again = pretrained_resnet(width=2, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
+    again = pretrained_resnet(width=8, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 def test_unreadable_cached_model_is_trained_again(tmp_path):
     fake_split(tmp_path / "data", n=130)
     (tmp_path / "zoo").mkdir()
-    (tmp_path / "zoo" / "cifar_resnet18-fmnist-w2-s1-seed0-r1.pt").write_bytes(b"not a state dict")
+    (tmp_path / "zoo" / "cifar_resnet18-fmnist-w8-s1-seed0-r1.pt").write_bytes(b"not a state dict")
     with pytest.warns(UserWarning, match="could not be loaded"):
-        model = pretrained_resnet(width=2, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
-    loaded = torch.load(tmp_path / "zoo" / "cifar_resnet18-fmnist-w2-s1-seed0-r1.pt", weights_only=True)
+        model = pretrained_resnet(width=8, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
+    loaded = torch.load(tmp_path / "zoo" / "cifar_resnet18-fmnist-w8-s1-seed0-r1.pt", weights_only=True)
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
