@@ -110,9 +110,9 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     dataset = call_factory(data_ref, **({"data_dir": data_dir} if data_dir else {}))
     info = {"model": model_ref, "data": data_ref, "weights": weights}
-    common = {"backend": backend, "batch_size": batch_size, "num_workers": num_workers, "resume": resume,
-              "overwrite": overwrite, "shard": _shard(shard), "allow_stale": allow_stale,
-              "progress": not no_progress, "build_info": info}
+    common: dict[str, Any] = {"backend": backend, "batch_size": batch_size, "num_workers": num_workers,
+                              "resume": resume, "overwrite": overwrite, "shard": _shard(shard),
+                              "allow_stale": allow_stale, "progress": not no_progress, "build_info": info}
     if saca:
         from .augment import AugFamily
         from .builder import SacaConfig, build_saca_cache
