@@ -10,26 +10,26 @@ Public API (everything else is private and may change)::
 
 __version__ = "0.1.0"
 
-from .cache import Cache, CacheWriter, create_cache, open_cache  # noqa: E402
-from .codecs import Codec, codec_from_config, codec_from_spec, registered_codecs  # noqa: E402
-from .manifest import FORMAT_VERSION, LayerInfo, Manifest  # noqa: E402
-from .tiers import Tier, TierPlan  # noqa: E402
-from .dataset import FeatureMapDataset  # noqa: E402
+from .cache import Cache, CacheWriter, create_cache, open_cache
+from .codecs import Codec, codec_from_config, codec_from_spec, registered_codecs
+from .dataset import FeatureMapDataset
+from .manifest import FORMAT_VERSION, LayerInfo, Manifest
+from .tiers import Tier, TierPlan
 
 __all__ = [
+    "FORMAT_VERSION",
     "Cache",
     "CacheWriter",
     "Codec",
-    "codec_from_config",
-    "codec_from_spec",
-    "create_cache",
     "FeatureMapDataset",
-    "FORMAT_VERSION",
     "LayerInfo",
     "Manifest",
-    "open_cache",
-    "registered_codecs",
     "Tier",
     "TierPlan",
     "__version__",
+    "codec_from_config",
+    "codec_from_spec",
+    "create_cache",
+    "open_cache",
+    "registered_codecs",
 ]

@@ -49,7 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    index, sep, count = value.partition("/")
+    index, _, count = value.partition("/")
     try:
         return int(index), int(count)
     except ValueError:

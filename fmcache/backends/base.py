@@ -70,7 +70,7 @@ class Backend(ABC):
         if self.writable:
             self._declare(name)
 
-    def _declare(self, name: str) -> None:  # noqa: B027 - optional hook
+    def _declare(self, name: str) -> None:
         """Create per-layer storage if needed (idempotent)."""
 
     def part_specs(self, layer: str) -> list[PartSpec]:
@@ -130,7 +130,7 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def flush(self) -> None:  # noqa: B027 - optional hook
+    def flush(self) -> None:
         """Make everything written so far durable."""
 
     # ---- process safety ------------------------------------------------------------------
