@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from .builder import build_cache
 from .dataset import FeatureMapDataset
 from .report import inspect_cache, render_table
-from .zoo import FashionMNIST, native_bf16, pretrained_resnet, split_at
+from .train import StepCounter, evaluate, sgd, train_epoch
+from .zoo import FashionMNIST, pretrained_resnet, split_at
 
 
 def _reset(module: nn.Module, seed: int) -> nn.Module:
@@ -38,38 +39,15 @@ def _reset(module: nn.Module, seed: int) -> nn.Module:
 
 def train_epochs(suffix: nn.Module, loader_for_epoch: Callable[[int], DataLoader], epochs: int,
                  prefix: nn.Module | None = None, lr: float = 0.05, seed: int = 0) -> float:
-    """Train ``suffix`` (on ``prefix(x)`` when a prefix is given); returns wall seconds."""
+    """Train ``suffix`` (on ``prefix(x)`` when a prefix is given) with the recipe of
+    :mod:`fmcache.train`; returns wall seconds."""
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(suffix.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    steps = epochs * len(loader_for_epoch(0))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
-    loss_fn = nn.CrossEntropyLoss()
-    bf16 = native_bf16()
+    opt = sgd(suffix.parameters(), lr=lr)
+    steps = StepCounter(epochs * len(loader_for_epoch(0)), peak_lr=lr)
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        suffix.train()
-        for x, y in loader_for_epoch(epoch):
-            if prefix is not None:
-                with torch.no_grad():
-                    x = prefix(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_fn(suffix(x.float()), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        train_epoch(suffix, loader_for_epoch(epoch), opt, steps, prefix=prefix)
     return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def evaluate(prefix: nn.Module, suffix: nn.Module, dataset: Any, batch_size: int = 256) -> float:
-    prefix.eval()
-    suffix.eval()
-    correct = total = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        correct += int((suffix(prefix(x)).argmax(1) == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
 
 
 DEMO_WIDTH = 8
@@ -77,7 +55,8 @@ DEMO_PRETRAIN_STEPS = 50
 
 
 def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str = "layer2",
-             width: int = DEMO_WIDTH, codec: str = "bf16", pretrain_steps: int = DEMO_PRETRAIN_STEPS, data_dir: str | None = None, batch_size: int = 128,
+             width: int = DEMO_WIDTH, codec: str = "bf16", pretrain_steps: int = DEMO_PRETRAIN_STEPS,
+             data_dir: str | None = None, batch_size: int = 128,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -112,7 +91,7 @@ def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str 
                           generator=torch.Generator().manual_seed(epoch))
 
     wall = train_epochs(suffix_a, raw_loader, epochs, prefix=prefix.eval())
-    results["recompute_prefix"] = {"acc": evaluate(prefix, suffix_a, test), "train_s": wall,
+    results["recompute_prefix"] = {"acc": evaluate(nn.Sequential(prefix, suffix_a), test), "train_s": wall,
                                    "bytes": samples * 32 * 32}
     echo(f"  classic freezing (prefix recomputed): {wall:.1f} s")
 
@@ -127,7 +106,7 @@ def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str 
         return DataLoader(fmaps, batch_size=batch_size, sampler=sampler, drop_last=True)
 
     wall = train_epochs(suffix_b, cache_loader, epochs)
-    results["fmcache"] = {"acc": evaluate(prefix, suffix_b, test), "train_s": wall,
+    results["fmcache"] = {"acc": evaluate(nn.Sequential(prefix, suffix_b), test), "train_s": wall,
                           "bytes": summary["stored_bytes"], "build_s": build_s}
     echo(f"  fmcache (from the cache):             {wall:.1f} s (+ {build_s:.1f} s build)")
 
