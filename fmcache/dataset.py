@@ -24,15 +24,37 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from .augment import AUGMENT_MODES, AugDraw, AugFamily, augment_map, draw_for, infer_stride, nearest_variant
+from .augment import AUGMENT_MODES, AugFamily, infer_stride
+from .augment.batch import feature_batch, nearest_batch, saca_batch
 from .cache import Cache, open_cache
 from .errors import CacheError
 from .manifest import VARIANT_SEP
 from .sampler import ChunkShuffleSampler
 
 _DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def collate(items: Sequence[tuple[torch.Tensor, Any]]) -> Any:
+    """``default_collate`` for :class:`FeatureMapDataset` batches, without its copy.
+
+    ``__getitems__`` returns the rows of one contiguous batch tensor; stacking them again
+    (what ``default_collate`` does) is a full extra pass over the batch. This returns
+    that batch tensor itself (a view) and the labels collated as ``default_collate``
+    would; any other list of items goes to ``default_collate`` unchanged. Pass it as
+    ``DataLoader(..., collate_fn=fmcache.dataset.collate)``.
+    """
+    if not items or not isinstance(items[0], tuple) or not isinstance(items[0][0], torch.Tensor):
+        return default_collate(items)
+    first = items[0][0]
+    ptr, numel, offset = first.untyped_storage().data_ptr(), first.numel(), first.storage_offset()
+    if not first.is_contiguous() or any(
+            not isinstance(m, torch.Tensor) or m.untyped_storage().data_ptr() != ptr or m.storage_offset() != offset + k * numel
+            or m.shape != first.shape or m.dtype != first.dtype for k, (m, _) in enumerate(items)):
+        return default_collate(items)
+    maps = first.as_strided((len(items), *first.shape), (numel, *first.stride()), offset)
+    return [maps, default_collate([label for _, label in items])]
 
 
 class FeatureMapDataset(Dataset):
@@ -139,31 +161,34 @@ class FeatureMapDataset(Dataset):
         value = self._labels[index]
         return int(value) if np.ndim(value) == 0 and self._labels.dtype.kind in "iub" else torch.as_tensor(value)
 
-    def _finish(self, draw: AugDraw | None, base: np.ndarray, variants: dict[str, np.ndarray] | None) -> torch.Tensor:
-        fmap = base if self.augment == "none" else \
-            augment_map(self.augment, base, draw, self.stride, self.sensitive, variants)
-        tensor = torch.from_numpy(np.ascontiguousarray(fmap))
-        return tensor if self.dtype == torch.float32 else tensor.to(self.dtype)
-
-    def _nearest_variants(self, cache: Cache, idx: np.ndarray, draws: Sequence[AugDraw]) -> list[dict[str, np.ndarray]]:
-        """Per row, ``{name: map}`` of the one cached variant SACA will use (or ``{}``).
-
-        ``nearest_variant`` is a total order, so the nearest of all variants is also the
-        nearest of the subset holding it: passing only that one to ``augment_map`` gives
-        the same map, and only one variant per sample is decoded instead of all.
-        """
+    def _variant_source(self, cache: Cache, idx: np.ndarray, base: np.ndarray, chosen: Sequence[str]) -> np.ndarray:
+        """Per row, the sensitive channels SACA starts from: the chosen cached variant's,
+        or the base's where the nearest is ``identity`` (or not cached). Only the chosen
+        variant of each sample is read and decoded, one read per variant name."""
+        sens = self.sensitive
+        assert sens is not None
+        source = base[..., sens] if self.tokens else base[:, sens]
         rows_of: dict[str, list[int]] = {}
-        for row, draw in enumerate(draws):
-            name, _ = nearest_variant(draw, self.variant_parts)
+        for row, name in enumerate(chosen):
             if name in self.variant_parts:
                 rows_of.setdefault(name, []).append(row)
-        chosen: list[dict[str, np.ndarray]] = [{} for _ in idx]
         for name, rows in rows_of.items():
             part = self.variant_parts[name]
-            maps = cache.read_parts(self.layer, idx[rows], [part])[part]
-            for k, row in enumerate(rows):
-                chosen[row] = {name: maps[k]}
-        return chosen
+            source[rows] = cache.read_parts(self.layer, idx[rows], [part])[part]
+        return source
+
+    def _augment(self, cache: Cache, idx: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """The batch's training maps (fmcache.augment.batch: the per-sample definition's
+        numbers, computed for the whole batch at once)."""
+        if self.augment == "none":
+            return base
+        draws = self.family.draws(self.seed, self.epoch, idx)
+        if self.augment == "feature":
+            return feature_batch(base, draws, self.stride, tokens=self.tokens)
+        assert self.sensitive is not None
+        chosen, rflip, rdy, rdx = nearest_batch(draws, self.variant_parts)
+        source = self._variant_source(cache, idx, base, chosen)
+        return saca_batch(base, draws, self.stride, self.sensitive, source, (rflip, rdy, rdx), tokens=self.tokens)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         return self.__getitems__([index])[0]
@@ -172,12 +197,7 @@ class FeatureMapDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         idx = np.where(idx < 0, idx + self._len, idx)
         cache = self.cache
-        base = cache.read_batch(self.layer, idx)
-        draws: list[AugDraw | None] = [None] * len(idx)
-        if self.augment != "none":
-            draws = [self.family.draw(draw_for(self.seed, self.epoch, int(i))) for i in idx]
-        variants: list[dict[str, np.ndarray]] | list[None] = [None] * len(idx)
-        if self.augment == "saca":
-            variants = self._nearest_variants(cache, idx, draws)  # type: ignore[arg-type]
-        return [(self._finish(draws[row], base[row], variants[row]), self._label(int(i)))
-                for row, i in enumerate(idx)]
+        maps = torch.from_numpy(self._augment(cache, idx, cache.read_batch(self.layer, idx)))
+        if self.dtype != torch.float32:
+            maps = maps.to(self.dtype)
+        return [(maps[row], self._label(int(i))) for row, i in enumerate(idx)]

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .zoo import native_bf16
+from .dataset import collate
 
 
 def sgd(params: Iterable[nn.Parameter], lr: float = 0.05, momentum: float = 0.9,
@@ -116,7 +117,7 @@ def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int = 0) -
     if hasattr(dataset, "sampler") and callable(dataset.sampler):  # a FeatureMapDataset: chunk-aware order
         sampler = dataset.sampler(drop_last=False)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate)
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
 

@@ -20,7 +20,7 @@ from strategies import batches, feature_maps, post_relu_maps, realistic_post_rel
 
 from fmcache.codecs import Codec, channel_axis, codec_from_config, codec_from_spec, registered_codecs
 from fmcache.codecs.base import parse_header
-from fmcache.errors import CodecSpecError, EncodeError, FmcacheError, UnknownCodecError
+from fmcache.errors import CodecSpecError, CorruptionError, EncodeError, FmcacheError, UnknownCodecError
 
 hdf5plugin.register(force=True)
 
@@ -228,6 +228,27 @@ def test_decode_into_out_fills_it(spec: str, x: np.ndarray) -> None:
     result = codec.decode(encoded, out=out)
     assert result is out
     assert out.tobytes() == codec.decode(encoded).tobytes()
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@settings(max_examples=10, deadline=None)
+@given(batch=st.integers(1, 6).flatmap(lambda n: feature_maps().map(lambda x: np.stack([x * (k + 1) for k in range(n)]))))
+def test_decode_batch_equals_decode_per_sample(spec: str, batch: np.ndarray) -> None:
+    codec = _codec(spec)
+    encoded = [codec.encode(x) for x in batch]
+    out = np.full(batch.shape, np.nan, dtype=np.float32)
+    assert codec.decode_batch([memoryview(e) for e in encoded], out) is out
+    for row, e in enumerate(encoded):
+        assert out[row].tobytes() == codec.decode(e).tobytes()
+
+
+@pytest.mark.parametrize("spec", CAST_SPECS + QUANT_SPECS)
+def test_decode_batch_refuses_a_record_of_another_shape(spec: str) -> None:
+    codec = _codec(spec)
+    x = np.ones((2, 3, 4), dtype=np.float32)
+    payloads = [codec.encode(x[0]), codec.encode(x[:, :2])]
+    with pytest.raises(CorruptionError):
+        codec.decode_batch(payloads, np.empty((2, 3, 4), dtype=np.float32))
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)

@@ -16,7 +16,7 @@ import pytest
 
 import fmcache
 from fmcache import FeatureMapDataset, TierPlan
-from fmcache.augment import AugFamily, augment_map, default_variants, draw_for, nearest_variant, variant_name
+from fmcache.augment import AugFamily, augment_map, default_variants, nearest_variant, variant_name
 from fmcache.codecs import codec_from_spec
 
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "fp16:cname=none", "bf16", "bf16:cname=none",
@@ -158,7 +158,7 @@ def test_saca_items_decode_only_the_nearest_variant_and_match_the_plain_composit
         order = list(rng.permutation(n))
         items = dataset.__getitems__(order)
         for i, (features, label) in zip(order, items):
-            draw = family.draw(draw_for(3, epoch, int(i)))
+            draw = family.draws(3, epoch, [int(i)]).draw(0)
             everything = {v: stored[f"sensitive@{v}"][i] for v in names}  # the plain path: all variants
             expected = augment_map("saca", base[i], draw, stride, sensitive, everything)
             assert same_bits(features.numpy(), expected)

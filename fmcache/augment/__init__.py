@@ -3,10 +3,11 @@ counterparts ``T_a``, cached variants and SACA composition (docs/augmentation.md
 
 Modules, each one concept: :mod:`.draw` (what is drawn, deterministic per sample),
 :mod:`.input_ops` (torch, on images), :mod:`.feature_ops` (``T_a`` on maps),
-:mod:`.variants` (names, defaults, nearest), :mod:`.saca` (composition, modes).
+:mod:`.variants` (names, defaults, nearest), :mod:`.saca` (composition, modes),
+:mod:`.batch` (the same, vectorised over a batch: what the Dataset runs).
 """
 
-from .draw import IDENTITY, AugDraw, AugFamily, draw_for
+from .draw import IDENTITY, AugDraw, AugFamily, DrawBatch, draw_for, draw_uniforms
 from .errors import AugmentationError, SensitivityError, StrideError, VariantNameError
 from .feature_ops import apply_feature, feature_offset, infer_stride
 from .input_ops import apply_input
@@ -28,6 +29,7 @@ __all__ = [
     "AugFamily",
     "AugmentMode",
     "AugmentationError",
+    "DrawBatch",
     "SensitivityError",
     "StrideError",
     "VariantNameError",
@@ -36,6 +38,7 @@ __all__ = [
     "augment_map",
     "default_variants",
     "draw_for",
+    "draw_uniforms",
     "feature_offset",
     "infer_stride",
     "nearest_variant",

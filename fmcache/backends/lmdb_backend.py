@@ -158,6 +158,19 @@ def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
 
+def _name_the_bad_sample(codec: Any, views: Sequence[memoryview], dst: np.ndarray, samples: np.ndarray,
+                         prefix: str, name: str) -> None:
+    """After a batch decode failed: decode row by row and raise CorruptionError naming the
+    first sample (and part) that does not decode. Returns if every row decodes alone."""
+    for row, view in enumerate(views):
+        try:
+            codec.decode(view, out=dst[row])
+        except CorruptionError as exc:
+            raise CorruptionError(f"{prefix}{int(samples[row])}, part {name!r}: {exc.message}") from exc
+        except ValueError as exc:
+            raise CorruptionError(f"{prefix}{int(samples[row])}, part {name!r}: {exc}") from exc
+
+
 class LmdbBackend(Backend):
     """Feature maps in an LMDB environment directory."""
 
@@ -278,9 +291,10 @@ class LmdbBackend(Backend):
         rows = [(result[s.name], s.name, s.codec) for s in wanted]
         prefix = f"{self.path}: layer {layer!r} sample "  # error context, formatted once per call
         key = _REC.pack
-        with self._env().begin(buffers=True) as txn:
+        payloads: list[list[memoryview]] = [[] for _ in rows]
+        with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
             get = txn.get
-            for row, sample in enumerate(samples):
+            for sample in samples:
                 sample = int(sample)
                 wanted_key = key(b"L", index, sample)
                 value = get(wanted_key)
@@ -291,16 +305,18 @@ class LmdbBackend(Backend):
                 if own_key is not None and own_key != wanted_key:
                     raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
                                           "(the database's index is damaged)")
-                for dst, name, codec in rows:
+                for k, (_, name, _) in enumerate(rows):
                     payload = record.get(name)
                     if payload is None:
                         raise CorruptionError(f"{prefix}{sample}: record has no part {name!r}")
-                    try:
-                        codec.decode(payload, out=dst[row])
-                    except CorruptionError as exc:
-                        raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc.message}") from exc
-                    except ValueError as exc:
-                        raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc}") from exc
+                    payloads[k].append(payload)
+            for (dst, name, codec), views in zip(rows, payloads):
+                try:
+                    codec.decode_batch(views, dst)
+                except Exception as exc:  # a damaged payload never escapes as a raw library error
+                    _name_the_bad_sample(codec, views, dst, samples, prefix, name)
+                    raise CorruptionError(f"{prefix}{int(samples[0])}..{int(samples[-1])}, part {name!r}: "
+                                          f"the batch does not decode ({exc})") from exc
         return result
 
     def read_labels(self, samples: int) -> np.ndarray | None:

@@ -28,7 +28,7 @@ import math
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -169,6 +169,18 @@ class Codec(ABC):
             raise CorruptionError(f"codec {self.codec_id!r} decoded shape {result.shape}, header says {shape}")
         return result
 
+    def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
+        """Decode one payload per row of ``out`` (float32, C-contiguous ``(n, *shape)``).
+
+        The numbers are :meth:`decode`'s; codecs whose per-sample work is mostly Python
+        overhead (casts, quantisers) override this to do the arithmetic once per batch.
+        CorruptionError (or ValueError) if any payload is malformed; callers that need to
+        name the sample re-decode the rows one by one (the error path only).
+        """
+        for row, payload in enumerate(payloads):
+            self.decode(payload, out=out[row])
+        return out
+
     @abstractmethod
     def _encode(self, x: np.ndarray) -> bytes | bytearray | memoryview:
         """Payload for a validated float32 C-contiguous array."""
@@ -227,6 +239,21 @@ def parse_header(buf: memoryview, codec_id: str) -> tuple[tuple[int, ...], int]:
     if 0 in shape or math.prod(shape) > _MAX_VALUES:
         raise CorruptionError(f"codec {codec_id!r}: implausible shape {shape} in header")
     return shape, end
+
+
+def batch_views(payloads: Sequence[bytes | bytearray | memoryview], codec_id: str,
+                shape: tuple[int, ...]) -> list[memoryview]:
+    """The payload bodies (after the header) of a batch whose headers must all say ``shape``."""
+    bodies = []
+    for payload in payloads:
+        buf = payload if isinstance(payload, memoryview) else memoryview(payload)
+        if buf.format != "B" or buf.ndim != 1:
+            buf = buf.cast("B")
+        got, offset = parse_header(buf, codec_id)
+        if got != shape:
+            raise CorruptionError(f"codec {codec_id!r}: a record holds shape {got}, expected {shape}")
+        bodies.append(buf[offset:])
+    return bodies
 
 
 def check_choice(codec_id: str, name: str, value: Any, choices: tuple[Any, ...]) -> Any:

@@ -1,0 +1,111 @@
+"""Feature-space augmentation of a whole batch at once: what the Dataset runs.
+
+The per-sample functions (:func:`~fmcache.augment.apply_feature`,
+:func:`~fmcache.augment.saca_compose`) are the definition; this module computes the same
+numbers, bit for bit, for ``B`` samples with a handful of array operations instead of
+``B`` times a dozen: the batch is zero-padded once, every row's flip is applied in one
+pass, and every row's shifted window is gathered in one fancy-indexing copy. Python
+work per batch is then independent of the batch size (tests/test_augment_batch.py checks
+the equality against the per-sample path on random draws).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import lru_cache
+
+import numpy as np
+
+from .draw import AugDraw, DrawBatch
+from .feature_ops import _check_stride
+from .variants import nearest_variant
+
+
+def feature_offsets(shift_px: np.ndarray, stride: int) -> np.ndarray:
+    """:func:`~fmcache.augment.feature_offset` of every entry (int64 array)."""
+    stride = _check_stride(stride)
+    d = np.asarray(shift_px, dtype=np.int64)
+    magnitude = (2 * np.abs(d) + stride) // (2 * stride)
+    return np.where(d >= 0, magnitude, -magnitude)
+
+
+def shift_flip_batch(x: np.ndarray, flip: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
+    """A new float array: row ``b`` of ``x`` (``(B, C, H, W)``) flipped along W when
+    ``flip[b]``, then shifted by ``(oy[b], ox[b])`` map pixels with zero fill, i.e.
+    ``out[b, :, i, j] = F_b[:, i - oy[b], j - ox[b]]`` (zero outside). Any ``ndim >= 3``:
+    the last two axes are H and W."""
+    if x.ndim != 4:
+        return shift_flip_batch(x.reshape(len(x), -1, *x.shape[-2:]), flip, oy, ox).reshape(x.shape)
+    n, _, h, w = x.shape
+    flip = np.asarray(flip, dtype=bool)
+    oy = np.clip(np.asarray(oy, dtype=np.int64), -h, h)
+    ox = np.clip(np.asarray(ox, dtype=np.int64), -w, w)
+    pad = int(max(np.abs(oy).max(initial=0), np.abs(ox).max(initial=0)))
+    if pad == 0:
+        out = x.copy()
+        if flip.any():
+            rows = np.flatnonzero(flip)
+            out[rows] = x[rows][..., ::-1]
+        return out
+    padded = np.zeros((*x.shape[:2], h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+    inner = padded[:, :, pad:pad + h, pad:pad + w]
+    np.copyto(inner, x)
+    if flip.any():
+        rows = np.flatnonzero(flip)
+        inner[rows] = x[rows][..., ::-1]
+    # windows[b, c, sy, sx] is the H x W window of padded[b, c] at (sy, sx): a view, no copy.
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))
+    return windows[np.arange(n), :, pad - oy, pad - ox]
+
+
+def feature_batch(base: np.ndarray, draws: DrawBatch, stride: int, *, tokens: bool = False) -> np.ndarray:
+    """``T_a`` of each row of ``base`` under its own draw (``feature`` mode, batched).
+
+    ``base`` is ``(B, C, H, W)``; token batches ``(B, T, D)`` (``tokens=True`` or
+    ``ndim <= 3`` with ``tokens``) are copied unchanged, as ``T`` is the identity there.
+    """
+    if tokens:
+        return base.copy()
+    return shift_flip_batch(base, draws.flip, feature_offsets(draws.dy, stride), feature_offsets(draws.dx, stride))
+
+
+@lru_cache(maxsize=4096)
+def _nearest(flip: bool, dy: int, dx: int, names: frozenset[str]) -> tuple[str, bool, int, int]:
+    name, residual = nearest_variant(AugDraw(flip=flip, dy=dy, dx=dx), names)
+    return name, residual.flip, residual.dy, residual.dx
+
+
+def nearest_batch(draws: DrawBatch, names: Iterable[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the nearest cached variant's name (``"identity"`` for the base) and the
+    residual draw's flip, dy, dx (input pixels), as :func:`nearest_variant` decides."""
+    key = frozenset(names)
+    picked = [_nearest(bool(f), int(dy), int(dx), key) for f, dy, dx in zip(draws.flip, draws.dy, draws.dx)]
+    chosen = [p[0] for p in picked]
+    rflip = np.fromiter((p[1] for p in picked), dtype=bool, count=len(picked))
+    rdy = np.fromiter((p[2] for p in picked), dtype=np.int64, count=len(picked))
+    rdx = np.fromiter((p[3] for p in picked), dtype=np.int64, count=len(picked))
+    return chosen, rflip, rdy, rdx
+
+
+def saca_batch(base: np.ndarray, draws: DrawBatch, stride: int, sensitive: np.ndarray, source: np.ndarray,
+               residual: tuple[np.ndarray, np.ndarray, np.ndarray], *, tokens: bool = False) -> np.ndarray:
+    """SACA for a batch: every channel ``T_a(base)``, then the sensitive channels replaced
+    by ``T_r(source)``.
+
+    ``source`` holds, per row, the sensitive channels of the nearest cached variant (or of
+    the base where the nearest is ``identity``): ``(B, C_s, H, W)``, or ``(B, T, C_s)``
+    for tokens, where every ``T`` is the identity. ``residual`` is ``(flip, dy, dx)`` per
+    row from :func:`nearest_batch`.
+    """
+    out = feature_batch(base, draws, stride, tokens=tokens)
+    if len(sensitive) == 0:
+        return out
+    if tokens:
+        out[:, :, sensitive] = source
+        return out
+    rflip, rdy, rdx = residual
+    out[:, sensitive] = shift_flip_batch(source, rflip, feature_offsets(rdy, stride), feature_offsets(rdx, stride))
+    return out
+
+
+__all__ = ["feature_batch", "feature_offsets", "nearest_batch", "saca_batch", "shift_flip_batch"]
