@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,29 +154,43 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
         bar = tqdm(total=len(subset), initial=start, unit="sample", desc=f"build {Path(writer.path).name}",
                    dynamic_ncols=True, leave=False)
     t0, raw_bytes = time.perf_counter(), 0
-    try:
-        with torch.inference_mode():
-            for inputs, labels in loader:
-                inputs = inputs.to(device)
-                maps = {k: v.float().cpu().numpy() for k, v in capture(inputs).items()}
-                extra: dict[str, dict[str, np.ndarray]] = {}
-                if variants:
-                    for vname, transform in variants.items():
-                        vmaps = capture(transform(inputs))
-                        for layer, tensor in vmaps.items():
-                            extra.setdefault(layer, {})[vname] = tensor.float().cpu().numpy()
-                try:
-                    writer.append(maps, _labels(labels), variants=extra or None)
-                except NonFiniteError as exc:
-                    raise NonFiniteError(f"{exc.message} (data set index = {lo} + cache index)") from None
-                raw_bytes += sum(m.nbytes for m in maps.values())
-                if bar is not None:
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    bar.update(len(labels))
-                    bar.set_postfix_str(f"{raw_bytes / elapsed / 1e6:.0f} MB/s")
-    finally:
-        if bar is not None:
-            bar.close()
+
+    def append(maps: dict[str, np.ndarray], labels: np.ndarray, extra: dict[str, dict[str, np.ndarray]]) -> None:
+        try:
+            writer.append(maps, labels, variants=extra or None)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc.message} (data set index = {lo} + cache index)") from None
+
+    # Encoding and writing batch k runs on one background thread while the prefix computes
+    # batch k + 1 (torch, blosc2 and LMDB release the GIL): the build then costs about the
+    # larger of the two instead of their sum. At most one batch is in flight, appends keep
+    # their order, and an error surfaces at the next batch or at the end.
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
+        try:
+            with torch.inference_mode():
+                for inputs, labels in loader:
+                    inputs = inputs.to(device)
+                    maps = {k: v.float().cpu().numpy() for k, v in capture(inputs).items()}
+                    extra: dict[str, dict[str, np.ndarray]] = {}
+                    if variants:
+                        for vname, transform in variants.items():
+                            vmaps = capture(transform(inputs))
+                            for layer, tensor in vmaps.items():
+                                extra.setdefault(layer, {})[vname] = tensor.float().cpu().numpy()
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(append, maps, _labels(labels), extra)
+                    raw_bytes += sum(m.nbytes for m in maps.values())
+                    if bar is not None:
+                        elapsed = max(time.perf_counter() - t0, 1e-9)
+                        bar.update(len(labels))
+                        bar.set_postfix_str(f"{raw_bytes / elapsed / 1e6:.0f} MB/s")
+            if pending is not None:
+                pending.result()
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 # ---- SACA builds ---------------------------------------------------------------------------
