@@ -255,7 +255,7 @@ class FreezingTrainer:
                  work_dir: str | Path, recipe: CacheRecipe | None = None,
                  schedule: FreezeSchedule | None = None, freezer: AdaptiveFreezer | None = None,
                  batch_size: int = 128, lr: float = 0.05, seed: int = 0, bf16: bool | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 num_workers: int = 0, log: Callable[[str], None] | None = None) -> None:
         if schedule is not None and freezer is not None:
             raise FreezeError("give a schedule or an adaptive freezer, not both")
         self.model = model
@@ -264,6 +264,7 @@ class FreezingTrainer:
             schedule.validate(self.order)
         self.train_data, self.plain_data = train_data, plain_data
         self.epochs, self.batch_size, self.seed, self.bf16 = int(epochs), int(batch_size), int(seed), bf16
+        self.num_workers = int(num_workers)
         self.recipe = recipe or CacheRecipe()
         self.schedule, self.freezer = schedule, freezer
         self.work_dir = Path(work_dir)
@@ -317,8 +318,8 @@ class FreezingTrainer:
     def loader(self, epoch: int) -> Iterable[Any]:
         """This epoch's training batches: cached maps after a cached freeze, else raw inputs."""
         if self.cache_data is not None:
-            return epoch_loader(self.cache_data, self.batch_size, epoch, self.seed)
-        return epoch_loader(self.train_data, self.batch_size, epoch, self.seed)
+            return epoch_loader(self.cache_data, self.batch_size, epoch, self.seed, self.num_workers)
+        return epoch_loader(self.train_data, self.batch_size, epoch, self.seed, self.num_workers)
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

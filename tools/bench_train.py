@@ -22,8 +22,10 @@ from the same weights for every approach; an epoch is one pass over the samples:
 The ``torchsave``/``memmap``/``h5py`` readers are what a user would write by hand
 (``__getitem__`` per sample, default collate), without augmentation: that only makes them
 faster, so fmcache being ahead is a conservative claim. Every loader runs with
-``num_workers=0`` and torch uses one thread: on this shared two-core machine two torch
-threads ran 3-5x *slower* than one (OpenMP spinning against other jobs).
+``--workers`` DataLoader workers (default 0: reading costs training time one for one;
+1: reading overlaps training on the second core) and torch uses one thread: on this
+shared two-core machine two torch threads ran 3-5x *slower* than one (OpenMP spinning
+against other jobs).
 
 Each repeat runs one epoch of every approach in turn (side by side, so a neighbour's
 load hits them alike); the tables give the median and min-max of the epoch seconds and
@@ -70,6 +72,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench_read import cpu_name, update_json, write_region
 
 from fmcache import FeatureMapDataset
+from fmcache.dataset import collate
 from fmcache.builder import SacaConfig, build_cache, build_saca_cache
 from fmcache.policy import CompressionPolicy
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
@@ -196,11 +199,14 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
         def batches(epoch: int) -> Iterable[Any]:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
+            # fmcache's collate hands over the batch tensor the Dataset built (no re-stack)
+            common: dict[str, Any] = {"batch_size": args.batch, "drop_last": True, "num_workers": args.workers,
+                                      "collate_fn": collate if isinstance(dataset, FeatureMapDataset) else None}
             if sampler is not None:
                 sampler.set_epoch(epoch)
-                return DataLoader(dataset, batch_size=args.batch, sampler=sampler, drop_last=True)
+                return DataLoader(dataset, sampler=sampler, **common)
             gen = torch.Generator().manual_seed(epoch)
-            return DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=gen, drop_last=True)
+            return DataLoader(dataset, shuffle=True, generator=gen, **common)
         return batches
 
     # (a) classic freezing: the prefix runs every step on augmented inputs
@@ -307,7 +313,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [(f"Settings: ResNet-18 width {s['width']} ({s['steps']} pre-training steps), {s['samples']} samples, "
-             f"batch {s['batch']}, {s['threads']} torch threads, fp32, loaders in the main process; "
+             f"batch {s['batch']}, {s['threads']} torch threads, fp32, "
+             f"{s.get('workers', 0)} DataLoader workers; "
              f"{s['repeats']} repeats after a one-step warm-up; SACA calibrated on {s['saca_samples']} samples; "
              f"{s['cpu']}. Epoch seconds: median (min–max); ratios: median of per-repeat ratios "
              "(> 1 = faster than the reference).\n")]
@@ -367,6 +374,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--boundaries", nargs="+", default=None)
     parser.add_argument("--backends", nargs="+", default=["lmdb", "hdf5"])
     parser.add_argument("--saca-samples", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader workers for every on-disk approach and classic freezing (default 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine 2 threads ran 3-5x slower)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
@@ -385,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boundaries = run(args)
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                             "repeats": args.repeats, "threads": args.threads, "saca_samples": args.saca_samples,
+                            "workers": args.workers,
                             "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),

@@ -38,11 +38,16 @@ from fmcache.experiment import ARMS, run_arm
 from fmcache.policy import CompressionPolicy
 from fmcache.zoo import native_bf16
 
-FULL = {"width": 8, "pretrain_steps": 50, "train_samples": 3000, "test_samples": 5000, "epochs": 6,
-        "schedule": "1:layer2,3:layer3", "batch_size": 128, "lr": 0.05, "seeds": [0, 1, 2],
-        "rho": 0.25, "variants": None, "max_variants": 3, "calib_samples": 512, "threads": 2}
-QUICK = {**FULL, "train_samples": 512, "test_samples": 500, "epochs": 3, "schedule": "1:layer2,2:layer3",
-         "seeds": [0], "calib_samples": 128}
+# Session 2's setting (docs/results.md says why): a prefix pre-trained for 400 steps, then
+# 12 epochs on 10k images with layer1-3 frozen after the first; one torch thread, so a
+# neighbour on the second core disturbs the timing less; one DataLoader worker per arm
+# (raw images for full/classic, cached maps for the others), on the second core. Runs 1-3 used width 8, 50
+# pre-training steps, 3k images, 6 epochs, "1:layer2,3:layer3", rho 0.25, V=3, 512 calib.
+FULL = {"width": 16, "pretrain_steps": 400, "train_samples": 10000, "test_samples": 10000, "epochs": 12,
+        "schedule": "1:layer3", "batch_size": 128, "lr": 0.05, "seeds": [0, 1, 2],
+        "rho": 0.125, "variants": None, "max_variants": 1, "calib_samples": 128, "threads": 1, "workers": 1}
+QUICK = {**FULL, "width": 8, "pretrain_steps": 50, "train_samples": 512, "test_samples": 500, "epochs": 3,
+         "schedule": "1:layer2,2:layer3", "seeds": [0], "calib_samples": 128}
 
 
 def run_one(arm: str, seed: int, setting: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -50,6 +55,7 @@ def run_one(arm: str, seed: int, setting: dict[str, Any], work: Path) -> dict[st
     return run_arm(arm, seed=seed, width=setting["width"], pretrain_steps=setting["pretrain_steps"],
                    train_samples=setting["train_samples"], test_samples=setting["test_samples"],
                    epochs=setting["epochs"], schedule=setting["schedule"], batch_size=setting["batch_size"],
+                   num_workers=setting.get("workers", 0),
                    lr=setting["lr"], work_dir=work, rho=setting["rho"],
                    variants=tuple(setting["variants"]) if setting["variants"] is not None else None,
                    max_variants=setting.get("max_variants"), calib_samples=setting["calib_samples"], policy=policy,
