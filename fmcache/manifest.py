@@ -4,8 +4,9 @@ It is written last: a cache without a committed manifest is incomplete. The JSON
 (``Manifest.to_dict``) is what ``fmcache inspect --json`` builds on and what both
 backends store (LMDB: a checksummed record; HDF5: a root attribute plus its CRC-32).
 
-Format versions: 1 — the first. A reader refuses a manifest whose ``format_version`` is
-newer than :data:`FORMAT_VERSION`.
+Format versions: 1 — the first; 2 — LMDB records checksummed with CRC-32C (``FMR2``,
+:mod:`fmcache.record`) instead of zlib's CRC-32 (``FMR1``, still read). A reader refuses a
+manifest whose ``format_version`` is newer than :data:`FORMAT_VERSION`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from .errors import CorruptionError, FormatVersionError
 from .tiers import TierPlan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 VARIANT_SEP = "@"
 
 

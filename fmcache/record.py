@@ -3,10 +3,12 @@
 A record bundles named parts (a layer's tiers and variants for one sample, or one blob
 such as the manifest)::
 
-    b"FMR1" | u32 crc32 | u16 n_parts | n_parts x (u16 name_len | name utf-8 | u32 len) | payloads
+    b"FMR2" | u32 crc | u16 n_parts | n_parts x (u16 name_len | name utf-8 | u32 len) | payloads
 
-All integers little-endian. The CRC-32 covers every byte after the crc field, so any
-flipped or truncated byte is detected before a codec sees the payload.
+All integers little-endian. The checksum covers every byte after the crc field, so any
+flipped or truncated byte is detected before a codec sees the payload. ``FMR2`` records
+(format version 2) carry CRC-32C (Castagnoli, hardware-accelerated: ~1 us for 13 KB);
+``FMR1`` records (format version 1) carry zlib's CRC-32 (~7 us) and are still read.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import struct
 import zlib
 from collections.abc import Mapping
 
+from crc32c import crc32c
+
 from .errors import CorruptionError
 
-MAGIC = b"FMR1"
+MAGIC = b"FMR2"
+#: format version 1's records: the same layout with zlib's CRC-32
+MAGIC_V1 = b"FMR1"
 _HEAD = struct.Struct("<4sIH")
 _NAME = struct.Struct("<H")
 _LEN = struct.Struct("<I")
@@ -31,7 +37,7 @@ def pack_record(parts: Mapping[str, bytes | bytearray | memoryview]) -> bytes:
         index.append(_NAME.pack(len(raw)) + raw + _LEN.pack(len(payload)))
     body = _NAME.pack(len(parts)) + b"".join(index) + b"".join(bytes(p) if not isinstance(p, bytes) else p
                                                                 for p in parts.values())
-    return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+    return MAGIC + struct.pack("<I", crc32c(body)) + body
 
 
 def unpack_record(buf: bytes | memoryview, where: str) -> dict[str, memoryview]:
@@ -40,9 +46,13 @@ def unpack_record(buf: bytes | memoryview, where: str) -> dict[str, memoryview]:
     if len(view) < _HEAD.size:
         raise CorruptionError(f"{where}: record of {len(view)} bytes is shorter than its header")
     magic, crc, count = _HEAD.unpack_from(view, 0)
-    if magic != MAGIC:
+    if magic == MAGIC:
+        checksum = crc32c(view[8:])
+    elif magic == MAGIC_V1:
+        checksum = zlib.crc32(view[8:])
+    else:
         raise CorruptionError(f"{where}: bad record magic {bytes(magic)!r}")
-    if zlib.crc32(view[8:]) != crc:
+    if checksum != crc:
         raise CorruptionError(f"{where}: checksum mismatch (the record was damaged on disk)")
     offset = _HEAD.size
     names: list[tuple[str, int]] = []

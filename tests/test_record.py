@@ -3,7 +3,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fmcache.errors import CorruptionError
-from fmcache.record import pack_blob, pack_record, unpack_blob, unpack_record
+import struct
+import zlib
+
+from crc32c import crc32c
+
+from fmcache.record import MAGIC, MAGIC_V1, pack_blob, pack_record, unpack_blob, unpack_record
 
 parts_st = st.dictionaries(st.text(min_size=0, max_size=12), st.binary(max_size=200), max_size=5)
 
@@ -47,3 +52,14 @@ def test_blob_round_trip():
     assert bytes(unpack_blob(pack_blob(b"hello"), "m")) == b"hello"
     with pytest.raises(CorruptionError, match="single-part"):
         unpack_blob(pack_record({"a": b"x", "b": b"y"}), "m")
+
+
+def test_records_carry_crc32c_and_format_1_records_still_read():
+    rec = pack_record({"a": b"payload", "#key": b"k"})
+    assert rec[:4] == MAGIC == b"FMR2"
+    assert struct.unpack_from("<I", rec, 4)[0] == crc32c(rec[8:])
+    v1 = MAGIC_V1 + struct.pack("<I", zlib.crc32(rec[8:])) + rec[8:]  # how version 1 framed it
+    assert {k: bytes(v) for k, v in unpack_record(v1, "r").items()} == {"a": b"payload", "#key": b"k"}
+    for bad in (MAGIC_V1 + rec[4:], MAGIC + v1[4:]):  # a checksum of the other kind
+        with pytest.raises(CorruptionError, match="checksum"):
+            unpack_record(bad, "r")

@@ -327,7 +327,7 @@ def test_manifest_from_a_newer_format(tmp_path, backend):
     manifest["fmcache_version"] = "9.0.0"
     storage.put_meta("manifest", json.dumps(manifest).encode())
     storage.close()
-    with pytest.raises(FormatVersionError, match=r"format version 2 \(fmcache 9.0.0\)") as info:
+    with pytest.raises(FormatVersionError, match=rf"format version {fmcache.FORMAT_VERSION + 1} \(fmcache 9.0.0\)") as info:
         fmcache.open_cache(path)
     assert "upgrade fmcache" in info.value.hint
 
