@@ -13,6 +13,8 @@ measures, in float32 MB (10^6 bytes) per second:
 * ``read``           ``cache.read(layer, i)`` per sample, a new array per call (CPU time
                      of this thread: MB/s per core);
 * ``read_out``       the same into a reused ``out=`` buffer;
+* ``read_batch``     ``cache.read_batch(layer, rows)`` for batches of 128 consecutive samples
+                     (what the Dataset does per batch), per-sample rate, CPU time;
 * ``loader_w0/1/2``  ``FeatureMapDataset`` + ``DataLoader(batch_size=128, num_workers=0/1/2)``
                      with its chunk-aware sampler, wall clock for one epoch (the machine has
                      two cores: with workers the main process and the workers share them);
@@ -59,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
 from fmcache import FeatureMapDataset, create_cache, open_cache
+from fmcache.dataset import collate
 from fmcache.codecs import codec_from_spec
 from fmcache.zoo import FashionMNIST, pretrained_resnet
 
@@ -154,6 +157,12 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
                 fn(i)
         return run
 
+    def batched(fn: Callable[[range], Any], batch: int = 128) -> Callable[[], None]:
+        def run() -> None:
+            for start in range(0, n, batch):
+                fn(range(start, min(start + batch, n)))
+        return run
+
     runs: dict[str, tuple[Callable[[], Any], str]] = {
         "memcpy": (per_sample(lambda i: np.copyto(out, maps[i])), "cpu")}
     meta: dict[str, dict[str, Any]] = {}
@@ -176,6 +185,7 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
                 **error_metrics(maps, decoded)}
             runs[f"{spec}|{backend}|read"] = (per_sample(lambda i, c=cache: c.read(layer, i)), "cpu")
             runs[f"{spec}|{backend}|read_out"] = (per_sample(lambda i, c=cache: c.read(layer, i, out=out)), "cpu")
+            runs[f"{spec}|{backend}|read_batch"] = (batched(lambda rows, c=cache: c.read_batch(layer, rows)), "cpu")
             for workers in loader_workers:
                 runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
             if 0 in loader_workers:  # all of it runs in this thread: CPU time too, comparable with `read`
@@ -190,12 +200,15 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
         entry["codec"].update(codec=rate[f"{spec}|codec"], codec_out=rate[f"{spec}|codec_out"])
         for backend in BACKENDS:
             b = entry["backends"][backend]
-            for key in ("read", "read_out", *(f"loader_w{w}" for w in loader_workers),
+            for key in ("read", "read_out", "read_batch", *(f"loader_w{w}" for w in loader_workers),
                         *(["loader_w0_cpu"] if 0 in loader_workers else [])):
                 b[key] = rate[f"{spec}|{backend}|{key}"]
             # read / bare decode, both new arrays per call, measured in the same rounds
             b["read_vs_codec"] = statistics.median(
                 s_codec / s_read for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read"]))
+            b["read_batch_vs_codec"] = statistics.median(
+                s_codec / s_read
+                for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read_batch"]))
     return results
 
 
@@ -203,7 +216,8 @@ def loader_epoch(path: Path, workers: int) -> Callable[[], None]:
     dataset = FeatureMapDataset(path)
     sampler = dataset.sampler()
     loader = torch.utils.data.DataLoader(dataset, batch_size=128, sampler=sampler, num_workers=workers,
-                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                         collate_fn=collate)
 
     def run() -> None:
         for _features, _labels in loader:
@@ -229,6 +243,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(f"**{layer}** {tuple(res['shape'])}, {res['megabytes']:.0f} MB float32; "
                      f"memcpy {_f(res['memcpy'])} MB/s\n")
         head = ["codec", "backend", "ratio", "rel L2", "write", "read", "read out=", "read/codec",
+                "read_batch", "read_batch/codec",
                 *(["loader w0 (CPU)"] if 0 in workers else []), *(f"loader w{w}" for w in workers),
                 "bare codec", "codec out="]
         lines.append("| " + " | ".join(head) + " |")
@@ -237,6 +252,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             for backend, b in entry["backends"].items():
                 row = [f"`{spec}`", backend, f"{b['ratio']:.2f}", f"{b['rel_l2_error']:.1e}",
                        f"{b['write_mb_s']:,.0f}", _f(b["read"]), _f(b["read_out"]), f"{b['read_vs_codec']:.2f}",
+                       _f(b["read_batch"]), f"{b['read_batch_vs_codec']:.2f}",
                        *([_f(b["loader_w0_cpu"])] if 0 in workers else []),
                        *(_f(b[f"loader_w{w}"]) for w in workers), _f(entry["codec"]["codec"]),
                        _f(entry["codec"]["codec_out"])]
