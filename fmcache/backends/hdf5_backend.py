@@ -173,7 +173,8 @@ class Hdf5Backend(Backend):
                     path = dataset_path(layer, spec.name, field.name)
                     _write_rows(fh[path], start, arrays[field.name])
                     if field.dtype is None:
-                        crcs = np.array([zlib.crc32(np.asarray(r, np.uint8)) for r in arrays[field.name]], "<u4")
+                        crcs = np.array([zlib.crc32(np.ascontiguousarray(r, np.uint8).data)
+                                         for r in arrays[field.name]], "<u4")
                         _write_rows(fh[path + ".crc32"], start, crcs)
         labels = np.ascontiguousarray(labels)
         if "labels" not in fh:
@@ -233,7 +234,7 @@ class Hdf5Backend(Backend):
                 if field.dtype is None:
                     crcs = _read_rows(self, path + ".crc32", samples, where)
                     for row, (rec, crc) in enumerate(zip(fields[field.name], crcs)):
-                        if zlib.crc32(np.asarray(rec, np.uint8)) != int(crc):
+                        if zlib.crc32(np.ascontiguousarray(rec, np.uint8).data) != int(crc):
                             raise CorruptionError(f"{where} sample {int(samples[row])}: checksum mismatch")
             try:
                 result[spec.name] = spec.codec.from_hdf5(fields, spec.shape)

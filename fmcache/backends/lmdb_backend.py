@@ -175,6 +175,7 @@ class LmdbBackend(Backend):
     """Feature maps in an LMDB environment directory."""
 
     backend_id = "lmdb"
+    _h_env: lmdb.Environment | None  # the shared environment; opened lazily by _env()
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -193,18 +194,21 @@ class LmdbBackend(Backend):
 
     # ---- handles -----------------------------------------------------------------------
     def _env(self) -> lmdb.Environment:
-        if self._in_new_process() or getattr(self, "_h_env", None) is None:
-            self._h_env = _shared_env(self.path, self.writable)
-        return self._h_env
+        new_process = self._in_new_process()
+        env: lmdb.Environment | None = getattr(self, "_h_env", None)
+        if new_process or env is None:
+            env = self._h_env = _shared_env(self.path, self.writable)
+        return env
 
     def close(self) -> None:
-        if getattr(self, "_h_env", None) is not None and self._pid == os.getpid():
+        env: lmdb.Environment | None = getattr(self, "_h_env", None)
+        if env is not None and self._pid == os.getpid():
             try:
                 if self.writable:
-                    self._h_env.sync(True)
+                    env.sync(True)
             except lmdb.Error:
                 pass  # already closed because the path was replaced
-            _release_env(self._h_env)
+            _release_env(env)
         self._h_env = None
 
     def flush(self) -> None:
@@ -260,7 +264,7 @@ class LmdbBackend(Backend):
         doomed: list[bytes] = []
         with self._env().begin() as txn:
             cursor = txn.cursor()
-            for _name, (index, _specs, _) in self._layers.items():
+            for index, _specs, _ in self._layers.values():
                 if cursor.set_range(record_key(index, samples)):
                     for key in cursor.iternext(values=False):
                         if key[:3] != record_key(index, 0)[:3]:

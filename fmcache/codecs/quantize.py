@@ -27,8 +27,8 @@ import torch
 
 from ..errors import EncodeError
 from .base import Codec, Hdf5Field, batch_views, channel_axis, scratch_array
-from .cast import LosslessStage
 from .registry import register_codec
+from .stage import LosslessStage
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _U8 = np.dtype(np.uint8)

@@ -1,11 +1,12 @@
 """``sz3``: SZ3 with an absolute or a range-relative error bound, on the 2-D view.
 
-Byte layout of the payload: as :mod:`fmcache.codecs.zfp` (``u8 mode | u8 flags |
-body``; mode 1 holds ``u32 crc32 | pysz stream``, mode 0 the raw float32 values), with
-the same non-negative clamp. SZ3 handles one-element, constant and all-zero maps (it
-stores them losslessly), but its stream carries ~70 bytes of header and config, so maps
-where the stream is not smaller than the raw values are stored raw (mode 0, exact).
-The zfp module owns the framing helpers (``frame``, ``unframe_into``) both codecs use.
+Byte layout of the payload: :mod:`fmcache.codecs.bounded`'s, as for ``zfp`` (``u8
+mode | u8 flags | body``; mode 1 holds ``u32 crc32 | pysz stream``, mode 0 the raw
+float32 values), with the same non-negative clamp. SZ3 handles one-element, constant and
+all-zero maps (it stores them losslessly), but its stream carries ~70 bytes of header
+and config, so maps where the stream is not smaller than the raw values are stored raw
+(mode 0, exact). The framing helpers (``frame``, ``unframe_into``) and the HDF5 face are
+:mod:`fmcache.codecs.bounded`'s, shared with ``zfp``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import numpy as np
 import pysz
 
 from ..errors import CodecSpecError
-from .base import Codec, Hdf5Field, as_2d_view, check_positive
+from .base import as_2d_view, check_positive
+from .bounded import BoundedCodec, frame, unframe_into, view_shape
 from .registry import register_codec
-from .zfp import clamp_nonneg_rows, frame, unframe_into, view_shape
 
 
 @register_codec
-class Sz3(Codec):
+class Sz3(BoundedCodec):
     """SZ3 (pysz) on the 2-D view; exactly one of ``abs`` and ``rel``, no default.
 
     Parameters
@@ -94,27 +95,6 @@ class Sz3(Codec):
         return unframe_into(payload, shape, out, decode_stream)
 
     # ---- HDF5 face --------------------------------------------------------------------
-    def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
+    def _hdf5_filter(self) -> dict[str, Any]:
         mode_kwarg = {"abs": "absolute", "rel": "relative"}[self.mode]
-        sz3_filter = dict(hdf5plugin.SZ3(**{mode_kwarg: self.bound}))
-        return [
-            Hdf5Field("values", np.dtype("<f4"), view_shape(sample_shape), sz3_filter,
-                      per_sample_chunks=True, attrs={"sample_shape": list(sample_shape)}),
-            Hdf5Field("nonneg", np.dtype("u1"), ()),
-        ]
-
-    def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        n = len(batch)
-        sample_shape = tuple(np.shape(batch)[1:])
-        values = np.empty((n, *view_shape(sample_shape)), dtype=np.float32)
-        nonneg = np.zeros(n, dtype=np.uint8)
-        for i, sample in enumerate(batch):
-            x = self._validate(sample)
-            values[i] = as_2d_view(x)
-            nonneg[i] = float(x.min()) >= 0
-        return {"values": values, "nonneg": nonneg}
-
-    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
-        values = np.asarray(fields["values"], dtype=np.float32)
-        out = np.array(values.reshape(len(values), *sample_shape), dtype=np.float32)
-        return clamp_nonneg_rows(out, fields["nonneg"])
+        return dict(hdf5plugin.SZ3(**{mode_kwarg: self.bound}))

@@ -1,28 +1,16 @@
 """``zfp``: ZFP in fixed-accuracy, fixed-rate or fixed-precision mode, on the 2-D view.
 
-ZFP and SZ3 compress a sample's (prod(shape[:-1]), shape[-1]) view about twice as well
-as its 3-D shape (measurements.md), so both codecs see that view.
-
-Byte layout of the payload (after the shape header of :mod:`fmcache.codecs.base`)::
-
-    u8 mode | u8 flags | body
-    mode 1 (zfp):  u32 crc32 of mode, flags and stream (little-endian) | zfpy stream
-    mode 0 (raw):  the float32 values, little-endian, C order
-
-``flags`` bit 0 says the input was non-negative: decoded values are then clamped at 0,
-which never increases the error. zfp's decoder is not hardened against damaged input
-(a flipped byte can crash the process), so the stream's CRC-32 is checked before it is
-handed to zfp. Mode 0 (exact) is used when the stream would not be smaller than the
-raw values (tiny maps), and by accuracy mode for samples where ZFP cannot honour the
-tolerance (see :class:`Zfp`).
+Byte layout of the payload: :mod:`fmcache.codecs.bounded`'s (``u8 mode | u8 flags |
+body``; mode 1 holds ``u32 crc32 | zfpy stream``, mode 0 the raw float32 values), with
+its non-negative clamp; zfp's decoder is not hardened against damaged input (a flipped
+byte can crash the process), hence the CRC-32 checked before the stream reaches it.
+Mode 0 (exact) is used when the stream would not be smaller than the raw values (tiny
+maps), and by accuracy mode for samples where ZFP cannot honour the tolerance (see
+:class:`Zfp`). The HDF5 face is :class:`~fmcache.codecs.bounded.BoundedCodec`'s.
 """
 
 from __future__ import annotations
 
-import math
-import struct
-import zlib
-from collections.abc import Callable
 from typing import Any
 
 import hdf5plugin
@@ -30,13 +18,9 @@ import numpy as np
 import zfpy
 
 from ..errors import CodecSpecError, EncodeError
-from .base import Codec, Hdf5Field, as_2d_view, check_positive
+from .base import as_2d_view, check_positive
+from .bounded import BoundedCodec, frame, unframe_into
 from .registry import register_codec
-
-MODE_RAW = 0
-MODE_STREAM = 1
-FLAG_NONNEG = 1
-_CRC = struct.Struct("<I")
 
 #: ZFP's block transform can overflow float32 near its maximum: refuse |x| above this.
 MAX_ABS = 2.0**100
@@ -71,60 +55,8 @@ def _span(x: np.ndarray) -> tuple[float, float]:
     return lo, max(-lo, hi)
 
 
-def view_shape(sample_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of :func:`~fmcache.codecs.base.as_2d_view` for a sample shape."""
-    return (math.prod(sample_shape[:-1]), sample_shape[-1])
-
-
-def frame(x: np.ndarray, nonneg: bool, stream: bytes | None) -> bytes:
-    """The payload (module docstring): ``stream`` with its CRC-32, or ``x`` raw when
-    ``stream`` is None or not smaller than the raw values (tiny maps)."""
-    flags = FLAG_NONNEG if nonneg else 0
-    if stream is None or _CRC.size + len(stream) >= x.nbytes:
-        return bytes([MODE_RAW, flags]) + x.astype("<f4", copy=False).tobytes()
-    head = bytes([MODE_STREAM, flags])
-    return head + _CRC.pack(zlib.crc32(stream, zlib.crc32(head))) + stream
-
-
-def unframe_into(payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None,
-                 decode_stream: Callable[[memoryview], np.ndarray]) -> np.ndarray:
-    """Decode a :func:`frame` payload; ``decode_stream`` turns a CRC-checked stream into
-    the 2-D view. ValueError if the payload is malformed or damaged."""
-    if len(payload) < 2:
-        raise ValueError(f"payload of {len(payload)} bytes has no mode and flags")
-    mode, flags, body = payload[0], payload[1], payload[2:]
-    if mode == MODE_RAW:
-        n_values = math.prod(shape)
-        if len(body) != 4 * n_values:
-            raise ValueError(f"raw body holds {len(body)} bytes, shape {shape} needs {4 * n_values}")
-        decoded = np.frombuffer(body, dtype="<f4")
-    elif mode == MODE_STREAM:
-        crc = zlib.crc32(body[_CRC.size:], zlib.crc32(payload[:2]))
-        if len(body) < _CRC.size or crc != _CRC.unpack_from(body)[0]:
-            raise ValueError("compressed stream fails its CRC-32 (damaged record)")
-        decoded = decode_stream(body[_CRC.size:])
-        expected = view_shape(shape)
-        if decoded.dtype != np.float32 or decoded.shape != expected:
-            raise ValueError(f"stream holds {decoded.dtype} {decoded.shape}, expected float32 {expected}")
-    else:
-        raise ValueError(f"unknown mode byte {mode}")
-    result = np.empty(shape, dtype=np.float32) if out is None else out
-    result[...] = decoded.reshape(shape)
-    if flags & FLAG_NONNEG:
-        np.maximum(result, 0, out=result)
-    return result
-
-
-def clamp_nonneg_rows(batch: np.ndarray, nonneg: np.ndarray) -> np.ndarray:
-    """Clamp at 0 the samples of ``batch`` whose ``nonneg`` flag is set (HDF5 face)."""
-    rows = np.asarray(nonneg).astype(bool).reshape(-1)
-    if rows.any():
-        batch[rows] = np.maximum(batch[rows], 0)
-    return batch
-
-
 @register_codec
-class Zfp(Codec):
+class Zfp(BoundedCodec):
     """ZFP on the 2-D view; exactly one of ``accuracy``, ``rate``, ``precision``.
 
     Parameters
@@ -202,40 +134,23 @@ class Zfp(Codec):
         return unframe_into(payload, shape, out, zfpy.decompress_numpy)
 
     # ---- HDF5 face --------------------------------------------------------------------
-    def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
+    def _hdf5_filter(self) -> dict[str, Any]:
         if self.mode == "accuracy":
             zfp_filter = hdf5plugin.Zfp(accuracy=float(self.value))
         elif self.mode == "rate":
             zfp_filter = hdf5plugin.Zfp(rate=float(self.value))
         else:
             zfp_filter = hdf5plugin.Zfp(precision=int(self.value))
-        return [
-            Hdf5Field("values", np.dtype("<f4"), view_shape(sample_shape), dict(zfp_filter),
-                      per_sample_chunks=True, attrs={"sample_shape": list(sample_shape)}),
-            Hdf5Field("nonneg", np.dtype("u1"), ()),
-        ]
+        return dict(zfp_filter)
 
-    def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        n = len(batch)
-        sample_shape = tuple(np.shape(batch)[1:])
-        values = np.empty((n, *view_shape(sample_shape)), dtype=np.float32)
-        nonneg = np.zeros(n, dtype=np.uint8)
-        for i, sample in enumerate(batch):
-            x = self._validate(sample)
-            lo, max_abs = _span(x)
-            self._check_magnitude(max_abs)
-            if self.mode == "accuracy" and not self._accuracy_fast_path(max_abs):
-                raise EncodeError(
-                    f"codec {self.codec_id!r}: accuracy={self.value} is too tight for sample {i} "
-                    f"(|x| up to {max_abs:.6g}) in the HDF5 ZFP filter",
-                    hint=f"use accuracy >= {max(max_abs * 2.0**-ACCURACY_HEADROOM_BITS, MIN_FAST_TOLERANCE):.3g}, "
-                         "or the LMDB backend, which stores such samples raw",
-                )
-            values[i] = as_2d_view(x)
-            nonneg[i] = lo >= 0
-        return {"values": values, "nonneg": nonneg}
-
-    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
-        values = np.asarray(fields["values"], dtype=np.float32)
-        out = np.array(values.reshape(len(values), *sample_shape), dtype=np.float32)
-        return clamp_nonneg_rows(out, fields["nonneg"])
+    def _hdf5_sample_nonneg(self, index: int, x: np.ndarray) -> bool:
+        lo, max_abs = _span(x)
+        self._check_magnitude(max_abs)
+        if self.mode == "accuracy" and not self._accuracy_fast_path(max_abs):
+            raise EncodeError(
+                f"codec {self.codec_id!r}: accuracy={self.value} is too tight for sample {index} "
+                f"(|x| up to {max_abs:.6g}) in the HDF5 ZFP filter",
+                hint=f"use accuracy >= {max(max_abs * 2.0**-ACCURACY_HEADROOM_BITS, MIN_FAST_TOLERANCE):.3g}, "
+                     "or the LMDB backend, which stores such samples raw",
+            )
+        return lo >= 0
