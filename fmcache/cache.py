@@ -14,7 +14,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from .errors import (
 )
 from .manifest import LayerInfo, Manifest, part_name, utc_now
 from .tiers import TierPlan
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 PARTIAL_SUFFIX = ".partial"
 TARGET_CHUNK_BYTES = 1 << 20
@@ -284,7 +287,7 @@ class CacheWriter:
         if not self._committed:
             self.backend.close()
 
-    def __enter__(self) -> CacheWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -415,7 +418,7 @@ class Cache:
     def close(self) -> None:
         self.backend.close()
 
-    def __enter__(self) -> Cache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

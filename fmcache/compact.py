@@ -51,7 +51,8 @@ def compact_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, c
             n = len(cache)
             for start in range(0, n, batch_size):
                 samples = np.arange(start, min(start + batch_size, n))
-                maps, variants = {}, {}
+                maps: dict[str, np.ndarray] = {}
+                variants: dict[str, dict[str, np.ndarray]] = {}
                 for name in keep:
                     layer = m.layers[name]
                     parts = cache.read_parts(name, samples)

@@ -46,13 +46,13 @@ def collate(items: Sequence[tuple[torch.Tensor, Any]]) -> Any:
     ``DataLoader(..., collate_fn=fmcache.dataset.collate)``.
     """
     if not items or not isinstance(items[0], tuple) or not isinstance(items[0][0], torch.Tensor):
-        return default_collate(items)
+        return default_collate(list(items))
     first = items[0][0]
     ptr, numel, offset = first.untyped_storage().data_ptr(), first.numel(), first.storage_offset()
     if not first.is_contiguous() or any(
             not isinstance(m, torch.Tensor) or m.untyped_storage().data_ptr() != ptr or m.storage_offset() != offset + k * numel
             or m.shape != first.shape or m.dtype != first.dtype for k, (m, _) in enumerate(items)):
-        return default_collate(items)
+        return default_collate(list(items))
     maps = first.as_strided((len(items), *first.shape), (numel, *first.stride()), offset)
     return [maps, default_collate([label for _, label in items])]
 
@@ -114,7 +114,7 @@ class FeatureMapDataset(Dataset):
             if not input_shape:
                 raise CacheError(f"{self.path}: no recorded input shape to infer the stride from",
                                  hint="pass stride= (input pixels per map pixel)")
-            stride = infer_stride(tuple(input_shape[-2:]), tuple(info.shape[-2:]))
+            stride = infer_stride((int(input_shape[-2]), int(input_shape[-1])), (int(info.shape[-2]), int(info.shape[-1])))
         self.stride = int(stride or 1)
         self.sensitive: np.ndarray | None = None
         self.variant_parts: dict[str, str] = {}

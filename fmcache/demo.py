@@ -32,8 +32,9 @@ from .zoo import FashionMNIST, pretrained_resnet, split_at
 def _reset(module: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     for m in module.modules():
-        if hasattr(m, "reset_parameters") and m is not module:
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset) and m is not module:
+            reset()
     return module
 
 

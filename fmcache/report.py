@@ -80,8 +80,8 @@ def _size(n: int) -> str:
 
 def render_table(summary: dict[str, Any]) -> str:
     """The human form of :func:`inspect_cache`."""
-    lines = [f"{summary['path']}  ({summary['backend']}, format v{summary['format_version']}, "
-             f"{summary['samples']} samples, {'complete' if summary['complete'] else 'INCOMPLETE'})"]
+    lines = [(f"{summary['path']}  ({summary['backend']}, format v{summary['format_version']}, "
+              f"{summary['samples']} samples, {'complete' if summary['complete'] else 'INCOMPLETE'})")]
     if not summary["complete"]:
         lines.append(f"  {summary['hint']}")
     header = f"  {'layer':<16} {'shape':<14} {'tier':<10} {'ch':>4}  {'codec':<34} {'raw':>10} {'stored':>10} {'ratio':>6}"

@@ -14,13 +14,16 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cache import Cache, partial_path
 from .errors import CacheError, CacheExistsError, CorruptionError, IncompleteCacheError, SampleIndexError
 from .manifest import LayerInfo, Manifest, json_crc32
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 SHARDS_FILE = "fmcache-shards.json"
 
@@ -154,7 +157,7 @@ class ShardedCache:
         for c in self.shards:
             c.close()
 
-    def __enter__(self) -> ShardedCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .zoo import native_bf16
 from .dataset import collate
+from .zoo import native_bf16
 
 
 def sgd(params: Iterable[nn.Parameter], lr: float = 0.05, momentum: float = 0.9,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
-import os
 import signal
 import subprocess
 import sys
@@ -119,7 +119,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(tmp_path, data, backe
     suffix = ".h5" if backend == "hdf5" else ".lmdb"
     killed, clean = tmp_path / f"killed{suffix}", tmp_path / f"clean{suffix}"
     script = KILL_SCRIPT.format(here=str(HERE), out=str(killed), codec=codec, kill_after=3)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     with pytest.raises(fmcache.errors.IncompleteCacheError):
         fmcache.open_cache(killed)
@@ -138,7 +138,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(tmp_path, data, backe
 def test_resume_with_other_data_is_refused(tmp_path, data):
     out = tmp_path / "c.lmdb"
     script = KILL_SCRIPT.format(here=str(HERE), out=str(out), codec="bf16", kill_after=2)
-    subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300, check=False)
     other = fmcache.zoo.FashionMNIST("test", limit=N_SAMPLES)
     with pytest.raises(StaleCacheError, match="input data changed"):
         build_cache(tiny_model(), other, ["block1", "block2"], out, batch_size=16, progress=False, resume=True)
@@ -177,7 +177,7 @@ def test_merge_refuses_missing_shards(tmp_path, data):
 def test_shard_ranges_partition_the_data(n, count):
     ranges = [shard_range(n, (i, count)) for i in range(count)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 

@@ -1,13 +1,12 @@
+import struct
+import zlib
+
 import pytest
+from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fmcache.errors import CorruptionError
-import struct
-import zlib
-
-from crc32c import crc32c
-
 from fmcache.record import MAGIC, MAGIC_V1, pack_blob, pack_record, unpack_blob, unpack_record
 
 parts_st = st.dictionaries(st.text(min_size=0, max_size=12), st.binary(max_size=200), max_size=5)

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,7 @@ def plans(draw):
     perm = draw(st.permutations(range(c)))
     cuts = sorted(draw(st.lists(st.integers(1, c - 1), max_size=3, unique=True))) if c > 1 else []
     bounds = [0, *cuts, c]
-    tiers = [(f"t{i}", sorted(perm[a:b]), "raw") for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    tiers = [(f"t{i}", sorted(perm[a:b]), "raw") for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     return TierPlan(c, tiers)
 
 
@@ -77,5 +79,5 @@ def test_dict_round_trip(plan):
 
 
 def test_contiguous_runs_are_stored_compactly():
-    plan = TierPlan.two_tier(300, range(0, 75), "raw", "raw")
+    plan = TierPlan.two_tier(300, range(75), "raw", "raw")
     assert plan.to_dict()["tiers"][0]["channels"] == [[0, 75]]

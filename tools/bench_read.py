@@ -61,8 +61,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
 from fmcache import FeatureMapDataset, create_cache, open_cache
-from fmcache.dataset import collate
 from fmcache.codecs import codec_from_spec
+from fmcache.dataset import collate
 from fmcache.zoo import FashionMNIST, pretrained_resnet
 
 DEFAULT_CODECS = (

@@ -72,8 +72,8 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench_read import cpu_name, update_json, write_region
 
 from fmcache import FeatureMapDataset
-from fmcache.dataset import collate
 from fmcache.builder import SacaConfig, build_cache, build_saca_cache
+from fmcache.dataset import collate
 from fmcache.policy import CompressionPolicy
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 

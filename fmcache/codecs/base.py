@@ -223,7 +223,7 @@ class Codec(ABC):
         encoded = fields["encoded"]
         out = np.empty((len(encoded), *sample_shape), dtype=np.float32)
         for i, rec in enumerate(encoded):
-            self.decode(memoryview(np.ascontiguousarray(rec, dtype=np.uint8)), out=out[i])
+            self.decode(np.ascontiguousarray(rec, dtype=np.uint8).data, out=out[i])
         return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any
+from typing import Any, cast
 
 import blosc2
 import hdf5plugin
@@ -53,7 +53,8 @@ def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
 
 
 def blosc2_hdf5_filter(cname: str, clevel: int, shuffle: str) -> dict[str, Any]:
-    return dict(hdf5plugin.Blosc2(cname=cname, clevel=clevel, filters=_H5_SHUFFLE[shuffle]))
+    # cname was validated against CNAMES (a subset of the plug-in's names)
+    return dict(hdf5plugin.Blosc2(cname=cast(Any, cname), clevel=clevel, filters=_H5_SHUFFLE[shuffle]))
 
 
 def check_blosc2_params(codec_id: str, cname: str, clevel: Any, shuffle: str) -> int:
@@ -76,7 +77,7 @@ class Raw(Codec):
         return {}
 
     def _encode(self, x: np.ndarray) -> memoryview:
-        return memoryview(x).cast("B")
+        return x.data.cast("B")
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         values = np.frombuffer(payload, dtype="<f4")

@@ -179,6 +179,7 @@ class _AffineQuantizer(Codec):
         # out = q * scale + lo in float32, one rounding per operation as in dequantize_into
         # (no fused multiply-add), in torch: its widening and arithmetic are vectorised,
         # numpy's uint8 -> float32 broadcast multiply runs ~3x slower here.
+        bcast: tuple[slice | None, ...]
         if channel_axis(len(shape)) == 0:
             q3, out3, bcast = q.reshape(n, n_channels, -1), out.reshape(n, n_channels, -1), (slice(None), slice(None), None)
         else:
