@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .builder import build_cache
-from .dataset import FeatureMapDataset
+from .dataset import FeatureMapDataset, collate
 from .report import inspect_cache, render_table
 from .train import StepCounter, evaluate, sgd, train_epoch
 from .zoo import FashionMNIST, pretrained_resnet, split_at
@@ -104,7 +104,7 @@ def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str 
     def cache_loader(epoch: int) -> DataLoader:
         fmaps.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        return DataLoader(fmaps, batch_size=batch_size, sampler=sampler, drop_last=True)
+        return DataLoader(fmaps, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate)
 
     wall = train_epochs(suffix_b, cache_loader, epochs)
     results["fmcache"] = {"acc": evaluate(nn.Sequential(prefix, suffix_b), test), "train_s": wall,
