@@ -25,7 +25,19 @@ the familiar types too::
     │   └── ResumeError                       an interrupted build that cannot be continued
     ├── BuildError                            the builder could not run the prefix
     │   └── NonFiniteError (ValueError)       NaN/Inf in activations
-    └── SpecImportError (ImportError)         --model / --data 'pkg.module:factory'
+    ├── SpecImportError (ImportError)         --model / --data 'pkg.module:factory'
+    ├── AugmentationError (ValueError)        bad draw, family config, shape or mode
+    │   ├── StrideError                       input size not a whole multiple of the map's
+    │   ├── VariantNameError                  a variant name that is not canonical
+    │   └── SensitivityError                  mismatched maps, rho out of range, no data
+    ├── SamplerConfigError (ValueError)       sampler parameter out of range or of the wrong type
+    ├── PolicyError (ValueError)              bad fractions, codecs or JSON in a compression policy
+    ├── FreezeError (ValueError)              schedule or criterion that does not fit the model
+    ├── BoundaryError (KeyError)              boundary not a top-level child of the model
+    ├── ModelConfigError (ValueError)         zoo model parameter out of range
+    ├── TrainingError (ValueError)            pre-training parameters that cannot work, or divergence
+    ├── DataError (ValueError)                data file with bad contents, or a bad data parameter
+    └── DataFileNotFoundError (FileNotFoundError)  data file that is not there
 """
 
 from __future__ import annotations
@@ -144,27 +156,125 @@ class SpecImportError(FmcacheError, ImportError):
     default_hint = "use 'package.module:factory'; the current directory is importable"
 
 
+# ---- augmentation, SACA composition and sensitivity (fmcache.augment) ---------------------
+
+
+class AugmentationError(FmcacheError, ValueError):
+    """Bad input to an augmentation function (draw, family, shapes, mode)."""
+
+    default_hint = "see docs/augmentation.md for the conventions (shapes, units, order)"
+
+
+class StrideError(AugmentationError):
+    """The stride of a freeze boundary is not a positive whole number."""
+
+    default_hint = (
+        "the input height and width must be the same whole multiple of the map's "
+        "(stride = input_H / map_H = input_W / map_W)"
+    )
+
+
+class VariantNameError(AugmentationError):
+    """A variant name that does not parse, or is not in canonical form."""
+
+    default_hint = (
+        "variant names read identity | flip | shift(DY,DX) | flip+shift(DY,DX) with signed "
+        "non-zero offsets and a bare 0, e.g. 'flip+shift(0,+2)'; build them with variant_name()"
+    )
+
+
+class SensitivityError(AugmentationError):
+    """Bad input to the sensitivity measurement or channel selection."""
+
+    default_hint = "pass maps of equal shape (..., C, H, W) and rho in [0, 1]; see docs/augmentation.md"
+
+
+# ---- sampling, policy and progressive freezing ---------------------------------------------
+
+
+class SamplerConfigError(FmcacheError, ValueError):
+    """A sampler parameter is out of range or of the wrong type."""
+
+    default_hint = "see docs/dataset.md, section 'Sampler', for the parameters and their ranges"
+
+
+class PolicyError(FmcacheError, ValueError):
+    """A compression policy that cannot be used (bad fractions, codecs or JSON)."""
+
+    default_hint = "see docs/policy.md for the policy's JSON form"
+
+
+class FreezeError(FmcacheError, ValueError):
+    """A schedule or criterion that cannot be applied to this model."""
+
+    default_hint = "boundaries are top-level children of the model, in forward order"
+
+
+# ---- the model and data zoo (fmcache.zoo) --------------------------------------------------
+
+
+class BoundaryError(FmcacheError, KeyError):
+    """A freeze boundary that is not the name of a top-level child of the model."""
+
+    default_hint = "name a top-level child (see [name for name, _ in model.named_children()])"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return FmcacheError.__str__(self)
+
+
+class ModelConfigError(FmcacheError, ValueError):
+    """A model parameter out of range (a non-positive width, say)."""
+
+
+class TrainingError(FmcacheError, ValueError):
+    """Pre-training parameters that cannot work, or a loss that diverged."""
+
+
+class DataError(FmcacheError, ValueError):
+    """A data file whose contents are not what they should be, or a bad data parameter."""
+
+    default_hint = "re-install the files (`apt-get install --reinstall dataset-fashion-mnist`) or pass data_dir"
+
+
+class DataFileNotFoundError(FmcacheError, FileNotFoundError):
+    """A data file that is not there."""
+
+    default_hint = "run `apt-get install dataset-fashion-mnist`, or pass data_dir= a folder with the .gz files"
+
+
 __all__ = [
+    "AugmentationError",
+    "BoundaryError",
     "BuildError",
     "CacheError",
     "CacheExistsError",
     "CodecError",
     "CodecSpecError",
     "CorruptionError",
+    "DataError",
+    "DataFileNotFoundError",
     "DiskFullError",
     "EncodeError",
     "FmcacheError",
     "FormatVersionError",
+    "FreezeError",
     "IncompleteCacheError",
     "LayerNotFoundError",
+    "ModelConfigError",
     "NonFiniteError",
     "NotACacheError",
+    "PolicyError",
     "ReadOnlyError",
     "ResumeError",
     "SampleIndexError",
+    "SamplerConfigError",
+    "SensitivityError",
     "ShapeMismatchError",
     "SpecImportError",
     "StaleCacheError",
+    "StrideError",
     "TierPlanError",
+    "TrainingError",
     "UnknownCodecError",
+    "VariantNameError",
 ]

@@ -31,17 +31,10 @@ from torch.utils.data import Dataset
 from .builder import SacaConfig, build_cache, build_saca_cache
 from .calibrate import PixelSpace
 from .dataset import FeatureMapDataset
-from .errors import FmcacheError
+from .errors import FreezeError
 from .policy import CompressionPolicy, frozen_fraction
 from .train import StepCounter, epoch_loader, evaluate, sgd, train_epoch
 from .zoo import split_at
-
-
-class FreezeError(FmcacheError, ValueError):
-    """A schedule or criterion that cannot be applied to this model."""
-
-    default_hint = "boundaries are top-level children of the model, in forward order"
-
 
 # ---- when to freeze -----------------------------------------------------------------------
 

@@ -17,15 +17,9 @@ from typing import Any
 from torch import nn
 
 from .codecs import codec_from_spec
-from .errors import FmcacheError
+from .errors import FmcacheError, PolicyError
 from .sensitivity import select_sensitive
 from .tiers import TierPlan
-
-
-class PolicyError(FmcacheError, ValueError):
-    """A compression policy that cannot be used (bad fractions, codecs or JSON)."""
-
-    default_hint = "see docs/policy.md for the policy's JSON form"
 
 
 @dataclass(frozen=True)

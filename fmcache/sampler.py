@@ -33,16 +33,10 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .errors import FmcacheError, SampleIndexError
+from .errors import SampleIndexError, SamplerConfigError
 
 ShuffleMode = Literal["chunks", "exact", "none"]
 SHUFFLE_MODES: tuple[str, ...] = get_args(ShuffleMode)
-
-
-class SamplerConfigError(FmcacheError, ValueError):
-    """A sampler parameter is out of range or of the wrong type."""
-
-    default_hint = "see docs/dataset.md, section 'Sampler', for the parameters and their ranges"
 
 
 def _check_int(name: str, value: object, *, minimum: int, hint: str | None = None) -> int:

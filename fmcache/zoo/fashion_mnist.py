@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import FmcacheError
+from ..errors import DataError, DataFileNotFoundError
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -59,18 +59,6 @@ _FILES = {
 }
 _IDX_UINT8 = 0x08
 _MAX_IDX_NDIM = 4
-
-
-class DataError(FmcacheError, ValueError):
-    """A data file whose contents are not what they should be, or a bad data parameter."""
-
-    default_hint = "re-install the files (`apt-get install --reinstall dataset-fashion-mnist`) or pass data_dir"
-
-
-class DataFileNotFoundError(FmcacheError, FileNotFoundError):
-    """A data file that is not there."""
-
-    default_hint = "run `apt-get install dataset-fashion-mnist`, or pass data_dir= a folder with the .gz files"
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:

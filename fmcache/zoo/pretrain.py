@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import FmcacheError
+from ..errors import TrainingError
 from .fashion_mnist import FashionMNIST
 from .resnet import cifar_resnet18
 
@@ -42,10 +42,6 @@ THREADS_ENV = "FMCACHE_NUM_THREADS"
 #: bump when the recipe of :func:`pretrained_resnet` changes, so old files are not reused
 RECIPE_VERSION = 1
 _WARMUP_FRACTION = 0.05
-
-
-class TrainingError(FmcacheError, ValueError):
-    """Pre-training parameters that cannot work, or a loss that diverged."""
 
 
 def default_cache_dir() -> Path:

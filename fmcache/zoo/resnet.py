@@ -19,24 +19,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..errors import FmcacheError
+from ..errors import BoundaryError, ModelConfigError
 
 __all__ = [
     "BasicBlock", "BoundaryError", "CifarResNet", "ModelConfigError", "cifar_resnet18", "small_cnn", "split_at",
 ]
-
-
-class BoundaryError(FmcacheError, KeyError):
-    """A freeze boundary that is not the name of a top-level child of the model."""
-
-    default_hint = "name a top-level child (see [name for name, _ in model.named_children()])"
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return FmcacheError.__str__(self)
-
-
-class ModelConfigError(FmcacheError, ValueError):
-    """A model parameter out of range (a non-positive width, say)."""
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
