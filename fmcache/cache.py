@@ -386,21 +386,32 @@ class Cache:
         info = self.layer(layer)
         n = len(self)
         if isinstance(sample, (int, np.integer)) and -n <= sample < n:  # the per-sample fast path
-            idx = np.array([sample + n if sample < 0 else sample], dtype=np.int64)
+            index = int(sample) + n if sample < 0 else int(sample)
+            whole = self._whole_tier_of(layer, info)
+            if whole and (out is None or (out.flags.c_contiguous and out.shape == info.shape
+                                          and out.dtype == np.float32)):
+                dst = np.empty(info.shape, dtype=np.float32) if out is None else out
+                return self.backend.read_one(layer, index, whole, dst)
+            idx = np.array([index], dtype=np.int64)
         else:
             idx = self._samples([sample])
         return self._read_base(layer, info, idx, None if out is None else out[None])[0]
+
+    def _whole_tier_of(self, layer: str, info: LayerInfo) -> str:
+        """The name of the layer's only tier when it holds every channel in order, else ""."""
+        whole = self._whole_tier.get(layer)
+        if whole is None:
+            tiers = info.plan.tiers
+            whole = tiers[0].name if len(tiers) == 1 and tiers[0].channels == tuple(range(len(tiers[0].channels))) \
+                else ""
+            self._whole_tier[layer] = whole
+        return whole
 
     def _read_base(self, layer: str, info: LayerInfo, idx: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         shape = (len(idx), *info.shape)
         if out is not None and (out.shape != shape or out.dtype != np.float32):
             raise ShapeMismatchError(f"out has shape {out.shape} {out.dtype}, expected {shape} float32")
-        whole = self._whole_tier.get(layer)
-        if whole is None:  # a single tier holding every channel in order, or ""
-            tiers = info.plan.tiers
-            whole = tiers[0].name if len(tiers) == 1 and tiers[0].channels == tuple(range(len(tiers[0].channels))) \
-                else ""
-            self._whole_tier[layer] = whole
+        whole = self._whole_tier_of(layer, info)
         if whole and (out is None or out.flags.c_contiguous):
             # Decode straight into the result: no per-part batch, no merge copy.
             dst = np.empty(shape, dtype=np.float32) if out is None else out

@@ -208,3 +208,35 @@ def test_cache_pickles_as_a_path(tmp_path, backend):
     cache.read("l", 0)
     clone = pickle.loads(pickle.dumps(cache))
     np.testing.assert_array_equal(clone.read("l", 1), x[1])
+
+
+def test_single_sample_reads_match_batch_reads_and_name_a_damaged_sample(tmp_path):
+    """Cache.read's per-sample path (Backend.read_one) returns read_batch's rows bit for bit,
+    into a fresh array or `out=`, and a damaged record is named by its sample."""
+    import lmdb
+
+    from fmcache.backends.lmdb_backend import record_key
+
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((6, 4, 5, 5)), 0).astype(np.float32)
+    path = tmp_path / "one.lmdb"
+    with fmcache.create_cache(path) as w:
+        w.add_layer("l", (4, 5, 5), codec="bf16")
+        w.append({"l": x}, np.arange(6))
+        w.commit()
+    with fmcache.open_cache(path) as cache:
+        rows = cache.read_batch("l", range(6))
+        out = np.empty((4, 5, 5), dtype=np.float32)
+        for i in range(-6, 6):
+            assert cache.read("l", i).tobytes() == rows[i].tobytes()
+            assert cache.read("l", i, out=out) is out and out.tobytes() == rows[i].tobytes()
+    env = lmdb.open(str(path), subdir=True, readonly=False, lock=False)
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(record_key(0, 3)))
+        value[-20] ^= 0x10
+        txn.put(record_key(0, 3), bytes(value))
+    env.close()
+    with fmcache.open_cache(path) as cache:
+        assert cache.read("l", 2).tobytes() == rows[2].tobytes()
+        with pytest.raises(fmcache.errors.CorruptionError, match=r"layer 'l' sample 3: checksum mismatch"):
+            cache.read("l", 3)

@@ -122,6 +122,12 @@ class Backend(ABC):
         """part -> decoded float32 batch ``(len(samples), *part_shape)``; parts named in
         ``out`` are decoded into those arrays (C-contiguous, exactly that shape)."""
 
+    def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
+        """One part of one sample, decoded into ``out`` (C-contiguous float32 of the part's
+        shape): what ``Cache.read`` uses. Backends may override it with a leaner path."""
+        self.read(layer, np.array([sample], dtype=np.int64), (part,), out={part: out[None]})
+        return out
+
     @abstractmethod
     def read_labels(self, samples: int) -> np.ndarray | None:
         """Labels of samples ``0 .. samples-1`` (None when none were written)."""

@@ -323,6 +323,42 @@ class LmdbBackend(Backend):
                                           f"the batch does not decode ({exc})") from exc
         return result
 
+    def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
+        """The per-sample path of ``Cache.read``: one get, one record check, one decode
+        (no batch bookkeeping); the same checks and errors as :meth:`read`."""
+        fast = self.__dict__.setdefault("_read_one_of", {})
+        entry = fast.get(layer)
+        if entry is None:  # per layer, once: its index, codecs by part, error-message prefix
+            index, specs, _ = self._layers[layer]
+            entry = fast[layer] = (index, {s.name: s.codec for s in specs}, f"{self.path}: layer {layer!r} sample ")
+        index, codecs, prefix = entry
+        codec = codecs.get(part)
+        if codec is None:
+            raise CorruptionError(f"{prefix}{sample}: layer has no part {part!r}")
+        wanted_key = _REC.pack(b"L", index, sample)
+        with self._env().begin(buffers=True) as txn:
+            value = txn.get(wanted_key)
+            if value is None:
+                raise CorruptionError(f"{prefix}{sample}: no record")
+            try:
+                record = unpack_record(value, "")
+            except CorruptionError as exc:  # name the sample only on the error path
+                raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+            own_key = record.get(KEY_PART)
+            if own_key is not None and own_key != wanted_key:
+                raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
+                                      "(the database's index is damaged)")
+            payload = record.get(part)
+            if payload is None:
+                raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
+            try:
+                codec.decode(payload, out=out)
+            except CorruptionError as exc:
+                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc.message}") from exc
+            except ValueError as exc:
+                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc}") from exc
+        return out
+
     def read_labels(self, samples: int) -> np.ndarray | None:
         blocks: list[np.ndarray] = []
         expected = 0
