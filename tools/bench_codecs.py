@@ -56,6 +56,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
+from bench_read import cpu_name  # tools/ is on sys.path when a tool runs as a script
+
 from fmcache.codecs import Codec, codec_from_spec
 from fmcache.errors import CodecError, CodecSpecError, UnknownCodecError
 from fmcache.zoo import FashionMNIST, pretrained_resnet
@@ -386,16 +388,6 @@ def single_thread_blosc2() -> None:
     blosc2.set_nthreads(1)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---- command line ----------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -455,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meta": {
             "command": shlex.join(["python", "tools/bench_codecs.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": 1,
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": 1,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "blosc2": _version("blosc2"), "zfpy": _version("zfpy"),
                          "pysz": _version("pysz")},
