@@ -1,13 +1,8 @@
 """Reproduce the freezing-with-cached-feature-maps comparison on Fashion-MNIST.
 
-Six arms, the same model, data, epochs, freezing schedule and seeds::
-
-    full                no freezing
-    classic_freeze      the schedule; the frozen prefix recomputed on augmented inputs every step
-    cache_fp32_noaug    the schedule; train from a float32 cache, no augmentation
-    cache_fp32_feature  ... float32 cache, T_a on every channel
-    fmcache_no_saca     ... calibrated tiers + progressive compression, T_a on every channel
-    fmcache             ... SACA (tiers + cached variants) + progressive compression
+The six arms of :mod:`fmcache.experiment` (``full``, ``classic_freeze``, ``cache_fp32_noaug``,
+``cache_fp32_feature``, ``fmcache_no_saca``, ``fmcache``; its docstring says what each
+does), with the same model, data, epochs, freezing schedule and seeds.
 
 Each finished (arm, seed) is saved as JSON under ``runs/reproduce/<setting hash>/`` and
 skipped when the script runs again (resume). After each one the aggregate is written:

@@ -158,17 +158,47 @@ def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
 
+def _record_of(txn: Any, index: int, sample: int, prefix: str) -> dict[str, memoryview]:
+    """The checked parts of a sample's record: present, CRC intact, stored under its own key.
+    CorruptionError naming ``prefix`` + sample (formatted only on an error)."""
+    wanted_key = _REC.pack(b"L", index, sample)
+    value = txn.get(wanted_key)
+    if value is None:  # in range (the cache checks that) yet absent: a damaged database
+        raise CorruptionError(f"{prefix}{sample}: no record")
+    try:
+        record = unpack_record(value, "")  # CRC checked before any decode
+    except CorruptionError as exc:
+        raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+    own_key = record.get(KEY_PART)
+    if own_key is not None and own_key != wanted_key:
+        raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
+                              "(the database's index is damaged)")
+    return record
+
+
+def _part_of(record: Mapping[str, memoryview], name: str, prefix: str, sample: int) -> memoryview:
+    payload = record.get(name)
+    if payload is None:
+        raise CorruptionError(f"{prefix}{sample}: record has no part {name!r}")
+    return payload
+
+
+def _decode_one(codec: Any, payload: memoryview, out: np.ndarray, prefix: str, sample: int, name: str) -> None:
+    """``codec.decode`` into ``out``; a failure becomes CorruptionError naming sample and part."""
+    try:
+        codec.decode(payload, out=out)
+    except CorruptionError as exc:
+        raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc.message}") from exc
+    except ValueError as exc:
+        raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc}") from exc
+
+
 def _name_the_bad_sample(codec: Any, views: Sequence[memoryview], dst: np.ndarray, samples: np.ndarray,
                          prefix: str, name: str) -> None:
     """After a batch decode failed: decode row by row and raise CorruptionError naming the
     first sample (and part) that does not decode. Returns if every row decodes alone."""
     for row, view in enumerate(views):
-        try:
-            codec.decode(view, out=dst[row])
-        except CorruptionError as exc:
-            raise CorruptionError(f"{prefix}{int(samples[row])}, part {name!r}: {exc.message}") from exc
-        except ValueError as exc:
-            raise CorruptionError(f"{prefix}{int(samples[row])}, part {name!r}: {exc}") from exc
+        _decode_one(codec, view, dst[row], prefix, int(samples[row]), name)
 
 
 class LmdbBackend(Backend):
@@ -294,26 +324,13 @@ class LmdbBackend(Backend):
         result = {s.name: _out_array(out, s.name, (len(samples), *s.shape)) for s in wanted}
         rows = [(result[s.name], s.name, s.codec) for s in wanted]
         prefix = f"{self.path}: layer {layer!r} sample "  # error context, formatted once per call
-        key = _REC.pack
         payloads: list[list[memoryview]] = [[] for _ in rows]
         with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
-            get = txn.get
             for sample in samples:
                 sample = int(sample)
-                wanted_key = key(b"L", index, sample)
-                value = get(wanted_key)
-                if value is None:  # in range (the cache checks that) yet absent: a damaged database
-                    raise CorruptionError(f"{prefix}{sample}: no record")
-                record = unpack_record(value, f"{prefix}{sample}")  # CRC checked before any decode
-                own_key = record.get(KEY_PART)
-                if own_key is not None and own_key != wanted_key:
-                    raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
-                                          "(the database's index is damaged)")
+                record = _record_of(txn, index, sample, prefix)
                 for k, (_, name, _) in enumerate(rows):
-                    payload = record.get(name)
-                    if payload is None:
-                        raise CorruptionError(f"{prefix}{sample}: record has no part {name!r}")
-                    payloads[k].append(payload)
+                    payloads[k].append(_part_of(record, name, prefix, sample))
             for (dst, name, codec), views in zip(rows, payloads):
                 try:
                     codec.decode_batch(views, dst)
@@ -335,28 +352,9 @@ class LmdbBackend(Backend):
         codec = codecs.get(part)
         if codec is None:
             raise CorruptionError(f"{prefix}{sample}: layer has no part {part!r}")
-        wanted_key = _REC.pack(b"L", index, sample)
         with self._env().begin(buffers=True) as txn:
-            value = txn.get(wanted_key)
-            if value is None:
-                raise CorruptionError(f"{prefix}{sample}: no record")
-            try:
-                record = unpack_record(value, "")
-            except CorruptionError as exc:  # name the sample only on the error path
-                raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-            own_key = record.get(KEY_PART)
-            if own_key is not None and own_key != wanted_key:
-                raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
-                                      "(the database's index is damaged)")
-            payload = record.get(part)
-            if payload is None:
-                raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
-            try:
-                codec.decode(payload, out=out)
-            except CorruptionError as exc:
-                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc.message}") from exc
-            except ValueError as exc:
-                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc}") from exc
+            record = _record_of(txn, index, sample, prefix)
+            _decode_one(codec, _part_of(record, part, prefix, sample), out, prefix, sample, part)
         return out
 
     def read_labels(self, samples: int) -> np.ndarray | None:
