@@ -7,8 +7,8 @@ such as the manifest)::
 
 All integers little-endian. The checksum covers every byte after the crc field, so any
 flipped or truncated byte is detected before a codec sees the payload. ``FMR2`` records
-(format version 2) carry CRC-32C (Castagnoli, hardware-accelerated: ~1 us for 13 KB);
-``FMR1`` records (format version 1) carry zlib's CRC-32 (~7 us) and are still read.
+(format version 2) carry CRC-32C (Castagnoli, hardware-accelerated); ``FMR1`` records
+(format version 1) carry zlib's CRC-32, several times slower, and are still read.
 """
 
 from __future__ import annotations
