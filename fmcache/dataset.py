@@ -31,7 +31,7 @@ from .augment.batch import feature_batch, nearest_batch, saca_batch
 from .cache import Cache, open_cache
 from .errors import CacheError
 from .manifest import VARIANT_SEP
-from .sampler import ChunkShuffleSampler
+from .sampler import ChunkShuffleSampler, SampleKey
 
 _DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -177,12 +177,12 @@ class FeatureMapDataset(Dataset):
             source[rows] = cache.read_parts(self.layer, idx[rows], [part])[part]
         return source
 
-    def _augment(self, cache: Cache, idx: np.ndarray, base: np.ndarray) -> np.ndarray:
+    def _augment(self, cache: Cache, idx: np.ndarray, base: np.ndarray, epoch: int) -> np.ndarray:
         """The batch's training maps (fmcache.augment.batch: the per-sample definition's
         numbers, computed for the whole batch at once)."""
         if self.augment == "none":
             return base
-        draws = self.family.draws(self.seed, self.epoch, idx)
+        draws = self.family.draws(self.seed, epoch, idx)
         if self.augment == "feature":
             return feature_batch(base, draws, self.stride, tokens=self.tokens)
         assert self.sensitive is not None
@@ -190,14 +190,25 @@ class FeatureMapDataset(Dataset):
         source = self._variant_source(cache, idx, base, chosen)
         return saca_batch(base, draws, self.stride, self.sensitive, source, (rflip, rdy, rdx), tokens=self.tokens)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+    def __getitem__(self, index: int | SampleKey) -> tuple[torch.Tensor, Any]:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
+    def __getitems__(self, indices: Sequence[int | SampleKey]) -> list[tuple[torch.Tensor, Any]]:
+        """Items of a batch; keys are sample indices (drawn for :meth:`set_epoch`'s epoch)
+        or :class:`~fmcache.sampler.SampleKey` ``(epoch, index)`` (drawn for their own)."""
+        epoch = self.epoch
+        if indices and isinstance(indices[0], tuple):
+            epochs = {int(k[0]) for k in indices}  # type: ignore[index]
+            if len(epochs) > 1:  # one loader iteration is one epoch; keep any mix correct anyway
+                first = {e: [k for k in indices if int(k[0]) == e] for e in epochs}  # type: ignore[index]
+                items = {e: iter(self.__getitems__(keys)) for e, keys in first.items()}
+                return [next(items[int(k[0])]) for k in indices]  # type: ignore[index]
+            epoch = epochs.pop()
+            indices = [int(k[1]) for k in indices]  # type: ignore[index]
         idx = np.asarray(indices, dtype=np.int64)
         idx = np.where(idx < 0, idx + self._len, idx)
         cache = self.cache
-        maps = torch.from_numpy(self._augment(cache, idx, cache.read_batch(self.layer, idx)))
+        maps = torch.from_numpy(self._augment(cache, idx, cache.read_batch(self.layer, idx), epoch))
         if self.dtype != torch.float32:
             maps = maps.to(self.dtype)
         return [(maps[row], self._label(int(i))) for row, i in enumerate(idx)]

@@ -33,7 +33,8 @@ from .calibrate import PixelSpace
 from .dataset import FeatureMapDataset
 from .errors import FreezeError
 from .policy import CompressionPolicy, frozen_fraction
-from .train import StepCounter, epoch_loader, evaluate, sgd, train_epoch
+from .loader import EpochLoader
+from .train import StepCounter, evaluate, sgd, train_epoch
 from .zoo import split_at
 
 # ---- when to freeze -----------------------------------------------------------------------
@@ -280,6 +281,7 @@ class FreezingTrainer:
         self.cache_data: FeatureMapDataset | None = None
         self.builds: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
+        self._loader: EpochLoader | None = None
 
     # ---- freeze points ----------------------------------------------------------------------
     def freeze_to(self, boundary: str) -> None:
@@ -305,6 +307,7 @@ class FreezingTrainer:
         self.cache = built
         self.cache_data = self.recipe.dataset(path, self.seed)
         if old is not None and old["path"] != built["path"]:
+            self._close_loader()  # its workers hold the old cache open
             _remove(old["path"])
         self.log(f"froze up to {boundary}: cache {path.name} {built['stored_bytes']:,} B "
                  f"in {built['build_s']:.1f} s ({built['codecs']})")
@@ -318,9 +321,17 @@ class FreezingTrainer:
 
     def loader(self, epoch: int) -> Iterable[Any]:
         """This epoch's training batches: cached maps after a cached freeze, else raw inputs."""
-        if self.cache_data is not None:
-            return epoch_loader(self.cache_data, self.batch_size, epoch, self.seed, self.num_workers)
-        return epoch_loader(self.train_data, self.batch_size, epoch, self.seed, self.num_workers)
+        data = self.cache_data if self.cache_data is not None else self.train_data
+        if self._loader is None or self._loader.dataset is not data:
+            self._close_loader()
+            self._loader = EpochLoader(data, self.batch_size, seed=self.seed, num_workers=self.num_workers)
+        return self._loader(epoch)
+
+    def _close_loader(self) -> None:
+        """Stop the persistent workers (they are reaped, so ``cpu_s`` counts them)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -350,6 +361,7 @@ class FreezingTrainer:
                 new = self.freezer.end_epoch(self.model, epoch)
                 if new is not None:
                     self.freeze_to(new)
+        self._close_loader()
         return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_seconds() - c0, "build_s": [b["build_s"] for b in self.builds],
                 "builds": self.builds, "history": self.history}
 
@@ -358,6 +370,7 @@ class FreezingTrainer:
 
     def close(self) -> None:
         """Delete the current cache."""
+        self._close_loader()
         if self.cache is not None:
             self.cache_data = None
             _remove(self.cache["path"])

@@ -237,6 +237,38 @@ def chunk_runs(
 # -- the sampler ---------------------------------------------------------------------------
 
 
+class SampleKey(NamedTuple):
+    """A sample index with the epoch it is drawn for (what :class:`EpochSampler` yields)."""
+
+    epoch: int
+    index: int
+
+
+class EpochSampler(Sampler[SampleKey]):
+    """Wraps a sampler with ``set_epoch``: yields its indices as ``SampleKey(epoch, index)``.
+
+    With persistent DataLoader workers, the data set a worker holds never sees the main
+    process's ``set_epoch``; the key brings the epoch to it with every sample
+    (:class:`fmcache.loader.EpochLoader`)."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_int("epoch", epoch, minimum=0)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        epoch = self.epoch
+        return (SampleKey(epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
 def _default_rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -366,6 +398,8 @@ __all__ = [
     "SHUFFLE_MODES",
     "ChunkRun",
     "ChunkShuffleSampler",
+    "EpochSampler",
+    "SampleKey",
     "SamplerConfigError",
     "ShuffleMode",
     "chunk_runs",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .dataset import collate
+from .loader import EpochLoader
 from .zoo import native_bf16
 
 
@@ -110,20 +110,13 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 500, bf16: bo
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A shuffled, ``drop_last`` loader whose order depends on (seed, epoch); calls
-    ``dataset.set_epoch(epoch)`` when the data set has one.
+    """A shuffled, ``drop_last`` loader whose order depends on (seed, epoch), for one epoch.
 
     ``num_workers`` > 0 reads, decodes and augments in worker processes, overlapping the
-    training step (on a 2-core machine with one torch thread: the second core)."""
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    common: dict = {"batch_size": batch_size, "drop_last": True, "num_workers": num_workers}
-    if hasattr(dataset, "sampler") and callable(dataset.sampler):  # a FeatureMapDataset: chunk-aware order
-        sampler = dataset.sampler(drop_last=False)
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, sampler=sampler, collate_fn=collate, **common)
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(dataset, shuffle=True, generator=gen, **common)
+    training step (on a 2-core machine with one torch thread: the second core). For many
+    epochs, keep one :class:`fmcache.loader.EpochLoader` instead: its workers persist and
+    it yields the same batches."""
+    return EpochLoader(dataset, batch_size, seed=seed, num_workers=num_workers, persistent=False)(epoch)
 
 
 def frozen(module: nn.Module) -> Iterator[nn.Parameter]:

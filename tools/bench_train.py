@@ -73,7 +73,7 @@ from bench_read import cpu_name, update_json, write_region
 
 from fmcache import FeatureMapDataset
 from fmcache.builder import SacaConfig, build_cache, build_saca_cache
-from fmcache.dataset import collate
+from fmcache.loader import EpochLoader
 from fmcache.policy import CompressionPolicy
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
@@ -184,6 +184,10 @@ def forward_maps(prefix: nn.Module, data: Dataset, batch: int) -> tuple[np.ndarr
 
 # ---- one boundary ------------------------------------------------------------------------------
 
+#: persistent loaders, closed (their workers stopped) when the run ends
+OPENED: list[EpochLoader] = []
+
+
 def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNIST, args: argparse.Namespace,
             workdir: Path) -> dict[str, Any]:
     """Build every store for ``boundary``; returns loaders (epoch -> batches) and facts."""
@@ -195,19 +199,15 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
                             "raw_bytes": int(maps.nbytes)}
     loaders: dict[str, Callable[[int], Iterable[Any]]] = {}
 
-    def loader_of(dataset: Dataset, sampler: Any = None) -> Callable[[int], Iterable[Any]]:
-        def batches(epoch: int) -> Iterable[Any]:
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            # fmcache's collate hands over the batch tensor the Dataset built (no re-stack)
-            common: dict[str, Any] = {"batch_size": args.batch, "drop_last": True, "num_workers": args.workers,
-                                      "collate_fn": collate if isinstance(dataset, FeatureMapDataset) else None}
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-                return DataLoader(dataset, sampler=sampler, **common)
-            gen = torch.Generator().manual_seed(epoch)
-            return DataLoader(dataset, shuffle=True, generator=gen, **common)
-        return batches
+    def loader_of(dataset: Dataset) -> Callable[[int], Iterable[Any]]:
+        # One loader per approach for all epochs (fmcache.loader.EpochLoader): workers
+        # persist, each sample key carries its epoch; a FeatureMapDataset gets its
+        # chunk-aware sampler and fmcache's collate (the batch tensor, no re-stack).
+        if args.fresh_loaders:
+            return lambda epoch: EpochLoader(dataset, args.batch, num_workers=args.workers, persistent=False)(epoch)
+        loader = EpochLoader(dataset, args.batch, num_workers=args.workers)
+        OPENED.append(loader)
+        return loader
 
     # (a) classic freezing: the prefix runs every step on augmented inputs
     loaders["classic"] = loader_of(aug_data)
@@ -239,7 +239,7 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
             info.setdefault("codecs", {})[name] = {t.name: t.codec.spec for t in layer.plan.tiers}
             info.setdefault("variants", list(layer.variants))
             dataset = FeatureMapDataset(out, augment="saca", seed=0)
-            loaders[name] = loader_of(dataset, dataset.sampler(drop_last=False))
+            loaders[name] = loader_of(dataset)
     # (d) torch.save per sample
     folder = workdir / f"{boundary}-torchsave"
     folder.mkdir()
@@ -292,6 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     seconds[boundary][name].append(s)
                     print(f"rep {rep} {boundary} {name}: {s:.2f} s", file=sys.stderr, flush=True)
     finally:
+        for loader in OPENED:
+            loader.close()
         shutil.rmtree(workdir, ignore_errors=True)
     steps = args.samples // args.batch
     result: dict[str, Any] = {}
@@ -314,7 +316,8 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [(f"Settings: ResNet-18 width {s['width']} ({s['steps']} pre-training steps), {s['samples']} samples, "
              f"batch {s['batch']}, {s['threads']} torch threads, fp32, "
-             f"{s.get('workers', 0)} DataLoader workers; "
+             f"{s.get('workers', 0)} DataLoader workers"
+             f"{' (persistent: one loader per approach)' if s.get('persistent_loaders') else ' (a new loader every epoch)'}; "
              f"{s['repeats']} repeats after a one-step warm-up; SACA calibrated on {s['saca_samples']} samples; "
              f"{s['cpu']}. Epoch seconds: median (min–max); ratios: median of per-repeat ratios "
              "(> 1 = faster than the reference).\n")]
@@ -376,6 +379,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--saca-samples", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader workers for every on-disk approach and classic freezing (default 0)")
+    parser.add_argument("--fresh-loaders", action="store_true",
+                        help="a new DataLoader (and new workers) every epoch, as before session 3; "
+                             "default: one persistent loader per approach")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine 2 threads ran 3-5x slower)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
@@ -394,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boundaries = run(args)
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                             "repeats": args.repeats, "threads": args.threads, "saca_samples": args.saca_samples,
-                            "workers": args.workers,
+                            "workers": args.workers, "persistent_loaders": not args.fresh_loaders,
                             "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),

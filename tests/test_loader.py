@@ -1,0 +1,115 @@
+"""EpochLoader: one DataLoader for all epochs, persistent workers, the same batches as a
+fresh loader per epoch; SampleKey epochs reach the data set in the workers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import fmcache
+from fmcache import FeatureMapDataset
+from fmcache.augment import AugFamily, apply_feature
+from fmcache.loader import EpochKeyed, EpochLoader
+from fmcache.sampler import EpochSampler, SampleKey
+from fmcache.train import epoch_loader
+
+
+def _cache(tmp_path, n=40):
+    rng = np.random.default_rng(0)
+    x = (rng.random((n, 3, 8, 8)) * (rng.random((n, 3, 8, 8)) > 0.4)).astype(np.float32)
+    path = tmp_path / "c.lmdb"
+    with fmcache.create_cache(path, build={"input_shape": [1, 16, 16]}) as w:
+        w.add_layer("l", (3, 8, 8), codec="raw", samples_per_chunk=4)
+        w.append({"l": x}, np.arange(n) % 5)
+        w.commit()
+    return path, x
+
+
+def _epochs(loader_of, epochs):
+    return [[(m.clone(), y.clone()) for m, y in loader_of(e)] for e in epochs]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for ea, eb in zip(a, b):
+        assert len(ea) == len(eb)
+        for (ma, ya), (mb, yb) in zip(ea, eb):
+            assert torch.equal(ma, mb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_persistent_loader_gives_a_fresh_loaders_batches_every_epoch(tmp_path, workers):
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=3)
+    fresh = _epochs(lambda e: epoch_loader(ds, 8, e), [0, 1, 2])
+    loader = EpochLoader(FeatureMapDataset(path, augment="feature", seed=3), 8, num_workers=workers)
+    kept = _epochs(loader, [0, 1, 2])
+    if workers:
+        pids = {w.pid for w in loader.loader._iterator._workers}
+        kept += _epochs(loader, [3])
+        assert {w.pid for w in loader.loader._iterator._workers} == pids  # the same processes
+        loader.close()
+        kept = kept[:3]
+    _same(fresh, kept)
+    # the epochs differ: a persistent worker did not stay on epoch 0's draws
+    assert not torch.equal(torch.cat([m for m, _ in kept[0]]), torch.cat([m for m, _ in kept[1]]))
+
+
+def test_sample_keys_draw_for_their_own_epoch(tmp_path):
+    path, x = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=7)
+    ds.set_epoch(5)  # ignored for keyed samples
+    keys = [SampleKey(1, 3), SampleKey(1, 0), SampleKey(2, 3), SampleKey(1, -1)]
+    items = ds.__getitems__(keys)
+    for (fmap, label), key in zip(items, keys):
+        index = key.index % len(x)
+        draw = AugFamily().draws(7, key.epoch, [index]).draw(0)
+        np.testing.assert_array_equal(fmap.numpy(), apply_feature(x[index], draw, 2))
+        assert label == index % 5
+    assert not torch.equal(items[0][0], items[2][0])  # sample 3 in epochs 1 and 2
+    np.testing.assert_array_equal(ds[SampleKey(2, 3)][0].numpy(), items[2][0].numpy())
+
+
+class _EpochTagged(Dataset):
+    """Item i of epoch e is (e * 1000 + i, pid): shows which epoch the worker's copy saw."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor(self.epoch * 1000 + i), os.getpid()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_any_dataset_with_set_epoch_sees_each_epoch_in_persistent_workers(workers):
+    loader = EpochLoader(_EpochTagged(20), 4, seed=1, num_workers=workers)
+    assert isinstance(loader.loader.dataset, EpochKeyed) and isinstance(loader.sampler, EpochSampler)
+    pids = set()
+    for epoch in range(3):
+        values = torch.cat([v for v, _ in loader(epoch)])
+        pids |= {int(p) for _, pid in loader(epoch) for p in pid}
+        # every item comes from this epoch, in the order of a fresh shuffled loader
+        order = torch.randperm(20, generator=torch.Generator().manual_seed(1 * 100_003 + epoch))
+        assert values.tolist() == (epoch * 1000 + order).tolist()
+    assert len(pids) == max(workers, 1) and (workers == 0 or os.getpid() not in pids)
+    loader.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        loader(3)
+
+
+def test_a_dataset_without_set_epoch_gets_plain_indices():
+    data = torch.utils.data.TensorDataset(torch.arange(12))
+    loader = EpochLoader(data, 3, seed=2)
+    batches = [b[0].tolist() for b in loader(1)]
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(2 * 100_003 + 1)).tolist()
+    assert sum(batches, []) == order
