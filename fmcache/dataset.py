@@ -195,7 +195,7 @@ class FeatureMapDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int | SampleKey]) -> list[tuple[torch.Tensor, Any]]:
         """Items of a batch; keys are sample indices (drawn for :meth:`set_epoch`'s epoch)
-        or :class:`~fmcache.sampler.SampleKey` ``(epoch, index)`` (drawn for their own)."""
+        or :class:`~fmcache.sampler.SampleKey` ``(epoch, sample)`` (drawn for their own)."""
         epoch = self.epoch
         if indices and isinstance(indices[0], tuple):
             epochs = {int(k[0]) for k in indices}  # type: ignore[index]

@@ -32,8 +32,8 @@ from .builder import SacaConfig, build_cache, build_saca_cache
 from .calibrate import PixelSpace
 from .dataset import FeatureMapDataset
 from .errors import FreezeError
-from .policy import CompressionPolicy, frozen_fraction
 from .loader import EpochLoader
+from .policy import CompressionPolicy, frozen_fraction
 from .train import StepCounter, evaluate, sgd, train_epoch
 from .zoo import split_at
 

@@ -6,7 +6,7 @@ then each worker holds its own copy of the data set, made once: a ``set_epoch`` 
 main process never reaches it, and every epoch would repeat epoch 0's augmentations.
 
 :class:`EpochLoader` keeps one loader and puts the epoch into the keys instead: its
-sampler yields :class:`~fmcache.sampler.SampleKey` ``(epoch, index)``;
+sampler yields :class:`~fmcache.sampler.SampleKey` ``(epoch, sample)``;
 :class:`~fmcache.dataset.FeatureMapDataset` draws from the key's epoch, and any other
 data set with a ``set_epoch`` is wrapped in :class:`EpochKeyed`, which calls it in the
 worker before fetching. The order and the draws are those of a fresh loader per epoch,
@@ -57,7 +57,7 @@ class EpochKeyed(Dataset):
         if isinstance(key, SampleKey):
             if getattr(self.dataset, "epoch", None) != key.epoch:
                 self.dataset.set_epoch(key.epoch)  # type: ignore[attr-defined]
-            return key.index
+            return key.sample
         return key
 
     def __getitem__(self, key: Any) -> Any:
@@ -81,6 +81,7 @@ class EpochLoader:
                  persistent: bool = True) -> None:
         self.dataset = dataset
         base: Sampler[int]
+        served: Dataset
         if isinstance(dataset, FeatureMapDataset):
             base, served, collate_fn = dataset.sampler(drop_last=False), dataset, collate
         else:

@@ -241,11 +241,11 @@ class SampleKey(NamedTuple):
     """A sample index with the epoch it is drawn for (what :class:`EpochSampler` yields)."""
 
     epoch: int
-    index: int
+    sample: int
 
 
 class EpochSampler(Sampler[SampleKey]):
-    """Wraps a sampler with ``set_epoch``: yields its indices as ``SampleKey(epoch, index)``.
+    """Wraps a sampler with ``set_epoch``: yields its indices as ``SampleKey(epoch, sample)``.
 
     With persistent DataLoader workers, the data set a worker holds never sees the main
     process's ``set_epoch``; the key brings the epoch to it with every sample
@@ -263,7 +263,7 @@ class EpochSampler(Sampler[SampleKey]):
 
     def __iter__(self) -> Iterator[SampleKey]:
         epoch = self.epoch
-        return (SampleKey(epoch, index) for index in self.sampler)
+        return (SampleKey(epoch, sample) for sample in self.sampler)
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
