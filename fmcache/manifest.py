@@ -5,7 +5,9 @@ It is written last: a cache without a committed manifest is incomplete. The JSON
 backends store (LMDB: a checksummed record; HDF5: a root attribute plus its CRC-32).
 
 Format versions: 1 — the first; 2 — LMDB records checksummed with CRC-32C (``FMR2``,
-:mod:`fmcache.record`) instead of zlib's CRC-32 (``FMR1``, still read). A reader refuses a
+:mod:`fmcache.record`) instead of zlib's CRC-32 (``FMR1``, still read); 3 — ``bf16``
+payloads with blosc2 store the widened float32 words (stage byte 2, :mod:`fmcache.codecs.cast`),
+which decode without a widening pass (stage 1, still read). A reader refuses a
 manifest whose ``format_version`` is newer than :data:`FORMAT_VERSION`.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 from .errors import CorruptionError, FormatVersionError
 from .tiers import TierPlan
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 VARIANT_SEP = "@"
 
 

@@ -29,7 +29,9 @@ def golden_inputs() -> dict[str, np.ndarray]:
 
 def write(path: Path, data: dict[str, np.ndarray]) -> None:
     with fmcache.create_cache(path, fingerprints={"weights": "golden-weights", "data": "golden-data"}) as w:
-        w.add_layer("stage.1", (6, 4, 4), plan=TierPlan(6, [("sensitive", [1, 4], "fp16"),
+        # from version 3 the sensitive tier is bf16 (its stage-2 payloads are new in v3)
+        sensitive = "bf16" if fmcache.FORMAT_VERSION >= 3 else "fp16"
+        w.add_layer("stage.1", (6, 4, 4), plan=TierPlan(6, [("sensitive", [1, 4], sensitive),
                                                               ("bulk", [0, 2, 3, 5], "int8")]), variants=["flip"])
         w.add_layer("tokens", (7, 3), plan=TierPlan(3, [("a", [0], "zfp:accuracy=0.01"),
                                                         ("b", [1, 2], "sz3:abs=0.001")]))
