@@ -130,6 +130,56 @@ def test_hdf5_scattered_rows_match_single_reads(tmp_path: Path, order: list[int]
         assert np.array_equal(cache.labels, np.arange(23))
 
 
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "int8", "int4:cname=none", "raw", "zfp:accuracy=0.01"])
+def test_hdf5_per_sample_reads_through_the_row_cache_match_batch_reads(tmp_path: Path, monkeypatch, spec: str) -> None:
+    """Cache.read of HDF5 keeps the stored rows of whole chunks (an LRU); with a budget of
+    about two chunks, a shuffled pass with repeats evicts and re-reads, and every sample
+    is still bit-identical to the batch path."""
+    from fmcache.backends import hdf5_backend
+    rng = np.random.default_rng(6)
+    maps = post_relu(rng, (37, 3, 8, 8))
+    path = tmp_path / "c.h5"
+    _build(path, "hdf5", maps, TierPlan.single(3, spec))
+    monkeypatch.setattr(hdf5_backend, "ROW_CACHE_BYTES", 2 * 4 * 3 * 8 * 8 * 4)
+    with fmcache.open_cache(path) as cache:
+        every = cache.read_batch("l", list(range(37)))
+        order = list(rng.permutation(37)) + [36, 0, 36, 4, 5, 3]
+        for i in order:
+            assert same_bits(cache.read("l", int(i)), every[i]), i
+        rows = cache.backend.__dict__.get("_h_rows")
+        if spec.startswith("zfp"):  # per-sample chunks of a native filter: the plain path
+            assert not rows
+        else:
+            assert rows and cache.backend._h_rows_bytes <= hdf5_backend.ROW_CACHE_BYTES
+
+
+def test_hdf5_row_cache_starts_empty_in_a_child_process(tmp_path: Path) -> None:
+    """The row cache belongs to the process that filled it: a forked child (a DataLoader
+    worker) starts its own, and reads the same values."""
+    import multiprocessing as mp
+    rng = np.random.default_rng(7)
+    maps = post_relu(rng, (12, 3, 4, 4))
+    path = tmp_path / "c.h5"
+    _build(path, "hdf5", maps, TierPlan.single(3, "bf16"))
+    with fmcache.open_cache(path) as cache:
+        expected = cache.read("l", 9)
+        assert cache.backend._h_rows
+        cache.read("l", 0)  # chunk 0 too: the parent holds chunks 0 and 2
+        ctx = mp.get_context("fork")  # the child inherits the parent's memory as is
+        queue = ctx.Queue()
+        child = ctx.Process(target=_read_in_child, args=(cache, 9, queue))
+        child.start()
+        got, chunks = queue.get(timeout=60)
+        child.join(60)
+        assert child.exitcode == 0
+        assert chunks == [2] and same_bits(got, expected)
+
+
+def _read_in_child(cache, sample, queue):
+    value = cache.read("l", sample)
+    queue.put((value, sorted(k[2] for k in cache.backend._h_rows)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_saca_items_decode_only_the_nearest_variant_and_match_the_plain_composition(tmp_path: Path,
                                                                                    backend: str) -> None:
