@@ -5,9 +5,11 @@ It is written last: a cache without a committed manifest is incomplete. The JSON
 backends store (LMDB: a checksummed record; HDF5: a root attribute plus its CRC-32).
 
 Format versions: 1 — the first; 2 — LMDB records checksummed with CRC-32C (``FMR2``,
-:mod:`fmcache.record`) instead of zlib's CRC-32 (``FMR1``, still read); 3 — ``bf16``
-payloads with blosc2 store the widened float32 words (stage byte 2, :mod:`fmcache.codecs.cast`),
-which decode without a widening pass (stage 1, still read). A reader refuses a
+:mod:`fmcache.record`) instead of zlib's CRC-32 (``FMR1``, still read); 3 — ``FMR3``
+records (names block apart from the lengths, parsed once per layer) and ``bf16``
+payloads with blosc2 holding the widened float32 words (stage byte 2,
+:mod:`fmcache.codecs.cast`), which decode without a widening pass (both older forms
+still read). A reader refuses a
 manifest whose ``format_version`` is newer than :data:`FORMAT_VERSION`.
 """
 

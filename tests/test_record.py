@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fmcache.errors import CorruptionError
-from fmcache.record import MAGIC, MAGIC_V1, pack_blob, pack_record, unpack_blob, unpack_record
+from fmcache.record import MAGIC, MAGIC_V1, MAGIC_V2, pack_blob, pack_record, record_parts, unpack_blob, unpack_record
 
 parts_st = st.dictionaries(st.text(min_size=0, max_size=12), st.binary(max_size=200), max_size=5)
 
@@ -53,12 +53,67 @@ def test_blob_round_trip():
         unpack_blob(pack_record({"a": b"x", "b": b"y"}), "m")
 
 
-def test_records_carry_crc32c_and_format_1_records_still_read():
-    rec = pack_record({"a": b"payload", "#key": b"k"})
-    assert rec[:4] == MAGIC == b"FMR2"
-    assert struct.unpack_from("<I", rec, 4)[0] == crc32c(rec[8:])
-    v1 = MAGIC_V1 + struct.pack("<I", zlib.crc32(rec[8:])) + rec[8:]  # how version 1 framed it
-    assert {k: bytes(v) for k, v in unpack_record(v1, "r").items()} == {"a": b"payload", "#key": b"k"}
-    for bad in (MAGIC_V1 + rec[4:], MAGIC + v1[4:]):  # a checksum of the other kind
-        with pytest.raises(CorruptionError, match="checksum"):
+def _legacy(parts: dict, magic: bytes) -> bytes:
+    """How format versions 1 and 2 framed a record (restated from docs/format.md)."""
+    body = struct.pack("<H", len(parts))
+    for name, payload in parts.items():
+        raw = name.encode()
+        body += struct.pack("<H", len(raw)) + raw + struct.pack("<I", len(payload))
+    body += b"".join(parts.values())
+    crc = crc32c(body) if magic == MAGIC_V2 else zlib.crc32(body)
+    return magic + struct.pack("<I", crc) + body
+
+
+def test_records_carry_crc32c_and_older_records_still_read():
+    parts = {"a": b"payload", "#key": b"k"}
+    rec = pack_record(parts)
+    assert rec[:4] == MAGIC == b"FMR3"
+    assert struct.unpack_from("<I", rec, 4)[0] == crc32c(rec[:4] + rec[8:])  # the magic is covered
+    # FMR3: u16 n | u16 names_len | names | n x u32 lengths | payloads
+    assert rec[8:12] == struct.pack("<HH", 2, 2 + 1 + 2 + 4)
+    assert rec[12:21] == b"\x01\x00a\x04\x00#key"
+    assert rec[21:29] == struct.pack("<II", 7, 1) and rec[29:] == b"payloadk"
+    for magic in (MAGIC_V1, MAGIC_V2):
+        old = _legacy(parts, magic)
+        assert {k: bytes(v) for k, v in unpack_record(old, "r").items()} == parts
+        assert [bytes(v) for v in record_parts(old, ["#key", "a"], "r")] == [b"k", b"payload"]
+    v1, v2 = _legacy(parts, MAGIC_V1), _legacy(parts, MAGIC_V2)
+    # a checksum or layout of another kind; FMR3 -> FMR2 is a one-bit flip of the magic
+    for bad in (MAGIC_V1 + v2[4:], MAGIC_V2 + v1[4:], MAGIC + v2[4:], MAGIC_V2 + rec[4:]):
+        with pytest.raises(CorruptionError):
             unpack_record(bad, "r")
+        with pytest.raises(CorruptionError):
+            record_parts(bad, ["a"], "r")
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=parts_st, data=st.data())
+def test_record_parts_are_the_unpacked_parts(parts, data):
+    rec = pack_record(parts)
+    names = list(parts) + ["absent-part"]
+    wanted = data.draw(st.lists(st.sampled_from(names), max_size=4))
+    full = unpack_record(rec, "r")
+    got = record_parts(rec, wanted, "r")
+    assert [None if g is None else bytes(g) for g in got] == [bytes(full[w]) if w in full else None for w in wanted]
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=parts_st, data=st.data())
+def test_record_parts_detect_any_flipped_bit_and_truncation(parts, data):
+    rec = bytearray(pack_record(parts))
+    pos = data.draw(st.integers(0, len(rec) - 1))
+    flipped = bytearray(rec)
+    flipped[pos] ^= 1 << data.draw(st.integers(0, 7))
+    for bad in (bytes(flipped), bytes(rec[:pos])):
+        with pytest.raises(CorruptionError, match="sample 3"):
+            record_parts(bad, list(parts)[:1], "sample 3")
+
+
+def test_records_sharing_names_share_one_parsed_layout():
+    from fmcache import record
+    a = pack_record({"bulk": b"1", "sensitive": b"22", "#key": b"k1"})
+    b = pack_record({"bulk": b"333", "sensitive": b"", "#key": b"k2"})
+    record._LAYOUTS.clear()
+    assert bytes(unpack_record(a, "r")["sensitive"]) == b"22"
+    assert bytes(record_parts(b, ["bulk"], "r")[0]) == b"333"
+    assert len(record._LAYOUTS) == 1

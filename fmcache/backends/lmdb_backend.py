@@ -35,7 +35,7 @@ import lmdb
 import numpy as np
 
 from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
-from ..record import pack_blob, pack_record, unpack_blob, unpack_record
+from ..record import pack_blob, pack_record, record_parts, unpack_blob, unpack_record
 from .base import Backend
 
 _META = b"\x00meta/"
@@ -353,8 +353,20 @@ class LmdbBackend(Backend):
         if codec is None:
             raise CorruptionError(f"{prefix}{sample}: layer has no part {part!r}")
         with self._env().begin(buffers=True) as txn:
-            record = _record_of(txn, index, sample, prefix)
-            _decode_one(codec, _part_of(record, part, prefix, sample), out, prefix, sample, part)
+            wanted_key = _REC.pack(b"L", index, sample)
+            value = txn.get(wanted_key)
+            if value is None:
+                raise CorruptionError(f"{prefix}{sample}: no record")
+            try:  # one part and the record's own key: no dict of every part
+                payload, own_key = record_parts(value, (part, KEY_PART), "")
+            except CorruptionError as exc:
+                raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+            if own_key is not None and own_key != wanted_key:
+                raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
+                                      "(the database's index is damaged)")
+            if payload is None:
+                raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
+            _decode_one(codec, payload, out, prefix, sample, part)
         return out
 
     def read_labels(self, samples: int) -> np.ndarray | None:
