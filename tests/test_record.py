@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fmcache.errors import CorruptionError
-from fmcache.record import MAGIC, MAGIC_V1, MAGIC_V2, pack_blob, pack_record, record_parts, unpack_blob, unpack_record
+from fmcache.record import (
+    MAGIC,
+    MAGIC_V1,
+    MAGIC_V2,
+    pack_blob,
+    pack_record,
+    record_parts,
+    unpack_blob,
+    unpack_record,
+)
 
 parts_st = st.dictionaries(st.text(min_size=0, max_size=12), st.binary(max_size=200), max_size=5)
 
