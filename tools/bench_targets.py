@@ -27,8 +27,9 @@ MARK_BEGIN = "<!-- bench_targets:start -->"
 MARK_END = "<!-- bench_targets:end -->"
 
 
-def targets(bench: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
-    """(what, value, comparison, threshold, met) for every target the data allow."""
+def targets(bench: dict[str, Any], label: str = "") -> list[tuple[str, float, str, float, bool]]:
+    """(what, value, comparison, threshold, met) for every target the data allow
+    (``label`` prefixes the training rows, e.g. the DataLoader worker count)."""
     rows: list[tuple[str, float, str, float, bool]] = []
 
     def at_least(what: str, value: float, threshold: float) -> None:
@@ -59,15 +60,18 @@ def targets(bench: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
                             lm["write_mb_s"] / h5["write_mb_s"], 1.5)
     train = bench.get("train")
     if train:
+        workers = train["settings"].get("workers", 0)
+        tag = f"{label}w{workers} " if "workers" in train["settings"] else label
         for boundary, entry in train["boundaries"].items():
+            boundary = f"{tag}{boundary}"
             info = entry["info"]
             for name in entry["epoch_s"]:
                 if not name.startswith("fmcache-") or not name.endswith("-default"):
                     continue
-                if boundary in ("layer2", "layer3"):
+                if boundary.endswith(("layer2", "layer3")):
                     at_least(f"{boundary}: {name} epoch speed vs in-memory maps", entry["vs_memory"][name], 0.95)
                     at_least(f"{boundary}: {name} epoch speed vs classic freezing", entry["vs_classic"][name],
-                             1.4 if boundary == "layer2" else 2.0)
+                             1.4 if boundary.endswith("layer2") else 2.0)
                 for other in ("torchsave", "memmap", "h5py"):
                     if other in entry["epoch_s"]:
                         at_most(f"{boundary}: {name} epoch s / {other} epoch s",
@@ -93,9 +97,13 @@ def markdown(rows: list[tuple[str, float, str, float, bool]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--bench", default=str(REPO / "docs" / "bench.json"))
+    parser.add_argument("--train-w0", default=str(REPO / "docs" / "bench_train_w0.json"),
+                        help="a bench_train.py --workers 0 run (its stdout), checked too when present")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     rows = targets(json.loads(Path(args.bench).read_text()))
+    if args.train_w0 and Path(args.train_w0).exists():
+        rows += targets({"train": json.loads(Path(args.train_w0).read_text())})
     table = markdown(rows)
     print(table)
     if not args.no_docs:

@@ -13,8 +13,10 @@ from the same weights for every approach; an epoch is one pass over the samples:
 ``fmcache-<backend>-<tier>``  a SACA cache (:func:`fmcache.builder.build_saca_cache`,
                 ``--saca-samples`` calibration samples) read through ``FeatureMapDataset(
                 augment="saca")`` + its chunk-aware sampler + ``DataLoader``; tier
-                ``default`` = :meth:`CompressionPolicy.default` (the codecs for the
-                boundary's depth), ``compact`` = SZ3 bulk (``sz3:rel=0.02``) + int8 sensitive;
+                ``default`` = the builder's default codec, ``bf16``, on both tiers;
+                ``policy`` = :meth:`CompressionPolicy.default` (progressive compression:
+                the codecs for the boundary's depth, int8/int4 + zstd, SZ3 when deep);
+                ``compact`` = SZ3 bulk (``sz3:rel=0.02``) + int8 sensitive;
 ``torchsave``   one ``torch.save`` file per sample, ``torch.load`` per item;
 ``memmap``      one uncompressed float32 ``np.memmap`` file, one row per item;
 ``h5py``        one uncompressed (contiguous) float32 h5py dataset, one row per item.
@@ -78,6 +80,7 @@ from fmcache.policy import CompressionPolicy
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
 BOUNDARIES = ("layer1", "layer2", "layer3")
+DEFAULT_POLICY = CompressionPolicy.constant("bf16")
 COMPACT_POLICY = CompressionPolicy.constant("sz3:rel=0.02", "int8:cname=zstd,clevel=1,shuffle=bit")
 MARK_BEGIN = "<!-- bench_train:start -->"
 MARK_END = "<!-- bench_train:end -->"
@@ -227,7 +230,8 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
     # (c) fmcache SACA caches
     saca = SacaConfig(n_samples=args.saca_samples)
     for backend in args.backends:
-        for tier, policy in (("default", CompressionPolicy.default()), ("compact", COMPACT_POLICY)):
+        for tier, policy in (("default", DEFAULT_POLICY), ("policy", CompressionPolicy.default()),
+                             ("compact", COMPACT_POLICY)):
             name = f"fmcache-{backend}-{tier}"
             out = workdir / f"{boundary}-{name}{'.h5' if backend == 'hdf5' else '.lmdb'}"
             t0 = time.perf_counter()
