@@ -66,7 +66,8 @@ def targets(bench: dict[str, Any], label: str = "") -> list[tuple[str, float, st
             boundary = f"{tag}{boundary}"
             info = entry["info"]
             for name in entry["epoch_s"]:
-                if not name.startswith("fmcache-") or not name.endswith("-default"):
+                # the default codec (bf16 tiers) and the progressive policy's codecs
+                if not name.startswith("fmcache-") or not name.endswith(("-default", "-policy")):
                     continue
                 if boundary.endswith(("layer2", "layer3")):
                     at_least(f"{boundary}: {name} epoch speed vs in-memory maps", entry["vs_memory"][name], 0.95)
