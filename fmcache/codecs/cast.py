@@ -7,7 +7,7 @@ Byte layout of the payload (after the shape header of :mod:`fmcache.codecs.base`
 The body holds the n 16-bit values of the map in C order, little-endian: IEEE half
 floats for ``fp16``, bfloat16 bit patterns for ``bf16``; with stage 1 it is one blosc2
 frame of those bytes (typesize 2). ``bf16`` with blosc2 writes stage 2 (format version
-3): one blosc2 frame (typesize 4) of the float32 words the bfloat16 values stand for
+3): ``u32 crc32c(frame)`` then one blosc2 frame (typesize 4) of the float32 words the bfloat16 values stand for
 (the bit pattern in the high half, zeros in the low half). The shuffle puts the zero
 bytes in planes of their own that LZ4 stores in a few bytes, so it costs about the same
 space as stage 1 (docs/benchmarks.md), and it decodes with one blosc2 call straight into
@@ -25,6 +25,7 @@ numpy on this machine, and decoding copies into ``out`` without a temporary floa
 
 from __future__ import annotations
 
+import struct
 import threading
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from crc32c import crc32c
 
 from ..errors import CorruptionError, EncodeError
 from .base import Codec, Hdf5Field, batch_views
@@ -41,6 +43,16 @@ from .stage import LosslessStage  # also re-exported: `from .cast import Lossles
 
 #: bf16's stage byte for a blosc2 frame of the float32 words (format version 3)
 _STAGE_WIDE = 2
+_CRC = struct.Struct("<I")
+
+
+def _checked_frame(body: memoryview) -> memoryview:
+    """The blosc2 frame of a stage-2 body (``2 | u32 crc32c(frame) | frame``), CRC checked:
+    blosc2 trusts a frame's internals, and a damaged one can crash it (found by
+    tests/test_reliability_fuzz.py), so a damaged frame must never reach it."""
+    if len(body) < 1 + _CRC.size or crc32c(body[1 + _CRC.size:]) != _CRC.unpack_from(body, 1)[0]:
+        raise ValueError("bf16 frame fails its CRC-32C (damaged payload)")
+    return body[1 + _CRC.size:]
 
 FP16_MAX = 65504.0
 #: the largest float32 that rounds to a finite bfloat16 (0x7F7F7FFF); above it, +-Inf
@@ -216,13 +228,15 @@ class Bf16(_Cast16):
         if self.stage.cname == "none":
             return self.stage.pack(bits)
         wide = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
-        return bytes([_STAGE_WIDE]) + blosc2_compress(wide, self.stage.cname, self.stage.clevel, self.stage.shuffle)
+        frame = blosc2_compress(wide, self.stage.cname, self.stage.clevel, self.stage.shuffle)
+        return bytes([_STAGE_WIDE]) + _CRC.pack(crc32c(frame)) + frame
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         if len(payload) and payload[0] == _STAGE_WIDE:
+            frame = _checked_frame(payload)
             if out is not None and out.flags.c_contiguous:
-                return blosc2_decompress_into(payload[1:], out)
-            values = blosc2_decompress_into(payload[1:], np.empty(shape, dtype=np.float32))
+                return blosc2_decompress_into(frame, out)
+            values = blosc2_decompress_into(frame, np.empty(shape, dtype=np.float32))
             if out is None:
                 return values
             out[...] = values
@@ -239,7 +253,7 @@ class Bf16(_Cast16):
         if all(wide):
             for row, body in enumerate(bodies):
                 try:
-                    blosc2_decompress_into(body[1:], out[row])
+                    blosc2_decompress_into(_checked_frame(body), out[row])
                 except ValueError:
                     raise
                 except Exception as exc:  # blosc2's own errors: a damaged frame
