@@ -125,8 +125,8 @@ def measure(x: np.ndarray, repeats: int) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
-    lines = [f"Settings: ResNet-18 width {s['width']}, {s['samples']} samples, {s['repeats']} repeats; {s['cpu']}. "
-             "Float32 MB/s per core (median), compression ratio in brackets.\n"]
+    lines = [(f"Settings: ResNet-18 width {s['width']}, {s['samples']} samples, {s['repeats']} repeats; {s['cpu']}. "
+              "Float32 MB/s per core (median), compression ratio in brackets.\n")]
     layers = list(results["layers"])
     lines.append("| library, mode | " + " | ".join(f"{layer} {tuple(results['layers'][layer]['shape'])}" for layer in layers) + " |")
     lines.append("|---|" + "---:|" * len(layers))

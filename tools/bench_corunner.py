@@ -122,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(results, indent=1))
     if not args.quick:
         update_json(REPO / "docs" / "bench_corunner.json", "corunner", results)
-        lines = [f"Training step of the suffix after {args.boundary} (batch 64, one torch thread), "
-                 f"{args.repeats} rounds of {args.steps} steps; {results['settings']['cpu']}.\n",
+        lines = [(f"Training step of the suffix after {args.boundary} (batch 64, one torch thread), "
+                  f"{args.repeats} rounds of {args.steps} steps; {results['settings']['cpu']}.\n"),
                  "| beside it on the other core | step ms, median (min–max) | slowdown |", "|---|---|---:|"]
         for name, s in results["step_ms"].items():
             lines.append(f"| {name} | {s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) | {results['slowdown'][name]:.2f} |")
