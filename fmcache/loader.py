@@ -81,14 +81,16 @@ class EpochLoader:
                  persistent: bool = True) -> None:
         self.dataset = dataset
         base: Sampler[int]
-        served: Dataset
-        if isinstance(dataset, FeatureMapDataset):
-            base, served, collate_fn = dataset.sampler(drop_last=False), dataset, collate
+        served: Dataset = dataset
+        collate_fn = None
+        if isinstance(dataset, FeatureMapDataset):  # reads SampleKeys itself
+            base, collate_fn = dataset.sampler(drop_last=False), collate
         else:
             base = PermutationSampler(len(dataset), seed)  # type: ignore[arg-type]
-            served = EpochKeyed(dataset) if hasattr(dataset, "set_epoch") else dataset
-            collate_fn = None
-        self.sampler = EpochSampler(base) if served is not dataset or isinstance(dataset, FeatureMapDataset) else base
+            if hasattr(dataset, "set_epoch"):
+                served = EpochKeyed(dataset)
+        keyed = isinstance(dataset, FeatureMapDataset) or served is not dataset
+        self.sampler = EpochSampler(base) if keyed else base
         self.loader: DataLoader | None = DataLoader(
             served, sampler=self.sampler, batch_size=batch_size, drop_last=True, num_workers=num_workers,
             collate_fn=collate_fn, persistent_workers=persistent and num_workers > 0)

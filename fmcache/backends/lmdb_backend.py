@@ -158,22 +158,45 @@ def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
 
+def _value_of(txn: Any, index: int, sample: int, prefix: str) -> tuple[bytes, Any]:
+    """A sample's key and stored value; CorruptionError if absent (in range, as the cache
+    checked, yet missing: a damaged database)."""
+    key = _REC.pack(b"L", index, sample)
+    value = txn.get(key)
+    if value is None:
+        raise CorruptionError(f"{prefix}{sample}: no record")
+    return key, value
+
+
+def _check_own_key(own_key: memoryview | None, wanted_key: bytes, prefix: str, sample: int) -> None:
+    if own_key is not None and own_key != wanted_key:
+        raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
+                              "(the database's index is damaged)")
+
+
 def _record_of(txn: Any, index: int, sample: int, prefix: str) -> dict[str, memoryview]:
     """The checked parts of a sample's record: present, CRC intact, stored under its own key.
     CorruptionError naming ``prefix`` + sample (formatted only on an error)."""
-    wanted_key = _REC.pack(b"L", index, sample)
-    value = txn.get(wanted_key)
-    if value is None:  # in range (the cache checks that) yet absent: a damaged database
-        raise CorruptionError(f"{prefix}{sample}: no record")
+    wanted_key, value = _value_of(txn, index, sample, prefix)
     try:
         record = unpack_record(value, "")  # CRC checked before any decode
     except CorruptionError as exc:
         raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-    own_key = record.get(KEY_PART)
-    if own_key is not None and own_key != wanted_key:
-        raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
-                              "(the database's index is damaged)")
+    _check_own_key(record.get(KEY_PART), wanted_key, prefix, sample)
     return record
+
+
+def _one_part_of(txn: Any, index: int, sample: int, prefix: str, part: str) -> memoryview:
+    """:func:`_record_of`'s checks, but only ``part`` is sliced out (no dict of every part)."""
+    wanted_key, value = _value_of(txn, index, sample, prefix)
+    try:
+        payload, own_key = record_parts(value, (part, KEY_PART), "")
+    except CorruptionError as exc:
+        raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+    _check_own_key(own_key, wanted_key, prefix, sample)
+    if payload is None:
+        raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
+    return payload
 
 
 def _part_of(record: Mapping[str, memoryview], name: str, prefix: str, sample: int) -> memoryview:
@@ -353,19 +376,7 @@ class LmdbBackend(Backend):
         if codec is None:
             raise CorruptionError(f"{prefix}{sample}: layer has no part {part!r}")
         with self._env().begin(buffers=True) as txn:
-            wanted_key = _REC.pack(b"L", index, sample)
-            value = txn.get(wanted_key)
-            if value is None:
-                raise CorruptionError(f"{prefix}{sample}: no record")
-            try:  # one part and the record's own key: no dict of every part
-                payload, own_key = record_parts(value, (part, KEY_PART), "")
-            except CorruptionError as exc:
-                raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-            if own_key is not None and own_key != wanted_key:
-                raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
-                                      "(the database's index is damaged)")
-            if payload is None:
-                raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
+            payload = _one_part_of(txn, index, sample, prefix, part)
             _decode_one(codec, payload, out, prefix, sample, part)
         return out
 
