@@ -200,8 +200,8 @@ class FeatureMapDataset(Dataset):
         if indices and isinstance(indices[0], tuple):
             epochs = {int(k[0]) for k in indices}  # type: ignore[index]
             if len(epochs) > 1:  # one loader iteration is one epoch; keep any mix correct anyway
-                first = {e: [k for k in indices if int(k[0]) == e] for e in epochs}  # type: ignore[index]
-                items = {e: iter(self.__getitems__(keys)) for e, keys in first.items()}
+                groups = {e: [k for k in indices if int(k[0]) == e] for e in epochs}  # type: ignore[index]
+                items = {e: iter(self.__getitems__(keys)) for e, keys in groups.items()}
                 return [next(items[int(k[0])]) for k in indices]  # type: ignore[index]
             epoch = epochs.pop()
             indices = [int(k[1]) for k in indices]  # type: ignore[index]

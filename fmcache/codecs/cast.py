@@ -11,7 +11,7 @@ frame of those bytes (typesize 2). ``bf16`` with blosc2 writes stage 2 (format v
 (the bit pattern in the high half, zeros in the low half). The shuffle puts the zero
 bytes in planes of their own that LZ4 stores in a few bytes, so it costs about the same
 space as stage 1 (docs/benchmarks.md), and it decodes with one blosc2 call straight into
-the float32 output: no staging buffer, no widening pass (~1.5x faster per sample).
+the float32 output: no staging buffer, no widening pass (docs/benchmarks.md).
 Stage 1 ``bf16`` records (format versions 1-2) are still read. The stage byte comes from the record, not the
 config, so a record decodes whatever ``cname`` wrote it, and it keeps a plain body
 2-byte aligned (the shape header has odd length).
