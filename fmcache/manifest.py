@@ -9,7 +9,8 @@ Format versions: 1 — the first; 2 — LMDB records checksummed with CRC-32C (`
 records (names block apart from the lengths, parsed once per layer) and ``bf16``
 payloads with blosc2 holding the widened float32 words (stage byte 2,
 :mod:`fmcache.codecs.cast`), which decode without a widening pass (both older forms
-still read). A reader refuses a
+still read); 4 — ``blosc2`` codec payloads carry a CRC-32C of their frame
+(:mod:`fmcache.codecs.lossless`; the bare frames of 1-3 still read). A reader refuses a
 manifest whose ``format_version`` is newer than :data:`FORMAT_VERSION`.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 from .errors import CorruptionError, FormatVersionError
 from .tiers import TierPlan
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 VARIANT_SEP = "@"
 
 

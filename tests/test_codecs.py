@@ -386,6 +386,40 @@ def test_bf16_stage2_damaged_frames_are_corruption_errors() -> None:
             codec.decode_batch([payload], np.empty((1, *x.shape), np.float32))
 
 
+def test_decode_verified_skips_only_the_frame_crc() -> None:
+    """bf16 stage 2 and blosc2 carry a CRC of their frame; decode_verified (the LMDB record's
+    CRC covered the bytes) skips it and gives the same numbers; decode refuses a bad CRC."""
+    x = np.linspace(0, 3, 256, dtype=np.float32).reshape(4, 8, 8)
+    header = 1 + 4 * x.ndim
+    for spec in ("bf16", "blosc2", "blosc2:cname=lz4,clevel=5,shuffle=bit"):
+        codec = _codec(spec)
+        good = codec.encode(x)
+        assert good[header] in (0x02, 0xFC)  # bf16 stage 2 / checked blosc2 frame
+        expected = codec.decode(good)
+        np.testing.assert_array_equal(codec.decode_verified(good), expected)
+        out = np.empty((2, *x.shape), np.float32)
+        np.testing.assert_array_equal(codec.decode_batch_verified([good, good], out)[1], expected)
+        bad_crc = bytearray(good)
+        bad_crc[header + 1] ^= 0x01  # the CRC field, not the frame
+        with pytest.raises(CorruptionError, match="CRC"):
+            codec.decode(bytes(bad_crc))
+        np.testing.assert_array_equal(codec.decode_verified(bytes(bad_crc)), expected)
+
+
+def test_blosc2_payloads_of_format_versions_1_to_3_decode_only_verified() -> None:
+    """v1-3 stored the bare blosc2 frame: read through the LMDB record's CRC (decode_verified),
+    refused by decode (a bare frame could be damaged, and damaged frames can crash blosc2)."""
+    import blosc2
+    x = np.arange(96, dtype=np.float32).reshape(6, 4, 4) / 7
+    codec = _codec("blosc2")
+    header = codec.encode(x)[:1 + 4 * x.ndim]
+    bare = header + blosc2.compress2(x, codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE],
+                                     filters_meta=[0], typesize=4, nthreads=1)
+    np.testing.assert_array_equal(codec.decode_verified(bare), x)
+    with pytest.raises(CorruptionError, match="without its CRC"):
+        codec.decode(bare)
+
+
 def torch_bf16(x: np.ndarray) -> np.ndarray:
     import torch
     return torch.from_numpy(x).to(torch.bfloat16).float().numpy()

@@ -28,7 +28,7 @@ import math
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -153,6 +153,21 @@ class Codec(ABC):
 
     def decode(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
         """Decode bytes from :meth:`encode` into a float32 array (into ``out`` if given)."""
+        return self._decode_bytes(data, out, self._decode)
+
+    def decode_verified(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`decode` for bytes that a storage layer has just checked against a checksum
+        of its own (an LMDB record's CRC-32C covers every payload in it): a codec whose
+        payload carries a checksum as well may skip that one (``bf16``'s frame CRC).
+        The numbers and every other check are :meth:`decode`'s."""
+        return self._decode_bytes(data, out, self._decode_verified)
+
+    def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
+        """:meth:`decode_batch` for verified bytes (see :meth:`decode_verified`)."""
+        return self.decode_batch(payloads, out)
+
+    def _decode_bytes(self, data: bytes | bytearray | memoryview, out: np.ndarray | None,
+                      decode: Callable[[memoryview, tuple[int, ...], np.ndarray | None], np.ndarray]) -> np.ndarray:
         buf = data if isinstance(data, memoryview) else memoryview(data)
         if buf.format != "B" or buf.ndim != 1:
             buf = buf.cast("B")
@@ -160,7 +175,7 @@ class Codec(ABC):
         if out is not None and (out.shape != shape or out.dtype != np.float32):
             raise ValueError(f"out has shape {out.shape} {out.dtype}, the record holds {shape} float32")
         try:
-            result = self._decode(buf[offset:], shape, out)
+            result = decode(buf[offset:], shape, out)
         except CorruptionError:
             raise
         except Exception as exc:  # a damaged payload must never escape as a raw library error
@@ -188,6 +203,10 @@ class Codec(ABC):
     @abstractmethod
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         """float32 array of ``shape`` from the payload."""
+
+    def _decode_verified(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        """:meth:`_decode` for verified bytes; codecs with a checksum of their own override it."""
+        return self._decode(payload, shape, out)
 
     def _validate(self, array: np.ndarray) -> np.ndarray:
         x = np.asarray(array)

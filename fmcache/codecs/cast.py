@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 import threading
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,14 @@ def _checked_frame(body: memoryview) -> memoryview:
     tests/test_reliability_fuzz.py), so a damaged frame must never reach it."""
     if len(body) < 1 + _CRC.size or crc32c(body[1 + _CRC.size:]) != _CRC.unpack_from(body, 1)[0]:
         raise ValueError("bf16 frame fails its CRC-32C (damaged payload)")
+    return body[1 + _CRC.size:]
+
+
+def _frame(body: memoryview) -> memoryview:
+    """The blosc2 frame of a stage-2 body whose bytes a storage checksum has verified
+    (an LMDB record's CRC-32C): the frame's CRC is not recomputed."""
+    if len(body) < 1 + _CRC.size:
+        raise ValueError("bf16 stage-2 body is shorter than its CRC")
     return body[1 + _CRC.size:]
 
 FP16_MAX = 65504.0
@@ -232,8 +240,16 @@ class Bf16(_Cast16):
         return bytes([_STAGE_WIDE]) + _CRC.pack(crc32c(frame)) + frame
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        return self._decode_frame(payload, shape, out, check=True)
+
+    def _decode_verified(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        # the storage's checksum covered these bytes: the frame's own CRC would only repeat it
+        return self._decode_frame(payload, shape, out, check=False)
+
+    def _decode_frame(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None,
+                      check: bool) -> np.ndarray:
         if len(payload) and payload[0] == _STAGE_WIDE:
-            frame = _checked_frame(payload)
+            frame = _checked_frame(payload) if check else _frame(payload)
             if out is not None and out.flags.c_contiguous:
                 return blosc2_decompress_into(frame, out)
             values = blosc2_decompress_into(frame, np.empty(shape, dtype=np.float32))
@@ -246,6 +262,13 @@ class Bf16(_Cast16):
     def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """Stage-2 records straight into their rows of ``out``; stage-1 batches through the
         16-bit staging pass; a mix (a cache resumed across versions) row by row."""
+        return self._decode_frames(payloads, out, _checked_frame)
+
+    def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
+        return self._decode_frames(payloads, out, _frame)
+
+    def _decode_frames(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
+                       frame_of: Callable[[memoryview], memoryview]) -> np.ndarray:
         if not out.flags.c_contiguous:
             return Codec.decode_batch(self, payloads, out)
         bodies = batch_views(payloads, self.codec_id, out.shape[1:])
@@ -253,7 +276,7 @@ class Bf16(_Cast16):
         if all(wide):
             for row, body in enumerate(bodies):
                 try:
-                    blosc2_decompress_into(_checked_frame(body), out[row])
+                    blosc2_decompress_into(frame_of(body), out[row])
                 except ValueError:
                     raise
                 except Exception as exc:  # blosc2's own errors: a damaged frame

@@ -1,4 +1,16 @@
-"""Lossless codecs: ``raw`` (float32 bytes) and ``blosc2`` (zstd/lz4 with shuffle)."""
+"""Lossless codecs: ``raw`` (float32 bytes) and ``blosc2`` (zstd/lz4 with shuffle).
+
+``blosc2`` payloads (format version 4)::
+
+    u8 0xFC | u32 crc32c(frame) | one blosc2 frame of the float32 bytes (typesize 4)
+
+blosc2 trusts a frame's internals, and a damaged typesize-4 frame can crash it
+(tests/test_reliability_fuzz.py found one), so :meth:`Blosc2.decode` checks the CRC first.
+Format versions 1-3 stored the bare frame; such payloads are decoded only through
+:meth:`~fmcache.codecs.base.Codec.decode_verified` (the LMDB record's CRC-32C covered them;
+HDF5 never held them: it stores ``blosc2`` maps through its own filter). The marker
+cannot start a bare frame, whose first byte is blosc's format version (2-5).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +21,9 @@ from typing import Any, cast
 import blosc2
 import hdf5plugin
 import numpy as np
+from crc32c import crc32c
 
+from ..errors import CorruptionError
 from .base import Codec, Hdf5Field, check_choice
 from .registry import register_codec
 
@@ -18,6 +32,9 @@ SHUFFLES = {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit"
 #: nbytes, blocksize and cbytes in a blosc/blosc2 chunk header: bytes 4-15, little-endian
 #: (version, versionlz, flags, typesize, nbytes, blocksize, cbytes; the chunk format spec)
 _CHUNK_SIZES = struct.Struct("<III")
+#: the first byte of a checked ``blosc2`` payload (format version 4); never a blosc version byte
+_CHECKED = 0xFC
+_CRC = struct.Struct("<I")
 _H5_SHUFFLE = {"none": hdf5plugin.Blosc2.NOFILTER, "byte": hdf5plugin.Blosc2.SHUFFLE,
                "bit": hdf5plugin.Blosc2.BITSHUFFLE}
 
@@ -119,11 +136,22 @@ class Blosc2(Codec):
         return {"cname": self.cname, "clevel": self.clevel, "shuffle": self.shuffle}
 
     def _encode(self, x: np.ndarray) -> bytes:
-        return blosc2_compress(x, self.cname, self.clevel, self.shuffle)
+        frame = blosc2_compress(x, self.cname, self.clevel, self.shuffle)
+        return bytes([_CHECKED]) + _CRC.pack(crc32c(frame)) + frame
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
-        dst = np.empty(shape, dtype=np.float32) if out is None else out
-        return blosc2_decompress_into(payload, dst)
+        if len(payload) < 1 + _CRC.size or payload[0] != _CHECKED:
+            raise CorruptionError("codec 'blosc2': payload without its CRC-32C (damaged, or a bare frame of "
+                                  "format version 1-3, which only its cache's reader decodes)")
+        frame = payload[1 + _CRC.size:]
+        if crc32c(frame) != _CRC.unpack_from(payload, 1)[0]:
+            raise CorruptionError("codec 'blosc2': frame fails its CRC-32C (damaged payload)")
+        return blosc2_decompress_into(frame, np.empty(shape, dtype=np.float32) if out is None else out)
+
+    def _decode_verified(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        # the storage's checksum covered these bytes: skip the frame's; bare frames are v1-3's
+        frame = payload[1 + _CRC.size:] if len(payload) and payload[0] == _CHECKED else payload
+        return blosc2_decompress_into(frame, np.empty(shape, dtype=np.float32) if out is None else out)
 
     def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
         return [Hdf5Field("values", np.dtype("<f4"), sample_shape,

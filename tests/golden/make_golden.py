@@ -33,7 +33,9 @@ def write(path: Path, data: dict[str, np.ndarray]) -> None:
         sensitive = "bf16" if fmcache.FORMAT_VERSION >= 3 else "fp16"
         w.add_layer("stage.1", (6, 4, 4), plan=TierPlan(6, [("sensitive", [1, 4], sensitive),
                                                               ("bulk", [0, 2, 3, 5], "int8")]), variants=["flip"])
-        w.add_layer("tokens", (7, 3), plan=TierPlan(3, [("a", [0], "zfp:accuracy=0.01"),
+        # from version 4 tokens tier "a" is the lossless blosc2 codec (its CRC-framed payloads are new in v4)
+        first = "blosc2" if fmcache.FORMAT_VERSION >= 4 else "zfp:accuracy=0.01"
+        w.add_layer("tokens", (7, 3), plan=TierPlan(3, [("a", [0], first),
                                                         ("b", [1, 2], "sz3:abs=0.001")]))
         for s in (0, 3):
             sl = slice(s, s + 3)
