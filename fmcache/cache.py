@@ -381,6 +381,38 @@ class Cache:
         info = self.layer(layer)
         return self._read_base(layer, info, self._samples(samples), out)
 
+    def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read_batch`, plus one stored part per row: ``picks[r]`` names the part of
+        sample ``samples[r]`` to decode (a variant such as ``sensitive@flip``), None none.
+
+        Returns ``(base, picked)``: ``picked[r]`` holds the part where ``picks[r]`` names one
+        and is undefined elsewhere; all picked parts must share one shape (``picked`` is
+        ``(n, 0)`` when nothing is picked). On LMDB each sample's record is fetched and
+        checked once for both. What ``FeatureMapDataset(augment="saca")`` reads per batch."""
+        info = self.layer(layer)
+        idx = self._samples(samples)
+        if len(picks) != len(idx):
+            raise ValueError(f"{len(picks)} picks for {len(idx)} samples")
+        specs = {spec.name: spec for spec in self.backend.part_specs(layer)}
+        shapes = set()
+        for name in {p for p in picks if p is not None}:
+            spec = specs.get(name)
+            if spec is None:
+                raise CacheError(f"{self.path}: layer {layer!r} has no stored part {name!r}",
+                                 hint=f"parts: {', '.join(specs)}")
+            shapes.add(spec.shape)
+        if len(shapes) > 1:
+            raise ShapeMismatchError(f"{self.path}: layer {layer!r}: the picked parts have shapes {sorted(shapes)}")
+        picked = np.empty((len(idx), *(shapes.pop() if shapes else (0,))), dtype=np.float32)
+        whole = self._whole_tier_of(layer, info)
+        if whole:
+            base = np.empty((len(idx), *info.shape), dtype=np.float32)
+            self.backend.read_picked(layer, idx, (whole,), {whole: base}, picks, picked)
+            return base, picked
+        parts = self.backend.read_picked(layer, idx, info.plan.names, None, picks, picked)
+        return info.plan.merge(parts, batched=True), picked
+
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 map of one sample, shape ``layer.shape`` (into ``out`` if given)."""
         info = self.layer(layer)

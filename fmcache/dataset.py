@@ -161,34 +161,31 @@ class FeatureMapDataset(Dataset):
         value = self._labels[index]
         return int(value) if np.ndim(value) == 0 and self._labels.dtype.kind in "iub" else torch.as_tensor(value)
 
-    def _variant_source(self, cache: Cache, idx: np.ndarray, base: np.ndarray, chosen: Sequence[str]) -> np.ndarray:
-        """Per row, the sensitive channels SACA starts from: the chosen cached variant's,
-        or the base's where the nearest is ``identity`` (or not cached). Only the chosen
-        variant of each sample is read and decoded, one read per variant name."""
-        sens = self.sensitive
-        assert sens is not None
-        source = base[..., sens] if self.tokens else base[:, sens]
-        rows_of: dict[str, list[int]] = {}
-        for row, name in enumerate(chosen):
-            if name in self.variant_parts:
-                rows_of.setdefault(name, []).append(row)
-        for name, rows in rows_of.items():
-            part = self.variant_parts[name]
-            source[rows] = cache.read_parts(self.layer, idx[rows], [part])[part]
-        return source
-
-    def _augment(self, cache: Cache, idx: np.ndarray, base: np.ndarray, epoch: int) -> np.ndarray:
+    def _read_augmented(self, cache: Cache, idx: np.ndarray, epoch: int) -> np.ndarray:
         """The batch's training maps (fmcache.augment.batch: the per-sample definition's
-        numbers, computed for the whole batch at once)."""
+        numbers, computed for the whole batch at once). The draws depend on
+        ``(seed, epoch, sample)`` only, so SACA knows each row's nearest variant before it
+        reads: the base tiers and that one variant come from one read of each sample."""
         if self.augment == "none":
-            return base
+            return cache.read_batch(self.layer, idx)
         draws = self.family.draws(self.seed, epoch, idx)
         if self.augment == "feature":
-            return feature_batch(base, draws, self.stride, tokens=self.tokens)
-        assert self.sensitive is not None
+            return feature_batch(cache.read_batch(self.layer, idx), draws, self.stride, tokens=self.tokens)
+        sens = self.sensitive
+        assert sens is not None
         chosen, rflip, rdy, rdx = nearest_batch(draws, self.variant_parts)
-        source = self._variant_source(cache, idx, base, chosen)
-        return saca_batch(base, draws, self.stride, self.sensitive, source, (rflip, rdy, rdx), tokens=self.tokens)
+        # per row, the part its sensitive channels start from: the chosen cached variant,
+        # or None (the base's own) where the nearest is ``identity`` (or not cached)
+        picks = [self.variant_parts.get(name) for name in chosen]
+        rows = [row for row, pick in enumerate(picks) if pick is not None]
+        if rows:
+            base, picked = cache.read_batch_picked(self.layer, idx, picks)
+        else:
+            base = cache.read_batch(self.layer, idx)
+        source = base[..., sens] if self.tokens else base[:, sens]
+        if rows:
+            source[rows] = picked[rows]
+        return saca_batch(base, draws, self.stride, sens, source, (rflip, rdy, rdx), tokens=self.tokens)
 
     def __getitem__(self, index: int | SampleKey) -> tuple[torch.Tensor, Any]:
         return self.__getitems__([index])[0]
@@ -208,7 +205,7 @@ class FeatureMapDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         idx = np.where(idx < 0, idx + self._len, idx)
         cache = self.cache
-        maps = torch.from_numpy(self._augment(cache, idx, cache.read_batch(self.layer, idx), epoch))
+        maps = torch.from_numpy(self._read_augmented(cache, idx, epoch))
         if self.dtype != torch.float32:
             maps = maps.to(self.dtype)
         return [(maps[row], self._label(int(i))) for row, i in enumerate(idx)]

@@ -18,6 +18,8 @@ import fmcache
 from fmcache import FeatureMapDataset, TierPlan
 from fmcache.augment import AugFamily, augment_map, default_variants, nearest_variant, variant_name
 from fmcache.codecs import codec_from_spec
+from fmcache.errors import CacheError
+from fmcache.shards import merge_shards
 
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "fp16:cname=none", "bf16", "bf16:cname=none",
           "bf16:cname=zstd,clevel=1,shuffle=byte", "int8", "int8:cname=none", "int4", "zfp:accuracy=0.01",
@@ -215,3 +217,75 @@ def test_saca_items_decode_only_the_nearest_variant_and_match_the_plain_composit
             assert label == i
             used.add(nearest_variant(draw, names)[0])
     assert len(used) >= 3  # the draws exercised several variants and the identity
+
+
+def _saca_cache(path: Path, backend: str, maps: np.ndarray, variants: dict[str, np.ndarray], plan: TierPlan,
+                build: dict | None = None) -> None:
+    with fmcache.create_cache(path, backend=backend, build=build) as writer:
+        writer.add_layer("l", maps.shape[1:], plan=plan, variants=list(variants), samples_per_chunk=4)
+        for start in range(0, len(maps), 7):
+            sl = slice(start, start + 7)
+            writer.append({"l": maps[sl]}, np.arange(start, min(start + 7, len(maps))),
+                          variants={"l": {v: x[sl] for v, x in variants.items()}})
+        writer.commit()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("codecs", [("bf16", "int8"), ("blosc2", "int4"), ("fp16", "zfp:accuracy=0.01")])
+def test_read_batch_picked_matches_read_batch_and_read_parts(tmp_path: Path, backend: str,
+                                                            codecs: tuple[str, str]) -> None:
+    rng = np.random.default_rng(8)
+    n, shape = 17, (5, 4, 4)
+    plan = TierPlan.two_tier(5, [0, 3], *codecs)
+    maps = post_relu(rng, (n, *shape))
+    variants = {v: post_relu(rng, (n, *shape)) for v in ("flip", "dx+4", "dy-4")}
+    path = tmp_path / ("p.h5" if backend == "hdf5" else "p.lmdb")
+    _saca_cache(path, backend, maps, variants, plan)
+    names = [None, *(f"sensitive@{v}" for v in variants)]
+    with fmcache.open_cache(path) as cache:
+        every = list(range(n))
+        parts = cache.read_parts("l", every, [name for name in names if name])
+        base_all = cache.read_batch("l", every)
+        for trial in range(6):
+            order = [int(i) for i in rng.integers(-n, n, size=int(rng.integers(1, 12)))]
+            picks = [names[int(k)] for k in rng.integers(0, len(names), size=len(order))]
+            if trial == 0:
+                picks = [None] * len(order)  # nothing picked: picked is (n, 0)
+            base, picked = cache.read_batch_picked("l", order, picks)
+            assert same_bits(base, base_all[order])
+            assert picked.shape == ((len(order), 2, 4, 4) if any(picks) else (len(order), 0))
+            for row, (i, pick) in enumerate(zip(order, picks)):
+                if pick is not None:
+                    assert same_bits(picked[row], parts[pick][i])
+        with pytest.raises(CacheError, match="no stored part 'sensitive@nope'"):
+            cache.read_batch_picked("l", [0, 1], [None, "sensitive@nope"])
+        with pytest.raises(ValueError, match="1 picks for 2 samples"):
+            cache.read_batch_picked("l", [0, 1], [None])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_batch_picked_across_shards(tmp_path: Path, backend: str) -> None:
+    rng = np.random.default_rng(9)
+    n, shape = 12, (4, 4, 4)
+    plan = TierPlan.two_tier(4, [1], "fp16", "int8")
+    maps = post_relu(rng, (n, *shape))
+    variants = {"flip": post_relu(rng, (n, *shape))}
+    suffix = ".h5" if backend == "hdf5" else ".lmdb"
+    shards = []
+    for start, stop in ((0, 5), (5, 12)):
+        shard = tmp_path / f"shard{start}{suffix}"
+        _saca_cache(shard, backend, maps[start:stop], {v: x[start:stop] for v, x in variants.items()}, plan,
+                    build={"shard": {"start": start, "stop": stop}, "samples_total": n})
+        shards.append(shard)
+    merged = fmcache.open_cache(merge_shards(shards, tmp_path / "merged"))
+    order = [11, 0, 4, 5, 3, 9]
+    picks = ["sensitive@flip", None, None, "sensitive@flip", None, "sensitive@flip"]
+    base, picked = merged.read_batch_picked("l", order, picks)
+    assert same_bits(base, merged.read_batch("l", order))
+    flip = merged.read_parts("l", order, ["sensitive@flip"])["sensitive@flip"]
+    for row in (0, 3, 5):
+        assert same_bits(picked[row], flip[row])
+    # one shard's rows pick nothing (rows 1, 2, 4 of shard 0), the other's do
+    base, picked = merged.read_batch_picked("l", [0, 7], [None, "sensitive@flip"])
+    assert same_bits(picked[1], merged.read_parts("l", [7], ["sensitive@flip"])["sensitive@flip"][0])
+    merged.close()

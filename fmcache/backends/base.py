@@ -122,6 +122,25 @@ class Backend(ABC):
         """part -> decoded float32 batch ``(len(samples), *part_shape)``; parts named in
         ``out`` are decoded into those arrays (C-contiguous, exactly that shape)."""
 
+    def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
+                    out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
+                    picked_out: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`read`, and for each row ``r`` with a name in ``picks[r]`` that part of
+        sample ``samples[r]`` decoded into ``picked_out[r]`` (rows without one are left as
+        they are; every picked part has ``picked_out``'s row shape). What a SACA batch
+        needs: the base tiers of every sample and one chosen variant each.
+
+        This default reads the base parts once and each picked name once; backends that
+        keep all parts of a sample in one record override it to fetch each record once."""
+        result = self.read(layer, samples, parts, out)
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(picks):
+            if name is not None:
+                rows_of.setdefault(name, []).append(row)
+        for name, rows in rows_of.items():
+            picked_out[rows] = self.read(layer, samples[rows], (name,))[name]
+        return result
+
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
         """One part of one sample, decoded into ``out`` (C-contiguous float32 of the part's
         shape): what ``Cache.read`` uses. Backends may override it with a leaner path."""

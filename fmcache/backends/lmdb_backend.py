@@ -212,6 +212,18 @@ def _name_the_bad_sample(codec: Any, views: Sequence[memoryview], dst: np.ndarra
         _decode_one(codec, view, dst[row], prefix, int(samples[row]), name)
 
 
+def _decode_rows(codec: Any, views: Sequence[memoryview], dst: np.ndarray, samples: np.ndarray,
+                 prefix: str, name: str) -> None:
+    """One batch decode of CRC-checked payloads into ``dst``; on failure, CorruptionError
+    naming the first sample (and part) that does not decode."""
+    try:
+        codec.decode_batch_verified(views, dst)  # every record's CRC was checked
+    except Exception as exc:  # a damaged payload never escapes as a raw library error
+        _name_the_bad_sample(codec, views, dst, samples, prefix, name)
+        raise CorruptionError(f"{prefix}{int(samples[0])}..{int(samples[-1])}, part {name!r}: "
+                              f"the batch does not decode ({exc})") from exc
+
+
 class LmdbBackend(Backend):
     """Feature maps in an LMDB environment directory."""
 
@@ -339,25 +351,49 @@ class LmdbBackend(Backend):
 
     def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None,
              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        return self._read_records(layer, samples, parts, out, None, None)
+
+    def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
+                    out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
+                    picked_out: np.ndarray) -> dict[str, np.ndarray]:
+        """One get and one CRC per sample for the base parts and the picked one together
+        (the default would fetch and check each picked sample's record a second time)."""
+        if len(picks) != len(samples):
+            raise ValueError(f"{len(picks)} picks for {len(samples)} samples")
+        return self._read_records(layer, samples, parts, out, picks, picked_out)
+
+    def _read_records(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
+                      out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None] | None,
+                      picked_out: np.ndarray | None) -> dict[str, np.ndarray]:
         index, specs, _ = self._layers[layer]
         wanted = [s for s in specs if parts is None or s.name in parts]
         result = {s.name: _out_array(out, s.name, (len(samples), *s.shape)) for s in wanted}
         rows = [(result[s.name], s.name, s.codec) for s in wanted]
         prefix = f"{self.path}: layer {layer!r} sample "  # error context, formatted once per call
         payloads: list[list[memoryview]] = [[] for _ in rows]
+        picked: dict[str, tuple[list[int], list[memoryview]]] = {}  # name -> its rows and payloads
         with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
-            for sample in samples:
+            for row, sample in enumerate(samples):
                 sample = int(sample)
                 record = _record_of(txn, index, sample, prefix)
                 for k, (_, name, _) in enumerate(rows):
                     payloads[k].append(_part_of(record, name, prefix, sample))
+                pick = picks[row] if picks is not None else None
+                if pick is not None:
+                    entry = picked.get(pick)
+                    if entry is None:
+                        entry = picked[pick] = ([], [])
+                    entry[0].append(row)
+                    entry[1].append(_part_of(record, pick, prefix, sample))
             for (dst, name, codec), views in zip(rows, payloads):
-                try:
-                    codec.decode_batch_verified(views, dst)  # every record's CRC was checked
-                except Exception as exc:  # a damaged payload never escapes as a raw library error
-                    _name_the_bad_sample(codec, views, dst, samples, prefix, name)
-                    raise CorruptionError(f"{prefix}{int(samples[0])}..{int(samples[-1])}, part {name!r}: "
-                                          f"the batch does not decode ({exc})") from exc
+                _decode_rows(codec, views, dst, samples, prefix, name)
+            if picked:
+                assert picked_out is not None
+                codecs = {s.name: s.codec for s in specs}
+                for name, (picked_rows, views) in picked.items():
+                    dst = np.empty((len(picked_rows), *picked_out.shape[1:]), dtype=np.float32)
+                    _decode_rows(codecs[name], views, dst, samples[picked_rows], prefix, name)
+                    picked_out[picked_rows] = dst
         return result
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
