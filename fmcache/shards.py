@@ -157,7 +157,7 @@ class ShardedCache:
         pieces = []
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
-            pieces.append((rows, *self.shards[int(s)].read_batch_picked(layer, local[rows], [picks[r] for r in rows])))
+            pieces.append((rows, *self.shards[int(s)].read_batch_picked(layer, local[rows], [picks[int(r)] for r in rows])))
         base = np.empty((len(idx), *pieces[0][1].shape[1:]), dtype=np.float32)
         shape = next((p.shape[1:] for _, _, p in pieces if p.shape[1:] != (0,)), (0,))
         picked = np.empty((len(idx), *shape), dtype=np.float32)
