@@ -381,15 +381,17 @@ class Cache:
         info = self.layer(layer)
         return self._read_base(layer, info, self._samples(samples), out)
 
-    def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None]
-                          ) -> tuple[np.ndarray, np.ndarray]:
+    def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None], *,
+                          merged: bool = True) -> tuple[Any, np.ndarray]:
         """:meth:`read_batch`, plus one stored part per row: ``picks[r]`` names the part of
         sample ``samples[r]`` to decode (a variant such as ``sensitive@flip``), None none.
 
         Returns ``(base, picked)``: ``picked[r]`` holds the part where ``picks[r]`` names one
         and is undefined elsewhere; all picked parts must share one shape (``picked`` is
-        ``(n, 0)`` when nothing is picked). On LMDB each sample's record is fetched and
-        checked once for both. What ``FeatureMapDataset(augment="saca")`` reads per batch."""
+        ``(n, 0)`` when nothing is picked). With ``merged=False`` ``base`` is the dict of
+        tier name -> that tier's batch (what :meth:`read_parts` returns) instead of the
+        merged maps. On LMDB each sample's record is fetched and checked once for both.
+        What ``FeatureMapDataset(augment="saca")`` reads per batch."""
         info = self.layer(layer)
         idx = self._samples(samples)
         if len(picks) != len(idx):
@@ -406,12 +408,12 @@ class Cache:
             raise ShapeMismatchError(f"{self.path}: layer {layer!r}: the picked parts have shapes {sorted(shapes)}")
         picked = np.empty((len(idx), *(shapes.pop() if shapes else (0,))), dtype=np.float32)
         whole = self._whole_tier_of(layer, info)
-        if whole:
+        if whole and merged:
             base = np.empty((len(idx), *info.shape), dtype=np.float32)
             self.backend.read_picked(layer, idx, (whole,), {whole: base}, picks, picked)
             return base, picked
         parts = self.backend.read_picked(layer, idx, info.plan.names, None, picks, picked)
-        return info.plan.merge(parts, batched=True), picked
+        return (info.plan.merge(parts, batched=True) if merged else parts), picked
 
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 map of one sample, shape ``layer.shape`` (into ``out`` if given)."""

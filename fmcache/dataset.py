@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .augment import AUGMENT_MODES, AugFamily, infer_stride
-from .augment.batch import feature_batch, nearest_batch, saca_batch
+from .augment.batch import feature_batch, nearest_batch, saca_tiers
 from .cache import Cache, open_cache
 from .errors import CacheError
 from .manifest import VARIANT_SEP
@@ -123,6 +123,7 @@ class FeatureMapDataset(Dataset):
                 raise CacheError(f"{self.path}: layer {layer!r} has no 'sensitive' tier; augment='saca' needs one",
                                  hint="build with SACA (fmcache build --saca) or use augment='feature'")
             self.sensitive = np.asarray(info.plan.tier("sensitive").channels, dtype=np.int64)
+            self._plan = info.plan
             self.variant_parts = {v: f"sensitive{VARIANT_SEP}{v}" for v in info.variants}
         labels = cache.labels
         self._labels = labels
@@ -171,21 +172,17 @@ class FeatureMapDataset(Dataset):
         draws = self.family.draws(self.seed, epoch, idx)
         if self.augment == "feature":
             return feature_batch(cache.read_batch(self.layer, idx), draws, self.stride, tokens=self.tokens)
-        sens = self.sensitive
-        assert sens is not None
         chosen, rflip, rdy, rdx = nearest_batch(draws, self.variant_parts)
         # per row, the part its sensitive channels start from: the chosen cached variant,
         # or None (the base's own) where the nearest is ``identity`` (or not cached)
         picks = [self.variant_parts.get(name) for name in chosen]
+        parts, picked = cache.read_batch_picked(self.layer, idx, picks, merged=False)
+        source = parts["sensitive"]  # the base's sensitive channels, then the chosen variants'
         rows = [row for row, pick in enumerate(picks) if pick is not None]
         if rows:
-            base, picked = cache.read_batch_picked(self.layer, idx, picks)
-        else:
-            base = cache.read_batch(self.layer, idx)
-        source = base[..., sens] if self.tokens else base[:, sens]
-        if rows:
             source[rows] = picked[rows]
-        return saca_batch(base, draws, self.stride, sens, source, (rflip, rdy, rdx), tokens=self.tokens)
+        # tier by tier, merged once: saca_batch's numbers without building the merged base
+        return saca_tiers(parts, self._plan, draws, self.stride, source, (rflip, rdy, rdx), tokens=self.tokens)
 
     def __getitem__(self, index: int | SampleKey) -> tuple[torch.Tensor, Any]:
         return self.__getitems__([index])[0]

@@ -147,25 +147,32 @@ class ShardedCache:
             return out
         return result
 
-    def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None]
-                          ) -> tuple[np.ndarray, np.ndarray]:
+    def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None], *,
+                          merged: bool = True) -> tuple[Any, np.ndarray]:
         idx, shard, local = self._split(samples)
         if len(picks) != len(idx):
             raise ValueError(f"{len(picks)} picks for {len(idx)} samples")
         if not len(idx):
-            return self.shards[0].read_batch_picked(layer, [], [])
+            return self.shards[0].read_batch_picked(layer, [], [], merged=merged)
         pieces = []
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
-            pieces.append((rows, *self.shards[int(s)].read_batch_picked(layer, local[rows], [picks[int(r)] for r in rows])))
-        base = np.empty((len(idx), *pieces[0][1].shape[1:]), dtype=np.float32)
+            base, got = self.shards[int(s)].read_batch_picked(layer, local[rows], [picks[int(r)] for r in rows],
+                                                              merged=False)
+            pieces.append((rows, base, got))
         shape = next((p.shape[1:] for _, _, p in pieces if p.shape[1:] != (0,)), (0,))
         picked = np.empty((len(idx), *shape), dtype=np.float32)
-        for rows, b, p in pieces:
-            base[rows] = b
-            if p.shape[1:] == shape:  # a shard whose rows picked nothing returns (k, 0)
-                picked[rows] = p
-        return base, picked
+        parts: dict[str, np.ndarray] = {}
+        for rows, base, got in pieces:
+            for name, values in base.items():
+                if name not in parts:
+                    parts[name] = np.empty((len(idx), *values.shape[1:]), dtype=np.float32)
+                parts[name][rows] = values
+            if got.shape[1:] == shape:  # a shard whose rows picked nothing returns (k, 0)
+                picked[rows] = got
+        if merged:
+            return self.manifest.layers[layer].plan.merge(parts, batched=True), picked
+        return parts, picked
 
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
         return self.read_batch(layer, [sample], None if out is None else out[None])[0]

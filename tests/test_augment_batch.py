@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fmcache import TierPlan
 from fmcache.augment import (
     AugDraw,
     AugFamily,
@@ -20,7 +21,14 @@ from fmcache.augment import (
     saca_compose,
     variant_name,
 )
-from fmcache.augment.batch import feature_batch, feature_offsets, nearest_batch, saca_batch, shift_flip_batch
+from fmcache.augment.batch import (
+    feature_batch,
+    feature_offsets,
+    nearest_batch,
+    saca_batch,
+    saca_tiers,
+    shift_flip_batch,
+)
 from fmcache.augment.feature_ops import feature_offset
 
 
@@ -81,6 +89,38 @@ def test_saca_batch_equals_per_sample_saca_compose(shape, stride, seed, all_defa
         assert chosen[row] == nearest_variant(draw, names)[0]
         expected = saca_compose(base[row], draw, stride, sensitive, {n: v[row] for n, v in stored.items()})
         assert same_bits(got[row], expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(maps, st.sampled_from([1, 2, 4]), st.integers(0, 2**31 - 1), st.booleans())
+def test_saca_tiers_equals_saca_batch_of_the_merged_base(shape, stride, seed, tokens) -> None:
+    """The Dataset's tier-by-tier SACA gives saca_batch's bits on the merged base, for any
+    split of the channels into a sensitive tier and one or two others."""
+    b, c, h, w, _ = shape
+    rng = np.random.default_rng(seed)
+    c = max(c, 2)
+    order = rng.permutation(c)
+    k = int(rng.integers(1, c))  # sensitive channels: 1 .. c-1, the rest in one or two tiers
+    cut = int(rng.integers(k, c + 1)) if c - k > 1 else c
+    tiers = [("sensitive", sorted(order[:k].tolist()), "raw"), ("bulk", sorted(order[k:cut].tolist()), "raw")]
+    if cut < c:
+        tiers.append(("rest", sorted(order[cut:].tolist()), "raw"))
+    tiers = [t for t in tiers if t[1]]
+    plan = TierPlan(c, tiers)
+    base = (rng.standard_normal((b, h * w, c)) if tokens else rng.standard_normal((b, c, h, w))).astype(np.float32)
+    parts = plan.split(base, batched=True)
+    parts = {name: np.ascontiguousarray(p) for name, p in parts.items()}
+    sensitive = np.asarray(plan.tier("sensitive").channels)
+    draws = AugFamily(max_shift=4).draws(seed % 1000, 1, np.arange(b))
+    names = [variant_name(v) for v in default_variants(4, stride)]
+    chosen, rflip, rdy, rdx = nearest_batch(draws, names)
+    source = parts["sensitive"].copy()
+    for row, name in enumerate(chosen):
+        if name != "identity":
+            source[row] = rng.standard_normal(source.shape[1:]).astype(np.float32)
+    expected = saca_batch(base, draws, stride, sensitive, source, (rflip, rdy, rdx), tokens=tokens)
+    got = saca_tiers(parts, plan, draws, stride, source, (rflip, rdy, rdx), tokens=tokens)
+    assert same_bits(got, expected)
 
 
 def test_token_batches_keep_the_bulk_and_take_the_variant_channels() -> None:

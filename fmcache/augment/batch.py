@@ -11,14 +11,18 @@ the equality against the per-sample path on random draws).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .draw import AugDraw, DrawBatch
 from .feature_ops import _check_stride
 from .variants import nearest_variant
+
+if TYPE_CHECKING:
+    from ..tiers import TierPlan
 
 
 def feature_offsets(shift_px: np.ndarray, stride: int) -> np.ndarray:
@@ -120,3 +124,27 @@ def saca_batch(base: np.ndarray, draws: DrawBatch, stride: int, sensitive: np.nd
 
 
 __all__ = ["feature_batch", "feature_offsets", "nearest_batch", "saca_batch", "shift_flip_batch"]
+
+
+def saca_tiers(parts: Mapping[str, np.ndarray], plan: TierPlan, draws: DrawBatch, stride: int, source: np.ndarray,
+               residual: tuple[np.ndarray, np.ndarray, np.ndarray], *, sensitive_tier: str = "sensitive",
+               tokens: bool = False) -> np.ndarray:
+    """:func:`saca_batch` of ``plan.merge(parts)``, computed tier by tier: every tier but
+    ``sensitive_tier`` shifted by ``T_a``, ``source`` (that tier's channels, per row from
+    the chosen variant or the base) by ``T_r``, then one merge into the result.
+
+    The same numbers bit for bit (every transform acts on each channel alone), with one
+    pass less over the batch than merging first: the merged base is never built and the
+    sensitive channels are not shifted twice (tests/test_augment_batch.py)."""
+    shifted: dict[str, np.ndarray] = {}
+    for tier in plan.tiers:
+        if tier.name != sensitive_tier:  # T is the identity on tokens; merge copies them
+            part = parts[tier.name]
+            shifted[tier.name] = part if tokens else feature_batch(part, draws, stride)
+    if tokens:
+        shifted[sensitive_tier] = source
+    else:
+        rflip, rdy, rdx = residual
+        shifted[sensitive_tier] = shift_flip_batch(source, rflip, feature_offsets(rdy, stride),
+                                                   feature_offsets(rdx, stride))
+    return plan.merge(shifted, batched=True)
