@@ -71,6 +71,9 @@ def targets(bench: dict[str, Any], label: str = "") -> list[tuple[str, float, st
                     continue
                 if boundary.endswith(("layer2", "layer3")):
                     at_least(f"{boundary}: {name} epoch speed vs in-memory maps", entry["vs_memory"][name], 0.95)
+                    if workers == 0 and "vs_memory_cpu" in entry:  # the same in CPU time (one thread)
+                        at_least(f"{boundary}: {name} epoch CPU time, in-memory maps / it", entry["vs_memory_cpu"][name],
+                                 0.95)
                     at_least(f"{boundary}: {name} epoch speed vs classic freezing", entry["vs_classic"][name],
                              1.4 if boundary.endswith("layer2") else 2.0)
                 for other in ("torchsave", "memmap", "h5py"):
