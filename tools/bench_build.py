@@ -1,0 +1,105 @@
+"""Build time against one forward pass of the frozen prefix, repeated and side by side.
+
+The same model and data as ``tools/bench_train.py`` (CIFAR ResNet-18 of ``--width`` from
+:func:`fmcache.zoo.pretrained_resnet`, the first ``--samples`` Fashion-MNIST training
+images, batch ``--batch``, one torch thread). For each boundary, every repeat runs in
+turn: one no-grad forward pass of the prefix over the data (what classic freezing pays
+per epoch, and the least any cache build can cost), and :func:`fmcache.build_cache` of that
+boundary with the default codec (``bf16``) on LMDB and on HDF5, and with SZ3
+(``sz3:rel=0.02``) on LMDB. Wall seconds; the ratios are medians of per-repeat ratios
+(build / forward pass of the same repeat), so a neighbour's load hits both alike.
+``bench_train`` times each build once inside a 25-minute run; this is the repeated
+measurement that ``tools/bench_targets.py`` checks the build target against.
+
+    python tools/bench_build.py            # width 16, 2048 samples, layer1-3, 5 repeats (~5 min)
+    python tools/bench_build.py --quick    # 256 samples, layer3, 2 repeats; docs untouched
+
+It prints JSON and (unless ``--quick``) writes ``docs/bench_build.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_read import cpu_name
+from bench_train import forward_maps
+
+from fmcache.builder import build_cache
+from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
+
+BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--boundaries", nargs="+", default=["layer1", "layer2", "layer3"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=str(REPO / "docs" / "bench_build.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.boundaries, args.repeats, args.json = 256, ["layer3"], 2, ""
+    torch.set_num_threads(1)
+    model = pretrained_resnet(width=args.width, steps=args.steps).eval()
+    data = Subset(FashionMNIST("train", augment=False), range(args.samples))
+    seconds: dict[str, dict[str, list[float]]] = {b: {k: [] for k in ("forward", *BUILDS)} for b in args.boundaries}
+    workdir = Path(tempfile.mkdtemp(prefix="fmcache-bench-build-"))
+    try:
+        for boundary in args.boundaries:  # warm-up, untimed: page cache, allocator, lazy imports
+            forward_maps(split_at(copy.deepcopy(model), boundary)[0].eval(), Subset(data, range(64)), args.batch)
+        for repeat in range(args.repeats):
+            for boundary in args.boundaries:
+                prefix = split_at(copy.deepcopy(model), boundary)[0].eval()
+                seconds[boundary]["forward"].append(forward_maps(prefix, data, args.batch)[2])
+                for name, (codec, suffix) in BUILDS.items():
+                    out = workdir / f"{boundary}-{name}{suffix}"
+                    t0 = time.perf_counter()
+                    build_cache(copy.deepcopy(model), data, [boundary], out, codec=codec, batch_size=args.batch,
+                                progress=False)
+                    seconds[boundary][name].append(time.perf_counter() - t0)
+                    shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+                print(f"repeat {repeat + 1} {boundary}: " + ", ".join(
+                    f"{k} {v[-1]:.2f} s" for k, v in seconds[boundary].items()), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result: dict[str, Any] = {
+        "settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
+                     "repeats": args.repeats, "threads": 1, "cpu": cpu_name(), "torch": torch.__version__,
+                     "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
+        "boundaries": {}}
+    for boundary, per in seconds.items():
+        entry: dict[str, Any] = {"seconds": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                                             for k, v in per.items()},
+                                 "vs_forward": {k: statistics.median(b / f for b, f in zip(per[k], per["forward"]))
+                                                for k in BUILDS}}
+        result["boundaries"][boundary] = entry
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
