@@ -40,8 +40,8 @@ def shift_flip_batch(x: np.ndarray, flip: np.ndarray, oy: np.ndarray, ox: np.nda
     the last two axes are H and W.
 
     One slice copy per row (plus the uncovered strips zeroed): a few microseconds of
-    Python per row against a gather through a 6-D window view, which numpy runs element
-    by element (measured ~4x slower for a 128 x 64 x 16 x 16 batch, docs/benchmarks.md)."""
+    Python per row, against a gather through a 6-D window view, which numpy runs element
+    by element (the ``feature`` rows of tools/bench_saca_items.py, docs/benchmarks.md)."""
     if x.ndim != 4:
         return shift_flip_batch(x.reshape(len(x), -1, *x.shape[-2:]), flip, oy, ox).reshape(x.shape)
     n, _, h, w = x.shape
@@ -123,7 +123,6 @@ def saca_batch(base: np.ndarray, draws: DrawBatch, stride: int, sensitive: np.nd
     return out
 
 
-__all__ = ["feature_batch", "feature_offsets", "nearest_batch", "saca_batch", "shift_flip_batch"]
 
 
 def saca_tiers(parts: Mapping[str, np.ndarray], plan: TierPlan, draws: DrawBatch, stride: int, source: np.ndarray,
@@ -148,3 +147,6 @@ def saca_tiers(parts: Mapping[str, np.ndarray], plan: TierPlan, draws: DrawBatch
         shifted[sensitive_tier] = shift_flip_batch(source, rflip, feature_offsets(rdy, stride),
                                                    feature_offsets(rdx, stride))
     return plan.merge(shifted, batched=True)
+
+
+__all__ = ["feature_batch", "feature_offsets", "nearest_batch", "saca_batch", "saca_tiers", "shift_flip_batch"]

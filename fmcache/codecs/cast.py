@@ -25,7 +25,6 @@ numpy on this machine, and decoding copies into ``out`` without a temporary floa
 
 from __future__ import annotations
 
-import struct
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -33,34 +32,32 @@ from typing import Any
 
 import numpy as np
 import torch
-from crc32c import crc32c
 
 from ..errors import CorruptionError, EncodeError
 from .base import Codec, Hdf5Field, batch_views
-from .lossless import blosc2_compress, blosc2_decompress_into
+from .lossless import (
+    blosc2_compress,
+    blosc2_decompress_into,
+    checked_frame,
+    pack_checked_frame,
+    verified_frame,
+)
 from .registry import register_codec
 from .stage import LosslessStage  # also re-exported: `from .cast import LosslessStage` still works
 
 #: bf16's stage byte for a blosc2 frame of the float32 words (format version 3)
 _STAGE_WIDE = 2
-_CRC = struct.Struct("<I")
 
 
 def _checked_frame(body: memoryview) -> memoryview:
-    """The blosc2 frame of a stage-2 body (``2 | u32 crc32c(frame) | frame``), CRC checked:
-    blosc2 trusts a frame's internals, and a damaged one can crash it (found by
-    tests/test_reliability_fuzz.py), so a damaged frame must never reach it."""
-    if len(body) < 1 + _CRC.size or crc32c(body[1 + _CRC.size:]) != _CRC.unpack_from(body, 1)[0]:
-        raise ValueError("bf16 frame fails its CRC-32C (damaged payload)")
-    return body[1 + _CRC.size:]
+    """The blosc2 frame of a stage-2 body (``2 | u32 crc32c(frame) | frame``), CRC checked."""
+    return checked_frame(body, "bf16")
 
 
 def _frame(body: memoryview) -> memoryview:
-    """The blosc2 frame of a stage-2 body whose bytes a storage checksum has verified
-    (an LMDB record's CRC-32C): the frame's CRC is not recomputed."""
-    if len(body) < 1 + _CRC.size:
-        raise ValueError("bf16 stage-2 body is shorter than its CRC")
-    return body[1 + _CRC.size:]
+    """The blosc2 frame of a stage-2 body that a storage checksum has verified."""
+    return verified_frame(body, "bf16")
+
 
 FP16_MAX = 65504.0
 #: the largest float32 that rounds to a finite bfloat16 (0x7F7F7FFF); above it, +-Inf
@@ -236,8 +233,8 @@ class Bf16(_Cast16):
         if self.stage.cname == "none":
             return self.stage.pack(bits)
         wide = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
-        frame = blosc2_compress(wide, self.stage.cname, self.stage.clevel, self.stage.shuffle)
-        return bytes([_STAGE_WIDE]) + _CRC.pack(crc32c(frame)) + frame
+        return pack_checked_frame(_STAGE_WIDE, blosc2_compress(wide, self.stage.cname, self.stage.clevel,
+                                                               self.stage.shuffle))
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         return self._decode_frame(payload, shape, out, check=True)

@@ -69,6 +69,29 @@ def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
     return dst
 
 
+def pack_checked_frame(marker: int, frame: bytes) -> bytes:
+    """``u8 marker | u32 crc32c(frame) | frame``: a blosc2 frame behind its CRC-32C (the
+    ``blosc2`` codec's payload, and ``bf16``'s stage 2)."""
+    return bytes([marker]) + _CRC.pack(crc32c(frame)) + frame
+
+
+def checked_frame(body: memoryview, what: str) -> memoryview:
+    """The frame of a :func:`pack_checked_frame` body, its CRC checked: blosc2 trusts a
+    frame's internals and a damaged one can crash it (tests/test_reliability_fuzz.py), so
+    a damaged frame must never reach it. ValueError naming ``what`` if it fails."""
+    if len(body) < 1 + _CRC.size or crc32c(body[1 + _CRC.size:]) != _CRC.unpack_from(body, 1)[0]:
+        raise ValueError(f"{what} frame fails its CRC-32C (damaged payload)")
+    return body[1 + _CRC.size:]
+
+
+def verified_frame(body: memoryview, what: str) -> memoryview:
+    """The frame of a :func:`pack_checked_frame` body whose bytes a storage checksum has
+    just verified (an LMDB record's CRC-32C): the frame's own CRC is not recomputed."""
+    if len(body) < 1 + _CRC.size:
+        raise ValueError(f"{what} payload is shorter than its CRC")
+    return body[1 + _CRC.size:]
+
+
 def blosc2_hdf5_filter(cname: str, clevel: int, shuffle: str) -> dict[str, Any]:
     # cname was validated against CNAMES (a subset of the plug-in's names)
     return dict(hdf5plugin.Blosc2(cname=cast(Any, cname), clevel=clevel, filters=_H5_SHUFFLE[shuffle]))
@@ -136,21 +159,18 @@ class Blosc2(Codec):
         return {"cname": self.cname, "clevel": self.clevel, "shuffle": self.shuffle}
 
     def _encode(self, x: np.ndarray) -> bytes:
-        frame = blosc2_compress(x, self.cname, self.clevel, self.shuffle)
-        return bytes([_CHECKED]) + _CRC.pack(crc32c(frame)) + frame
+        return pack_checked_frame(_CHECKED, blosc2_compress(x, self.cname, self.clevel, self.shuffle))
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
-        if len(payload) < 1 + _CRC.size or payload[0] != _CHECKED:
+        if not len(payload) or payload[0] != _CHECKED:
             raise CorruptionError("codec 'blosc2': payload without its CRC-32C (damaged, or a bare frame of "
                                   "format version 1-3, which only its cache's reader decodes)")
-        frame = payload[1 + _CRC.size:]
-        if crc32c(frame) != _CRC.unpack_from(payload, 1)[0]:
-            raise CorruptionError("codec 'blosc2': frame fails its CRC-32C (damaged payload)")
+        frame = checked_frame(payload, "blosc2")
         return blosc2_decompress_into(frame, np.empty(shape, dtype=np.float32) if out is None else out)
 
     def _decode_verified(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         # the storage's checksum covered these bytes: skip the frame's; bare frames are v1-3's
-        frame = payload[1 + _CRC.size:] if len(payload) and payload[0] == _CHECKED else payload
+        frame = verified_frame(payload, "blosc2") if len(payload) and payload[0] == _CHECKED else payload
         return blosc2_decompress_into(frame, np.empty(shape, dtype=np.float32) if out is None else out)
 
     def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
