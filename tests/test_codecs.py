@@ -26,9 +26,10 @@ hdf5plugin.register(force=True)
 
 EXPECTED_IDS = {"raw", "blosc2", "fp16", "bf16", "int8", "int4", "zfp", "sz3"}
 
-LOSSLESS_SPECS = ["raw", "blosc2", "blosc2:cname=lz4,clevel=5,shuffle=bit", "blosc2:cname=zstd,clevel=9,shuffle=none"]
+LOSSLESS_SPECS = ["raw", "blosc2", "blosc2:cname=lz4,clevel=5,shuffle=bit", "blosc2:cname=zstd,clevel=9,shuffle=none",
+                  "blosc2:cname=lz4hc,clevel=5,shuffle=byte"]
 CAST_SPECS = ["fp16", "fp16:cname=none", "fp16:cname=zstd,clevel=1,shuffle=bit",
-              "bf16", "bf16:cname=none", "bf16:cname=zstd,clevel=3,shuffle=bit"]
+              "bf16", "bf16:cname=none", "bf16:cname=zstd,clevel=3,shuffle=bit", "bf16:cname=lz4hc,clevel=1"]
 QUANT_SPECS = ["int8", "int8:cname=none", "int8:cname=zstd,clevel=1,shuffle=byte",
                "int4", "int4:cname=none", "int4:cname=lz4,clevel=9,shuffle=none"]
 BOUNDED_SPECS = ["zfp", "zfp:accuracy=1e-4", "zfp:rate=8", "zfp:rate=16", "zfp:precision=10",
@@ -347,7 +348,7 @@ def _bf16_stage1(x: np.ndarray, spec: str = "bf16") -> bytes:
     return header + b"\x01" + frame
 
 
-@pytest.mark.parametrize("spec", ["bf16", "bf16:cname=zstd,clevel=3,shuffle=bit"])
+@pytest.mark.parametrize("spec", ["bf16", "bf16:cname=zstd,clevel=3,shuffle=bit", "bf16:cname=lz4hc,clevel=1"])
 def test_bf16_writes_the_widened_words_and_still_reads_version_2_payloads(spec: str) -> None:
     rng = np.random.default_rng(3)
     x = (rng.lognormal(-1, 1, (16, 8, 8)) * (rng.random((16, 8, 8)) > 0.4)).astype(np.float32)

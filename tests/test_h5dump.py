@@ -33,7 +33,7 @@ def printed_values(text: str) -> np.ndarray:
 
 @pytest.mark.parametrize("codec, bound", [("zfp:accuracy=0.01", 0.01), ("sz3:abs=0.001", 0.001),
                                           ("sz3:rel=0.001", None), ("blosc2:cname=zstd,clevel=3", 0.0),
-                                          ("fp16", None)])
+                                          ("blosc2:cname=lz4hc,clevel=1", 0.0), ("fp16", None)])
 def test_h5dump_prints_decoded_values_within_the_bound(tmp_path, codec, bound):
     rng = np.random.default_rng(0)
     x = (rng.lognormal(size=(3, 5, 4, 6)) * (rng.random((3, 5, 4, 6)) > 0.45)).astype(np.float32)

@@ -70,6 +70,8 @@ DEFAULT_CODECS = (
     "fp16:cname=lz4,clevel=5,shuffle=byte",
     "bf16:cname=none",
     "bf16:cname=lz4,clevel=5,shuffle=byte",
+    "bf16:cname=lz4hc,clevel=1,shuffle=byte",
+    "bf16:cname=lz4hc,clevel=5,shuffle=byte",
     "bf16:cname=zstd,clevel=1,shuffle=byte",
     "int8:cname=lz4,clevel=5,shuffle=bit",
     "int8:cname=zstd,clevel=1,shuffle=bit",

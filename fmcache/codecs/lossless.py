@@ -27,7 +27,9 @@ from ..errors import CorruptionError
 from .base import Codec, Hdf5Field, check_choice
 from .registry import register_codec
 
-CNAMES = {"zstd": blosc2.Codec.ZSTD, "lz4": blosc2.Codec.LZ4}
+#: ``lz4hc`` writes LZ4 streams with a slower, more thorough match search: the same
+#: decoder reads them (docs/codecs.md has its ratio and speeds)
+CNAMES = {"zstd": blosc2.Codec.ZSTD, "lz4": blosc2.Codec.LZ4, "lz4hc": blosc2.Codec.LZ4HC}
 SHUFFLES = {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit": blosc2.Filter.BITSHUFFLE}
 #: nbytes, blocksize and cbytes in a blosc/blosc2 chunk header: bytes 4-15, little-endian
 #: (version, versionlz, flags, typesize, nbytes, blocksize, cbytes; the chunk format spec)
