@@ -1,4 +1,4 @@
-"""Lossless codecs: ``raw`` (float32 bytes) and ``blosc2`` (zstd/lz4 with shuffle).
+"""Lossless codecs: ``raw`` (float32 bytes) and ``blosc2`` (zstd/lz4/lz4hc with shuffle).
 
 ``blosc2`` payloads (format version 4)::
 
@@ -143,7 +143,7 @@ class Raw(Codec):
 
 @register_codec
 class Blosc2(Codec):
-    """blosc2 with zstd or lz4 and byte/bit shuffle. Contract: exact (NaN/Inf included).
+    """blosc2 with zstd, lz4 or lz4hc and byte/bit shuffle. Contract: exact (NaN/Inf included).
 
     In HDF5 it is the Blosc2 filter of hdf5plugin, so ``h5dump`` prints the values.
     """
