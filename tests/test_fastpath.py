@@ -285,7 +285,7 @@ def test_read_batch_picked_across_shards(tmp_path: Path, backend: str) -> None:
     flip = merged.read_parts("l", order, ["sensitive@flip"])["sensitive@flip"]
     for row in (0, 3, 5):
         assert same_bits(picked[row], flip[row])
-    # one shard's rows pick nothing (rows 1, 2, 4 of shard 0), the other's do
+    # sample 0's shard picks nothing, sample 7's shard picks: the (k, 0) piece is skipped
     base, picked = merged.read_batch_picked("l", [0, 7], [None, "sensitive@flip"])
     assert same_bits(picked[1], merged.read_parts("l", [7], ["sensitive@flip"])["sensitive@flip"][0])
     merged.close()

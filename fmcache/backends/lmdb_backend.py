@@ -399,7 +399,7 @@ class LmdbBackend(Backend):
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
         """The per-sample path of ``Cache.read``: one get, one record check, one decode
         (no batch bookkeeping); the same checks and errors as :meth:`read`. Written out
-        flat: at ~15 us a read, each helper call here is a few percent."""
+        flat: a read of a small map is short enough that each helper call here shows."""
         entry = self._read_one_of.get((layer, part))
         if entry is None:  # per layer and part, once: its index, codec, error-message prefix
             index, specs, _ = self._layers[layer]
