@@ -1,7 +1,7 @@
 """The read fast paths give bit-identical results to the plain paths.
 
 Fast paths under test: codecs decoding through a reused per-thread scratch buffer and
-into ``out=``; ``Cache.read`` decoding a single in-order tier straight into the result;
+into ``out=``; ``bf16``'s one-call decode of a whole stage-2 record; ``Cache.read`` decoding a single in-order tier straight into the result;
 HDF5 batch reads of scattered rows by covering slices; ``FeatureMapDataset`` decoding
 only the SACA variant each sample uses.
 """
@@ -13,12 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import feature_maps, post_relu_maps
 
 import fmcache
 from fmcache import FeatureMapDataset, TierPlan
 from fmcache.augment import AugFamily, augment_map, default_variants, nearest_variant, variant_name
-from fmcache.codecs import codec_from_spec
-from fmcache.errors import CacheError
+from fmcache.codecs import Codec, codec_from_spec
+from fmcache.codecs.cast import Bf16
+from fmcache.errors import CacheError, CorruptionError
 from fmcache.shards import merge_shards
 
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "fp16:cname=none", "bf16", "bf16:cname=none",
@@ -46,6 +50,53 @@ def test_decode_into_out_matches_fresh_decode(spec: str) -> None:
     out = np.full((6, 5, 7), np.nan, dtype=np.float32)
     for e, f in zip(encoded * 2, fresh * 2):  # the scratch buffer is reused across samples
         assert same_bits(codec.decode(e, out=out), f)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=st.one_of(post_relu_maps(), feature_maps(max_abs=1e3)),
+       spec=st.sampled_from(["bf16", "bf16:cname=zstd,clevel=1,shuffle=bit", "bf16:cname=lz4hc,clevel=1"]),
+       wrap=st.sampled_from(["bytes", "memoryview", "bytearray"]), into_out=st.booleans())
+def test_bf16_one_call_decode_equals_the_general_path(x: np.ndarray, spec: str, wrap: str, into_out: bool) -> None:
+    codec = codec_from_spec(spec)
+    record = codec.encode(x)
+    data = {"bytes": record, "memoryview": memoryview(record), "bytearray": bytearray(record)}[wrap]
+    expected = Codec.decode(codec, record)  # the general, layered path
+    for decode in (codec.decode, codec.decode_verified):
+        out = np.full(x.shape, np.nan, dtype=np.float32) if into_out else None
+        got = decode(data, out=out)
+        assert same_bits(got, expected)
+        assert out is None or got is out
+
+
+def test_bf16_one_call_decode_takes_only_whole_well_formed_stage2_records() -> None:
+    """The flat path runs for stage-2 records (bytes or a byte memoryview, fresh or C-contiguous
+    ``out``) and declines everything else, damage included: the general path then decodes or
+    raises, so a fault never meets blosc2 without its CRC check."""
+    codec = codec_from_spec("bf16")
+    x = post_relu(np.random.default_rng(5), (16, 8, 8))
+    good = codec.encode(x)
+    assert Bf16._decode_wide(good, None, True) is not None
+    assert Bf16._decode_wide(memoryview(good), np.empty(x.shape, np.float32), True) is not None
+    declined = {
+        "stage-1 record": codec_from_spec("bf16:cname=none").encode(x),
+        "bytearray": bytearray(good),
+        "truncated": good[:-1],
+        "one byte more": good + b"\0",
+    }
+    for position in (0, 3, 13, 15, 20, 40, len(good) - 1):  # ndim, a dim, stage, CRC, frame header, body
+        bad = bytearray(good)
+        bad[position] ^= 0x5A
+        declined[f"byte {position} flipped"] = bytes(bad)
+    for what, data in declined.items():
+        assert Bf16._decode_wide(data, None, True) is None, what
+    for what in ("truncated", "one byte more", *[k for k in declined if "flipped" in k]):
+        with pytest.raises(CorruptionError):
+            codec.decode(declined[what])
+    strided = np.empty((16, 8, 16), np.float32)[:, :, ::2]
+    assert Bf16._decode_wide(good, strided, True) is None
+    assert same_bits(codec.decode(good, out=strided).copy(), codec.decode(good))
+    with pytest.raises(ValueError, match="shape"):
+        codec.decode(good, out=np.empty((16, 8, 9), np.float32))
 
 
 @pytest.mark.parametrize("spec", ["bf16", "int8", "fp16"])

@@ -39,7 +39,7 @@ from ..errors import CodecSpecError, CorruptionError, EncodeError
 _HEADER_DIM = struct.Struct("<I")
 MAX_NDIM = 8
 #: header dims of an ndim-D map, one Struct per ndim: one unpack call per decode
-_HEADER_DIMS = tuple(struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1))
+HEADER_DIMS = tuple(struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1))
 _MAX_VALUES = 2**34
 _scratch = threading.local()
 
@@ -254,7 +254,7 @@ def parse_header(buf: memoryview, codec_id: str) -> tuple[tuple[int, ...], int]:
     end = 1 + 4 * ndim
     if not 1 <= ndim <= MAX_NDIM or len(buf) < end:
         raise CorruptionError(f"codec {codec_id!r}: malformed header (ndim={ndim}, {len(buf)} bytes)")
-    shape = _HEADER_DIMS[ndim].unpack_from(buf, 1)
+    shape = HEADER_DIMS[ndim].unpack_from(buf, 1)
     if 0 in shape or math.prod(shape) > _MAX_VALUES:
         raise CorruptionError(f"codec {codec_id!r}: implausible shape {shape} in header")
     return shape, end

@@ -25,6 +25,7 @@ numpy on this machine, and decoding copies into ``out`` without a temporary floa
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -32,13 +33,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from crc32c import crc32c
 
 from ..errors import CorruptionError, EncodeError
-from .base import Codec, Hdf5Field, batch_views
+from .base import HEADER_DIMS, MAX_NDIM, Codec, Hdf5Field, batch_views
 from .lossless import (
+    CHUNK_SIZES,
+    CRC,
     blosc2_compress,
     blosc2_decompress_into,
     checked_frame,
+    decompress_sized,
     pack_checked_frame,
     verified_frame,
 )
@@ -235,6 +240,48 @@ class Bf16(_Cast16):
         wide = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
         return pack_checked_frame(_STAGE_WIDE, blosc2_compress(wide, self.stage.cname, self.stage.clevel,
                                                                self.stage.shuffle))
+
+    def decode(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`Codec.decode`; a well-formed stage-2 record takes :meth:`_decode_wide`'s
+        one-call path, anything else (errors included) the general one."""
+        result = self._decode_wide(data, out, check=True)
+        return result if result is not None else super().decode(data, out)
+
+    def decode_verified(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        result = self._decode_wide(data, out, check=False)
+        return result if result is not None else super().decode_verified(data, out)
+
+    @staticmethod
+    def _decode_wide(data: bytes | bytearray | memoryview, out: np.ndarray | None, check: bool) -> np.ndarray | None:
+        """A whole stage-2 record (shape header, stage byte, CRC, blosc2 frame) decoded
+        in one flat call, or None where anything is unusual: a stage-1 or plain record, a
+        strided ``out``, a size that does not add up, a failed CRC. The general path then
+        decodes or names the fault. This is the default codec's read path, and the general
+        path's layered calls show on small maps (docs/benchmarks.md)."""
+        if type(data) is not bytes and not (isinstance(data, memoryview) and data.format == "B"
+                                            and data.ndim == 1 and data.c_contiguous):
+            return None
+        size = len(data)
+        ndim = data[0] if size else 0
+        start = 1 + 4 * ndim  # the stage byte
+        frame_at = start + 1 + CRC.size
+        if not 1 <= ndim <= MAX_NDIM or size < frame_at + 32 or data[start] != _STAGE_WIDE:
+            return None
+        shape = HEADER_DIMS[ndim].unpack_from(data, 1)
+        nbytes, blocksize, cbytes = CHUNK_SIZES.unpack_from(data, frame_at + 4)
+        if cbytes != size - frame_at or nbytes != 4 * math.prod(shape) or not nbytes:
+            return None
+        frame = memoryview(data)[frame_at:]
+        if check and crc32c(frame) != CRC.unpack_from(data, start + 1)[0]:
+            return None
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            return None
+        try:
+            return decompress_sized(frame, out, blocksize >= nbytes)
+        except (RuntimeError, ValueError):  # blosc2 refused it: the general path raises CorruptionError
+            return None
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         return self._decode_frame(payload, shape, out, check=True)

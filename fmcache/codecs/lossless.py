@@ -33,10 +33,10 @@ CNAMES = {"zstd": blosc2.Codec.ZSTD, "lz4": blosc2.Codec.LZ4, "lz4hc": blosc2.Co
 SHUFFLES = {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit": blosc2.Filter.BITSHUFFLE}
 #: nbytes, blocksize and cbytes in a blosc/blosc2 chunk header: bytes 4-15, little-endian
 #: (version, versionlz, flags, typesize, nbytes, blocksize, cbytes; the chunk format spec)
-_CHUNK_SIZES = struct.Struct("<III")
+CHUNK_SIZES = struct.Struct("<III")
 #: the first byte of a checked ``blosc2`` payload (format version 4); never a blosc version byte
 _CHECKED = 0xFC
-_CRC = struct.Struct("<I")
+CRC = struct.Struct("<I")
 _H5_SHUFFLE = {"none": hdf5plugin.Blosc2.NOFILTER, "byte": hdf5plugin.Blosc2.SHUFFLE,
                "bit": hdf5plugin.Blosc2.BITSHUFFLE}
 
@@ -53,45 +53,53 @@ def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
     """Decompress into ``dst`` (its byte size must match the stored size)."""
     if len(payload) < 32:
         raise ValueError(f"blosc2 frame of {len(payload)} bytes is shorter than its header")
-    nbytes, blocksize, cbytes = _CHUNK_SIZES.unpack_from(payload, 4)  # ~20x cheaper than get_cbuffer_sizes
+    nbytes, blocksize, cbytes = CHUNK_SIZES.unpack_from(payload, 4)  # ~20x cheaper than get_cbuffer_sizes
     if nbytes != dst.nbytes or cbytes != len(payload):
         raise ValueError(f"blosc2 frame holds {nbytes} bytes in {cbytes}, expected {dst.nbytes} in {len(payload)}")
     if not dst.flags.c_contiguous:
         dst[...] = np.frombuffer(blosc2.decompress2(payload, nthreads=1), dtype=dst.dtype).reshape(dst.shape)
-    elif blocksize >= nbytes:
+        return dst
+    return decompress_sized(payload, dst, blocksize >= nbytes)
+
+
+def decompress_sized(frame: memoryview, dst: np.ndarray, one_block: bool) -> np.ndarray:
+    """Decompress into the C-contiguous ``dst`` on the calling thread, once the caller has
+    checked the frame's sizes against ``dst`` (and its integrity); ``one_block``: the
+    frame's blocksize covers all of it."""
+    if one_block:
         # One block: blosc2 decodes it on the calling thread whatever its thread count, so
         # the global context (blosc2.decompress, ~3 us a call) does the same work as a
         # fresh single-thread context (decompress2(nthreads=1), ~7 us; ~10 us for zstd).
-        blosc2.decompress(payload, dst=dst)
+        blosc2.decompress(frame, dst=dst)
     else:
         # Several blocks: one thread. Per-sample frames are small, and blosc2's default
         # (all cores) costs ~3x the CPU time per call here; parallelism comes from
         # DataLoader workers.
-        blosc2.decompress2(payload, dst=dst, nthreads=1)
+        blosc2.decompress2(frame, dst=dst, nthreads=1)
     return dst
 
 
 def pack_checked_frame(marker: int, frame: bytes) -> bytes:
     """``u8 marker | u32 crc32c(frame) | frame``: a blosc2 frame behind its CRC-32C (the
     ``blosc2`` codec's payload, and ``bf16``'s stage 2)."""
-    return bytes([marker]) + _CRC.pack(crc32c(frame)) + frame
+    return bytes([marker]) + CRC.pack(crc32c(frame)) + frame
 
 
 def checked_frame(body: memoryview, what: str) -> memoryview:
     """The frame of a :func:`pack_checked_frame` body, its CRC checked: blosc2 trusts a
     frame's internals and a damaged one can crash it (tests/test_reliability_fuzz.py), so
     a damaged frame must never reach it. ValueError naming ``what`` if it fails."""
-    if len(body) < 1 + _CRC.size or crc32c(body[1 + _CRC.size:]) != _CRC.unpack_from(body, 1)[0]:
+    if len(body) < 1 + CRC.size or crc32c(body[1 + CRC.size:]) != CRC.unpack_from(body, 1)[0]:
         raise ValueError(f"{what} frame fails its CRC-32C (damaged payload)")
-    return body[1 + _CRC.size:]
+    return body[1 + CRC.size:]
 
 
 def verified_frame(body: memoryview, what: str) -> memoryview:
     """The frame of a :func:`pack_checked_frame` body whose bytes a storage checksum has
     just verified (an LMDB record's CRC-32C): the frame's own CRC is not recomputed."""
-    if len(body) < 1 + _CRC.size:
+    if len(body) < 1 + CRC.size:
         raise ValueError(f"{what} payload is shorter than its CRC")
-    return body[1 + _CRC.size:]
+    return body[1 + CRC.size:]
 
 
 def blosc2_hdf5_filter(cname: str, clevel: int, shuffle: str) -> dict[str, Any]:
