@@ -117,6 +117,27 @@ def unpack_record(buf: bytes | memoryview, where: str) -> dict[str, memoryview]:
     return _unpack_v2(buf, where)
 
 
+def record_sizes(buf: bytes | memoryview, where: str) -> dict[str, int]:
+    """Byte size of each named payload, from the record's index alone: no CRC pass over the
+    payloads (accounting, such as the manifest's ``stored_bytes``, not a read; ``verify``
+    and every read check the CRC). The index must still add up to the record's length."""
+    if bytes(buf[:4]) != MAGIC:
+        return {name: len(payload) for name, payload in unpack_record(buf, where).items()}
+    view = memoryview(buf)
+    if len(view) < _HEAD3.size:
+        raise CorruptionError(f"{where}: record of {len(view)} bytes is shorter than its header")
+    _, _, count, names_len = _HEAD3.unpack_from(view, 0)
+    start = _HEAD3.size + names_len
+    names, _, lengths_of = _layout(bytes(view[_HEAD3.size:start]), count, where)
+    try:
+        lengths = lengths_of.unpack_from(view, start)
+    except struct.error:
+        raise CorruptionError(f"{where}: record of {len(view)} bytes is shorter than its index") from None
+    if start + lengths_of.size + sum(lengths) != len(view):
+        raise CorruptionError(f"{where}: the record's index does not add up to its {len(view)} bytes")
+    return dict(zip(names, lengths))
+
+
 def record_parts(buf: bytes | memoryview, wanted: Sequence[str], where: str) -> list[memoryview | None]:
     """The payloads of the ``wanted`` parts (None where absent), with every check of
     :func:`unpack_record`: the per-sample read path, which needs one or two parts."""

@@ -14,6 +14,7 @@ from fmcache.record import (
     pack_blob,
     pack_record,
     record_parts,
+    record_sizes,
     unpack_blob,
     unpack_record,
 )
@@ -126,3 +127,31 @@ def test_records_sharing_names_share_one_parsed_layout():
     assert bytes(unpack_record(a, "r")["sensitive"]) == b"22"
     assert bytes(record_parts(b, ["bulk"], "r")[0]) == b"333"
     assert len(record._LAYOUTS) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=parts_st)
+def test_record_sizes_are_the_payload_lengths(parts):
+    sizes = {k: len(v) for k, v in parts.items()}
+    assert record_sizes(pack_record(parts), "r") == sizes
+    for magic in (MAGIC_V1, MAGIC_V2):  # older records go through the full, checked unpack
+        assert record_sizes(_legacy(parts, magic), "r") == sizes
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=parts_st, data=st.data())
+def test_record_sizes_refuse_an_index_that_does_not_add_up(parts, data):
+    """record_sizes skips the CRC pass (accounting), but a truncated record, one byte more, or a
+    damaged length never gives sizes: the lengths must add up to the record."""
+    rec = pack_record(parts)
+    cut = data.draw(st.integers(0, len(rec) - 1))
+    for bad in (rec[:cut], rec + b"x"):
+        with pytest.raises(CorruptionError, match="layer x"):
+            record_sizes(bad, "layer x")
+    if parts:
+        head = 12 + sum(2 + len(k.encode()) for k in parts)  # magic, crc, count, names_len, names
+        k = data.draw(st.integers(0, len(parts) - 1))
+        bad = bytearray(rec)
+        struct.pack_into("<I", bad, head + 4 * k, struct.unpack_from("<I", bad, head + 4 * k)[0] + 1)
+        with pytest.raises(CorruptionError):
+            record_sizes(bytes(bad), "r")

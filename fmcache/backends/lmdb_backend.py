@@ -35,7 +35,7 @@ import lmdb
 import numpy as np
 
 from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
-from ..record import pack_blob, pack_record, record_parts, unpack_blob, unpack_record
+from ..record import pack_blob, pack_record, record_parts, record_sizes, unpack_blob, unpack_record
 from .base import Backend, PartSpec
 
 _META = b"\x00meta/"
@@ -462,7 +462,7 @@ class LmdbBackend(Backend):
                 for key, value in cursor:
                     if bytes(key[:3]) != prefix:
                         break
-                    for name, payload in unpack_record(value, f"{self.path}: layer {layer!r}").items():
+                    for name, size in record_sizes(value, f"{self.path}: layer {layer!r}").items():
                         if name in sizes:
-                            sizes[name] += len(payload)
+                            sizes[name] += size
         return sizes
