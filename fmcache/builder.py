@@ -51,10 +51,15 @@ def shard_range(num_samples: int, shard: tuple[int, int] | None) -> tuple[int, i
 def prefix_fingerprint(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> str:
     """Fingerprint of the modules that run before the last boundary, found by running
     ``example`` (a batch) through the model once."""
-    capture = Capture(model, layers)
+    return _probe(model, Capture(model, layers), example)[0]
+
+
+def _probe(model: nn.Module, capture: Capture, example: torch.Tensor) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """One small forward of ``example``: the prefix's weights fingerprint (the modules that
+    ran) and each boundary's per-sample map shape."""
     with torch.inference_mode():
-        capture(example, record_prefix=True)
-    return weights_fingerprint(model, capture.ran)
+        outputs = capture(example, record_prefix=True)
+    return weights_fingerprint(model, capture.ran), {name: tuple(t.shape[1:]) for name, t in outputs.items()}
 
 
 def _labels(label: Any) -> np.ndarray:
@@ -103,12 +108,13 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
     was_training = model.training
     model.eval().to(device)
     try:
-        first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(batch_size, hi - lo))))
+        # A probe of two samples, not a batch: the build runs its own forward over every
+        # sample anyway (a whole-batch probe added one batch of forward to each build), and
+        # two samples, unlike one, keep a squeeze of the batch axis out of the shapes.
+        first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo))))
         first_inputs = first_inputs.to(device)
-        fingerprints = {"weights": prefix_fingerprint(model, layers, first_inputs),
-                        "data": data_fingerprint(dataset)}
-        with torch.inference_mode():
-            shapes = {name: tuple(t.shape[1:]) for name, t in capture(first_inputs[:1]).items()}
+        weights, shapes = _probe(model, capture, first_inputs)
+        fingerprints = {"weights": weights, "data": data_fingerprint(dataset)}
         info = {"layers": layers, "batch_size": batch_size, "samples_total": n_total,
                 "input_shape": list(first_inputs.shape[1:]),
                 "shard": {"index": shard[0], "count": shard[1], "start": lo, "stop": hi} if shard else None,

@@ -226,3 +226,29 @@ def test_two_gloo_ranks_get_disjoint_complete_shares(tmp_path, data):
         assert not a & b and a | b == set(range(N_SAMPLES))
         assert len(shares[0][epoch]) == len(shares[1][epoch]) == N_SAMPLES // 2
     assert shares[0]["0"] != shares[0]["1"]
+
+
+class _Squeezed(torch.nn.Module):
+    """A boundary that squeezes its output: (N, 4, 1) -> (N, 4), but (4,) for N = 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).unsqueeze(-1).squeeze()
+
+
+def test_build_probes_shapes_with_more_than_one_sample(tmp_path):
+    """The builder learns each boundary's per-sample shape from a probe of two samples: a
+    one-sample probe would see a squeezed batch axis and record the wrong shape."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Squeezed(), torch.nn.Linear(4, 2))
+    xs = torch.randn(6, 3)
+    data = [(xs[i], i % 2) for i in range(6)]
+    m = build_cache(model, data, ["0"], tmp_path / "c.lmdb", codec="raw", batch_size=3, progress=False)
+    assert m.layers["0"].shape == (4,)
+    with torch.no_grad():
+        expected = model[0](xs).numpy()
+    with fmcache.open_cache(tmp_path / "c.lmdb") as cache:
+        np.testing.assert_array_equal(cache.read_batch("0", range(6)), expected)
