@@ -555,6 +555,27 @@ def test_hdf5_contract_on_post_relu_maps(spec: str, batch: np.ndarray, samples_p
         assert_contract(codec, x, y)
 
 
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(post_relu_maps()))
+def test_from_hdf5_into_fills_out_with_from_hdf5s_numbers(spec: str, batch: np.ndarray) -> None:
+    """The HDF5 reader decodes into the caller's rows (from_hdf5_into): the same bits as
+    from_hdf5, into a C-contiguous or a strided ``out``; stored rows of another shape are
+    a ValueError (the reader's CorruptionError), never a partly filled ``out``."""
+    codec = _codec(spec)
+    fields = codec.to_hdf5(batch)
+    expected = codec.from_hdf5(fields, batch.shape[1:])
+    out = np.full(batch.shape, np.nan, dtype=np.float32)
+    assert codec.from_hdf5_into(fields, out) is out
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+    wide = np.full((*batch.shape[:-1], 2 * batch.shape[-1]), np.nan, dtype=np.float32)
+    strided = wide[..., ::2]
+    codec.from_hdf5_into(fields, strided)
+    np.testing.assert_array_equal(strided.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(ValueError):
+        codec.from_hdf5_into(fields, np.empty((len(batch) + 1, *batch.shape[1:]), dtype=np.float32))
+
+
 @pytest.mark.parametrize(("spec", "names"), [
     ("fp16", {"values": "float16"}),
     ("bf16", {"bits": "uint16"}),

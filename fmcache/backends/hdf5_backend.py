@@ -244,17 +244,14 @@ class Hdf5Backend(Backend):
                     for row, (rec, crc) in enumerate(zip(fields[field.name], crcs)):
                         if zlib.crc32(np.ascontiguousarray(rec, np.uint8).data) != int(crc):
                             raise CorruptionError(f"{where} sample {int(samples[row])}: checksum mismatch")
+            dst = None if out is None else out.get(spec.name)
             try:
-                result[spec.name] = spec.codec.from_hdf5(fields, spec.shape)
+                result[spec.name] = (spec.codec.from_hdf5(fields, spec.shape) if dst is None
+                                     else spec.codec.from_hdf5_into(fields, dst))
             except CorruptionError:
                 raise
             except (ValueError, KeyError) as exc:
                 raise CorruptionError(f"{where}: cannot decode samples ({exc})") from exc
-        if out is not None:
-            for name, dst in out.items():
-                if name in result:
-                    np.copyto(dst, result[name])
-                    result[name] = dst
         return result
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
@@ -293,12 +290,11 @@ class Hdf5Backend(Backend):
         if k >= len(first):
             raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {chunk * per_chunk + len(first)}")
         try:
-            decoded = codec.from_hdf5({name: r[k:k + 1] for name, r in rows.items()}, out.shape)
+            codec.from_hdf5_into({name: r[k:k + 1] for name, r in rows.items()}, out[None])
         except CorruptionError:
             raise
         except (ValueError, KeyError) as exc:
             raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
-        np.copyto(out, decoded[0])
         return out
 
     def _one_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], int, str] | None:

@@ -245,6 +245,17 @@ class Codec(ABC):
             self.decode(np.ascontiguousarray(rec, dtype=np.uint8).data, out=out[i])
         return out
 
+    def from_hdf5_into(self, fields: Mapping[str, np.ndarray], out: np.ndarray) -> np.ndarray:
+        """:meth:`from_hdf5` into ``out`` (float32 ``(N, *sample_shape)``, filled and
+        returned): the HDF5 reader's path. The default decodes a fresh batch and copies it;
+        codecs that can decode straight into ``out`` override it (one pass less over the
+        batch). ValueError if the stored arrays do not hold ``out``'s shape."""
+        decoded = self.from_hdf5(fields, out.shape[1:])
+        if decoded.shape != out.shape:  # np.copyto would broadcast a single row
+            raise ValueError(f"stored rows decode to {decoded.shape}, expected {out.shape}")
+        np.copyto(out, decoded)
+        return out
+
 
 def parse_header(buf: memoryview, codec_id: str) -> tuple[tuple[int, ...], int]:
     """Shape and payload offset of an encoded map; CorruptionError if malformed."""

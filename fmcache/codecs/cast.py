@@ -112,6 +112,8 @@ class _Cast16(Codec):
     keeps_zeros = True
     _storage_dtype: np.dtype
     _torch_dtype: torch.dtype
+    #: the HDF5 dataset holding the 16-bit values
+    _hdf5_field: str
 
     def __init__(self, cname: str = "lz4", clevel: int = 5, shuffle: str = "byte") -> None:
         self.stage = LosslessStage.checked(self.codec_id, cname, clevel, shuffle)
@@ -145,6 +147,19 @@ class _Cast16(Codec):
         return out
 
 
+    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
+        values16 = np.ascontiguousarray(fields[self._hdf5_field], dtype=self._storage_dtype)
+        return self._from16_into(_writable(values16), np.empty(values16.shape, dtype=np.float32))
+
+    def from_hdf5_into(self, fields: Any, out: np.ndarray) -> np.ndarray:
+        """The stored 16-bit values widened straight into ``out`` (no batch in between)."""
+        values16 = np.ascontiguousarray(fields[self._hdf5_field], dtype=self._storage_dtype)
+        if values16.shape != out.shape:
+            raise ValueError(f"stored values of shape {values16.shape}, expected {out.shape}")
+        if not out.flags.c_contiguous:
+            return super().from_hdf5_into(fields, out)
+        return self._from16_into(_writable(values16), out)
+
     def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """All 16-bit bodies into one reused staging batch, then one widening pass."""
         if not out.flags.c_contiguous:
@@ -177,6 +192,7 @@ class Fp16(_Cast16):
     codec_id = "fp16"
     _storage_dtype = np.dtype("<f2")
     _torch_dtype = torch.float16
+    _hdf5_field = "values"
 
     def _to16(self, x: np.ndarray) -> np.ndarray:
         x = _writable(x)
@@ -195,10 +211,6 @@ class Fp16(_Cast16):
         for i, sample in enumerate(batch):
             values[i] = self._to16(self._validate(sample))
         return {"values": values}
-
-    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
-        values16 = np.ascontiguousarray(fields["values"], dtype=self._storage_dtype)
-        return self._from16_into(_writable(values16), np.empty(values16.shape, dtype=np.float32))
 
 
 @register_codec
@@ -222,6 +234,7 @@ class Bf16(_Cast16):
     codec_id = "bf16"
     _storage_dtype = np.dtype("<u2")
     _torch_dtype = torch.bfloat16
+    _hdf5_field = "bits"
 
     def _to16(self, x: np.ndarray) -> np.ndarray:
         x = _writable(x)
@@ -339,7 +352,3 @@ class Bf16(_Cast16):
         for i, sample in enumerate(batch):
             bits[i] = self._to16(self._validate(sample))
         return {"bits": bits}
-
-    def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
-        bits = np.ascontiguousarray(fields["bits"], dtype=self._storage_dtype)
-        return self._from16_into(_writable(bits), np.empty(bits.shape, dtype=np.float32))

@@ -212,10 +212,18 @@ class _AffineQuantizer(Codec):
         return {"q": codes, "offset": offsets, "scale": scales}
 
     def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
+        return self.from_hdf5_into(fields, np.empty((len(fields["q"]), *sample_shape), dtype=np.float32))
+
+    def from_hdf5_into(self, fields: Any, out: np.ndarray) -> np.ndarray:
+        """Each row dequantised straight into its row of ``out``."""
+        if not out.flags.c_contiguous:
+            return super().from_hdf5_into(fields, out)
         codes = np.asarray(fields["q"], dtype=np.uint8)
         offsets = np.asarray(fields["offset"], dtype=np.float32)
         scales = np.asarray(fields["scale"], dtype=np.float32)
-        out = np.empty((len(codes), *sample_shape), dtype=np.float32)
+        if len(codes) != len(out) or len(offsets) != len(out) or len(scales) != len(out):
+            raise ValueError(f"stored fields of {len(codes)}/{len(offsets)}/{len(scales)} rows, expected {len(out)}")
+        sample_shape = out.shape[1:]
         for i in range(len(codes)):
             dequantize_into(self._unpack(codes[i], sample_shape), offsets[i], scales[i], out[i])
         return out
