@@ -9,6 +9,9 @@ with ~42 % zeros) of ``--shape``, so the baseline needs nothing but its own code
 
     python tools/bench_fastpath.py                  # 128x16x16, 512 samples, 5 repeats
     python tools/bench_fastpath.py --shape 64 32 32
+    python tools/bench_fastpath.py --baseline 66c3b21 --json docs/bench_fastpath_s5.json
+
+It prints a markdown table; ``--json`` also keeps every run's numbers and the ratios.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs="+", default=[128, 16, 16])
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="", help="also write the runs and ratios here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
@@ -124,10 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"MB/s per core, median (min-max); baseline {args.baseline}")
     print("| measurement | baseline | now | now / baseline |")
     print("|---|---|---|---|")
+    ratios: dict[str, float] = {}
     for key in runs["now"]:
         old, new = runs["baseline"].get(key, []), runs["now"][key]
-        ratio = statistics.median(n / o for n, o in zip(new, old)) if old else float("nan")
+        ratio = ratios[key] = statistics.median(n / o for n, o in zip(new, old)) if old else float("nan")
         print(f"| {key} | {_fmt(old)} | {_fmt(new)} | {ratio:.2f} |")
+    if args.json:
+        settings = {"baseline": args.baseline, "shape": list(shape), "samples": args.samples,
+                    "repeats": args.repeats, "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+        Path(args.json).write_text(json.dumps({"settings": settings, "mb_s": runs, "now_vs_baseline": ratios},
+                                              indent=1) + "\n")
     return 0
 
 
