@@ -146,7 +146,6 @@ class _Cast16(Codec):
         out[...] = result  # a strided `out`: torch cannot take every layout numpy can
         return out
 
-
     def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
         values16 = np.ascontiguousarray(fields[self._hdf5_field], dtype=self._storage_dtype)
         return self._from16_into(_writable(values16), np.empty(values16.shape, dtype=np.float32))
