@@ -27,6 +27,7 @@ from .cache import create_cache
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture
 from .codecs import Codec
+from .codecs.lossless import blosc2_releasing_gil
 from .errors import BuildError, NonFiniteError
 from .fingerprint import data_fingerprint, weights_fingerprint
 from .manifest import Manifest
@@ -168,11 +169,13 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
             raise NonFiniteError(f"{exc.message} (data set index = {lo} + cache index)") from None
 
     # Encoding and writing batch k runs on one background thread while the prefix computes
-    # batch k + 1 (torch, blosc2 and LMDB release the GIL): the build then costs about the
-    # larger of the two instead of their sum. At most one batch is in flight, appends keep
-    # their order, and an error surfaces at the next batch or at the end.
+    # batch k + 1 (torch, LMDB and blosc2, once told to, release the GIL; by default blosc2
+    # keeps it while it compresses and holds up the forward pass's Python on this thread):
+    # the build then costs about the larger of the two instead of their sum. At most one
+    # batch is in flight, appends keep their order, and an error surfaces at the next batch
+    # or at the end.
     pending: Future[None] | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
+    with blosc2_releasing_gil(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
         try:
             with torch.inference_mode():
                 for inputs, labels in loader:

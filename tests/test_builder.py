@@ -252,3 +252,38 @@ def test_build_probes_shapes_with_more_than_one_sample(tmp_path):
         expected = model[0](xs).numpy()
     with fmcache.open_cache(tmp_path / "c.lmdb") as cache:
         np.testing.assert_array_equal(cache.read_batch("0", range(6)), expected)
+
+
+def test_blosc2_compresses_without_the_gil_during_a_build():
+    """python-blosc2 keeps the GIL through a compression by default, which let the builder's
+    encoder thread stall its forward pass; inside ``blosc2_releasing_gil`` (the builder's
+    pipeline) another thread runs Python while blosc2 compresses, and the process-wide
+    setting is restored afterwards, after an error too."""
+    import threading
+
+    import blosc2
+
+    from fmcache.codecs.lossless import blosc2_releasing_gil
+
+    data = np.random.default_rng(0).integers(0, 4, 1_000_000, dtype=np.uint8)
+
+    def steps_while_compressing() -> int:
+        worker = threading.Thread(target=lambda: blosc2.compress2(data, codec=blosc2.Codec.ZSTD, clevel=9,
+                                                                  nthreads=1))
+        steps = 0
+        worker.start()
+        while worker.is_alive():
+            steps += 1
+        worker.join()
+        return steps
+
+    before = blosc2.set_releasegil(False)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with blosc2_releasing_gil():
+                assert blosc2.set_releasegil(True) is True  # on inside the block
+                assert steps_while_compressing() > 100_000  # held: only the moments around the C call
+                raise RuntimeError("inside")
+        assert blosc2.set_releasegil(False) is False  # restored
+    finally:
+        blosc2.set_releasegil(before)

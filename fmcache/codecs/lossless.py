@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import blosc2
@@ -47,6 +49,23 @@ def blosc2_compress(data: np.ndarray, cname: str, clevel: int, shuffle: str) -> 
         data, codec=CNAMES[cname], clevel=clevel, filters=[SHUFFLES[shuffle]],
         filters_meta=[0], typesize=data.dtype.itemsize, nthreads=1,
     )
+
+
+@contextmanager
+def blosc2_releasing_gil() -> Iterator[None]:
+    """blosc2 compresses (``compress2``, ``decompress2``) without holding the GIL inside.
+
+    python-blosc2 keeps the GIL through a compression unless told otherwise (its default;
+    ``blosc2.set_releasegil``), so an encoder thread stalls every other thread's Python,
+    such as the builder's forward pass, for as long as it compresses. The setting is
+    process-wide: it is switched on for the block and restored after. Both calls use
+    contexts of their own, so releasing the GIL around them is thread-safe.
+    """
+    before = blosc2.set_releasegil(True)
+    try:
+        yield
+    finally:
+        blosc2.set_releasegil(before)
 
 
 def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
