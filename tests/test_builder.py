@@ -279,11 +279,10 @@ def test_blosc2_compresses_without_the_gil_during_a_build():
 
     before = blosc2.set_releasegil(False)
     try:
-        with pytest.raises(RuntimeError, match="inside"):
-            with blosc2_releasing_gil():
-                assert blosc2.set_releasegil(True) is True  # on inside the block
-                assert steps_while_compressing() > 100_000  # held: only the moments around the C call
-                raise RuntimeError("inside")
+        with pytest.raises(RuntimeError, match="inside"), blosc2_releasing_gil():
+            assert blosc2.set_releasegil(True) is True  # on inside the block
+            assert steps_while_compressing() > 100_000  # held: only the moments around the C call
+            raise RuntimeError("inside")
         assert blosc2.set_releasegil(False) is False  # restored
     finally:
         blosc2.set_releasegil(before)
