@@ -3,7 +3,7 @@
 The same model and data as ``tools/bench_train.py`` (CIFAR ResNet-18 of ``--width`` from
 :func:`fmcache.zoo.pretrained_resnet`, the first ``--samples`` Fashion-MNIST training
 images, batch ``--batch``, one torch thread). For each boundary, every repeat runs in
-turn: one no-grad forward pass of the prefix over the data (what classic freezing pays
+turn: one inference-mode forward pass of the prefix over the data (what classic freezing pays
 per epoch, and the least any cache build can cost), and :func:`fmcache.build_cache` of that
 boundary with the default codec (``bf16``) on LMDB and on HDF5, and with SZ3
 (``sz3:rel=0.02``) on LMDB. Wall seconds; the ratios are medians of per-repeat ratios
@@ -14,12 +14,17 @@ measurement that ``tools/bench_targets.py`` checks the build target against.
     python tools/bench_build.py            # width 16, 2048 samples, layer1-3, 5 repeats (~5 min)
     python tools/bench_build.py --quick    # 256 samples, layer3, 2 repeats; docs untouched
 
+``--gil-held`` adds a fourth build, ``bf16-lmdb-gil-held``: the same as ``bf16-lmdb`` but with
+blosc2 keeping the GIL while it compresses (python-blosc2's default, which the builder
+overrides since session 5), to show in one run what that override is worth.
+
 It prints JSON and (unless ``--quick``) writes ``docs/bench_build.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shutil
@@ -41,10 +46,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_read import cpu_name
 from bench_train import forward_maps
 
+import fmcache.builder
 from fmcache.builder import build_cache
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
 BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb")}
+GIL_HELD = "bf16-lmdb-gil-held"
+
+
+@contextlib.contextmanager
+def gil_held(held: bool):  # type: ignore[no-untyped-def]
+    """The builder without its blosc2 GIL release (python-blosc2's default) while ``held``."""
+    release = fmcache.builder.blosc2_releasing_gil
+    if held:
+        fmcache.builder.blosc2_releasing_gil = contextlib.nullcontext  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fmcache.builder.blosc2_releasing_gil = release
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,14 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--boundaries", nargs="+", default=["layer1", "layer2", "layer3"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gil-held", action="store_true", help=f"also time {GIL_HELD} (see above)")
     parser.add_argument("--json", default=str(REPO / "docs" / "bench_build.json"))
     args = parser.parse_args(argv)
+    builds = dict(BUILDS, **({GIL_HELD: BUILDS["bf16-lmdb"]} if args.gil_held else {}))
     if args.quick:
         args.samples, args.boundaries, args.repeats, args.json = 256, ["layer3"], 2, ""
     torch.set_num_threads(1)
     model = pretrained_resnet(width=args.width, steps=args.steps).eval()
     data = Subset(FashionMNIST("train", augment=False), range(args.samples))
-    seconds: dict[str, dict[str, list[float]]] = {b: {k: [] for k in ("forward", *BUILDS)} for b in args.boundaries}
+    seconds: dict[str, dict[str, list[float]]] = {b: {k: [] for k in ("forward", *builds)} for b in args.boundaries}
     workdir = Path(tempfile.mkdtemp(prefix="fmcache-bench-build-"))
     try:
         for boundary in args.boundaries:  # warm-up, untimed: page cache, allocator, lazy imports
@@ -72,12 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for boundary in args.boundaries:
                 prefix = split_at(copy.deepcopy(model), boundary)[0].eval()
                 seconds[boundary]["forward"].append(forward_maps(prefix, data, args.batch)[2])
-                for name, (codec, suffix) in BUILDS.items():
+                for name, (codec, suffix) in builds.items():
                     out = workdir / f"{boundary}-{name}{suffix}"
                     fresh = copy.deepcopy(model)  # outside the timing: a user's build copies nothing
-                    t0 = time.perf_counter()
-                    build_cache(fresh, data, [boundary], out, codec=codec, batch_size=args.batch, progress=False)
-                    seconds[boundary][name].append(time.perf_counter() - t0)
+                    with gil_held(name == GIL_HELD):
+                        t0 = time.perf_counter()
+                        build_cache(fresh, data, [boundary], out, codec=codec, batch_size=args.batch,
+                                    progress=False)
+                        seconds[boundary][name].append(time.perf_counter() - t0)
                     shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
                 print(f"repeat {repeat + 1} {boundary}: " + ", ".join(
                     f"{k} {v[-1]:.2f} s" for k, v in seconds[boundary].items()), file=sys.stderr, flush=True)
@@ -85,14 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     result: dict[str, Any] = {
         "settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
-                     "repeats": args.repeats, "threads": 1, "cpu": cpu_name(), "torch": torch.__version__,
+                     "repeats": args.repeats, "threads": 1, "gil_held_row": args.gil_held, "cpu": cpu_name(), "torch": torch.__version__,
                      "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
         "boundaries": {}}
     for boundary, per in seconds.items():
         entry: dict[str, Any] = {"seconds": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                                              for k, v in per.items()},
                                  "vs_forward": {k: statistics.median(b / f for b, f in zip(per[k], per["forward"]))
-                                                for k in BUILDS}}
+                                                for k in builds}}
+        if GIL_HELD in per:  # > 1: the GIL release made the build faster
+            entry["gil_held_vs_released"] = statistics.median(h / r for h, r in zip(per[GIL_HELD], per["bf16-lmdb"]))
         result["boundaries"][boundary] = entry
     text = json.dumps(result, indent=1)
     print(text)

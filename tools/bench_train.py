@@ -31,7 +31,7 @@ against other jobs).
 
 Each repeat runs one epoch of every approach in turn (side by side, so a neighbour's
 load hits them alike); the tables give the median and min-max of the epoch seconds and
-the median of the per-repeat ratios (> 1: faster than the reference). It also times the build: one no-grad forward pass
+the median of the per-repeat ratios (> 1: faster than the reference). It also times the build: one inference-mode forward pass
 of the prefix over the data, against ``build_cache`` with the default codec (bf16) and
 with SZ3, and the SACA build, and reports bytes on disk of every approach.
 
@@ -174,9 +174,10 @@ def memory_batches(maps: torch.Tensor, labels: torch.Tensor, batch: int, epoch: 
         yield maps[idx], labels[idx]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def forward_maps(prefix: nn.Module, data: Dataset, batch: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Maps of the whole data set through ``prefix`` (eval, no grad), labels, and seconds."""
+    """Maps of the whole data set through ``prefix`` (eval, inference mode: the cheapest
+    forward pass torch offers, as the builder's own), labels, and seconds."""
     prefix.eval()
     loader = DataLoader(data, batch_size=batch, shuffle=False)
     maps, labels = [], []
