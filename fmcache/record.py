@@ -83,13 +83,15 @@ def _layout(names: bytes, count: int, where: str) -> tuple[tuple[str, ...], dict
     return layout
 
 
-def _checked_v3(buf: bytes | memoryview, where: str) -> tuple[memoryview, tuple[str, ...], dict[str, int], tuple[int, ...], int]:
-    """An ``FMR3`` record's view, names, positions, lengths and payload start, all checked."""
+def _checked_v3(buf: bytes | memoryview, where: str, crc_pass: bool = True
+                ) -> tuple[memoryview, tuple[str, ...], dict[str, int], tuple[int, ...], int]:
+    """An ``FMR3`` record's view, names, positions, lengths and payload start, all checked
+    (the CRC too, unless ``crc_pass`` is false: :func:`record_sizes`)."""
     view = memoryview(buf)
     if len(view) < _HEAD3.size:
         raise CorruptionError(f"{where}: record of {len(view)} bytes is shorter than its header")
     _, crc, count, names_len = _HEAD3.unpack_from(view, 0)
-    if crc32c(view[8:], _MAGIC_CRC) != crc:
+    if crc_pass and crc32c(view[8:], _MAGIC_CRC) != crc:
         raise CorruptionError(f"{where}: checksum mismatch (the record was damaged on disk)")
     start = _HEAD3.size + names_len
     names, position, lengths_of = _layout(bytes(view[_HEAD3.size:start]), count, where)
@@ -123,18 +125,7 @@ def record_sizes(buf: bytes | memoryview, where: str) -> dict[str, int]:
     and every read check the CRC). The index must still add up to the record's length."""
     if bytes(buf[:4]) != MAGIC:
         return {name: len(payload) for name, payload in unpack_record(buf, where).items()}
-    view = memoryview(buf)
-    if len(view) < _HEAD3.size:
-        raise CorruptionError(f"{where}: record of {len(view)} bytes is shorter than its header")
-    _, _, count, names_len = _HEAD3.unpack_from(view, 0)
-    start = _HEAD3.size + names_len
-    names, _, lengths_of = _layout(bytes(view[_HEAD3.size:start]), count, where)
-    try:
-        lengths = lengths_of.unpack_from(view, start)
-    except struct.error:
-        raise CorruptionError(f"{where}: record of {len(view)} bytes is shorter than its index") from None
-    if start + lengths_of.size + sum(lengths) != len(view):
-        raise CorruptionError(f"{where}: the record's index does not add up to its {len(view)} bytes")
+    _, names, _, lengths, _ = _checked_v3(buf, where, crc_pass=False)
     return dict(zip(names, lengths))
 
 
