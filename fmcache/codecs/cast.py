@@ -40,6 +40,7 @@ from .base import HEADER_DIMS, MAX_NDIM, Codec, Hdf5Field, batch_views
 from .lossless import (
     CHUNK_SIZES,
     CRC,
+    FRAME_HEADER_BYTES,
     blosc2_compress,
     blosc2_decompress_into,
     checked_frame,
@@ -147,8 +148,7 @@ class _Cast16(Codec):
         return out
 
     def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
-        values16 = np.ascontiguousarray(fields[self._hdf5_field], dtype=self._storage_dtype)
-        return self._from16_into(_writable(values16), np.empty(values16.shape, dtype=np.float32))
+        return self.from_hdf5_into(fields, np.empty((len(fields[self._hdf5_field]), *sample_shape), dtype=np.float32))
 
     def from_hdf5_into(self, fields: Any, out: np.ndarray) -> np.ndarray:
         """The stored 16-bit values widened straight into ``out`` (no batch in between)."""
@@ -277,7 +277,7 @@ class Bf16(_Cast16):
         ndim = data[0] if size else 0
         start = 1 + 4 * ndim  # the stage byte
         frame_at = start + 1 + CRC.size
-        if not 1 <= ndim <= MAX_NDIM or size < frame_at + 32 or data[start] != _STAGE_WIDE:
+        if not 1 <= ndim <= MAX_NDIM or size < frame_at + FRAME_HEADER_BYTES or data[start] != _STAGE_WIDE:
             return None
         shape = HEADER_DIMS[ndim].unpack_from(data, 1)
         nbytes, blocksize, cbytes = CHUNK_SIZES.unpack_from(data, frame_at + 4)

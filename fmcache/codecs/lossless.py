@@ -38,6 +38,8 @@ SHUFFLES = {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit"
 CHUNK_SIZES = struct.Struct("<III")
 #: the first byte of a checked ``blosc2`` payload (format version 4); never a blosc version byte
 _CHECKED = 0xFC
+#: a blosc2 frame (chunk) header's size: a shorter frame is damaged
+FRAME_HEADER_BYTES = 32
 CRC = struct.Struct("<I")
 _H5_SHUFFLE = {"none": hdf5plugin.Blosc2.NOFILTER, "byte": hdf5plugin.Blosc2.SHUFFLE,
                "bit": hdf5plugin.Blosc2.BITSHUFFLE}
@@ -70,7 +72,7 @@ def blosc2_releasing_gil() -> Iterator[None]:
 
 def blosc2_decompress_into(payload: memoryview, dst: np.ndarray) -> np.ndarray:
     """Decompress into ``dst`` (its byte size must match the stored size)."""
-    if len(payload) < 32:
+    if len(payload) < FRAME_HEADER_BYTES:
         raise ValueError(f"blosc2 frame of {len(payload)} bytes is shorter than its header")
     nbytes, blocksize, cbytes = CHUNK_SIZES.unpack_from(payload, 4)  # ~20x cheaper than get_cbuffer_sizes
     if nbytes != dst.nbytes or cbytes != len(payload):

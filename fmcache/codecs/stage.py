@@ -20,7 +20,14 @@ import blosc2
 import numpy as np
 
 from .base import check_choice
-from .lossless import CNAMES, SHUFFLES, blosc2_compress, blosc2_decompress_into, blosc2_hdf5_filter
+from .lossless import (
+    CNAMES,
+    FRAME_HEADER_BYTES,
+    SHUFFLES,
+    blosc2_compress,
+    blosc2_decompress_into,
+    blosc2_hdf5_filter,
+)
 
 _STAGE_PLAIN = 0
 _STAGE_BLOSC2 = 1
@@ -71,7 +78,7 @@ class LosslessStage:
         if stage == _STAGE_BLOSC2:
             if out is None:
                 nbytes = math.prod(shape) * dtype.itemsize
-                if len(body) < 32 or blosc2.get_cbuffer_sizes(body)[0] != nbytes:
+                if len(body) < FRAME_HEADER_BYTES or blosc2.get_cbuffer_sizes(body)[0] != nbytes:
                     raise ValueError(f"blosc2 body does not hold the {nbytes} bytes the shape needs")
                 out = np.empty(shape, dtype=dtype)
             # blosc2_decompress_into checks the frame's sizes against `out` before decoding
