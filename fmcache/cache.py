@@ -336,6 +336,8 @@ class Cache:
             self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
         self._labels: np.ndarray | None = None
         self._whole_tier: dict[str, str] = {}
+        #: layer -> (samples, map shape, whole tier): Cache.read's per-call lookups
+        self._read_fast: dict[str, tuple[int, tuple[int, ...], str]] = {}
 
     @property
     def layers(self) -> dict[str, LayerInfo]:
@@ -417,19 +419,21 @@ class Cache:
 
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 map of one sample, shape ``layer.shape`` (into ``out`` if given)."""
-        info = self.layer(layer)
-        n = len(self)
+        fast = self._read_fast.get(layer)
+        if fast is None:  # per layer, once: (samples, map shape, the whole tier or "")
+            info = self.layer(layer)
+            fast = self._read_fast[layer] = (len(self), info.shape, self._whole_tier_of(layer, info))
+        n, shape, whole = fast
         if isinstance(sample, (int, np.integer)) and -n <= sample < n:  # the per-sample fast path
             index = int(sample) + n if sample < 0 else int(sample)
-            whole = self._whole_tier_of(layer, info)
-            if whole and (out is None or (out.flags.c_contiguous and out.shape == info.shape
+            if whole and (out is None or (out.flags.c_contiguous and out.shape == shape
                                           and out.dtype == np.float32)):
-                dst = np.empty(info.shape, dtype=np.float32) if out is None else out
+                dst = np.empty(shape, dtype=np.float32) if out is None else out
                 return self.backend.read_one(layer, index, whole, dst)
             idx = np.array([index], dtype=np.int64)
         else:
             idx = self._samples([sample])
-        return self._read_base(layer, info, idx, None if out is None else out[None])[0]
+        return self._read_base(layer, self.layer(layer), idx, None if out is None else out[None])[0]
 
     def _whole_tier_of(self, layer: str, info: LayerInfo) -> str:
         """The name of the layer's only tier when it holds every channel in order, else ""."""

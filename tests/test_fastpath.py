@@ -340,3 +340,53 @@ def test_read_batch_picked_across_shards(tmp_path: Path, backend: str) -> None:
     base, picked = merged.read_batch_picked("l", [0, 7], [None, "sensitive@flip"])
     assert same_bits(picked[1], merged.read_parts("l", [7], ["sensitive@flip"])["sensitive@flip"][0])
     merged.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=st.one_of(post_relu_maps(), feature_maps(max_abs=1e3)), spec=st.sampled_from(CODECS))
+def test_verified_decoder_equals_decode_verified(x: np.ndarray, spec: str) -> None:
+    """Every codec's per-sample decoder (bf16's specialised one included) gives
+    decode_verified's bits, into the caller's array."""
+    codec = codec_from_spec(spec)
+    record = codec.encode(x)
+    expected = codec.decode_verified(record)
+    out = np.full(x.shape, np.nan, dtype=np.float32)
+    got = codec.verified_decoder(x.shape)(memoryview(record), out)
+    assert got is out and same_bits(out, expected)
+
+
+def test_bf16_verified_decoder_hands_anything_unusual_to_the_general_path() -> None:
+    """A record of another shape or stage, a shortened or lengthened one, or a damaged
+    shape header, stage byte or frame size: the same outcome as decode_verified (its
+    numbers or its error), never a blosc2 call on sizes that do not add up. (Flips inside
+    the frame body are the storage CRC's to catch: tests/test_reliability_corruption.py.)"""
+    codec = codec_from_spec("bf16")
+    x = post_relu(np.random.default_rng(6), (16, 8, 8))
+    good = codec.encode(x)
+    decode = codec.verified_decoder(x.shape)
+    frame_at = 1 + 4 * 3 + 1 + 4
+    cases = {
+        "good": good,
+        "stage-1 record": codec_from_spec("bf16:cname=none").encode(x),
+        "another shape": codec.encode(x.reshape(16, 4, 16)),
+        "fewer dims": codec.encode(x.reshape(16, 64)),
+        "truncated": good[:-1],
+        "one byte more": good + b"\0",
+        "shorter than its header": good[:10],
+    }
+    for position in (0, 1, 5, 9, 13, frame_at + 4, frame_at + 7, frame_at + 12, frame_at + 15):
+        bad = bytearray(good)  # ndim, dims, stage byte, the frame's nbytes and cbytes
+        bad[position] ^= 0x5A
+        cases[f"byte {position} flipped"] = bytes(bad)
+    for what, data in cases.items():
+        try:
+            expected: np.ndarray | type[Exception] = codec.decode_verified(data, out=np.empty(x.shape, np.float32))
+        except (CorruptionError, ValueError) as exc:
+            expected = type(exc)
+        out = np.full(x.shape, np.nan, dtype=np.float32)
+        if isinstance(expected, np.ndarray):
+            assert same_bits(decode(memoryview(data), out), expected), what
+        else:
+            with pytest.raises(expected):
+                decode(memoryview(data), out)
+    assert same_bits(decode(memoryview(good), np.empty(x.shape, np.float32)), codec.decode(good))

@@ -11,6 +11,7 @@ from fmcache.record import (
     MAGIC,
     MAGIC_V1,
     MAGIC_V2,
+    PartPicker,
     pack_blob,
     pack_record,
     record_parts,
@@ -155,3 +156,47 @@ def test_record_sizes_refuse_an_index_that_does_not_add_up(parts, data):
         struct.pack_into("<I", bad, head + 4 * k, struct.unpack_from("<I", bad, head + 4 * k)[0] + 1)
         with pytest.raises(CorruptionError):
             record_sizes(bytes(bad), "r")
+
+
+# ---- PartPicker: record_parts for a stream of records of one layout ---------------------------
+layout_st = st.lists(st.text(min_size=0, max_size=8), unique=True, max_size=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(names=layout_st, data=st.data())
+def test_part_picker_reads_what_record_parts_reads(names, data):
+    """Records of one layout (the first teaches it), then records of another: the picker's
+    answer is record_parts' for every one of them."""
+    other = data.draw(layout_st)
+    wanted = data.draw(st.lists(st.sampled_from([*names, *other, "absent"]), max_size=3))
+    pick = PartPicker(wanted)
+    for layout in (names, names, names, other, names):
+        rec = pack_record({n: data.draw(st.binary(max_size=40)) for n in layout})
+        expected = [None if p is None else bytes(p) for p in record_parts(rec, wanted, "r")]
+        for buf in (rec, memoryview(rec)):
+            assert [None if p is None else bytes(p) for p in pick(buf, "r")] == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(names=layout_st.filter(bool), data=st.data())
+def test_part_picker_detects_any_flipped_bit_and_truncation_after_learning(names, data):
+    pick = PartPicker(names[:1])
+    pick(pack_record({n: b"taught" for n in names}), "r")  # the layout is known from here on
+    rec = pack_record({n: data.draw(st.binary(max_size=40)) for n in names})
+    pos = data.draw(st.integers(0, len(rec) - 1))
+    flipped = bytearray(rec)
+    flipped[pos] ^= 1 << data.draw(st.integers(0, 7))
+    for bad in (bytes(flipped), rec[:pos], rec + data.draw(st.binary(min_size=1, max_size=4))):
+        with pytest.raises(CorruptionError, match="sample 3"):
+            pick(bad, "sample 3")
+    assert bytes(pick(rec, "r")[0]) == bytes(record_parts(rec, names[:1], "r")[0])  # still reads intact ones
+
+
+def test_part_picker_reads_older_records_through_record_parts():
+    pick = PartPicker(["a", "#key"])
+    pick(pack_record({"a": b"new", "#key": b"k0"}), "r")
+    for magic in (MAGIC_V1, MAGIC_V2):
+        assert [bytes(p) for p in pick(_legacy({"#key": b"k", "a": b"payload"}, magic), "r")] == [b"payload", b"k"]
+    with pytest.raises(CorruptionError, match="bad record magic"):
+        pick(b"FMR9" + bytes(20), "r")
+    assert [bytes(p) for p in pick(pack_record({"a": b"again", "#key": b"k1"}), "r")] == [b"again", b"k1"]

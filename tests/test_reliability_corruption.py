@@ -91,6 +91,36 @@ def test_lmdb_every_byte_of_a_compressed_record_is_covered(tmp_path):
     assert _in_child(sweep) == ["CorruptionError"]
 
 
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_lmdb_per_sample_reads_check_every_byte_after_learning_the_layout(tmp_path, codec):
+    """The per-sample read learns a layer's record layout from its first record and checks
+    later ones against it (record.PartPicker) and decodes with a decoder made for the
+    layer's shape (Codec.verified_decoder). Damage each byte of a record after an intact
+    read taught them, through the same open cache: always a CorruptionError naming the
+    sample, never numbers, never a crash; the intact neighbour still reads exactly."""
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", codec=codec)
+    copies, length = lmdb_record_copies(path, 0, 7)
+
+    def sweep(conn):
+        outcomes = set()
+        with fmcache.open_cache(path) as cache:
+            first = cache.read("conv", 6)  # teaches the layout and makes the decoder
+            for k in range(length):
+                flip_everywhere(path / "data.mdb", copies, k)
+                try:
+                    cache.read("conv", 7)
+                    outcomes.add(f"decoded with byte {k} flipped")
+                except CorruptionError as exc:
+                    outcomes.add("CorruptionError" if "sample 7" in str(exc) else f"unnamed: {exc}")
+                finally:
+                    flip_everywhere(path / "data.mdb", copies, k)
+            outcomes.add("neighbour exact" if np.array_equal(cache.read("conv", 6), first) else "neighbour changed")
+        conn.send(sorted(outcomes))
+
+    assert _in_child(sweep) == ["CorruptionError", "neighbour exact"]
+
+
 def test_lmdb_flipped_bit_in_a_btree_key_never_serves_another_sample(tmp_path):
     """LMDB has no page checksums. One bit flipped in the B-tree key of sample 56 makes it
     a second key 57, and a lookup of 57 could land on sample 56's record, which is intact

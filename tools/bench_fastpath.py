@@ -1,7 +1,7 @@
 """Before/after of the read fast path: the same measurements on two commits, side by side.
 
 Checks out ``--baseline`` (default: 67d0fe4, the last commit before the fast path) into
-a temporary git worktree, then alternates child processes running this file's
+a temporary git worktree, then alternates child processes (in turn first and second) running this file's
 ``--child`` mode against the baseline tree and the working tree, ``--repeats`` times
 each, and prints the median and min-max of every measurement, in float32 MB/s per core
 (CPU time of the measuring thread). The maps are synthetic post-ReLU maps (lognormal
@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, dict[str, list[float]]] = {"baseline": {}, "now": {}}
     try:
         for rep in range(args.repeats):
-            for label, tree in (("baseline", old_tree), ("now", REPO)):
+            trees = (("baseline", old_tree), ("now", REPO))
+            for label, tree in trees if rep % 2 == 0 else trees[::-1]:  # neither side always runs second
                 work = tmp / f"{label}-{rep}"
                 work.mkdir()
                 env = {**os.environ, "PYTHONPATH": str(tree)}

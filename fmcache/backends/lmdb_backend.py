@@ -35,7 +35,14 @@ import lmdb
 import numpy as np
 
 from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
-from ..record import pack_blob, pack_record, record_parts, record_sizes, unpack_blob, unpack_record
+from ..record import (
+    PartPicker,
+    pack_blob,
+    pack_record,
+    record_sizes,
+    unpack_blob,
+    unpack_record,
+)
 from .base import Backend, PartSpec
 
 _META = b"\x00meta/"
@@ -232,12 +239,17 @@ class LmdbBackend(Backend):
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         super().__init__(path, writable=writable)
-        #: (layer, part) -> (layer index, codec, error prefix): read_one's per-call lookups
-        self._read_one_of: dict[tuple[str, str], tuple[int, Any, str]] = {}
+        #: (layer, part) -> (layer index, record reader, decoder, error prefix): read_one's state
+        self._read_one_of: dict[tuple[str, str], tuple[int, PartPicker, Any, str]] = {}
 
     @classmethod
     def detect(cls, path: Path) -> bool:
         return path.is_dir() and (path / "data.mdb").is_file()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_read_one_of"] = {}  # closures and Structs: rebuilt on first use in the new process
+        return state
 
     def declare_layer(self, index: int, name: str, parts: Sequence[PartSpec], samples_per_chunk: int) -> None:
         self._read_one_of.clear()
@@ -399,29 +411,42 @@ class LmdbBackend(Backend):
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
         """The per-sample path of ``Cache.read``: one get, one record check, one decode
         (no batch bookkeeping); the same checks and errors as :meth:`read`. Written out
-        flat: a read of a small map is short enough that each helper call here shows."""
+        flat, with a record reader (:class:`~fmcache.record.PartPicker`) and a decoder
+        (:meth:`~fmcache.codecs.base.Codec.verified_decoder`) made once per layer and
+        part: a read of a small map is short enough that each helper call here shows."""
         entry = self._read_one_of.get((layer, part))
-        if entry is None:  # per layer and part, once: its index, codec, error-message prefix
-            index, specs, _ = self._layers[layer]
-            codec = next((s.codec for s in specs if s.name == part), None)
-            if codec is None:
-                raise CorruptionError(f"{self.path}: layer {layer!r} sample {sample}: layer has no part {part!r}")
-            entry = self._read_one_of[(layer, part)] = (index, codec, f"{self.path}: layer {layer!r} sample ")
-        index, codec, prefix = entry
+        if entry is None:  # per layer and part, once
+            entry = self._read_one_of[(layer, part)] = self._read_one_entry(layer, sample, part)
+        index, pick, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
         with self._env().begin(buffers=True) as txn:
             value = txn.get(key)
             if value is None:
                 raise CorruptionError(f"{prefix}{sample}: no record")
             try:
-                payload, own_key = record_parts(value, (part, KEY_PART), "")  # CRC checked here
+                payload, own_key = pick(value, "")  # CRC checked here
             except CorruptionError as exc:
                 raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-            _check_own_key(own_key, key, prefix, sample)
+            if own_key is not None and own_key != key:
+                _check_own_key(own_key, key, prefix, sample)
             if payload is None:
                 raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
-            _decode_one(codec, payload, out, prefix, sample, part)
-        return out
+            try:
+                return decode(payload, out)
+            except CorruptionError as exc:
+                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc.message}") from exc
+            except ValueError as exc:
+                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc}") from exc
+
+    def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, PartPicker, Any, str]:
+        """read_one's per-(layer, part) state: the layer's index, a record reader for the
+        part and the own key, the codec's decoder for the map's shape, the error prefix."""
+        index, specs, _ = self._layers[layer]
+        spec = next((s for s in specs if s.name == part), None)
+        if spec is None:
+            raise CorruptionError(f"{self.path}: layer {layer!r} sample {sample}: layer has no part {part!r}")
+        return (index, PartPicker((part, KEY_PART)), spec.codec.verified_decoder(tuple(spec.shape)),
+                f"{self.path}: layer {layer!r} sample ")
 
     def read_labels(self, samples: int) -> np.ndarray | None:
         blocks: list[np.ndarray] = []

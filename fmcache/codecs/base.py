@@ -162,6 +162,18 @@ class Codec(ABC):
         The numbers and every other check are :meth:`decode`'s."""
         return self._decode_bytes(data, out, self._decode_verified)
 
+    def verified_decoder(self, shape: tuple[int, ...]) -> Callable[[memoryview, np.ndarray], np.ndarray]:
+        """A function ``(payload, out) -> out``: :meth:`decode_verified` of one sample of
+        ``shape`` into ``out``, a C-contiguous float32 array of that shape (the caller
+        guarantees it). A backend's per-sample read asks for it once per layer and calls
+        it per sample; a codec may return one specialised to ``shape`` that skips the
+        general path's parsing (``bf16``), with the same numbers and the same errors."""
+        decode = self.decode_verified
+
+        def run(payload: memoryview, out: np.ndarray) -> np.ndarray:
+            return decode(payload, out=out)
+        return run
+
     def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """:meth:`decode_batch` for verified bytes (see :meth:`decode_verified`)."""
         return self.decode_batch(payloads, out)

@@ -26,6 +26,7 @@ numpy on this machine, and decoding copies into ``out`` without a temporary floa
 from __future__ import annotations
 
 import math
+import struct
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -262,6 +263,31 @@ class Bf16(_Cast16):
     def decode_verified(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
         result = self._decode_wide(data, out, check=False)
         return result if result is not None else super().decode_verified(data, out)
+
+    def verified_decoder(self, shape: tuple[int, ...]) -> Callable[[memoryview, np.ndarray], np.ndarray]:
+        """:meth:`Codec.verified_decoder` for ``shape``: a stage-2 record of exactly that
+        shape (shape header and stage byte checked with one ``struct`` call against the
+        expected values, the frame's sizes against the map's) decodes with one blosc2
+        call; anything else, damage included, takes :meth:`decode_verified`, which
+        decodes it or raises."""
+        general = super().verified_decoder(shape)
+        head = struct.Struct(f"<B{len(shape)}IB")
+        expected = (len(shape), *shape, _STAGE_WIDE)
+        frame_at = head.size + CRC.size
+        nbytes = 4 * math.prod(shape)
+        if not nbytes or len(shape) > MAX_NDIM:
+            return general
+
+        def run(payload: memoryview, out: np.ndarray) -> np.ndarray:
+            try:
+                if head.unpack_from(payload, 0) == expected:
+                    size, blocksize, cbytes = CHUNK_SIZES.unpack_from(payload, frame_at + 4)
+                    if size == nbytes and cbytes == len(payload) - frame_at:
+                        return decompress_sized(payload[frame_at:], out, blocksize >= nbytes)
+            except (struct.error, RuntimeError, ValueError):  # short, or blosc2 refused it
+                pass
+            return general(payload, out)  # names the fault
+        return run
 
     @staticmethod
     def _decode_wide(data: bytes | bytearray | memoryview, out: np.ndarray | None, check: bool) -> np.ndarray | None:
