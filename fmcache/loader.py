@@ -11,23 +11,16 @@ sampler yields :class:`~fmcache.sampler.SampleKey` ``(epoch, sample)``;
 data set with a ``set_epoch`` is wrapped in :class:`EpochKeyed`, which calls it in the
 worker before fetching. The order and the draws are those of a fresh loader per epoch,
 bit for bit (``tests/test_loader.py``).
-
-:class:`ThreadPrefetcher` (``EpochLoader(..., prefetch=n)``) is the other way to take
-reading off the training step's path when there are no workers: a thread in the same
-process reads ``n`` batches ahead (docs/dataset.md).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .codecs.lossless import blosc2_releasing_gil
 from .dataset import FeatureMapDataset, collate
 from .sampler import EpochSampler, SampleKey
 
@@ -74,73 +67,6 @@ class EpochKeyed(Dataset):
         return [self[key] for key in keys]
 
 
-class ThreadPrefetcher:
-    """Iterates ``batches`` (a DataLoader without workers, say) on a background thread,
-    up to ``depth`` batches ahead of the consumer.
-
-    Without DataLoader workers, reading, decoding and augmenting a batch happen between
-    training steps, on the step's path. A worker process takes them off it but hands each
-    batch over through shared memory, and on a two-core machine its process competes with
-    the training's. A thread in the same process hands over the batch as the tensor it
-    is: the reads run while the training step runs, as far as the GIL allows: torch
-    releases it inside its kernels, LMDB and HDF5 inside their reads, and blosc2 (told to
-    while the thread runs: :func:`~fmcache.codecs.lossless.blosc2_releasing_gil`) inside
-    its decompression. Batches come in order; an exception on the thread is raised in
-    the consumer; leaving the loop early stops the thread. Each ``iter()`` starts a new
-    thread over a new ``iter(batches)``.
-    """
-
-    def __init__(self, batches: Iterable[Any], depth: int = 2) -> None:
-        if depth < 1:
-            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
-        self.batches, self.depth = batches, int(depth)
-
-    def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        handover: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-
-        def put(item: tuple[str, Any]) -> bool:
-            while not stop.is_set():
-                try:
-                    handover.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                with blosc2_releasing_gil():
-                    for batch in self.batches:
-                        if not put(("batch", batch)):
-                            return
-                put(("end", None))
-            except BaseException as exc:  # noqa: BLE001  (handed to the consumer, raised there)
-                put(("error", exc))
-
-        thread = threading.Thread(target=produce, name="fmcache-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                kind, item = handover.get()
-                if kind == "batch":
-                    yield item
-                elif kind == "end":
-                    return
-                else:
-                    raise item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue, then wait for it
-                try:
-                    handover.get_nowait()
-                except queue.Empty:
-                    thread.join(0.05)
-
-
 class EpochLoader:
     """One shuffled, ``drop_last`` DataLoader reused for every epoch.
 
@@ -148,17 +74,12 @@ class EpochLoader:
     :class:`~fmcache.dataset.FeatureMapDataset` gets its chunk-aware sampler and
     :func:`~fmcache.dataset.collate`; any other data set a seeded permutation per epoch.
     With ``num_workers > 0`` the workers persist across epochs (``close()`` or dropping the
-    loader stops them). With ``prefetch > 0`` (and no workers) ``loader(epoch)`` returns a
-    :class:`ThreadPrefetcher` that reads that many batches ahead on a thread.
+    loader stops them).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0,
-                 persistent: bool = True, prefetch: int = 0) -> None:
-        if prefetch < 0 or (prefetch and num_workers):
-            raise ValueError(f"prefetch={prefetch} with num_workers={num_workers}: a reading thread "
-                             "(prefetch > 0) is the alternative to worker processes, not an addition")
+                 persistent: bool = True) -> None:
         self.dataset = dataset
-        self.prefetch = int(prefetch)
         base: Sampler[int]
         served: Dataset = dataset
         collate_fn = None
@@ -174,13 +95,13 @@ class EpochLoader:
             served, sampler=self.sampler, batch_size=batch_size, drop_last=True, num_workers=num_workers,
             collate_fn=collate_fn, persistent_workers=persistent and num_workers > 0)
 
-    def __call__(self, epoch: int) -> DataLoader | ThreadPrefetcher:
+    def __call__(self, epoch: int) -> DataLoader:
         if self.loader is None:
             raise RuntimeError("this EpochLoader is closed")
         self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         if hasattr(self.dataset, "set_epoch"):  # the main process's copy, for whoever reads it
             self.dataset.set_epoch(epoch)
-        return ThreadPrefetcher(self.loader, self.prefetch) if self.prefetch else self.loader
+        return self.loader
 
     def close(self) -> None:
         """Stop persistent workers now (also happens when the loader is garbage collected)."""
@@ -190,4 +111,4 @@ class EpochLoader:
             iterator._shutdown_workers()
 
 
-__all__ = ["EpochKeyed", "EpochLoader", "PermutationSampler", "ThreadPrefetcher"]
+__all__ = ["EpochKeyed", "EpochLoader", "PermutationSampler"]

@@ -116,10 +116,7 @@ def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int = 0, n
     training step (on a 2-core machine with one torch thread: the second core). For many
     epochs, keep one :class:`fmcache.loader.EpochLoader` instead: its workers persist and
     it yields the same batches."""
-    loader = EpochLoader(dataset, batch_size, seed=seed, num_workers=num_workers, persistent=False)
-    loader(epoch)  # selects the epoch
-    assert loader.loader is not None
-    return loader.loader
+    return EpochLoader(dataset, batch_size, seed=seed, num_workers=num_workers, persistent=False)(epoch)
 
 
 def frozen(module: nn.Module) -> Iterator[nn.Parameter]:

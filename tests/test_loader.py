@@ -4,7 +4,6 @@ fresh loader per epoch; SampleKey epochs reach the data set in the workers."""
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from torch.utils.data import Dataset
 import fmcache
 from fmcache import FeatureMapDataset
 from fmcache.augment import AugFamily, apply_feature
-from fmcache.loader import EpochKeyed, EpochLoader, ThreadPrefetcher
+from fmcache.loader import EpochKeyed, EpochLoader
 from fmcache.sampler import EpochSampler, SampleKey
 from fmcache.train import epoch_loader
 
@@ -114,76 +113,3 @@ def test_a_dataset_without_set_epoch_gets_plain_indices():
     batches = [i for b in loader(1) for i in b[0].tolist()]
     order = torch.randperm(12, generator=torch.Generator().manual_seed(2 * 100_003 + 1)).tolist()
     assert batches == order
-
-
-# ---- ThreadPrefetcher: the same batches, read on a thread ---------------------------------------
-@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
-@pytest.mark.parametrize("depth", [1, 3])
-def test_thread_prefetch_gives_the_loaders_batches_in_order(tmp_path, backend, depth):
-    """EpochLoader(prefetch=n) yields exactly the batches of the plain loader, epoch by
-    epoch, reading on another thread (real LMDB / HDF5 files, SACA-free feature draws)."""
-    rng = np.random.default_rng(1)
-    x = (rng.random((40, 3, 8, 8)) * (rng.random((40, 3, 8, 8)) > 0.4)).astype(np.float32)
-    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
-    with fmcache.create_cache(path, backend=backend, build={"input_shape": [1, 16, 16]}) as w:
-        w.add_layer("l", (3, 8, 8), codec="bf16", samples_per_chunk=4)
-        w.append({"l": x}, np.arange(40) % 5)
-        w.commit()
-    plain = EpochLoader(FeatureMapDataset(path, augment="feature", seed=3), 8)
-    threaded = EpochLoader(FeatureMapDataset(path, augment="feature", seed=3), 8, prefetch=depth)
-    assert isinstance(threaded(0), ThreadPrefetcher) and len(threaded(0)) == len(plain(0)) == 5
-    main = threading.get_ident()
-    seen: set[int] = set()
-    ds = threaded.dataset
-    original = ds.__getitems__
-
-    def spy(keys):
-        seen.add(threading.get_ident())
-        return original(keys)
-
-    ds.__getitems__ = spy  # type: ignore[method-assign]
-    _same(_epochs(plain, [0, 1, 2]), _epochs(threaded, [0, 1, 2]))
-    assert seen and main not in seen  # read on the prefetch thread, not the caller's
-
-
-class _Batches:
-    """Batches 0, 1, ... n-1 that record how far they were read; raise at ``fail_at``."""
-
-    def __init__(self, n: int, fail_at: int | None = None) -> None:
-        self.n, self.fail_at, self.produced = n, fail_at, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        for i in range(self.n):
-            if i == self.fail_at:
-                raise KeyError(f"sample {i} is missing")
-            self.produced = i + 1
-            yield torch.full((2,), float(i))
-
-
-def test_thread_prefetch_raises_the_threads_error_in_the_consumer_after_the_good_batches():
-    got = []
-    with pytest.raises(KeyError, match="sample 3 is missing"):
-        for batch in ThreadPrefetcher(_Batches(6, fail_at=3), depth=2):
-            got.append(int(batch[0]))
-    assert got == [0, 1, 2]
-
-
-def test_thread_prefetch_stops_its_thread_when_the_consumer_leaves_early():
-    batches = _Batches(1000)
-    before = {t.ident for t in threading.enumerate()}
-    for i, _ in enumerate(ThreadPrefetcher(batches, depth=2)):
-        if i == 4:
-            break
-    assert {t.ident for t in threading.enumerate() if t.name == "fmcache-prefetch"} - before == set()
-    assert batches.produced <= 5 + 2 + 1  # at most `depth` (+ the one in hand) ahead, not the whole set
-
-
-def test_thread_prefetch_refuses_workers_and_a_bad_depth(tmp_path):
-    path, _ = _cache(tmp_path)
-    with pytest.raises(ValueError, match="prefetch"):
-        EpochLoader(FeatureMapDataset(path), 8, num_workers=1, prefetch=2)
-    with pytest.raises(ValueError, match="depth"):
-        ThreadPrefetcher([], depth=0)

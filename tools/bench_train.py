@@ -206,14 +206,13 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
                             "raw_bytes": int(maps.nbytes)}
     loaders: dict[str, Callable[[int], Iterable[Any]]] = {}
 
-    def loader_of(dataset: Dataset, prefetch: int = 0) -> Callable[[int], Iterable[Any]]:
+    def loader_of(dataset: Dataset) -> Callable[[int], Iterable[Any]]:
         # One loader per approach for all epochs (fmcache.loader.EpochLoader): workers
         # persist, each sample key carries its epoch; a FeatureMapDataset gets its
         # chunk-aware sampler and fmcache's collate (the batch tensor, no re-stack).
         if args.fresh_loaders:
-            return lambda epoch: EpochLoader(dataset, args.batch, num_workers=args.workers, persistent=False,
-                                             prefetch=prefetch)(epoch)
-        loader = EpochLoader(dataset, args.batch, num_workers=args.workers, prefetch=prefetch)
+            return lambda epoch: EpochLoader(dataset, args.batch, num_workers=args.workers, persistent=False)(epoch)
+        loader = EpochLoader(dataset, args.batch, num_workers=args.workers)
         OPENED.append(loader)
         return loader
 
@@ -251,8 +250,6 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
             info.setdefault("variants", list(layer.variants))
             dataset = FeatureMapDataset(out, augment="saca", seed=0)
             loaders[name] = loader_of(dataset)
-            if args.prefetch:  # the same cache read by a thread, args.prefetch batches ahead
-                loaders[f"{name}+thread"] = loader_of(FeatureMapDataset(out, augment="saca", seed=0), args.prefetch)
     # (d) torch.save per sample
     folder = workdir / f"{boundary}-torchsave"
     folder.mkdir()
@@ -400,9 +397,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="which fmcache codec sets to build and train from (default: all three)")
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader workers for every on-disk approach and classic freezing (default 0)")
-    parser.add_argument("--prefetch", type=int, default=0,
-                        help="also read every fmcache cache through EpochLoader(prefetch=N): a thread N "
-                             "batches ahead (rows '...+thread'; needs --workers 0)")
     parser.add_argument("--fresh-loaders", action="store_true",
                         help="a new DataLoader (and new workers) every epoch, as before session 3; "
                              "default: one persistent loader per approach")
@@ -424,8 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boundaries = run(args)
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                             "repeats": args.repeats, "threads": args.threads, "saca_samples": args.saca_samples,
-                            "workers": args.workers, "persistent_loaders": not args.fresh_loaders,
-                            "prefetch": args.prefetch, "tiers": args.tiers,
+                            "workers": args.workers, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
                             "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
