@@ -162,6 +162,18 @@ class FeatureMapDataset(Dataset):
         value = self._labels[index]
         return int(value) if np.ndim(value) == 0 and self._labels.dtype.kind in "iub" else torch.as_tensor(value)
 
+    def _labels_of(self, idx: np.ndarray) -> list[Any]:
+        """:meth:`_label` of every index: one indexing and one ``tolist`` for the usual
+        integer class labels instead of a call per item."""
+        labels = self._labels
+        if labels is None:
+            return [-1] * len(idx)
+        if labels.ndim == 1 and labels.dtype.kind in "iu":
+            return labels[idx].tolist()  # Python ints, as int() of each
+        if labels.ndim == 1 and labels.dtype.kind == "b":
+            return labels[idx].astype(np.int64).tolist()
+        return [self._label(int(i)) for i in idx]
+
     def _read_augmented(self, cache: Cache, idx: np.ndarray, epoch: int) -> np.ndarray:
         """The batch's training maps (fmcache.augment.batch: the per-sample definition's
         numbers, computed for the whole batch at once). The draws depend on
@@ -205,4 +217,4 @@ class FeatureMapDataset(Dataset):
         maps = torch.from_numpy(self._read_augmented(cache, idx, epoch))
         if self.dtype != torch.float32:
             maps = maps.to(self.dtype)
-        return [(maps[row], self._label(int(i))) for row, i in enumerate(idx)]
+        return list(zip(maps.unbind(0), self._labels_of(idx)))

@@ -96,3 +96,34 @@ def test_feature_mode_needs_a_stride(tmp_path):
     with pytest.raises(CacheError, match="stride"):
         FeatureMapDataset(path, augment="feature")
     assert FeatureMapDataset(path, augment="feature", stride=2).stride == 2
+
+
+@pytest.mark.parametrize("labels", [
+    np.arange(12) % 3,                                   # int64 class labels
+    (np.arange(12) % 3).astype(np.uint8),
+    np.array([2**63 + k for k in range(12)], np.uint64),  # beyond int64: still exact Python ints
+    np.arange(12) % 2 == 0,                              # bool
+    np.linspace(0, 1, 12, dtype=np.float32),             # float targets
+    np.arange(24, dtype=np.float32).reshape(12, 2),      # a vector per sample
+], ids=["int64", "uint8", "uint64", "bool", "float32", "vector"])
+def test_batch_items_carry_the_per_item_labels(tmp_path, labels):
+    """__getitems__ looks labels up for the whole batch at once; each one is what the
+    per-item lookup gives, type included (Python int for integer and bool labels, a
+    tensor otherwise), and the maps are the batch's rows."""
+    x = np.random.default_rng(0).random((12, 4, 8, 8)).astype(np.float32)
+    path = tmp_path / "c.lmdb"
+    with fmcache.create_cache(path, build={"input_shape": [1, 16, 16]}) as w:
+        w.add_layer("l", (4, 8, 8), codec="raw")
+        w.append({"l": x}, labels)
+        w.commit()
+    ds = FeatureMapDataset(path)
+    order = [7, 0, 11, 3, 3]
+    items = ds.__getitems__(order)
+    for (fmap, label), i in zip(items, order):
+        single = ds._label(i)
+        assert type(label) is type(single)
+        if isinstance(single, torch.Tensor):
+            assert torch.equal(label, single)
+        else:
+            assert label == single == (int(labels[i]))
+        np.testing.assert_array_equal(fmap.numpy(), x[i])

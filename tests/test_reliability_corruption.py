@@ -92,9 +92,11 @@ def test_lmdb_every_byte_of_a_compressed_record_is_covered(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
-def test_lmdb_per_sample_reads_check_every_byte_after_learning_the_layout(tmp_path, codec):
-    """The per-sample read learns a layer's record layout from its first record and checks
-    later ones against it (record.PartPicker) and decodes with a decoder made for the
+@pytest.mark.parametrize("how", ["read", "read_batch"])
+def test_lmdb_reads_check_every_byte_after_learning_the_layout(tmp_path, codec, how):
+    """LMDB reads learn a layer's record layout from its first record and check later
+    ones against it (record.PartPicker: one per layer and part for per-sample reads, one
+    for all parts for batch reads); per-sample reads decode with a decoder made for the
     layer's shape (Codec.verified_decoder). Damage each byte of a record after an intact
     read taught them, through the same open cache: always a CorruptionError naming the
     sample, never numbers, never a crash; the intact neighbour still reads exactly."""
@@ -105,17 +107,20 @@ def test_lmdb_per_sample_reads_check_every_byte_after_learning_the_layout(tmp_pa
     def sweep(conn):
         outcomes = set()
         with fmcache.open_cache(path) as cache:
-            first = cache.read("conv", 6)  # teaches the layout and makes the decoder
+            def read(sample):
+                return cache.read("conv", sample) if how == "read" else cache.read_batch("conv", [sample])[0]
+
+            first = read(6)  # teaches the layout (and makes the decoder)
             for k in range(length):
                 flip_everywhere(path / "data.mdb", copies, k)
                 try:
-                    cache.read("conv", 7)
+                    read(7)
                     outcomes.add(f"decoded with byte {k} flipped")
                 except CorruptionError as exc:
                     outcomes.add("CorruptionError" if "sample 7" in str(exc) else f"unnamed: {exc}")
                 finally:
                     flip_everywhere(path / "data.mdb", copies, k)
-            outcomes.add("neighbour exact" if np.array_equal(cache.read("conv", 6), first) else "neighbour changed")
+            outcomes.add("neighbour exact" if np.array_equal(read(6), first) else "neighbour changed")
         conn.send(sorted(outcomes))
 
     assert _in_child(sweep) == ["CorruptionError", "neighbour exact"]

@@ -97,6 +97,15 @@ def interleaved(old: Callable[[int], Any], new: Callable[[int], Any], samples: i
     return per_round
 
 
+def summary(old: list[float], new: list[float], per: int = 1) -> dict[str, Any]:
+    """Median µs per call (per item: ``per`` items a call) of each side, and the median and
+    range over rounds of baseline time / new time."""
+    ratios = [o / w for o, w in zip(old, new)]
+    return {"baseline_us": statistics.median(old) / 1e3 / per, "now_us": statistics.median(new) / 1e3 / per,
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "rounds_baseline_ns": old, "rounds_now_ns": new}
+
+
 def bench_layer(base: ModuleType, layer: str, maps: np.ndarray, rounds: int, workdir: Path) -> dict[str, Any]:
     n = len(maps)
     shape = maps.shape[1:]
@@ -119,13 +128,45 @@ def bench_layer(base: ModuleType, layer: str, maps: np.ndarray, rounds: int, wor
             pairs[f"{spec} {backend} cache.read out="] = {
                 side: (lambda i, c=caches[side, backend], o=outs[side]: c.read(layer, i, out=o)) for side in sides}
         for name, fns in pairs.items():
-            old, new = interleaved(fns["baseline"], fns["now"], n, rounds)
-            ratios = [o / w for o, w in zip(old, new)]
-            rows[name] = {"baseline_us": statistics.median(old) / 1e3, "now_us": statistics.median(new) / 1e3,
-                          "speedup": statistics.median(ratios), "speedup_min": min(ratios),
-                          "speedup_max": max(ratios), "rounds_baseline_ns": old, "rounds_now_ns": new}
+            rows[name] = summary(*interleaved(fns["baseline"], fns["now"], n, rounds))
         for cache in caches.values():
             cache.close()
+    return rows
+
+
+def bench_items(base: ModuleType, layer: str, maps: np.ndarray, rounds: int, workdir: Path,
+                batch: int = 64) -> dict[str, Any]:
+    """Dataset items: ``FeatureMapDataset.__getitems__`` of consecutive batches from a SACA
+    cache (a ``sensitive`` tier of every fourth channel and a ``bulk`` tier of the rest,
+    both ``bf16``, the five default variants; the variants are the maps rolled by one
+    pixel, stand-ins with the right shape), ``augment`` = ``none`` and ``saca``, each batch
+    alternating between the two trees. µs per item."""
+    n, shape = len(maps), maps.shape[1:]
+    sides = {"baseline": base, "now": fmcache}
+    names = sorted(fmcache.augment.variant_name(d) for d in fmcache.augment.default_variants(4, 2))
+    variants = {v: np.roll(maps, k + 1, axis=-1) for k, v in enumerate(names)}
+    batches = [list(range(s, s + batch)) for s in range(0, n - batch + 1, batch)]
+    rows: dict[str, Any] = {}
+    for backend in BACKENDS:
+        datasets: dict[str, dict[str, Any]] = {"none": {}, "saca": {}}
+        for side, package in sides.items():
+            plan = package.TierPlan.two_tier(shape[0], list(range(0, shape[0], 4)), "bf16", "bf16")
+            path = workdir / f"{side}-items-{layer}-{backend}{'.h5' if backend == 'hdf5' else '.lmdb'}"
+            build_info = {"input_shape": [1, 4 * shape[-2], 4 * shape[-1]],
+                          "augment_family": package.augment.AugFamily().get_config()}
+            with package.create_cache(path, backend=backend, overwrite=True, build=build_info) as writer:
+                writer.add_layer(layer, shape, plan=plan, variants=names)
+                for start in range(0, n, 256):
+                    sl = slice(start, start + 256)
+                    writer.append({layer: maps[sl]}, np.arange(start, min(start + 256, n)) % 10,
+                                  variants={layer: {v: x[sl] for v, x in variants.items()}})
+                writer.commit()
+            for mode, by_side in datasets.items():
+                by_side[side] = package.FeatureMapDataset(path, augment=mode, seed=1)
+        for mode, by_side in datasets.items():
+            old, new = interleaved(*(lambda i, d=by_side[side], b=batches: d.__getitems__(b[i % len(b)])
+                                     for side in sides), len(batches), rounds)
+            rows[f"{mode} items {backend} (µs/item)"] = summary(old, new, per=batch)
     return rows
 
 
@@ -148,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         base = load_baseline(tree)
         maps = capture_maps(32, 50, args.layers, args.samples)
-        results = {layer: bench_layer(base, layer, maps[layer], args.rounds, tmp) for layer in args.layers}
+        results = {layer: {**bench_layer(base, layer, maps[layer], args.rounds, tmp),
+                           **bench_items(base, layer, maps[layer], args.rounds, tmp)} for layer in args.layers}
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True,
                        check=False)

@@ -41,7 +41,6 @@ from ..record import (
     pack_record,
     record_sizes,
     unpack_blob,
-    unpack_record,
 )
 from .base import Backend, PartSpec
 
@@ -165,39 +164,10 @@ def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
 
-def _value_of(txn: Any, index: int, sample: int, prefix: str) -> tuple[bytes, Any]:
-    """A sample's key and stored value; CorruptionError if absent (in range, as the cache
-    checked, yet missing: a damaged database)."""
-    key = _REC.pack(b"L", index, sample)
-    value = txn.get(key)
-    if value is None:
-        raise CorruptionError(f"{prefix}{sample}: no record")
-    return key, value
-
-
 def _check_own_key(own_key: memoryview | None, wanted_key: bytes, prefix: str, sample: int) -> None:
     if own_key is not None and own_key != wanted_key:
         raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
                               "(the database's index is damaged)")
-
-
-def _record_of(txn: Any, index: int, sample: int, prefix: str) -> dict[str, memoryview]:
-    """The checked parts of a sample's record: present, CRC intact, stored under its own key.
-    CorruptionError naming ``prefix`` + sample (formatted only on an error)."""
-    wanted_key, value = _value_of(txn, index, sample, prefix)
-    try:
-        record = unpack_record(value, "")  # CRC checked before any decode
-    except CorruptionError as exc:
-        raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-    _check_own_key(record.get(KEY_PART), wanted_key, prefix, sample)
-    return record
-
-
-def _part_of(record: Mapping[str, memoryview], name: str, prefix: str, sample: int) -> memoryview:
-    payload = record.get(name)
-    if payload is None:
-        raise CorruptionError(f"{prefix}{sample}: record has no part {name!r}")
-    return payload
 
 
 def _decode_one(codec: Any, payload: memoryview, out: np.ndarray, prefix: str, sample: int, name: str) -> None:
@@ -241,6 +211,8 @@ class LmdbBackend(Backend):
         super().__init__(path, writable=writable)
         #: (layer, part) -> (layer index, record reader, decoder, error prefix): read_one's state
         self._read_one_of: dict[tuple[str, str], tuple[int, PartPicker, Any, str]] = {}
+        #: layer -> a reader of all its parts and the own key: batch reads' state
+        self._read_all_of: dict[str, PartPicker] = {}
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -249,10 +221,12 @@ class LmdbBackend(Backend):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_read_one_of"] = {}  # closures and Structs: rebuilt on first use in the new process
+        state["_read_all_of"] = {}
         return state
 
     def declare_layer(self, index: int, name: str, parts: Sequence[PartSpec], samples_per_chunk: int) -> None:
         self._read_one_of.clear()
+        self._read_all_of.clear()
         super().declare_layer(index, name, parts, samples_per_chunk)
 
     def _create(self) -> None:
@@ -382,21 +356,45 @@ class LmdbBackend(Backend):
         result = {s.name: _out_array(out, s.name, (len(samples), *s.shape)) for s in wanted}
         rows = [(result[s.name], s.name, s.codec) for s in wanted]
         prefix = f"{self.path}: layer {layer!r} sample "  # error context, formatted once per call
+        # every part of the layer's records and the own key, through one per-layer reader
+        pick_all = self._read_all_of.get(layer)
+        if pick_all is None:
+            pick_all = self._read_all_of[layer] = PartPicker([*(s.name for s in specs), KEY_PART])
+        position = {name: k for k, name in enumerate(pick_all.wanted)}
+        wanted_at = [position[name] for _, name, _ in rows]
         payloads: list[list[memoryview]] = [[] for _ in rows]
         picked: dict[str, tuple[list[int], list[memoryview]]] = {}  # name -> its rows and payloads
+        pack = _REC.pack
         with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
-            for row, sample in enumerate(samples):
-                sample = int(sample)
-                record = _record_of(txn, index, sample, prefix)
-                for k, (_, name, _) in enumerate(rows):
-                    payloads[k].append(_part_of(record, name, prefix, sample))
+            get = txn.get
+            for row, sample in enumerate(np.asarray(samples).tolist()):
+                key = pack(b"L", index, sample)
+                value = get(key)
+                if value is None:
+                    raise CorruptionError(f"{prefix}{sample}: no record")
+                try:
+                    found = pick_all(value, "")  # CRC checked here
+                except CorruptionError as exc:
+                    raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+                own_key = found[-1]
+                if own_key is not None and own_key != key:
+                    _check_own_key(own_key, key, prefix, sample)
+                for k, at in enumerate(wanted_at):
+                    payload = found[at]
+                    if payload is None:
+                        raise CorruptionError(f"{prefix}{sample}: record has no part {rows[k][1]!r}")
+                    payloads[k].append(payload)
                 pick = picks[row] if picks is not None else None
                 if pick is not None:
                     entry = picked.get(pick)
                     if entry is None:
                         entry = picked[pick] = ([], [])
+                    where = position.get(pick)
+                    payload = found[where] if where is not None else None
+                    if payload is None:
+                        raise CorruptionError(f"{prefix}{sample}: record has no part {pick!r}")
                     entry[0].append(row)
-                    entry[1].append(_part_of(record, pick, prefix, sample))
+                    entry[1].append(payload)
             for (dst, name, codec), views in zip(rows, payloads):
                 _decode_rows(codec, views, dst, samples, prefix, name)
             if picked:
