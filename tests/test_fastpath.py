@@ -390,3 +390,33 @@ def test_bf16_verified_decoder_hands_anything_unusual_to_the_general_path() -> N
             with pytest.raises(expected):
                 decode(memoryview(data), out)
     assert same_bits(decode(memoryview(good), np.empty(x.shape, np.float32)), codec.decode(good))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=post_relu_maps(), kinds=st.lists(st.sampled_from(["stage2", "stage1", "bytes", "other shape"]),
+                                          min_size=1, max_size=5))
+def test_bf16_verified_batch_decode_equals_row_by_row(x: np.ndarray, kinds: list[str]) -> None:
+    """bf16's batch decode of verified payloads (one specialised call per row) gives each
+    row decode_verified's bits, stage-1 records and bytes among them; a record of another
+    shape fails the batch as it does row by row."""
+    codec = codec_from_spec("bf16")
+    stage1 = codec_from_spec("bf16:cname=none")
+    payloads: list[bytes | memoryview] = []
+    for k, kind in enumerate(kinds):
+        m = x * (k + 1)
+        if kind == "stage1":
+            payloads.append(memoryview(stage1.encode(m)))
+        elif kind == "bytes":
+            payloads.append(codec.encode(m))
+        elif kind == "other shape":
+            payloads.append(memoryview(codec.encode(m.reshape(-1))))
+        else:
+            payloads.append(memoryview(codec.encode(m)))
+    out = np.full((len(kinds), *x.shape), np.nan, dtype=np.float32)
+    if "other shape" in kinds and x.ndim != 1:
+        with pytest.raises((CorruptionError, ValueError)):
+            codec.decode_batch_verified(payloads, out)
+        return
+    assert codec.decode_batch_verified(payloads, out) is out
+    for row, payload in enumerate(payloads):
+        assert same_bits(out[row], codec.decode_verified(payload))

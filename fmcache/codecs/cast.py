@@ -347,7 +347,19 @@ class Bf16(_Cast16):
         return self._decode_frames(payloads, out, _checked_frame)
 
     def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
-        return self._decode_frames(payloads, out, _frame)
+        """Verified stage-2 rows through :meth:`verified_decoder` (one call per row: the
+        shape checked against the batch's with one ``struct`` call); a batch that starts
+        with a stage-1 record, or an ``out`` that is not a C-contiguous float32 batch,
+        through the general batch path."""
+        shape = out.shape[1:]
+        first = payloads[0] if len(payloads) else b""
+        if (len(payloads) != len(out) or not out.flags.c_contiguous or out.dtype != np.float32
+                or len(first) <= 1 + 4 * len(shape) or first[1 + 4 * len(shape)] != _STAGE_WIDE):
+            return self._decode_frames(payloads, out, _frame)
+        decode = self.verified_decoder(shape)
+        for row, payload in enumerate(payloads):
+            decode(payload if type(payload) is memoryview else memoryview(payload), out[row])
+        return out
 
     def _decode_frames(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
                        frame_of: Callable[[memoryview], memoryview]) -> np.ndarray:
