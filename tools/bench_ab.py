@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
+from baseline_tree import baseline_tree
 from bench_read import capture_maps
 
 import fmcache  # the working tree's
@@ -73,25 +72,14 @@ def interleaved(old: Callable[[int], Any], new: Callable[[int], Any], samples: i
     clock = time.perf_counter_ns
     old(0), new(0)  # first-call set-up (layouts, handles) outside the timing
     per_round: tuple[list[float], list[float]] = ([], [])
+    sides = ((0, old), (1, new))
     for r in range(rounds):
         spent = [0, 0]
         for i in range(samples):
-            if (i + r) % 2:
+            for side, fn in sides if (i + r) % 2 else sides[::-1]:
                 t0 = clock()
-                old(i)
-                t1 = clock()
-                new(i)
-                t2 = clock()
-                spent[0] += t1 - t0
-                spent[1] += t2 - t1
-            else:
-                t0 = clock()
-                new(i)
-                t1 = clock()
-                old(i)
-                t2 = clock()
-                spent[1] += t1 - t0
-                spent[0] += t2 - t1
+                fn(i)
+                spent[side] += clock() - t0
         per_round[0].append(spent[0] / samples)
         per_round[1].append(spent[1] / samples)
     return per_round
@@ -182,19 +170,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_ab-"))
-    tree = tmp / "baseline"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline],
-                   check=True, capture_output=True)
-    try:
+    with baseline_tree(args.baseline) as tree, tempfile.TemporaryDirectory(prefix="bench_ab-") as tmp:
         base = load_baseline(tree)
         maps = capture_maps(32, 50, args.layers, args.samples)
-        results = {layer: {**bench_layer(base, layer, maps[layer], args.rounds, tmp),
-                           **bench_items(base, layer, maps[layer], args.rounds, tmp)} for layer in args.layers}
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True,
-                       check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        work = Path(tmp)
+        results = {layer: {**bench_layer(base, layer, maps[layer], args.rounds, work),
+                           **bench_items(base, layer, maps[layer], args.rounds, work)} for layer in args.layers}
     print(f"baseline {args.baseline} vs the working tree, one process, alternating per sample; "
           f"{args.samples} samples x {args.rounds} rounds; µs per call (median over rounds)")
     print("| layer | measurement | baseline µs | now µs | baseline / now (min-max) |")

@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from baseline_tree import baseline_tree
 
 
 def child(shape: tuple[int, ...], samples: int, workdir: Path) -> dict[str, float]:
@@ -100,16 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(shape, args.samples, Path(args.child))))
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="bench_fastpath-"))
-    old_tree = tmp / "baseline"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old_tree), args.baseline],
-                   check=True, capture_output=True)
     runs: dict[str, dict[str, list[float]]] = {"baseline": {}, "now": {}}
-    try:
+    with baseline_tree(args.baseline) as old_tree, tempfile.TemporaryDirectory(prefix="bench_fastpath-") as tmp:
         for rep in range(args.repeats):
             trees = (("baseline", old_tree), ("now", REPO))
             for label, tree in trees if rep % 2 == 0 else trees[::-1]:  # neither side always runs second
-                work = tmp / f"{label}-{rep}"
+                work = Path(tmp) / f"{label}-{rep}"
                 work.mkdir()
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 out = subprocess.run([sys.executable, "-c",
@@ -121,10 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for key, value in json.loads(out.stdout.strip().splitlines()[-1]).items():
                     runs[label].setdefault(key, []).append(value)
                 shutil.rmtree(work, ignore_errors=True)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old_tree)], capture_output=True,
-                       check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"shape {shape}, {args.samples} samples, {args.repeats} alternating runs each; "
           f"MB/s per core, median (min-max); baseline {args.baseline}")
     print("| measurement | baseline | now | now / baseline |")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baseline_tree import baseline_tree
+
 MARK_BEGIN = "<!-- bench_saca_items:start -->"
 MARK_END = "<!-- bench_saca_items:end -->"
 PLANS = {"bf16": ("bf16", "bf16"), "int8/int4": ("int8", "int4")}
@@ -118,10 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(child(shape, args.samples, Path(tmp))))
         return 0
-    worktree = Path(tempfile.mkdtemp(prefix="fmcache-baseline-"))
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.baseline],
-                   check=True, capture_output=True)
-    try:
+    with baseline_tree(args.baseline) as worktree:
         runs: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
         for repeat in range(args.repeats):
             order = [("baseline", worktree), ("current", REPO)]
@@ -131,9 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree).stdout
                 runs[label].append(json.loads(out.strip().splitlines()[-1]))
                 print(f"repeat {repeat + 1} {label} done", file=sys.stderr)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
-        shutil.rmtree(worktree, ignore_errors=True)
     keys = list(runs["current"][0])
     table = {}
     for key in keys:
