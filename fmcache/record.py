@@ -150,7 +150,8 @@ def record_parts(buf: bytes | memoryview, wanted: Sequence[str], where: str) -> 
 
 class PartPicker:
     """:func:`record_parts` of fixed ``wanted`` parts for a stream of records that share
-    one names block, as a layer's records do: the per-sample read path.
+    one names block, as a layer's records do: the LMDB backend's read paths (one picker
+    per layer and part for per-sample reads, one of all the layer's parts for batches).
 
     The first record goes through :func:`record_parts`; the picker remembers its index
     layout (part count, names block, and so the lengths' position). A later record whose
