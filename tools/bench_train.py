@@ -29,7 +29,7 @@ faster, so fmcache being ahead is a conservative claim. Every loader runs with
 shared two-core machine two torch threads ran 3-5x *slower* than one (OpenMP spinning
 against other jobs).
 
-Each repeat runs one epoch of every approach in turn (side by side, so a neighbour's
+Each repeat runs one epoch of every approach in turn, every other repeat in reverse order (side by side, so a neighbour's
 load hits them alike); the tables give the median and min-max of the epoch seconds and
 the median of the per-repeat ratios (> 1: faster than the reference). It also times the build: one inference-mode forward pass
 of the prefix over the data, against ``build_cache`` with the default codec (bf16) and
@@ -295,7 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 train_epoch(suffix, _first(batches(0)), opt, setup["prefix"] if name == "classic" else None)
         for rep in range(1, args.repeats + 1):
             for boundary, setup in setups.items():
-                for name, batches in setup["loaders"].items():
+                order = list(setup["loaders"].items())
+                # every other repeat in reverse: no approach always runs right after the same
+                # neighbour (classic freezing, the heaviest, ran just before in-memory maps)
+                for name, batches in order if rep % 2 else order[::-1]:
                     suffix = copy.deepcopy(setup["suffix"])
                     opt = torch.optim.SGD(suffix.parameters(), lr=0.01, momentum=0.9)
                     prefix = setup["prefix"] if name == "classic" else None
