@@ -12,9 +12,13 @@ samples; the table gives the median per-call time of each side and the median (m
 over rounds of baseline time / new time (above 1: the working tree is faster).
 
 The maps are real post-ReLU maps, as in ``bench_read.py`` (the zoo's CIFAR ResNet-18 of
-width 32 on Fashion-MNIST, layers 1-3); every read is a fresh array unless it says ``out=``.
+width 32 on Fashion-MNIST, layers 1-3). Measured per layer: ``codec.decode`` and
+``cache.read`` on LMDB and HDF5 (a fresh array unless it says ``out=``) for ``bf16``,
+``int8`` and ``raw``, and Dataset items (:func:`bench_items`). ``--baseline HEAD``
+compares the code with itself: the tool's own noise, to read the other runs against.
 
     python tools/bench_ab.py --baseline 2e065c3
+    python tools/bench_ab.py --baseline HEAD                  # the A/A noise check
     python tools/bench_ab.py --baseline 2e065c3 --layers layer3 --rounds 20 --json docs/bench_ab.json
 """
 
