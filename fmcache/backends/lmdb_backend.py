@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,17 +164,18 @@ def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
 
-def _check_own_key(own_key: memoryview | None, wanted_key: bytes, prefix: str, sample: int) -> None:
-    if own_key is not None and own_key != wanted_key:
-        raise CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
-                              "(the database's index is damaged)")
+def _foreign_record(own_key: memoryview, prefix: str, sample: int) -> CorruptionError:
+    """The error for a record whose own key (part ``#key``) is not the key it was read under."""
+    return CorruptionError(f"{prefix}{sample}: found the record stored for key {bytes(own_key).hex()} "
+                           "(the database's index is damaged)")
 
 
-def _decode_one(codec: Any, payload: memoryview, out: np.ndarray, prefix: str, sample: int, name: str) -> None:
-    """``codec.decode_verified`` (the record's CRC was checked) into ``out``; a failure
+def _decode_one(decode: Callable[[memoryview, np.ndarray], np.ndarray], payload: memoryview, out: np.ndarray,
+                prefix: str, sample: int, name: str) -> np.ndarray:
+    """``decode(payload, out)`` of a payload whose record CRC was checked; a failure
     becomes CorruptionError naming sample and part."""
     try:
-        codec.decode_verified(payload, out=out)
+        return decode(payload, out)
     except CorruptionError as exc:
         raise CorruptionError(f"{prefix}{sample}, part {name!r}: {exc.message}") from exc
     except ValueError as exc:
@@ -185,8 +186,11 @@ def _name_the_bad_sample(codec: Any, views: Sequence[memoryview], dst: np.ndarra
                          prefix: str, name: str) -> None:
     """After a batch decode failed: decode row by row and raise CorruptionError naming the
     first sample (and part) that does not decode. Returns if every row decodes alone."""
+    def decode(payload: memoryview, out: np.ndarray) -> np.ndarray:
+        return codec.decode_verified(payload, out=out)
+
     for row, view in enumerate(views):
-        _decode_one(codec, view, dst[row], prefix, int(samples[row]), name)
+        _decode_one(decode, view, dst[row], prefix, int(samples[row]), name)
 
 
 def _decode_rows(codec: Any, views: Sequence[memoryview], dst: np.ndarray, samples: np.ndarray,
@@ -378,7 +382,7 @@ class LmdbBackend(Backend):
                     raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
                 own_key = found[-1]
                 if own_key is not None and own_key != key:
-                    _check_own_key(own_key, key, prefix, sample)
+                    raise _foreign_record(own_key, prefix, sample)
                 for k, at in enumerate(wanted_at):
                     payload = found[at]
                     if payload is None:
@@ -426,15 +430,10 @@ class LmdbBackend(Backend):
             except CorruptionError as exc:
                 raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
             if own_key is not None and own_key != key:
-                _check_own_key(own_key, key, prefix, sample)
+                raise _foreign_record(own_key, prefix, sample)
             if payload is None:
                 raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
-            try:
-                return decode(payload, out)
-            except CorruptionError as exc:
-                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc.message}") from exc
-            except ValueError as exc:
-                raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc}") from exc
+            return _decode_one(decode, payload, out, prefix, sample, part)
 
     def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, PartPicker, Any, str]:
         """read_one's per-(layer, part) state: the layer's index, a record reader for the
