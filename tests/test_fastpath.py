@@ -183,6 +183,35 @@ def test_hdf5_scattered_rows_match_single_reads(tmp_path: Path, order: list[int]
         assert np.array_equal(cache.labels, np.arange(23))
 
 
+@pytest.fixture(scope="module")
+def hdf5_of_97(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """97 samples in chunks of 4 (the last one partial), bf16 and an opaque int8 tier."""
+    maps = post_relu(np.random.default_rng(8), (97, 4, 3, 3))
+    path = tmp_path_factory.mktemp("scatter") / "c.h5"
+    _build(path, "hdf5", maps, TierPlan.two_tier(4, [1], "bf16", "int8"), batch=13)
+    return path, maps
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.integers(0, 96), min_size=1, max_size=40), budget=st.sampled_from([0, 300, 1 << 20]))
+def test_hdf5_batch_reads_of_any_rows_match_single_reads(hdf5_of_97: tuple[Path, np.ndarray], monkeypatch,
+                                                         order: list[int], budget: int) -> None:
+    """Batch reads of scattered rows gather them from whole chunks kept in the row LRU
+    (where 12 chunks of the layer fit in its budget; with a budget of about one chunk it
+    evicts inside a batch) or read spans and runs (where they do not): any order and
+    repeats give the rows that reading them one by one gives, parts and merged maps."""
+    from fmcache.backends import hdf5_backend
+    path, _ = hdf5_of_97
+    monkeypatch.setattr(hdf5_backend, "ROW_CACHE_BYTES", budget)
+    monkeypatch.setattr(hdf5_backend, "ROWS_OPEN_CHUNKS", 12 if budget else 0)
+    with fmcache.open_cache(path) as cache:
+        singles = np.stack([cache.read_batch("l", [i])[0] for i in order])
+        assert same_bits(cache.read_batch("l", order), singles)
+        parts = cache.read_parts("l", order)
+        for name, batch in parts.items():
+            assert same_bits(batch, np.stack([cache.read_parts("l", [i])[name][0] for i in order]))
+
+
 @pytest.mark.parametrize("spec", ["bf16", "fp16", "int8", "int4:cname=none", "raw", "zfp:accuracy=0.01"])
 def test_hdf5_per_sample_reads_through_the_row_cache_match_batch_reads(tmp_path: Path, monkeypatch, spec: str) -> None:
     """Cache.read of HDF5 keeps the stored rows of whole chunks (an LRU); with a budget of

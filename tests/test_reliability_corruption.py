@@ -267,6 +267,32 @@ def test_truncated_file_is_a_corruption_error_not_a_crash(tmp_path, backend, kee
     assert code == 1 and "error:" in output, output
 
 
+@pytest.mark.parametrize("order", [[0, 17, 5], [12, 13, 14, 15, 16, 17], [17], [19, 2, 3]],
+                         ids=["scattered", "consecutive", "one", "last-chunk"])
+def test_hdf5_dataset_shorter_than_the_manifest_names_the_missing_sample(tmp_path, order):
+    """A part's dataset cut short after commit (an edited or damaged file): every read
+    path (per sample, batches of consecutive or scattered samples, which gather from
+    cached chunks) raises CorruptionError naming the first missing sample, never an
+    IndexError or numbers of another sample."""
+    maps = np.random.default_rng(3).random((20, 3, 4, 4), dtype=np.float32)
+    path = tmp_path / "c.h5"
+    with fmcache.create_cache(path, backend="hdf5") as writer:
+        writer.add_layer("l", maps.shape[1:], codec="bf16", samples_per_chunk=4)
+        writer.append({"l": maps}, np.arange(20))
+        writer.commit()
+    with h5py.File(path, "r+") as fh:
+        fh[dataset_path("l", "all", "bits")].resize(14, axis=0)
+    missing = next(i for i in order if i >= 14)
+    with fmcache.open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read_batch("l", [0, 9, 5]),
+                                      fmcache.codecs.codec_from_spec("bf16").decode(
+                                          fmcache.codecs.codec_from_spec("bf16").encode(maps[[0, 9, 5]])))
+        with pytest.raises(CorruptionError, match=rf"layer 'l'.* sample {missing}\b"):
+            cache.read_batch("l", order)
+        with pytest.raises(CorruptionError, match=rf"layer 'l'.* sample {missing}\b"):
+            cache.read("l", missing)
+
+
 def test_an_undamaged_cache_verifies(tmp_path):
     for backend in ("lmdb", "hdf5"):
         path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")

@@ -14,7 +14,8 @@ over rounds of baseline time / new time (above 1: the working tree is faster).
 The maps are real post-ReLU maps, as in ``bench_read.py`` (the zoo's CIFAR ResNet-18 of
 width 32 on Fashion-MNIST, layers 1-3). Measured per layer: ``codec.decode`` and
 ``cache.read`` on LMDB and HDF5 (a fresh array unless it says ``out=``) for ``bf16``,
-``int8`` and ``raw``, and Dataset items (:func:`bench_items`). ``--baseline HEAD``
+``int8`` and ``raw``, and Dataset items (:func:`bench_items`: consecutive batches and the
+chunk-aware sampler's; ``--items-only`` for just these). ``--baseline HEAD``
 compares the code with itself: the tool's own noise, to read the other runs against.
 
     python tools/bench_ab.py --baseline 2e065c3
@@ -155,10 +156,15 @@ def bench_items(base: ModuleType, layer: str, maps: np.ndarray, rounds: int, wor
                 writer.commit()
             for mode, by_side in datasets.items():
                 by_side[side] = package.FeatureMapDataset(path, augment=mode, seed=1)
+        # the batches training reads: the chunk-aware sampler's order (scattered over the
+        # chunks it has open), beside consecutive ones
+        order = list(datasets["saca"]["now"].sampler())
+        orders = {"": batches, " sampler": [order[s:s + batch] for s in range(0, n - batch + 1, batch)]}
         for mode, by_side in datasets.items():
-            old, new = interleaved(*(lambda i, d=by_side[side], b=batches: d.__getitems__(b[i % len(b)])
-                                     for side in sides), len(batches), rounds)
-            rows[f"{mode} items {backend} (µs/item)"] = summary(old, new, per=batch)
+            for label, these in orders.items():
+                old, new = interleaved(*(lambda i, d=by_side[side], b=these: d.__getitems__(b[i % len(b)])
+                                         for side in sides), len(these), rounds)
+                rows[f"{mode} items {backend}{label} (µs/item)"] = summary(old, new, per=batch)
     return rows
 
 
@@ -168,6 +174,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", default=["layer1", "layer2", "layer3"])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--items-only", action="store_true", help="only the Dataset items rows")
     parser.add_argument("--json", default="", help="also write the rows (every round's numbers) here")
     return parser.parse_args(argv)
 
@@ -178,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_baseline(tree)
         maps = capture_maps(32, 50, args.layers, args.samples)
         work = Path(tmp)
-        results = {layer: {**bench_layer(base, layer, maps[layer], args.rounds, work),
+        results = {layer: {**({} if args.items_only else bench_layer(base, layer, maps[layer], args.rounds, work)),
                            **bench_items(base, layer, maps[layer], args.rounds, work)} for layer in args.layers}
     print(f"baseline {args.baseline} vs the working tree, one process, alternating per sample; "
           f"{args.samples} samples x {args.rounds} rounds; µs per call (median over rounds)")

@@ -161,6 +161,47 @@ def train_epoch(suffix: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def train_lockstep(suffixes: dict[str, nn.Module], loaders: dict[str, Iterable[Any]],
+                   opts: dict[str, torch.optim.Optimizer], prefix: nn.Module) -> dict[str, tuple[float, float]]:
+    """One epoch of every approach at once, step by step (``--interleave``): step *k* fetches
+    a batch and trains one step for each approach in turn, the first approach rotating
+    with *k*, and each approach's epoch time is the sum of its own steps (wall and CPU).
+    A drift of the machine's speed (the ±15-40 % between whole epochs here) then hits every
+    approach within the same few hundred milliseconds, as ``bench_ab`` does for reads.
+    Returns approach -> (wall seconds, CPU seconds); needs ``--workers 0``."""
+    loss_fn = nn.CrossEntropyLoss()
+    names = list(loaders)
+    iters = {name: iter(batches) for name, batches in loaders.items()}
+    wall = dict.fromkeys(names, 0.0)
+    cpu = dict.fromkeys(names, 0.0)
+    live = set(names)
+    for suffix in suffixes.values():
+        suffix.train()
+    step = 0
+    while live:
+        k = step % len(names)
+        for name in names[k:] + names[:k]:
+            if name not in live:
+                continue
+            c0, t0 = time.process_time(), time.perf_counter()
+            batch = next(iters[name], None)
+            if batch is None:
+                live.discard(name)
+                continue
+            x, y = batch
+            if name == "classic":
+                with torch.no_grad():
+                    x = prefix(x)
+            opts[name].zero_grad(set_to_none=True)
+            loss = loss_fn(suffixes[name](x.float()), y)
+            loss.backward()
+            opts[name].step()
+            wall[name] += time.perf_counter() - t0
+            cpu[name] += time.process_time() - c0
+        step += 1
+    return {name: (wall[name], cpu[name]) for name in names}
+
+
 def _first(batches: Iterable[Any]) -> list[Any]:
     for batch in batches:
         return [batch]
@@ -221,6 +262,8 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
     # (b) in memory
     maps_t, labels_t = torch.from_numpy(maps), torch.from_numpy(labels).long()
     loaders["memory"] = lambda epoch: memory_batches(maps_t, labels_t, args.batch, epoch)
+    if args.interleave:  # the same loader twice: the A/A row, what the method itself cannot resolve
+        loaders["memory-again"] = lambda epoch: memory_batches(maps_t, labels_t, args.batch, epoch)
     info["bytes"]["memory"] = int(maps.nbytes)
     # build time with plain build_cache: default codec and SZ3, against one forward pass
     for name, codec in (("bf16", "bf16"), ("sz3", "sz3:rel=0.02")):
@@ -295,6 +338,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 train_epoch(suffix, _first(batches(0)), opt, setup["prefix"] if name == "classic" else None)
         for rep in range(1, args.repeats + 1):
             for boundary, setup in setups.items():
+                if args.interleave:
+                    suffixes = {name: copy.deepcopy(setup["suffix"]) for name in setup["loaders"]}
+                    opts = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+                            for name, m in suffixes.items()}
+                    loaders = {name: batches(rep) for name, batches in setup["loaders"].items()}
+                    for name, (s, cpu_s) in train_lockstep(suffixes, loaders, opts, setup["prefix"]).items():
+                        seconds[boundary][name].append(s)
+                        cpu[boundary][name].append(cpu_s)
+                    print(f"rep {rep} {boundary}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in
+                                                             seconds[boundary].items()), file=sys.stderr, flush=True)
+                    continue
                 order = list(setup["loaders"].items())
                 # every other repeat in reverse: no approach always runs right after the same
                 # neighbour (classic freezing, the heaviest, ran just before in-memory maps)
@@ -337,7 +391,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"batch {s['batch']}, {s['threads']} torch threads, fp32, "
              f"{s.get('workers', 0)} DataLoader workers"
              f"{' (persistent: one loader per approach)' if s.get('persistent_loaders') else ' (a new loader every epoch)'}; "
-             f"{s['repeats']} repeats after a one-step warm-up; SACA calibrated on {s['saca_samples']} samples; "
+             f"{s['repeats']} repeats after a one-step warm-up"
+             f"{'; approaches in lockstep, one step each in turn (epoch = the sum of its steps; memory-again: the A/A row)' if s.get('interleave') else ''}"
+             f"; SACA calibrated on {s['saca_samples']} samples; "
              f"{s['cpu']}. Epoch seconds: median (min–max); ratios: median of per-repeat ratios "
              "(> 1 = faster than the reference).\n")]
     for boundary, entry in results["boundaries"].items():
@@ -403,10 +459,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh-loaders", action="store_true",
                         help="a new DataLoader (and new workers) every epoch, as before session 3; "
                              "default: one persistent loader per approach")
+    parser.add_argument("--interleave", action="store_true",
+                        help="train every approach in lockstep, one step each in turn (see train_lockstep); "
+                             "adds a second in-memory loader as the A/A row; needs --workers 0")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine 2 threads ran 3-5x slower)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
     args = parser.parse_args(argv)
+    if args.interleave and args.workers:
+        parser.error("--interleave needs --workers 0 (every approach's workers would read at once)")
     args.samples = args.samples or (256 if args.quick else 1024)
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.boundaries = args.boundaries or (["layer3"] if args.quick else list(BOUNDARIES))
@@ -421,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boundaries = run(args)
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                             "repeats": args.repeats, "threads": args.threads, "saca_samples": args.saca_samples,
-                            "workers": args.workers, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
+                            "workers": args.workers, "interleave": args.interleave, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
                             "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),

@@ -42,8 +42,11 @@ hdf5plugin.register(force=True)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 CHUNK_CACHE_BYTES = 64 << 20
 #: Stored rows (HDF5's filters undone, the codec not yet) of whole chunks that one
-#: process keeps for per-sample reads (:meth:`Hdf5Backend.read_one`), least recently used out.
+#: process keeps for per-sample reads (:meth:`Hdf5Backend.read_one`) and batch reads,
+#: least recently used out.
 ROW_CACHE_BYTES = 32 << 20
+#: Batch reads use that LRU too where this many chunks of every part of a layer fit in it.
+ROWS_OPEN_CHUNKS = 12
 _VLEN = h5py.vlen_dtype(np.uint8)
 
 
@@ -230,14 +233,44 @@ class Hdf5Backend(Backend):
 
     def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None,
              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        return self._read(layer, samples, parts, out, gather=True)
+
+    def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
+                    out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
+                    picked_out: np.ndarray) -> dict[str, np.ndarray]:
+        """The base parts as :meth:`read`; each picked part's few rows per chunk through
+        HDF5's own reads (its chunk cache keeps the decoded chunks), not whole chunks
+        copied into the row LRU: a variant is picked for about one row in six, and
+        copying its chunks whole cost more than it saved (``tools/bench_ab.py``)."""
+        result = self._read(layer, samples, parts, out, gather=True)
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(picks):
+            if name is not None:
+                rows_of.setdefault(name, []).append(row)
+        for name, rows in rows_of.items():
+            picked_out[rows] = self._read(layer, samples[rows], (name,), None, gather=False)[name]
+        return result
+
+    def _read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
+              out: Mapping[str, np.ndarray] | None, *, gather: bool) -> dict[str, np.ndarray]:
         samples = np.asarray(samples, dtype=np.int64)
         result: dict[str, np.ndarray] = {}
+        groups = None  # the batch's rows grouped by chunk, once for every part
+        # consecutive samples are one slice per field already; others come from whole
+        # chunks kept in the row LRU where the layer's open chunks fit in it
+        scattered = gather and len(samples) > 1 and not (int(samples[-1]) - int(samples[0]) == len(samples) - 1
+                                              and bool(np.all(np.diff(samples) == 1)))
         for spec, spec_fields in self._read_fields(layer):
             if parts is not None and spec.name not in parts:
                 continue
             where = f"{self.path}: layer {layer!r} part {spec.name!r}"
             fields: dict[str, np.ndarray] = {}
-            for field, path in spec_fields:
+            entry = self._one_entry(layer, spec.name) if scattered and self._rows_fit(layer) else None
+            if entry is not None:
+                if groups is None:
+                    groups = _chunk_groups(samples, entry[2])
+                fields = self._gather_rows(layer, spec.name, entry, samples, groups)
+            for field, path in spec_fields if entry is None else ():
                 fields[field.name] = _read_rows(self, path, samples, where)
                 if field.dtype is None:
                     crcs = _read_rows(self, path + ".crc32", samples, where)
@@ -268,23 +301,9 @@ class Hdf5Backend(Backend):
         entry = self._one_entry(layer, part)
         if entry is None:
             return super().read_one(layer, sample, part, out)
-        codec, fields, per_chunk, where = entry
-        rows_cache = self.__dict__.get("_h_rows")
-        if rows_cache is None or self._h_rows_pid != os.getpid():
-            rows_cache = self._h_rows = OrderedDict()
-            self._h_rows_pid, self._h_rows_bytes = os.getpid(), 0
+        codec, _, per_chunk, where = entry
         chunk = sample // per_chunk
-        key = (layer, part, chunk)
-        rows = rows_cache.get(key)
-        if rows is None:
-            rows = self._chunk_rows(fields, chunk * per_chunk, per_chunk, where)
-            rows_cache[key] = rows
-            self._h_rows_bytes += sum(r.nbytes for r in rows.values())
-            while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
-                _, old = rows_cache.popitem(last=False)
-                self._h_rows_bytes -= sum(r.nbytes for r in old.values())
-        else:
-            rows_cache.move_to_end(key)
+        rows = self._cached_chunk(layer, part, chunk, entry)
         k = sample - chunk * per_chunk
         first = next(iter(rows.values()))
         if k >= len(first):
@@ -312,6 +331,65 @@ class Hdf5Backend(Backend):
                                  self._layers[layer][2], f"{self.path}: layer {layer!r} part {part!r}")
             entries[key] = entry
         return entries[key]
+
+    def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
+                      ) -> dict[str, np.ndarray]:
+        """The stored rows of one chunk of ``part`` (field -> rows), from this process's
+        LRU of :data:`ROW_CACHE_BYTES`, read (one slice per field) when missing."""
+        rows_cache = self.__dict__.get("_h_rows")
+        if rows_cache is None or self._h_rows_pid != os.getpid():
+            rows_cache = self._h_rows = OrderedDict()
+            self._h_rows_pid, self._h_rows_bytes = os.getpid(), 0
+        key = (layer, part, chunk)
+        rows = rows_cache.get(key)
+        if rows is None:
+            _, fields, per_chunk, where = entry
+            rows = self._chunk_rows(fields, chunk * per_chunk, per_chunk, where)
+            rows_cache[key] = rows
+            self._h_rows_bytes += sum(r.nbytes for r in rows.values())
+            while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
+                _, old = rows_cache.popitem(last=False)
+                self._h_rows_bytes -= sum(r.nbytes for r in old.values())
+        else:
+            rows_cache.move_to_end(key)
+        return rows
+
+    def _rows_fit(self, layer: str) -> bool:
+        """Whether batch reads of ``layer`` go through the chunk-row LRU: when
+        :data:`ROWS_OPEN_CHUNKS` chunks of every part of it fit in :data:`ROW_CACHE_BYTES`
+        (a chunk-aware sampler keeps about 8 chunks open; then each chunk is read from
+        HDF5 once per pass, not a span of rows per batch)."""
+        fits: dict[str, bool] = self.__dict__.setdefault("_h_fits", {})
+        fit = fits.get(layer)
+        if fit is None:
+            _, specs, per_chunk = self._layers[layer]
+            chunk_bytes = sum(per_chunk * int(np.prod(f.shape, dtype=np.int64)) * np.dtype(f.dtype).itemsize
+                              for spec in specs for f in spec.codec.hdf5_fields(spec.shape) if f.dtype is not None)
+            fit = fits[layer] = not self.writable and ROWS_OPEN_CHUNKS * chunk_bytes <= ROW_CACHE_BYTES
+        return fit
+
+    def _gather_rows(self, layer: str, part: str, entry: tuple[Any, list[tuple[str, str]], int, str],
+                     samples: np.ndarray, groups: list[tuple[int, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Stored rows ``samples`` of ``part`` gathered from the cached chunks (``groups``:
+        per chunk, the batch rows in it and their positions in the chunk)."""
+        where = entry[3]
+        out: dict[str, np.ndarray] = {}
+        for chunk, batch_rows, in_chunk in groups:
+            rows = self._cached_chunk(layer, part, chunk, entry)
+            stored = len(next(iter(rows.values())))
+            if int(in_chunk.max()) >= stored:
+                first = int(samples[batch_rows[in_chunk >= stored][0]])
+                raise CorruptionError(f"{where} sample {first}: the dataset stops at sample "
+                                      f"{chunk * entry[2] + stored}")
+            for name, r in rows.items():
+                if len(groups) == 1:
+                    out[name] = r[in_chunk]
+                    continue
+                dst = out.get(name)
+                if dst is None:
+                    dst = out[name] = np.empty((len(samples), *r.shape[1:]), dtype=r.dtype)
+                dst[batch_rows] = r[in_chunk]
+        return out
 
     def _chunk_rows(self, fields: list[tuple[str, str]], lo: int, count: int, where: str) -> dict[str, np.ndarray]:
         rows: dict[str, np.ndarray] = {}
@@ -373,6 +451,19 @@ def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
     return None
 
 
+def _chunk_groups(samples: np.ndarray, per_chunk: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per chunk that ``samples`` touch: (chunk, the batch rows in it, their rows in the chunk)."""
+    chunks = samples // per_chunk
+    first = int(chunks[0])
+    if bool(np.all(chunks == first)):
+        return [(first, np.arange(len(samples)), samples - first * per_chunk)]
+    order = np.argsort(chunks, kind="stable")
+    ordered = chunks[order]
+    cuts = np.flatnonzero(np.diff(ordered)) + 1
+    return [(int(ordered[rows[0]]), order[rows], samples[order[rows]] - int(ordered[rows[0]]) * per_chunk)
+            for rows in np.split(np.arange(len(samples)), cuts)]
+
+
 def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str) -> np.ndarray:
     """Rows ``samples`` of a dataset; contiguous runs are read as one slice."""
     ds = None
@@ -380,6 +471,10 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         ds = backend._dataset(path)
         if len(samples) == 0:
             return ds[0:0]
+        stored = ds.shape[0]
+        if int(samples.max()) >= stored:  # a dataset cut short: name the sample, not a shape
+            first = int(samples[samples >= stored][0])
+            raise CorruptionError(f"{where} sample {first}: the dataset stops at sample {stored}")
         lo, hi = int(samples[0]), int(samples[-1]) + 1
         if hi - lo == len(samples) and np.all(np.diff(samples) == 1):
             return ds[lo:hi]
