@@ -39,38 +39,46 @@ def shift_flip_batch(x: np.ndarray, flip: np.ndarray, oy: np.ndarray, ox: np.nda
     ``out[b, :, i, j] = F_b[:, i - oy[b], j - ox[b]]`` (zero outside). Any ``ndim >= 3``:
     the last two axes are H and W.
 
-    One slice copy per row (plus the uncovered strips zeroed): a few microseconds of
-    Python per row, against a gather through a 6-D window view, which numpy runs element
-    by element (the ``feature`` rows of tools/bench_saca_items.py, docs/benchmarks.md)."""
+    The result starts zeroed, then one slice copy per row (its flip folded into the
+    column slice): a few microseconds of Python per row, against a gather through a 6-D
+    window view, which numpy runs element by element (the ``feature`` rows of
+    tools/bench_saca_items.py, docs/benchmarks.md)."""
     if x.ndim != 4:
         return shift_flip_batch(x.reshape(len(x), -1, *x.shape[-2:]), flip, oy, ox).reshape(x.shape)
     n, _, h, w = x.shape
     flips = np.asarray(flip, dtype=bool).tolist()
     oys = np.clip(np.asarray(oy, dtype=np.int64), -h, h).tolist()
     oxs = np.clip(np.asarray(ox, dtype=np.int64), -w, w).tolist()
-    out = np.empty_like(x)
+    # zero-filled once (calloc: pages the kernel hands over zeroed), then one slice copy
+    # per row: the strips a shift uncovers are already zero
+    out = np.zeros_like(x)
     for b in range(n):
-        src = x[b, :, :, ::-1] if flips[b] else x[b]
         dy, dx = oys[b], oxs[b]
-        dst = out[b]
         if dy == 0 and dx == 0:
-            dst[...] = src
+            out[b] = x[b, :, :, ::-1] if flips[b] else x[b]
             continue
-        # rows i of the output take source rows i - dy; the rest are zero
-        if dy >= 0:
-            dst[:, :dy] = 0
-            y_src, y_dst = slice(0, h - dy), slice(dy, h)
-        else:
-            dst[:, h + dy:] = 0
-            y_src, y_dst = slice(-dy, h), slice(0, h + dy)
-        if dx >= 0:
-            dst[:, y_dst, :dx] = 0
-            x_src, x_dst = slice(0, w - dx), slice(dx, w)
-        else:
-            dst[:, y_dst, w + dx:] = 0
-            x_src, x_dst = slice(-dx, w), slice(0, w + dx)
-        dst[:, y_dst, x_dst] = src[:, y_src, x_src]
+        if abs(dy) >= h or abs(dx) >= w:  # shifted out of the map entirely: zeros
+            continue
+        # rows i of the output take source rows i - dy, columns j source columns j - dx
+        ys, yd = _SLICES[h][dy]
+        xs, xd = _SLICES[w][dx]
+        if flips[b]:  # column j of the flipped map is column w - 1 - j of the row
+            xs = slice(w - 1 - xs.start, (w - 1 - xs.stop) if xs.stop < w else None, -1)
+        out[b, :, yd, xd] = x[b, :, ys, xs]
     return out
+
+
+class _ShiftSlices(dict):  # type: ignore[type-arg]
+    """n -> {d: (source slice, destination slice)} of a shift by ``d`` along an axis of
+    ``n`` (``|d| <= n``), made on first use."""
+
+    def __missing__(self, n: int) -> dict[int, tuple[slice, slice]]:
+        table = self[n] = {d: ((slice(0, n - d), slice(d, n)) if d >= 0 else (slice(-d, n), slice(0, n + d)))
+                           for d in range(-n, n + 1)}
+        return table
+
+
+_SLICES = _ShiftSlices()
 
 
 def feature_batch(base: np.ndarray, draws: DrawBatch, stride: int, *, tokens: bool = False) -> np.ndarray:
