@@ -384,7 +384,7 @@ class Cache:
         return self._read_base(layer, info, self._samples(samples), out)
 
     def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None], *,
-                          merged: bool = True) -> tuple[Any, np.ndarray]:
+                          merged: bool = True, replace: str | None = None) -> tuple[Any, np.ndarray]:
         """:meth:`read_batch`, plus one stored part per row: ``picks[r]`` names the part of
         sample ``samples[r]`` to decode (a variant such as ``sensitive@flip``), None none.
 
@@ -393,7 +393,12 @@ class Cache:
         ``(n, 0)`` when nothing is picked). With ``merged=False`` ``base`` is the dict of
         tier name -> that tier's batch (what :meth:`read_parts` returns) instead of the
         merged maps. On LMDB each sample's record is fetched and checked once for both.
-        What ``FeatureMapDataset(augment="saca")`` reads per batch."""
+
+        ``replace`` names a tier (of the picked parts' shape) whose rows take the picked
+        part instead: a row that picks ``sensitive@flip`` gets it in place of its own
+        ``sensitive`` tier (merged or not), that tier is not decoded for it, and ``picked``
+        is ``(n, 0)``. What ``FeatureMapDataset(augment="saca")`` reads per batch, with
+        ``replace="sensitive"``."""
         info = self.layer(layer)
         idx = self._samples(samples)
         if len(picks) != len(idx):
@@ -408,13 +413,22 @@ class Cache:
             shapes.add(spec.shape)
         if len(shapes) > 1:
             raise ShapeMismatchError(f"{self.path}: layer {layer!r}: the picked parts have shapes {sorted(shapes)}")
+        if replace is not None:
+            if replace not in info.plan.names:
+                raise CacheError(f"{self.path}: layer {layer!r} has no tier {replace!r} to replace",
+                                 hint=f"tiers: {', '.join(info.plan.names)}")
+            if shapes and shapes != {specs[replace].shape}:
+                raise ShapeMismatchError(f"{self.path}: layer {layer!r}: the picked parts have shape "
+                                         f"{shapes.pop()}, tier {replace!r} has {specs[replace].shape}")
+            shapes = set()
         picked = np.empty((len(idx), *(shapes.pop() if shapes else (0,))), dtype=np.float32)
+        target = None if replace is not None else picked
         whole = self._whole_tier_of(layer, info)
         if whole and merged:
             base = np.empty((len(idx), *info.shape), dtype=np.float32)
-            self.backend.read_picked(layer, idx, (whole,), {whole: base}, picks, picked)
+            self.backend.read_picked(layer, idx, (whole,), {whole: base}, picks, target, replace)
             return base, picked
-        parts = self.backend.read_picked(layer, idx, info.plan.names, None, picks, picked)
+        parts = self.backend.read_picked(layer, idx, info.plan.names, None, picks, target, replace)
         return (info.plan.merge(parts, batched=True) if merged else parts), picked
 
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -188,11 +188,9 @@ class FeatureMapDataset(Dataset):
         # per row, the part its sensitive channels start from: the chosen cached variant,
         # or None (the base's own) where the nearest is ``identity`` (or not cached)
         picks = [self.variant_parts.get(name) for name in chosen]
-        parts, picked = cache.read_batch_picked(self.layer, idx, picks, merged=False)
-        source = parts["sensitive"]  # the base's sensitive channels, then the chosen variants'
-        rows = [row for row, pick in enumerate(picks) if pick is not None]
-        if rows:
-            source[rows] = picked[rows]
+        # the sensitive tier of each row comes from its chosen variant (or the base's own)
+        parts, _ = cache.read_batch_picked(self.layer, idx, picks, merged=False, replace="sensitive")
+        source = parts["sensitive"]
         # tier by tier, merged once: saca_batch's numbers without building the merged base
         return saca_tiers(parts, self._plan, draws, self.stride, source, (rflip, rdy, rdx), tokens=self.tokens)
 

@@ -148,17 +148,17 @@ class ShardedCache:
         return result
 
     def read_batch_picked(self, layer: str, samples: Iterable[int], picks: Sequence[str | None], *,
-                          merged: bool = True) -> tuple[Any, np.ndarray]:
+                          merged: bool = True, replace: str | None = None) -> tuple[Any, np.ndarray]:
         idx, shard, local = self._split(samples)
         if len(picks) != len(idx):
             raise ValueError(f"{len(picks)} picks for {len(idx)} samples")
         if not len(idx):
-            return self.shards[0].read_batch_picked(layer, [], [], merged=merged)
+            return self.shards[0].read_batch_picked(layer, [], [], merged=merged, replace=replace)
         pieces = []
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
             base, got = self.shards[int(s)].read_batch_picked(layer, local[rows], [picks[int(r)] for r in rows],
-                                                              merged=False)
+                                                              merged=False, replace=replace)
             pieces.append((rows, base, got))
         shape = next((p.shape[1:] for _, _, p in pieces if p.shape[1:] != (0,)), (0,))
         picked = np.empty((len(idx), *shape), dtype=np.float32)

@@ -22,7 +22,7 @@ from fmcache import FeatureMapDataset, TierPlan
 from fmcache.augment import AugFamily, augment_map, default_variants, nearest_variant, variant_name
 from fmcache.codecs import Codec, codec_from_spec
 from fmcache.codecs.cast import Bf16
-from fmcache.errors import CacheError, CorruptionError
+from fmcache.errors import CacheError, CorruptionError, ShapeMismatchError
 from fmcache.shards import merge_shards
 
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "fp16:cname=none", "bf16", "bf16:cname=none",
@@ -337,6 +337,20 @@ def test_read_batch_picked_matches_read_batch_and_read_parts(tmp_path: Path, bac
             for row, (i, pick) in enumerate(zip(order, picks)):
                 if pick is not None:
                     assert same_bits(picked[row], parts[pick][i])
+            # replace: each picking row's sensitive tier is its pick, the rest as stored
+            tiers, none = cache.read_batch_picked("l", order, picks, merged=False, replace="sensitive")
+            assert none.shape == (len(order), 0)
+            own = cache.read_parts("l", order)
+            assert same_bits(tiers["bulk"], own["bulk"])
+            expected = np.stack([parts[p][i] if p else own["sensitive"][row]
+                                 for row, (i, p) in enumerate(zip(order, picks))])
+            assert same_bits(tiers["sensitive"], expected)
+            maps, _ = cache.read_batch_picked("l", order, picks, replace="sensitive")
+            assert same_bits(maps, plan.merge({"bulk": own["bulk"], "sensitive": expected}, batched=True))
+        with pytest.raises(CacheError, match="no tier 'nope' to replace"):
+            cache.read_batch_picked("l", [0, 1], [None, "sensitive@flip"], replace="nope")
+        with pytest.raises(ShapeMismatchError, match="tier 'bulk'"):
+            cache.read_batch_picked("l", [0, 1], [None, "sensitive@flip"], replace="bulk")
         with pytest.raises(CacheError, match="no stored part 'sensitive@nope'"):
             cache.read_batch_picked("l", [0, 1], [None, "sensitive@nope"])
         with pytest.raises(ValueError, match="1 picks for 2 samples"):
@@ -368,6 +382,11 @@ def test_read_batch_picked_across_shards(tmp_path: Path, backend: str) -> None:
     # sample 0's shard picks nothing, sample 7's shard picks: the (k, 0) piece is skipped
     base, picked = merged.read_batch_picked("l", [0, 7], [None, "sensitive@flip"])
     assert same_bits(picked[1], merged.read_parts("l", [7], ["sensitive@flip"])["sensitive@flip"][0])
+    tiers, none = merged.read_batch_picked("l", order, picks, merged=False, replace="sensitive")
+    own = merged.read_parts("l", order)
+    assert none.shape == (len(order), 0) and same_bits(tiers["bulk"], own["bulk"])
+    assert same_bits(tiers["sensitive"], np.stack([flip[r] if picks[r] else own["sensitive"][r]
+                                                   for r in range(len(order))]))
     merged.close()
 
 

@@ -36,6 +36,15 @@ class PartSpec:
     codec: Codec
 
 
+def picked_rows(picks: Sequence[str | None]) -> dict[str, list[int]]:
+    """Picked part name -> the rows that pick it, in row order."""
+    rows_of: dict[str, list[int]] = {}
+    for row, name in enumerate(picks):
+        if name is not None:
+            rows_of.setdefault(name, []).append(row)
+    return rows_of
+
+
 class Backend(ABC):
     """Storage for parts of layers, labels and small metadata blobs."""
 
@@ -124,21 +133,23 @@ class Backend(ABC):
 
     def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
                     out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
-                    picked_out: np.ndarray) -> dict[str, np.ndarray]:
+                    picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
         """:meth:`read`, and for each row ``r`` with a name in ``picks[r]`` that part of
         sample ``samples[r]`` decoded into ``picked_out[r]`` (rows without one are left as
         they are; every picked part has ``picked_out``'s row shape). What a SACA batch
         needs: the base tiers of every sample and one chosen variant each.
 
+        With ``replace`` (a part among ``parts``, of the picked parts' shape) the picked
+        part goes into that part's row of the result instead, and ``picked_out`` is not
+        used: a backend need not decode the base part of those rows at all.
+
         This default reads the base parts once and each picked name once; backends that
         keep all parts of a sample in one record override it to fetch each record once."""
         result = self.read(layer, samples, parts, out)
-        rows_of: dict[str, list[int]] = {}
-        for row, name in enumerate(picks):
-            if name is not None:
-                rows_of.setdefault(name, []).append(row)
-        for name, rows in rows_of.items():
-            picked_out[rows] = self.read(layer, samples[rows], (name,))[name]
+        target = picked_out if replace is None else result[replace]
+        assert target is not None, "picked_out or replace"
+        for name, rows in picked_rows(picks).items():
+            target[rows] = self.read(layer, samples[rows], (name,))[name]
         return result
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
-from .base import Backend, PartSpec
+from .base import Backend, PartSpec, picked_rows
 
 hdf5plugin.register(force=True)
 
@@ -237,18 +237,16 @@ class Hdf5Backend(Backend):
 
     def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
                     out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
-                    picked_out: np.ndarray) -> dict[str, np.ndarray]:
+                    picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
         """The base parts as :meth:`read`; each picked part's few rows per chunk through
         HDF5's own reads (its chunk cache keeps the decoded chunks), not whole chunks
         copied into the row LRU: a variant is picked for about one row in six, and
         copying its chunks whole cost more than it saved (``tools/bench_ab.py``)."""
         result = self._read(layer, samples, parts, out, gather=True)
-        rows_of: dict[str, list[int]] = {}
-        for row, name in enumerate(picks):
-            if name is not None:
-                rows_of.setdefault(name, []).append(row)
-        for name, rows in rows_of.items():
-            picked_out[rows] = self._read(layer, samples[rows], (name,), None, gather=False)[name]
+        target = picked_out if replace is None else result[replace]
+        assert target is not None, "picked_out or replace"
+        for name, rows in picked_rows(picks).items():
+            target[rows] = self._read(layer, samples[rows], (name,), None, gather=False)[name]
         return result
 
     def _read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,

@@ -345,19 +345,24 @@ class LmdbBackend(Backend):
 
     def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
                     out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
-                    picked_out: np.ndarray) -> dict[str, np.ndarray]:
+                    picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
         """One get and one CRC per sample for the base parts and the picked one together
-        (the default would fetch and check each picked sample's record a second time)."""
+        (the default would fetch and check each picked sample's record a second time);
+        with ``replace``, that base part is decoded only for the rows that pick nothing."""
         if len(picks) != len(samples):
             raise ValueError(f"{len(picks)} picks for {len(samples)} samples")
-        return self._read_records(layer, samples, parts, out, picks, picked_out)
+        return self._read_records(layer, samples, parts, out, picks, picked_out, replace)
 
     def _read_records(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
                       out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None] | None,
-                      picked_out: np.ndarray | None) -> dict[str, np.ndarray]:
+                      picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
         index, specs, _ = self._layers[layer]
         wanted = [s for s in specs if parts is None or s.name in parts]
         result = {s.name: _out_array(out, s.name, (len(samples), *s.shape)) for s in wanted}
+        if replace is not None:
+            picked_out = result[replace]  # the picked parts land in that part's rows
+        skip = next((k for k, s in enumerate(wanted) if s.name == replace), -1) if picks is not None else -1
+        unpicked: list[int] = []  # with replace: the rows whose base part is decoded
         rows = [(result[s.name], s.name, s.codec) for s in wanted]
         prefix = f"{self.path}: layer {layer!r} sample "  # error context, formatted once per call
         # every part of the layer's records and the own key, through one per-layer reader
@@ -383,12 +388,16 @@ class LmdbBackend(Backend):
                 own_key = found[-1]
                 if own_key is not None and own_key != key:
                     raise _foreign_record(own_key, prefix, sample)
+                pick = picks[row] if picks is not None else None
                 for k, at in enumerate(wanted_at):
                     payload = found[at]
                     if payload is None:
                         raise CorruptionError(f"{prefix}{sample}: record has no part {rows[k][1]!r}")
-                    payloads[k].append(payload)
-                pick = picks[row] if picks is not None else None
+                    if k != skip:
+                        payloads[k].append(payload)
+                    elif pick is None:
+                        payloads[k].append(payload)
+                        unpicked.append(row)
                 if pick is not None:
                     entry = picked.get(pick)
                     if entry is None:
@@ -399,8 +408,13 @@ class LmdbBackend(Backend):
                         raise CorruptionError(f"{prefix}{sample}: record has no part {pick!r}")
                     entry[0].append(row)
                     entry[1].append(payload)
-            for (dst, name, codec), views in zip(rows, payloads):
-                _decode_rows(codec, views, dst, samples, prefix, name)
+            for k, ((dst, name, codec), views) in enumerate(zip(rows, payloads)):
+                if k != skip or len(unpicked) == len(samples):
+                    _decode_rows(codec, views, dst, samples, prefix, name)
+                elif unpicked:
+                    part = np.empty((len(unpicked), *dst.shape[1:]), dtype=np.float32)
+                    _decode_rows(codec, views, part, samples[unpicked], prefix, name)
+                    dst[unpicked] = part
             if picked:
                 assert picked_out is not None
                 codecs = {s.name: s.codec for s in specs}
