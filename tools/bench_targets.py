@@ -1,7 +1,8 @@
 """Check the performance targets of issue #5 against ``docs/bench.json``.
 
 Reads what ``tools/bench_read.py`` (key ``read``) and ``tools/bench_train.py`` (key
-``train``) wrote, the run without workers (``docs/bench_train_w0.json``) and the build
+``train``) wrote, the runs without workers (``docs/bench_train_w0.json``, epoch after
+epoch, and ``docs/bench_train_lockstep.json``, every approach in lockstep) and the build
 timings of ``tools/bench_build.py`` (``docs/bench_build.json``; in their place the single
 timings of ``bench_train`` when absent), prints one line per target (value, threshold, met or missed) and,
 unless ``--no-docs``, writes the table between ``<!-- bench_targets:start -->`` and
@@ -66,7 +67,8 @@ def targets(bench: dict[str, Any], label: str = "", *, train_build_rows: bool = 
     train = bench.get("train")
     if train:
         workers = train["settings"].get("workers", 0)
-        tag = f"{label}w{workers} " if "workers" in train["settings"] else label
+        lockstep = " lockstep" if train["settings"].get("interleave") else ""
+        tag = f"{label}w{workers}{lockstep} " if "workers" in train["settings"] else label
         for boundary, entry in train["boundaries"].items():
             boundary = f"{tag}{boundary}"
             info = entry["info"]
@@ -115,14 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bench", default=str(REPO / "docs" / "bench.json"))
     parser.add_argument("--train-w0", default=str(REPO / "docs" / "bench_train_w0.json"),
                         help="a bench_train.py --workers 0 run (its stdout), checked too when present")
+    parser.add_argument("--train-lockstep", default=str(REPO / "docs" / "bench_train_lockstep.json"),
+                        help="a bench_train.py --interleave run (its stdout), checked too when present")
     parser.add_argument("--build", default=str(REPO / "docs" / "bench_build.json"),
                         help="a bench_build.py run: the build target's repeated measurement")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     build = json.loads(Path(args.build).read_text()) if args.build and Path(args.build).exists() else None
     rows = targets({**json.loads(Path(args.bench).read_text()), "build": build}, train_build_rows=build is None)
-    if args.train_w0 and Path(args.train_w0).exists():
-        rows += targets({"train": json.loads(Path(args.train_w0).read_text())}, train_build_rows=build is None)
+    for extra in (args.train_w0, args.train_lockstep):
+        if extra and Path(extra).exists():
+            rows += targets({"train": json.loads(Path(extra).read_text())}, train_build_rows=build is None)
     table = markdown(rows)
     print(table)
     if not args.no_docs:

@@ -162,18 +162,20 @@ def train_epoch(suffix: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
 
 
 def train_lockstep(suffixes: dict[str, nn.Module], loaders: dict[str, Iterable[Any]],
-                   opts: dict[str, torch.optim.Optimizer], prefix: nn.Module) -> dict[str, tuple[float, float]]:
+                   opts: dict[str, torch.optim.Optimizer], prefix: nn.Module) -> dict[str, tuple[float, float, float]]:
     """One epoch of every approach at once, step by step (``--interleave``): step *k* fetches
     a batch and trains one step for each approach in turn, the first approach rotating
     with *k*, and each approach's epoch time is the sum of its own steps (wall and CPU).
     A drift of the machine's speed (the ±15-40 % between whole epochs here) then hits every
     approach within the same few hundred milliseconds, as ``bench_ab`` does for reads.
-    Returns approach -> (wall seconds, CPU seconds); needs ``--workers 0``."""
+    Returns approach -> (wall seconds, CPU seconds, wall seconds of fetching the batches
+    alone); needs ``--workers 0``."""
     loss_fn = nn.CrossEntropyLoss()
     names = list(loaders)
     iters = {name: iter(batches) for name, batches in loaders.items()}
     wall = dict.fromkeys(names, 0.0)
     cpu = dict.fromkeys(names, 0.0)
+    fetch = dict.fromkeys(names, 0.0)
     live = set(names)
     for suffix in suffixes.values():
         suffix.train()
@@ -188,6 +190,7 @@ def train_lockstep(suffixes: dict[str, nn.Module], loaders: dict[str, Iterable[A
             if batch is None:
                 live.discard(name)
                 continue
+            fetch[name] += time.perf_counter() - t0
             x, y = batch
             if name == "classic":
                 with torch.no_grad():
@@ -199,7 +202,7 @@ def train_lockstep(suffixes: dict[str, nn.Module], loaders: dict[str, Iterable[A
             wall[name] += time.perf_counter() - t0
             cpu[name] += time.process_time() - c0
         step += 1
-    return {name: (wall[name], cpu[name]) for name in names}
+    return {name: (wall[name], cpu[name], fetch[name]) for name in names}
 
 
 def _first(batches: Iterable[Any]) -> list[Any]:
@@ -330,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setups = {b: prepare(b, model, data, aug_data, args, workdir) for b in args.boundaries}
         seconds: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
         cpu: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
+        fetched: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
         # warm-up, untimed: one training step per approach (lazy opens, allocator, page cache)
         for setup in setups.values():
             for name, batches in setup["loaders"].items():
@@ -343,9 +347,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     opts = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
                             for name, m in suffixes.items()}
                     loaders = {name: batches(rep) for name, batches in setup["loaders"].items()}
-                    for name, (s, cpu_s) in train_lockstep(suffixes, loaders, opts, setup["prefix"]).items():
+                    for name, (s, cpu_s, fetch_s) in train_lockstep(suffixes, loaders, opts, setup["prefix"]).items():
                         seconds[boundary][name].append(s)
                         cpu[boundary][name].append(cpu_s)
+                        fetched[boundary][name].append(fetch_s)
                     print(f"rep {rep} {boundary}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in
                                                              seconds[boundary].items()), file=sys.stderr, flush=True)
                     continue
@@ -375,6 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             entry["epoch_cpu_s"][name] = {"median": statistics.median(used), "min": min(used), "max": max(used)}
             entry["vs_memory_cpu"][name] = statistics.median(m / v for m, v in zip(cpu[boundary]["memory"], used))
             entry["epoch_s"][name] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            if fetched[boundary][name]:  # --interleave: the part of the epoch spent fetching batches
+                entry.setdefault("fetch_s", {})[name] = statistics.median(fetched[boundary][name])
             entry["img_s"][name] = steps * args.batch / statistics.median(values)
             # ratios per repeat (side by side), then the median: > 1 means faster than the reference
             entry["vs_memory"][name] = statistics.median(m / v for m, v in zip(per["memory"], values))
@@ -400,14 +407,17 @@ def markdown(results: dict[str, Any]) -> str:
         info = entry["info"]
         lines.append(f"**{boundary}** maps {tuple(info['shape'])}, raw {info['raw_bytes'] / 1e6:.1f} MB; "
                      f"SACA variants {', '.join(info.get('variants', [])) or 'none'}\n")
-        lines.append("| approach | epoch s | img/s | vs memory | vs classic | bytes on disk |")
-        lines.append("|---|---|---|---|---|---|")
+        fetch = entry.get("fetch_s")  # --interleave runs: the seconds of the epoch spent fetching
+        lines.append("| approach | epoch s | img/s | vs memory | vs classic | bytes on disk |"
+                     + (" of the epoch: fetching s |" if fetch else ""))
+        lines.append("|---|---|---|---|---|---|" + ("---|" if fetch else ""))
         for name, stat in entry["epoch_s"].items():
             nbytes = info["bytes"].get(name)
             lines.append(f"| {name} | {stat['median']:.2f} ({stat['min']:.2f}–{stat['max']:.2f}) | "
                          f"{entry['img_s'][name]:.0f} | {entry['vs_memory'][name]:.2f} | "
                          f"{entry['vs_classic'][name]:.2f} | "
-                         f"{'' if nbytes is None else f'{nbytes / 1e6:.1f} MB'} |")
+                         f"{'' if nbytes is None else f'{nbytes / 1e6:.1f} MB'} |"
+                         + (f" {fetch[name]:.2f} |" if fetch else ""))
         codecs = info.get("codecs", {})
         if codecs:
             lines.append("\nCodecs: " + "; ".join(f"{k}: " + ", ".join(f"{t} `{c}`" for t, c in v.items())
