@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .dataset import FeatureMapDataset, collate
+from .dataset import FeatureMapDataset
 from .sampler import EpochSampler, SampleKey
 
 
@@ -67,12 +67,38 @@ class EpochKeyed(Dataset):
         return [self[key] for key in keys]
 
 
+class BatchServed(Dataset):
+    """A :class:`~fmcache.dataset.FeatureMapDataset` served a batch at a time: its
+    ``__getitems__`` is the data set's :meth:`~fmcache.dataset.FeatureMapDataset.get_batch`
+    (``[maps, labels]``, what ``collate`` would make of the items), so the loader's
+    ``collate_fn`` has nothing left to do (:func:`as_batch`)."""
+
+    def __init__(self, dataset: FeatureMapDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.dataset[key]
+
+    def __getitems__(self, keys: Sequence[Any]) -> list[Any]:
+        return self.dataset.get_batch(keys)
+
+
+def as_batch(batch: list[Any]) -> list[Any]:
+    """The ``collate_fn`` of a :class:`BatchServed` loader: the batch is already made."""
+    return batch
+
+
 class EpochLoader:
     """One shuffled, ``drop_last`` DataLoader reused for every epoch.
 
     ``loader(epoch)`` selects the epoch and returns the DataLoader to iterate. A
-    :class:`~fmcache.dataset.FeatureMapDataset` gets its chunk-aware sampler and
-    :func:`~fmcache.dataset.collate`; any other data set a seeded permutation per epoch.
+    :class:`~fmcache.dataset.FeatureMapDataset` gets its chunk-aware sampler and is served
+    a batch at a time (:class:`BatchServed`: the batch tensor and the labels ``collate``
+    would make, without an item per sample); any other data set a seeded permutation per
+    epoch.
     With ``num_workers > 0`` the workers persist across epochs (``close()`` or dropping the
     loader stops them).
     """
@@ -83,13 +109,13 @@ class EpochLoader:
         base: Sampler[int]
         served: Dataset = dataset
         collate_fn = None
-        if isinstance(dataset, FeatureMapDataset):  # reads SampleKeys itself
-            base, collate_fn = dataset.sampler(drop_last=False), collate
+        if isinstance(dataset, FeatureMapDataset):  # reads SampleKeys itself, makes whole batches
+            base, collate_fn, served = dataset.sampler(drop_last=False), as_batch, BatchServed(dataset)
         else:
             base = PermutationSampler(len(dataset), seed)  # type: ignore[arg-type]
             if hasattr(dataset, "set_epoch"):
                 served = EpochKeyed(dataset)
-        keyed = isinstance(dataset, FeatureMapDataset) or served is not dataset
+        keyed = served is not dataset
         self.sampler = EpochSampler(base) if keyed else base
         self.loader: DataLoader | None = DataLoader(
             served, sampler=self.sampler, batch_size=batch_size, drop_last=True, num_workers=num_workers,
@@ -111,4 +137,4 @@ class EpochLoader:
             iterator._shutdown_workers()
 
 
-__all__ = ["EpochKeyed", "EpochLoader", "PermutationSampler"]
+__all__ = ["BatchServed", "EpochKeyed", "EpochLoader", "PermutationSampler", "as_batch"]

@@ -9,6 +9,7 @@ import torch
 import fmcache
 from fmcache import FeatureMapDataset
 from fmcache.augment import AugFamily, apply_feature
+from fmcache.dataset import collate
 from fmcache.errors import CacheError
 
 
@@ -127,3 +128,15 @@ def test_batch_items_carry_the_per_item_labels(tmp_path, labels):
         else:
             assert label == single == (int(labels[i]))
         np.testing.assert_array_equal(fmap.numpy(), x[i])
+    # the loader's batch path: what collate makes of the items, dtypes included (and
+    # the same error where torch cannot hold the labels: uint64 beyond int64)
+    if labels.dtype == np.uint64:
+        with pytest.raises(ValueError, match="Overflow"):
+            collate(items)
+        with pytest.raises(ValueError, match="Overflow"):
+            ds.get_batch(order)
+        return
+    maps, batch_labels = ds.get_batch(order)
+    want_maps, want_labels = collate(items)
+    assert torch.equal(maps, want_maps) and maps.is_contiguous()
+    assert batch_labels.dtype == want_labels.dtype and torch.equal(batch_labels, want_labels)

@@ -15,7 +15,7 @@ The maps are real post-ReLU maps, as in ``bench_read.py`` (the zoo's CIFAR ResNe
 width 32 on Fashion-MNIST, layers 1-3). Measured per layer: ``codec.decode`` and
 ``cache.read`` on LMDB and HDF5 (a fresh array unless it says ``out=``) for ``bf16``,
 ``int8`` and ``raw``, and Dataset items (:func:`bench_items`: consecutive batches and the
-chunk-aware sampler's; ``--items-only`` for just these). ``--baseline HEAD``
+chunk-aware sampler's, and batches of an ``EpochLoader``; ``--items-only`` for just these). ``--baseline HEAD``
 compares the code with itself: the tool's own noise, to read the other runs against.
 
     python tools/bench_ab.py --baseline 2e065c3
@@ -165,7 +165,21 @@ def bench_items(base: ModuleType, layer: str, maps: np.ndarray, rounds: int, wor
                 old, new = interleaved(*(lambda i, d=by_side[side], b=these: d.__getitems__(b[i % len(b)])
                                          for side in sides), len(these), rounds)
                 rows[f"{mode} items {backend}{label} (µs/item)"] = summary(old, new, per=batch)
+            # what a training loop gets: batches of each side's EpochLoader (sampler, keys,
+            # collate and all), one batch per call, a new epoch when one runs out
+            feeds = [_loader_feed(importlib.import_module(f"{sides[side].__name__}.loader").EpochLoader(by_side[side], batch))
+                     for side in sides]
+            old, new = interleaved(*(lambda _i, f=feed: next(f) for feed in feeds), n // batch, rounds)
+            rows[f"{mode} EpochLoader {backend} (µs/item)"] = summary(old, new, per=batch)
     return rows
+
+
+def _loader_feed(loader: Any) -> Any:
+    """Batches of ``loader`` epoch after epoch, forever."""
+    epoch = 0
+    while True:
+        yield from loader(epoch)
+        epoch += 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
