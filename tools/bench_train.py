@@ -39,6 +39,8 @@ Run from the repository root::
 
     python tools/bench_train.py            # width 16, 1024 samples, batch 64, 5 repeats, 1 thread
     python tools/bench_train.py --quick    # 256 samples, layer3 only, 1 repeat; docs untouched
+    python tools/bench_train.py --render docs/bench_train_lockstep.json --region bench_train_lockstep \
+        --figure docs/bench_train_lockstep.png   # the tables (and plot) of a saved run
 
 It prints JSON on stdout and (unless ``--quick``) writes ``docs/bench.json`` (key
 ``train``), ``docs/bench_train.png`` and the tables between ``<!-- bench_train:start -->``
@@ -484,7 +486,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def render(path: Path, region: str, figure: str) -> int:
+    """``--render``: the tables of a saved run (its JSON, e.g. ``--docs ''``'s stdout) on
+    stdout, and with ``--region NAME`` written between ``<!-- NAME:start -->`` and
+    ``<!-- NAME:end -->`` of docs/benchmarks.md; ``--figure`` saves its epoch-time plot."""
+    results = json.loads(path.read_text())
+    table = markdown(results)
+    print(table)
+    if region:
+        write_region(REPO / "docs" / "benchmarks.md", f"<!-- {region}:start -->", f"<!-- {region}:end -->", table)
+    if figure:
+        plot(results, Path(figure))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--render":
+        extra = argparse.ArgumentParser(prog="bench_train.py --render")
+        extra.add_argument("json", type=Path)
+        extra.add_argument("--region", default="")
+        extra.add_argument("--figure", default="")
+        r = extra.parse_args(argv[1:])
+        return render(r.json, r.region, r.figure)
     args = parse_args(argv)
     import blosc2
 
