@@ -310,10 +310,14 @@ def _saca_cache(path: Path, backend: str, maps: np.ndarray, variants: dict[str, 
         writer.commit()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "hdf5-picked-through-the-row-lru"])
 @pytest.mark.parametrize("codecs", [("bf16", "int8"), ("blosc2", "int4"), ("fp16", "zfp:accuracy=0.01")])
 def test_read_batch_picked_matches_read_batch_and_read_parts(tmp_path: Path, backend: str,
-                                                            codecs: tuple[str, str]) -> None:
+                                                            codecs: tuple[str, str], monkeypatch) -> None:
+    if backend.startswith("hdf5-"):  # chunks of 4 samples: picked parts gathered from whole chunks too
+        from fmcache.backends import hdf5_backend
+        monkeypatch.setattr(hdf5_backend, "PICKED_CHUNK_ROWS", 4)
+        backend = "hdf5"
     rng = np.random.default_rng(8)
     n, shape = 17, (5, 4, 4)
     plan = TierPlan.two_tier(5, [0, 3], *codecs)

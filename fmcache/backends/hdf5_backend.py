@@ -47,6 +47,8 @@ CHUNK_CACHE_BYTES = 64 << 20
 ROW_CACHE_BYTES = 32 << 20
 #: Batch reads use that LRU too where this many chunks of every part of a layer fit in it.
 ROWS_OPEN_CHUNKS = 12
+#: ... and for a picked part (a SACA variant) only where a chunk holds this many samples.
+PICKED_CHUNK_ROWS = 32
 _VLEN = h5py.vlen_dtype(np.uint8)
 
 
@@ -238,15 +240,19 @@ class Hdf5Backend(Backend):
     def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
                     out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
                     picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
-        """The base parts as :meth:`read`; each picked part's few rows per chunk through
-        HDF5's own reads (its chunk cache keeps the decoded chunks), not whole chunks
-        copied into the row LRU: a variant is picked for about one row in six, and
-        copying its chunks whole cost more than it saved (``tools/bench_ab.py``)."""
+        """The base parts as :meth:`read`. A picked part (a SACA variant, picked for about
+        one row in six) goes through the row LRU too only where a chunk holds at least
+        :data:`PICKED_CHUNK_ROWS` samples: a whole chunk read then serves enough rows over
+        the epoch to beat one h5py read per row (~17 µs each here); with fewer samples
+        per chunk (larger maps) copying its chunks whole cost more than the rows it
+        served, and the rows come through HDF5's own reads (its chunk cache keeps the
+        decoded chunks). Measured in docs/benchmarks.md ("What session 7 changed")."""
         result = self._read(layer, samples, parts, out, gather=True)
         target = picked_out if replace is None else result[replace]
         assert target is not None, "picked_out or replace"
+        gather = self._layers[layer][2] >= PICKED_CHUNK_ROWS
         for name, rows in picked_rows(picks).items():
-            target[rows] = self._read(layer, samples[rows], (name,), None, gather=False)[name]
+            target[rows] = self._read(layer, samples[rows], (name,), None, gather=gather)[name]
         return result
 
     def _read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
