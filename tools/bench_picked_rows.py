@@ -13,7 +13,7 @@ both in turn (the first alternating), the threshold set per call so that one alw
 reads rows and the other always whole chunks. µs per item, median over epochs, and the
 median per-epoch ratio rows / chunks (above 1: whole chunks faster).
 
-    python tools/bench_picked_rows.py --json docs/bench_picked_rows.json
+    python tools/bench_picked_rows.py --json docs/bench_picked_rows.json --docs
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
-from bench_read import capture_maps
+from bench_read import capture_maps, write_region
 
 import fmcache
 from fmcache.backends import hdf5_backend
+
+MARK_BEGIN, MARK_END = "<!-- bench_picked_rows:start -->", "<!-- bench_picked_rows:end -->"
 
 
 def saca_cache(path: Path, layer: str, maps: np.ndarray) -> None:
@@ -95,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--json", default="")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     saved = hdf5_backend.PICKED_CHUNK_ROWS
     rows: dict[str, Any] = {}
@@ -108,11 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows[f"width {width} {layer}"] = measure(path, args.epochs)
     finally:
         hdf5_backend.PICKED_CHUNK_ROWS = saved
-    print("| maps | samples per chunk | one read per row µs/item | whole chunks µs/item | rows / chunks |")
-    print("|---|---:|---:|---:|---:|")
+    lines = ["| maps | samples per chunk | one read per row µs/item | whole chunks µs/item | rows / chunks |",
+             "|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        print(f"| {name} {tuple(r['shape'])} | {r['samples_per_chunk']} | {r['rows_us_per_item']:.1f} | "
-              f"{r['chunks_us_per_item']:.1f} | {r['rows_over_chunks']:.2f} |")
+        lines.append(f"| {name} {tuple(r['shape'])} | {r['samples_per_chunk']} | {r['rows_us_per_item']:.1f} | "
+                     f"{r['chunks_us_per_item']:.1f} | {r['rows_over_chunks']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.docs:
+        write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END, table)
     if args.json:
         settings = {"samples": args.samples, "epochs": args.epochs, "threshold": saved,
                     "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

@@ -2,7 +2,8 @@
 
 Reads what ``tools/bench_read.py`` (key ``read``) and ``tools/bench_train.py`` (key
 ``train``) wrote, the runs without workers (``docs/bench_train_w0.json``, epoch after
-epoch, and ``docs/bench_train_lockstep.json``, every approach in lockstep) and the build
+epoch, and ``docs/bench_train_lockstep.json``, every approach in lockstep; with one worker
+``docs/bench_train_lockstep_w1.json``) and the build
 timings of ``tools/bench_build.py`` (``docs/bench_build.json``; in their place the single
 timings of ``bench_train`` when absent), prints one line per target (value, threshold, met or missed) and,
 unless ``--no-docs``, writes the table between ``<!-- bench_targets:start -->`` and
@@ -117,15 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bench", default=str(REPO / "docs" / "bench.json"))
     parser.add_argument("--train-w0", default=str(REPO / "docs" / "bench_train_w0.json"),
                         help="a bench_train.py --workers 0 run (its stdout), checked too when present")
-    parser.add_argument("--train-lockstep", default=str(REPO / "docs" / "bench_train_lockstep.json"),
-                        help="a bench_train.py --interleave run (its stdout), checked too when present")
+    parser.add_argument("--train-lockstep", nargs="*",
+                        default=[str(REPO / "docs" / f"bench_train_lockstep{w}.json") for w in ("", "_w1")],
+                        help="bench_train.py --interleave runs (their stdout), checked too when present")
     parser.add_argument("--build", default=str(REPO / "docs" / "bench_build.json"),
                         help="a bench_build.py run: the build target's repeated measurement")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     build = json.loads(Path(args.build).read_text()) if args.build and Path(args.build).exists() else None
     rows = targets({**json.loads(Path(args.bench).read_text()), "build": build}, train_build_rows=build is None)
-    for extra in (args.train_w0, args.train_lockstep):
+    for extra in (args.train_w0, *args.train_lockstep):
         if extra and Path(extra).exists():
             rows += targets({"train": json.loads(Path(extra).read_text())}, train_build_rows=build is None)
     table = markdown(rows)
