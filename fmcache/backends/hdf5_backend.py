@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -314,7 +315,7 @@ class Hdf5Backend(Backend):
         if rows_cache is not None and self._h_rows_pid == os.getpid():
             rows = rows_cache.get(key)
             if rows is not None:
-                rows_cache.move_to_end(key)
+                _touch(rows_cache, key)
         if rows is None:
             rows = self._cached_chunk(layer, part, chunk, entry)
         k = sample - chunk * per_chunk
@@ -348,23 +349,28 @@ class Hdf5Backend(Backend):
     def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
                       ) -> dict[str, np.ndarray]:
         """The stored rows of one chunk of ``part`` (field -> rows), from this process's
-        LRU of :data:`ROW_CACHE_BYTES`, read (one slice per field) when missing."""
+        LRU of :data:`ROW_CACHE_BYTES`, read (one slice per field) when missing. Threads
+        sharing the cache may read at once: a miss is filled under a lock, and a hit whose
+        entry another thread evicts meanwhile keeps the rows it already holds."""
         rows_cache = self.__dict__.get("_h_rows")
         if rows_cache is None or self._h_rows_pid != os.getpid():
             rows_cache = self._h_rows = OrderedDict()
             self._h_rows_pid, self._h_rows_bytes = os.getpid(), 0
         key = (layer, part, chunk)
         rows = rows_cache.get(key)
-        if rows is None:
-            _, fields, per_chunk, where = entry
-            rows = self._chunk_rows(fields, chunk * per_chunk, per_chunk, where)
-            rows_cache[key] = rows
-            self._h_rows_bytes += sum(r.nbytes for r in rows.values())
-            while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
-                _, old = rows_cache.popitem(last=False)
-                self._h_rows_bytes -= sum(r.nbytes for r in old.values())
-        else:
-            rows_cache.move_to_end(key)
+        if rows is not None:
+            _touch(rows_cache, key)
+            return rows
+        with self.__dict__.setdefault("_h_lock", threading.Lock()):
+            rows = rows_cache.get(key)
+            if rows is None:
+                _, fields, per_chunk, where = entry
+                rows = self._chunk_rows(fields, chunk * per_chunk, per_chunk, where)
+                rows_cache[key] = rows
+                self._h_rows_bytes += sum(r.nbytes for r in rows.values())
+                while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
+                    _, old = rows_cache.popitem(last=False)
+                    self._h_rows_bytes -= sum(r.nbytes for r in old.values())
         return rows
 
     def _rows_fit(self, layer: str) -> bool:
@@ -462,6 +468,14 @@ def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
         except OSError:
             return int(sample)
     return None
+
+
+def _touch(lru: OrderedDict[Any, Any], key: Any) -> None:
+    """Mark ``key`` most recently used, unless another thread has evicted it meanwhile."""
+    try:
+        lru.move_to_end(key)
+    except KeyError:
+        pass
 
 
 def _chunk_groups(samples: np.ndarray, per_chunk: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
