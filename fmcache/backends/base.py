@@ -149,8 +149,14 @@ class Backend(ABC):
         target = picked_out if replace is None else result[replace]
         assert target is not None, "picked_out or replace"
         for name, rows in picked_rows(picks).items():
-            target[rows] = self.read(layer, samples[rows], (name,))[name]
+            target[rows] = self._read_picked_part(layer, samples[rows], name)
         return result
+
+    def _read_picked_part(self, layer: str, samples: np.ndarray, name: str) -> np.ndarray:
+        """Part ``name`` of ``samples``, the rows of a batch that picked it (what
+        :meth:`read_picked` reads per picked name; a backend may read such sparse rows
+        its own way)."""
+        return self.read(layer, samples, (name,))[name]
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
         """One part of one sample, decoded into ``out`` (C-contiguous float32 of the part's

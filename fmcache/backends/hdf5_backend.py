@@ -36,7 +36,7 @@ import numpy as np
 
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
-from .base import Backend, PartSpec, picked_rows
+from .base import Backend, PartSpec
 
 hdf5plugin.register(force=True)
 
@@ -238,23 +238,16 @@ class Hdf5Backend(Backend):
              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         return self._read(layer, samples, parts, out, gather=True)
 
-    def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
-                    out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
-                    picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
-        """The base parts as :meth:`read`. A picked part (a SACA variant, picked for about
-        one row in six) goes through the row LRU too only where a chunk holds at least
-        :data:`PICKED_CHUNK_ROWS` samples: a whole chunk read then serves enough rows over
-        the epoch to beat one h5py read per row (~17 µs each here); with fewer samples
-        per chunk (larger maps) copying its chunks whole cost more than the rows it
-        served, and the rows come through HDF5's own reads (its chunk cache keeps the
-        decoded chunks). Measured in docs/benchmarks.md ("What session 7 changed")."""
-        result = self._read(layer, samples, parts, out, gather=True)
-        target = picked_out if replace is None else result[replace]
-        assert target is not None, "picked_out or replace"
+    def _read_picked_part(self, layer: str, samples: np.ndarray, name: str) -> np.ndarray:
+        """A picked part (a SACA variant, picked for about one row in six) goes through
+        the row LRU too only where a chunk holds at least :data:`PICKED_CHUNK_ROWS`
+        samples: a whole chunk read then serves enough rows over the epoch to beat one
+        h5py read per row (~17 µs each here); with fewer samples per chunk (larger maps)
+        copying its chunks whole cost more than the rows it served, and the rows come
+        through HDF5's own reads (its chunk cache keeps the decoded chunks). Measured by
+        tools/bench_picked_rows.py (docs/benchmarks.md, "What session 7 changed")."""
         gather = self._layers[layer][2] >= PICKED_CHUNK_ROWS
-        for name, rows in picked_rows(picks).items():
-            target[rows] = self._read(layer, samples[rows], (name,), None, gather=gather)[name]
-        return result
+        return self._read(layer, samples, (name,), None, gather=gather)[name]
 
     def _read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
               out: Mapping[str, np.ndarray] | None, *, gather: bool) -> dict[str, np.ndarray]:
