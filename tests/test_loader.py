@@ -113,3 +113,27 @@ def test_a_dataset_without_set_epoch_gets_plain_indices():
     batches = [i for b in loader(1) for i in b[0].tolist()]
     order = torch.randperm(12, generator=torch.Generator().manual_seed(2 * 100_003 + 1)).tolist()
     assert batches == order
+
+
+def test_hand_wired_batch_loader_gives_the_epoch_loaders_batches(tmp_path):
+    """What docs/dataset.md shows for wiring the batch path by hand -- BatchServed, an
+    EpochSampler over the data set's sampler, as_batch -- yields EpochLoader's batches,
+    and those are collate() of the items."""
+    from torch.utils.data import DataLoader
+
+    from fmcache.dataset import collate
+    from fmcache.loader import BatchServed, as_batch
+
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=3)
+    sampler = EpochSampler(ds.sampler())
+    by_hand = DataLoader(BatchServed(ds), sampler=sampler, batch_size=8, drop_last=True, collate_fn=as_batch)
+    loader = EpochLoader(FeatureMapDataset(path, augment="feature", seed=3), 8)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        hand = [(m.clone(), y.clone()) for m, y in by_hand]
+        _same([hand], _epochs(loader, [epoch]))
+        keys = list(sampler)[:8]
+        maps, labels = collate(ds.__getitems__(keys))
+        assert torch.equal(hand[0][0], maps) and torch.equal(hand[0][1], labels)
+
