@@ -69,6 +69,7 @@ class Hdf5Backend(Backend):
     #: metadata half written, so a resume first re-reads what was committed.
     crash_atomic = False
     _h_rows: OrderedDict[tuple[str, str, int], dict[str, np.ndarray]]
+    _h_lock: threading.Lock
     _h_rows_pid: int
     _h_rows_bytes: int
 
@@ -347,6 +348,9 @@ class Hdf5Backend(Backend):
         entry another thread evicts meanwhile keeps the rows it already holds."""
         rows_cache = self.__dict__.get("_h_rows")
         if rows_cache is None or self._h_rows_pid != os.getpid():
+            # a new process (a forked worker) starts with its own LRU and its own lock: one
+            # inherited from fork could be held by a thread that does not exist here
+            self._h_lock = threading.Lock()
             rows_cache = self._h_rows = OrderedDict()
             self._h_rows_pid, self._h_rows_bytes = os.getpid(), 0
         key = (layer, part, chunk)
@@ -354,7 +358,7 @@ class Hdf5Backend(Backend):
         if rows is not None:
             _touch(rows_cache, key)
             return rows
-        with self.__dict__.setdefault("_h_lock", threading.Lock()):
+        with self._h_lock:
             rows = rows_cache.get(key)
             if rows is None:
                 _, fields, per_chunk, where = entry
