@@ -3,7 +3,7 @@
 ``Hdf5Backend.read_picked`` reads the rows of each picked variant (about one row in six
 picks a given one) either through the per-process LRU of whole chunks (each chunk read
 once per pass, then rows gathered in numpy) or through HDF5's own reads, one slice per
-row (its chunk cache keeps the decoded chunk; each call costs ~17 µs here). Which is
+row (its chunk cache keeps the decoded chunk; each call costs tens of µs). Which is
 cheaper depends on how many rows a whole chunk serves per pass, i.e. on the samples per
 chunk; ``PICKED_CHUNK_ROWS`` is the threshold. This script measures both on real maps:
 a SACA cache per (width, layer) (the zoo's ResNet-18 on Fashion-MNIST, ``bf16`` sensitive

@@ -36,15 +36,6 @@ class PartSpec:
     codec: Codec
 
 
-def picked_rows(picks: Sequence[str | None]) -> dict[str, list[int]]:
-    """Picked part name -> the rows that pick it, in row order."""
-    rows_of: dict[str, list[int]] = {}
-    for row, name in enumerate(picks):
-        if name is not None:
-            rows_of.setdefault(name, []).append(row)
-    return rows_of
-
-
 class Backend(ABC):
     """Storage for parts of layers, labels and small metadata blobs."""
 
@@ -148,7 +139,11 @@ class Backend(ABC):
         result = self.read(layer, samples, parts, out)
         target = picked_out if replace is None else result[replace]
         assert target is not None, "picked_out or replace"
-        for name, rows in picked_rows(picks).items():
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(picks):
+            if name is not None:
+                rows_of.setdefault(name, []).append(row)
+        for name, rows in rows_of.items():
             target[rows] = self._read_picked_part(layer, samples[rows], name)
         return result
 

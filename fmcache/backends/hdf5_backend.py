@@ -243,7 +243,7 @@ class Hdf5Backend(Backend):
         """A picked part (a SACA variant, picked for about one row in six) goes through
         the row LRU too only where a chunk holds at least :data:`PICKED_CHUNK_ROWS`
         samples: a whole chunk read then serves enough rows over the epoch to beat one
-        h5py read per row (~17 µs each here); with fewer samples per chunk (larger maps)
+        h5py read per row (tens of µs each); with fewer samples per chunk (larger maps)
         copying its chunks whole cost more than the rows it served, and the rows come
         through HDF5's own reads (its chunk cache keeps the decoded chunks). Measured by
         tools/bench_picked_rows.py (docs/benchmarks.md, "What session 7 changed")."""
