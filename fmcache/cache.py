@@ -35,7 +35,7 @@ from .errors import (
     ShapeMismatchError,
     StaleCacheError,
 )
-from .manifest import LayerInfo, Manifest, part_name, utc_now
+from .manifest import WHOLE_PART, LayerInfo, Manifest, part_name, utc_now
 from .tiers import TierPlan
 
 if TYPE_CHECKING:
@@ -141,11 +141,17 @@ class CacheWriter:
     def add_layer(self, name: str, shape: Sequence[int], *, codec: Codec | str | None = None,
                   plan: TierPlan | None = None, variants: Sequence[str] = (),
                   variant_tiers: Sequence[str] | None = None, samples_per_chunk: int | None = None,
-                  extra: Mapping[str, Any] | None = None) -> LayerInfo:
+                  extra: Mapping[str, Any] | None = None, packed: bool | None = None) -> LayerInfo:
         """Declare a layer: per-sample ``shape`` ((C, H, W), (T, D), ...) and either one
         ``codec`` for all channels or a tier ``plan``. ``variants`` names augmented copies
         stored for ``variant_tiers`` (default: the tier named 'sensitive' if any, else all).
-        On resume, re-declaring a layer with the same layout is a no-op."""
+        On resume, re-declaring a layer with the same layout is a no-op.
+
+        ``packed``: store the base map whole (one part, one decode a sample, no merge)
+        rather than tier by tier. The default (None) packs a plan of several tiers that
+        share one channel-wise codec (:meth:`TierPlan.shared_codec`), where it changes no
+        value; True asks for it (an error where the tiers cannot share a part), False
+        keeps a part per tier."""
         shape = tuple(int(d) for d in shape)
         if not shape or any(d < 1 for d in shape):
             raise ShapeMismatchError(f"layer {name!r}: shape {shape} must be non-empty and positive")
@@ -165,11 +171,17 @@ class CacheWriter:
             plan.tier(tier)
         if len(set(variants)) != len(variants) or any(not v or "@" in v or "/" in v for v in variants):
             raise CacheError(f"layer {name!r}: variant names {list(variants)} must be unique, without '@' or '/'")
+        shared = plan.shared_codec() is not None
+        if packed and not shared:
+            raise CacheError(f"layer {name!r}: packed=True needs tiers that share one channel-wise codec, "
+                             f"got {plan!r}", hint="give every tier the same codec (not sz3/zfp), or packed=None")
+        existing = self.manifest.layers.get(name)
+        if packed is None:  # on resume, the layout the build began with
+            packed = existing.packed if existing is not None else shared and len(plan.tiers) > 1
         info = LayerInfo(name=name, shape=shape, plan=plan,
                          samples_per_chunk=int(samples_per_chunk or default_samples_per_chunk(shape)),
                          variants=tuple(variants), variant_tiers=tuple(variant_tiers) if variants else (),
-                         extra=dict(extra or {}))
-        existing = self.manifest.layers.get(name)
+                         extra=dict(extra or {}), packed=bool(packed) and len(plan.tiers) > 1)
         if existing is not None:
             if existing.same_layout(info):
                 return existing
@@ -204,7 +216,7 @@ class CacheWriter:
         parts: dict[str, dict[str, np.ndarray]] = {}
         for name, layer in self.manifest.layers.items():
             batch = self._checked(name, layer, maps[name], n, "")
-            layer_parts = layer.plan.split(batch, batched=True)
+            layer_parts = {WHOLE_PART: batch} if layer.packed else layer.plan.split(batch, batched=True)
             for variant in layer.variants:
                 given = (variants or {}).get(name, {}).get(variant)
                 if given is None:
@@ -374,9 +386,20 @@ class Cache:
 
     def read_parts(self, layer: str, samples: Iterable[int], parts: Sequence[str] | None = None
                    ) -> dict[str, np.ndarray]:
-        """Decoded stored parts (tiers and ``tier@variant``) for a batch of samples."""
-        self.layer(layer)
-        return self.backend.read(layer, self._samples(samples), parts)
+        """Decoded stored parts (tiers and ``tier@variant``) for a batch of samples. A
+        packed layer stores its tiers in one part (:data:`~fmcache.manifest.WHOLE_PART`),
+        which is what ``parts=None`` gives; a tier named in ``parts`` comes from it."""
+        info = self.layer(layer)
+        idx = self._samples(samples)
+        tiers = [p for p in parts or () if info.packed and p in info.plan.names]
+        if not tiers:
+            return self.backend.read(layer, idx, parts)
+        assert parts is not None
+        stored = self.backend.read(layer, idx, list(dict.fromkeys(
+            [*(p for p in parts if p not in tiers), WHOLE_PART])))
+        whole = stored[WHOLE_PART]
+        return {p: np.ascontiguousarray(info.plan.select(whole, p, batched=True)) if p in tiers else stored[p]
+                for p in parts}
 
     def read_batch(self, layer: str, samples: Iterable[int], out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``(len(samples), *shape)``: the base maps, tiers merged (into ``out`` if given)."""
@@ -417,17 +440,29 @@ class Cache:
             if replace not in info.plan.names:
                 raise CacheError(f"{self.path}: layer {layer!r} has no tier {replace!r} to replace",
                                  hint=f"tiers: {', '.join(info.plan.names)}")
-            if shapes and shapes != {specs[replace].shape}:
+            tier_shape = info.part_shape(replace)
+            if shapes and shapes != {tier_shape}:
                 raise ShapeMismatchError(f"{self.path}: layer {layer!r}: the picked parts have shape "
-                                         f"{shapes.pop()}, tier {replace!r} has {specs[replace].shape}")
-            shapes = set()
+                                         f"{shapes.pop()}, tier {replace!r} has {tier_shape}")
+            if info.packed:  # the tier shares its part with the others: decode the picks apart
+                shapes = {tier_shape}
+            else:
+                shapes = set()
         picked = np.empty((len(idx), *(shapes.pop() if shapes else (0,))), dtype=np.float32)
-        target = None if replace is not None else picked
+        target = None if replace is not None and not info.packed else picked
         whole = self._whole_tier_of(layer, info)
-        if whole and merged:
+        if whole and (merged or info.packed):
             base = np.empty((len(idx), *info.shape), dtype=np.float32)
-            self.backend.read_picked(layer, idx, (whole,), {whole: base}, picks, target, replace)
-            return base, picked
+            self.backend.read_picked(layer, idx, (whole,), {whole: base}, picks, target, None if info.packed
+                                     else replace)
+            if replace is not None and info.packed:
+                rows = np.flatnonzero([p is not None for p in picks])
+                if len(rows):  # the picked rows' channels of that tier, in place
+                    axis = channel_axis(len(info.shape)) + 1
+                    channels = np.asarray(info.plan.tier(replace).channels, dtype=np.intp)
+                    np.moveaxis(base, axis, 1)[np.ix_(rows, channels)] = np.moveaxis(picked[rows], axis, 1)
+                picked = np.empty((len(idx), 0), dtype=np.float32)
+            return (base if merged else info.plan.split(base, batched=True)), picked
         parts = self.backend.read_picked(layer, idx, info.plan.names, None, picks, target, replace)
         return (info.plan.merge(parts, batched=True) if merged else parts), picked
 
@@ -450,12 +485,13 @@ class Cache:
         return self._read_base(layer, self.layer(layer), idx, None if out is None else out[None])[0]
 
     def _whole_tier_of(self, layer: str, info: LayerInfo) -> str:
-        """The name of the layer's only tier when it holds every channel in order, else ""."""
+        """The name of the layer's one base part when it holds every channel in order (a
+        packed layer's, or the only tier's), else ""."""
         whole = self._whole_tier.get(layer)
         if whole is None:
             tiers = info.plan.tiers
-            whole = tiers[0].name if len(tiers) == 1 and tiers[0].channels == tuple(range(len(tiers[0].channels))) \
-                else ""
+            whole = WHOLE_PART if info.packed else tiers[0].name if (
+                len(tiers) == 1 and tiers[0].channels == tuple(range(len(tiers[0].channels)))) else ""
             self._whole_tier[layer] = whole
         return whole
 
@@ -464,10 +500,13 @@ class Cache:
         if out is not None and (out.shape != shape or out.dtype != np.float32):
             raise ShapeMismatchError(f"out has shape {out.shape} {out.dtype}, expected {shape} float32")
         whole = self._whole_tier_of(layer, info)
-        if whole and (out is None or out.flags.c_contiguous):
+        if whole:
             # Decode straight into the result: no per-part batch, no merge copy.
-            dst = np.empty(shape, dtype=np.float32) if out is None else out
+            dst = out if out is not None and out.flags.c_contiguous else np.empty(shape, dtype=np.float32)
             self.backend.read(layer, idx, (whole,), out={whole: dst})
+            if out is not None and dst is not out:
+                out[...] = dst
+                return out
             return dst
         parts = self.backend.read(layer, idx, info.plan.names)
         return info.plan.merge(parts, batched=True, out=out)
@@ -514,7 +553,7 @@ def open_cache(path: str | os.PathLike[str], *, weights_fingerprint: str | None 
 
 
 def _part_specs(layer: LayerInfo) -> list[PartSpec]:
-    return [PartSpec(name, layer.part_shape(name), layer.plan.tier(tier).codec) for name, tier, _ in layer.parts()]
+    return [PartSpec(name, layer.part_shape(name), layer.part_codec(name)) for name, _, _ in layer.parts()]
 
 
 def _check_fingerprints(recorded: Mapping[str, str | None], given: Mapping[str, str | None], what: str,

@@ -17,7 +17,7 @@ import numpy as np
 from .cache import create_cache, open_cache
 from .codecs import Codec, codec_from_spec
 from .errors import CacheError
-from .manifest import Manifest, part_name
+from .manifest import WHOLE_PART, Manifest, part_name
 from .tiers import Tier, TierPlan
 
 
@@ -56,7 +56,8 @@ def compact_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, c
                 for name in keep:
                     layer = m.layers[name]
                     parts = cache.read_parts(name, samples)
-                    maps[name] = layer.plan.merge({t: parts[t] for t in layer.plan.names}, batched=True)
+                    maps[name] = parts[WHOLE_PART] if layer.packed else layer.plan.merge(
+                        {t: parts[t] for t in layer.plan.names}, batched=True)
                     for variant in layer.variants:
                         # Variant tiers only: the other channels of a variant are never read.
                         full = maps[name].copy()

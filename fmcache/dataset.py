@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .augment import AUGMENT_MODES, AugFamily, infer_stride
-from .augment.batch import feature_batch, nearest_batch, saca_tiers
+from .augment.batch import feature_batch, nearest_batch, saca_batch, saca_tiers
 from .cache import Cache, open_cache
 from .errors import CacheError
 from .manifest import VARIANT_SEP
@@ -124,6 +124,7 @@ class FeatureMapDataset(Dataset):
                                  hint="build with SACA (fmcache build --saca) or use augment='feature'")
             self.sensitive = np.asarray(info.plan.tier("sensitive").channels, dtype=np.int64)
             self._plan = info.plan
+            self._packed = info.packed
             self.variant_parts = {v: f"sensitive{VARIANT_SEP}{v}" for v in info.variants}
         labels = cache.labels
         self._labels = labels
@@ -188,6 +189,17 @@ class FeatureMapDataset(Dataset):
         # per row, the part its sensitive channels start from: the chosen cached variant,
         # or None (the base's own) where the nearest is ``identity`` (or not cached)
         picks = [self.variant_parts.get(name) for name in chosen]
+        if self._packed:  # one part holds every channel: the whole map, and the picks apart
+            assert self.sensitive is not None
+            base, picked = cache.read_batch_picked(self.layer, idx, picks)
+            own = [row for row, pick in enumerate(picks) if pick is None]
+            if len(own) == len(picks):
+                source = self._plan.select(base, "sensitive", batched=True)
+            else:
+                source = picked
+                if own:
+                    source[own] = self._plan.select(base[own], "sensitive", batched=True)
+            return saca_batch(base, draws, self.stride, self.sensitive, source, (rflip, rdy, rdx), tokens=self.tokens)
         # the sensitive tier of each row comes from its chosen variant (or the base's own)
         parts, _ = cache.read_batch_picked(self.layer, idx, picks, merged=False, replace="sensitive")
         source = parts["sensitive"]

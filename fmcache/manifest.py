@@ -10,7 +10,10 @@ records (names block apart from the lengths, parsed once per layer) and ``bf16``
 payloads with blosc2 holding the widened float32 words (stage byte 2,
 :mod:`fmcache.codecs.cast`), which decode without a widening pass (both older forms
 still read); 4 — ``blosc2`` codec payloads carry a CRC-32C of their frame
-(:mod:`fmcache.codecs.lossless`; the bare frames of 1-3 still read). A reader refuses a
+(:mod:`fmcache.codecs.lossless`; the bare frames of 1-3 still read); 5 — a layer whose
+tiers all share one channel-wise codec may be *packed* (``"packed": true``): its base map
+is stored as one part, :data:`WHOLE_PART`, every channel in order, instead of a part per
+tier (layers of 1-4 have no ``packed`` and read as before). A reader refuses a
 manifest whose ``format_version`` is newer than :data:`FORMAT_VERSION`.
 """
 
@@ -23,11 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .codecs import Codec
 from .errors import CorruptionError, FormatVersionError
 from .tiers import TierPlan
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 VARIANT_SEP = "@"
+#: The one base part of a packed layer: the whole map, every channel in order (tier
+#: names start with a letter, so no tier is called this).
+WHOLE_PART = "_whole"
 
 
 def part_name(tier: str, variant: str | None = None) -> str:
@@ -49,17 +56,34 @@ class LayerInfo:
     raw_bytes: dict[str, int] = field(default_factory=dict)
     stored_bytes: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the base map is stored whole (:data:`WHOLE_PART`, the tiers' shared codec), not per tier
+    packed: bool = False
 
     def parts(self) -> list[tuple[str, str, str | None]]:
-        """(part name, tier, variant) for every stored part, base tiers first."""
-        out: list[tuple[str, str, str | None]] = [(t, t, None) for t in self.plan.names]
+        """(part name, tier, variant) for every stored part, base parts first; a packed
+        layer's base part has the tier ``""`` (it holds every tier)."""
+        out: list[tuple[str, str, str | None]] = (
+            [(WHOLE_PART, "", None)] if self.packed else [(t, t, None) for t in self.plan.names])
         for variant in self.variants:
             out.extend((part_name(t, variant), t, variant) for t in self.variant_tiers)
         return out
 
+    @property
+    def base_parts(self) -> tuple[str, ...]:
+        """The stored parts of the base map: :data:`WHOLE_PART` when packed, else the tiers."""
+        return (WHOLE_PART,) if self.packed else self.plan.names
+
     def part_shape(self, part: str) -> tuple[int, ...]:
+        if part == WHOLE_PART:
+            return self.shape
         tier = part.split(VARIANT_SEP, 1)[0]
         return self.plan.tier_shape(tier, self.shape)
+
+    def part_codec(self, part: str) -> Codec:
+        """The codec part ``part`` is stored with."""
+        if part == WHOLE_PART:
+            return self.plan.tiers[0].codec
+        return self.plan.tier(part.split(VARIANT_SEP, 1)[0]).codec
 
     @property
     def sample_nbytes(self) -> int:
@@ -80,14 +104,16 @@ class LayerInfo:
             "raw_bytes": dict(self.raw_bytes),
             "stored_bytes": dict(self.stored_bytes),
             "extra": self.extra,
+            **({"packed": True} if self.packed else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerInfo:
+        plan = TierPlan.from_dict(data["plan"])
         return cls(
             name=str(data["name"]),
             shape=tuple(int(d) for d in data["shape"]),
-            plan=TierPlan.from_dict(data["plan"]),
+            plan=plan,
             samples_per_chunk=int(data["samples_per_chunk"]),
             variants=tuple(data.get("variants", ())),
             variant_tiers=tuple(data.get("variant_tiers", ())),
@@ -95,13 +121,26 @@ class LayerInfo:
             raw_bytes={k: int(v) for k, v in data.get("raw_bytes", {}).items()},
             stored_bytes={k: int(v) for k, v in data.get("stored_bytes", {}).items()},
             extra=dict(data.get("extra", {})),
+            packed=_packed(data, plan),
         )
 
     def same_layout(self, other: LayerInfo) -> bool:
         """Equal in everything that decides how records are written (not in byte counts)."""
-        keys = ("name", "shape", "dtype", "samples_per_chunk", "plan", "variants", "variant_tiers")
+        keys = ("name", "shape", "dtype", "samples_per_chunk", "plan", "variants", "variant_tiers", "packed")
         a, b = self.to_dict(), other.to_dict()
-        return all(a[k] == b[k] for k in keys)
+        return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _packed(data: Mapping[str, Any], plan: TierPlan) -> bool:
+    """A layer entry's ``packed`` flag, checked against its plan: only a plan whose tiers
+    share one channel-wise codec can have been packed (anything else is a damaged manifest)."""
+    packed = data.get("packed", False)
+    if not isinstance(packed, bool):
+        raise TypeError(f"layer {data.get('name')!r}: 'packed' must be true or false, got {packed!r}")
+    if packed and plan.shared_codec() is None:
+        raise ValueError(f"layer {data.get('name')!r} is marked packed, but its tiers do not share "
+                         "one channel-wise codec")
+    return packed
 
 
 @dataclass

@@ -16,16 +16,19 @@ from .manifest import Manifest
 def _layer_summary(manifest: Manifest) -> dict[str, Any]:
     layers = {}
     for name, layer in manifest.layers.items():
-        base_parts = set(layer.plan.names)
+        base_parts = set(layer.base_parts)
         entry: dict[str, Any] = {
             "shape": list(layer.shape),
             "dtype": layer.dtype,
             "samples_per_chunk": layer.samples_per_chunk,
             "raw_bytes": sum(v for k, v in layer.raw_bytes.items() if k in base_parts),
             "stored_bytes": sum(v for k, v in layer.stored_bytes.items() if k in base_parts),
+            # a packed layer stores its tiers in one part: bytes per tier are not known
             "tiers": [{"name": t.name, "channels": len(t.channels), "codec": t.codec.spec,
-                       "raw_bytes": layer.raw_bytes.get(t.name, 0),
-                       "stored_bytes": layer.stored_bytes.get(t.name, 0)} for t in layer.plan.tiers],
+                       **({} if layer.packed else {"raw_bytes": layer.raw_bytes.get(t.name, 0),
+                                                   "stored_bytes": layer.stored_bytes.get(t.name, 0)})}
+                      for t in layer.plan.tiers],
+            "packed": layer.packed,
             "variants": list(layer.variants),
         }
         if layer.variants:
@@ -88,11 +91,15 @@ def render_table(summary: dict[str, Any]) -> str:
     lines.append(header)
     for name, layer in summary["layers"].items():
         shape = "x".join(map(str, layer["shape"]))
-        for i, tier in enumerate(layer["tiers"]):
-            ratio = tier["raw_bytes"] / tier["stored_bytes"] if tier["stored_bytes"] else 0.0
-            lines.append(f"  {name if i == 0 else '':<16} {shape if i == 0 else '':<14} {tier['name']:<10} "
-                         f"{tier['channels']:>4}  {tier['codec']:<34} {_size(tier['raw_bytes']):>10} "
-                         f"{_size(tier['stored_bytes']):>10} {ratio:>5.1f}x")
+        rows = [(t["name"], t["channels"], t["codec"], t.get("raw_bytes"), t.get("stored_bytes"))
+                for t in layer["tiers"]]
+        if layer.get("packed"):  # the tiers share one stored part: its bytes on a row of their own
+            rows.append(("(packed)", sum(r[1] for r in rows), rows[0][2], layer["raw_bytes"], layer["stored_bytes"]))
+        for i, (tier, channels, codec, raw, stored) in enumerate(rows):
+            sizes = f"{'':>10} {'':>10} {'':>6}" if raw is None else (
+                f"{_size(raw):>10} {_size(stored):>10} {raw / stored if stored else 0.0:>5.1f}x")
+            lines.append(f"  {name if i == 0 else '':<16} {shape if i == 0 else '':<14} {tier:<10} "
+                         f"{channels:>4}  {codec:<34} {sizes}")
         if layer["variants"]:
             lines.append(f"  {'':<16} {'':<14} variants: {', '.join(layer['variants'])}  "
                          f"stored {_size(layer.get('variant_stored_bytes', 0))}")

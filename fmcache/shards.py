@@ -52,9 +52,10 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
         expected = shard["stop"]
         if m.fingerprints != first.fingerprints:
             raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only")
-        if [layer.to_dict()["plan"] for layer in m.layers.values()] != \
-                [layer.to_dict()["plan"] for layer in first.layers.values()] or list(m.layers) != list(first.layers):
-            raise CacheError(f"{cache.path}: layers or tier plans differ from {caches[0].path}'s")
+        if [(layer.to_dict()["plan"], layer.packed) for layer in m.layers.values()] != \
+                [(layer.to_dict()["plan"], layer.packed) for layer in first.layers.values()] \
+                or list(m.layers) != list(first.layers):
+            raise CacheError(f"{cache.path}: layers, tier plans or their packing differ from {caches[0].path}'s")
         cache.close()
     total = first.build.get("samples_total", expected)
     if expected != total:
@@ -158,8 +159,8 @@ class ShardedCache:
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
             base, got = self.shards[int(s)].read_batch_picked(layer, local[rows], [picks[int(r)] for r in rows],
-                                                              merged=False, replace=replace)
-            pieces.append((rows, base, got))
+                                                              merged=merged, replace=replace)
+            pieces.append((rows, {"": base} if merged else base, got))
         shape = next((p.shape[1:] for _, _, p in pieces if p.shape[1:] != (0,)), (0,))
         picked = np.empty((len(idx), *shape), dtype=np.float32)
         parts: dict[str, np.ndarray] = {}
@@ -170,9 +171,7 @@ class ShardedCache:
                 parts[name][rows] = values
             if got.shape[1:] == shape:  # a shard whose rows picked nothing returns (k, 0)
                 picked[rows] = got
-        if merged:
-            return self.manifest.layers[layer].plan.merge(parts, batched=True), picked
-        return parts, picked
+        return (parts[""] if merged else parts), picked
 
     def read(self, layer: str, sample: int, out: np.ndarray | None = None) -> np.ndarray:
         return self.read_batch(layer, [sample], None if out is None else out[None])[0]

@@ -116,6 +116,15 @@ class TierPlan:
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tiers)
 
+    def shared_codec(self) -> Codec | None:
+        """The codec of every tier when they all share one and it is channel-wise
+        (:attr:`~fmcache.codecs.Codec.channelwise`): storing the map whole with it decodes
+        every channel to what its tier would. None otherwise."""
+        first = self.tiers[0].codec
+        if not first.channelwise or any(t.codec != first for t in self.tiers[1:]):
+            return None
+        return first
+
     def select(self, maps: np.ndarray, name: str, *, batched: bool) -> np.ndarray:
         """The channels of tier ``name`` from one map (or a batch)."""
         axis = channel_axis(maps.ndim - (1 if batched else 0)) + (1 if batched else 0)

@@ -29,13 +29,15 @@ def test_golden_cache_decodes_as_it_did_when_written(tmp_path, version, name):
     inputs = np.load(src / "inputs.npz")
     decoded = np.load(src / "decoded.npz")
     cache = fmcache.open_cache(copy)
-    assert len(cache) == 5 and list(cache.layers) == ["stage.1", "tokens"]
+    packed = int(version[1:]) >= 5  # from version 5 a third layer, packed
+    assert len(cache) == 5 and list(cache.layers) == ["stage.1", "tokens", *(["packed"] if packed else [])]
+    assert [layer.packed for layer in cache.layers.values()] == [False, False, *([True] if packed else [])]
     assert cache.manifest.fingerprints == {"weights": "golden-weights", "data": "golden-data"}
     np.testing.assert_array_equal(cache.labels, inputs["labels"])
     for layer in cache.layers:
         for part, values in cache.read_parts(layer, range(5)).items():
             np.testing.assert_array_equal(values, decoded[f"{name}|{layer}|{part}"], err_msg=f"{layer} {part}")
-    truth = {"stage.1": inputs["conv"], "tokens": inputs["tokens"]}
+    truth = {"stage.1": inputs["conv"], "tokens": inputs["tokens"], **({"packed": inputs["conv"]} if packed else {})}
     for layer, x in truth.items():
         plan = cache.layers[layer].plan
         for i in range(5):
@@ -47,3 +49,7 @@ def test_golden_cache_decodes_as_it_did_when_written(tmp_path, version, name):
     sensitive = cache.layers["stage.1"].plan.tier("sensitive").codec  # fp16 up to v2, bf16 from v3
     for i in range(5):
         assert_within_contract(sensitive, inputs["conv_flip"][i, [1, 4]], flip[i], f"flip[{i}]")
+    if packed:  # one stored base part, every channel; the variant's sensitive channels apart
+        assert sorted(cache.read_parts("packed", [0])) == ["_whole", "sensitive@flip"]
+        np.testing.assert_array_equal(cache.read_parts("packed", range(5), ["sensitive@flip"])["sensitive@flip"],
+                                      cache.read_parts("stage.1", range(5), ["sensitive@flip"])["sensitive@flip"])

@@ -110,6 +110,11 @@ class Codec(ABC):
     stores_nonfinite: ClassVar[bool] = False
     #: exact zeros decode to exact zeros (see docs/codecs.md for conditions)
     keeps_zeros: ClassVar[bool] = False
+    #: every channel decodes to the same numbers whichever other channels share its map
+    #: (element-wise casts, per-channel quantisers, lossless codecs): tiers that share
+    #: such a codec can be stored as one part (fmcache.manifest.WHOLE_PART) without
+    #: changing a value; error-bounded codecs, whose bound spans the map, cannot
+    channelwise: ClassVar[bool] = False
 
     # ---- configuration -------------------------------------------------------------
     @abstractmethod

@@ -112,6 +112,7 @@ class _Cast16(Codec):
 
     stores_nonfinite = True
     keeps_zeros = True
+    channelwise = True
     _storage_dtype: np.dtype
     _torch_dtype: torch.dtype
     #: the HDF5 dataset holding the 16-bit values

@@ -143,6 +143,7 @@ class Raw(Codec):
     lossless = True
     stores_nonfinite = True
     keeps_zeros = True
+    channelwise = True
 
     def params(self) -> dict[str, Any]:
         return {}
@@ -181,6 +182,7 @@ class Blosc2(Codec):
     lossless = True
     stores_nonfinite = True
     keeps_zeros = True
+    channelwise = True
 
     def __init__(self, cname: str = "zstd", clevel: int = 1, shuffle: str = "byte") -> None:
         self.clevel = check_blosc2_params(self.codec_id, cname, clevel, shuffle)

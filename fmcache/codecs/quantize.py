@@ -107,6 +107,7 @@ class _AffineQuantizer(Codec):
     """Shared parts of ``int8`` and ``int4``."""
 
     keeps_zeros = True  # for channels whose minimum is 0 (post-ReLU); see the contract
+    channelwise = True  # offset and scale per channel
     bits: int
 
     def __init__(self, cname: str = "lz4", clevel: int = 5, shuffle: str = "bit") -> None:

@@ -3,7 +3,8 @@
     python tests/golden/make_golden.py
 
 creates ``tests/golden/v<FORMAT_VERSION>/`` with an LMDB and an HDF5 cache of the same
-small maps (two tiers with a variant, error-bounded and quantised codecs, token maps),
+small maps (two tiers with a variant, error-bounded and quantised codecs, token maps; from
+version 5 a packed layer),
 ``inputs.npz`` (what was written) and ``decoded.npz`` (what this version decoded). Every
 test run decodes them again (tests/test_golden.py): a format or decoder change that
 alters old caches fails there.
@@ -37,10 +38,14 @@ def write(path: Path, data: dict[str, np.ndarray]) -> None:
         first = "blosc2" if fmcache.FORMAT_VERSION >= 4 else "zfp:accuracy=0.01"
         w.add_layer("tokens", (7, 3), plan=TierPlan(3, [("a", [0], first),
                                                         ("b", [1, 2], "sz3:abs=0.001")]))
+        maps, variants = {"stage.1": data["conv"], "tokens": data["tokens"]}, {"stage.1": {"flip": data["conv_flip"]}}
+        if fmcache.FORMAT_VERSION >= 5:  # from version 5 a layer whose tiers share a codec is packed
+            w.add_layer("packed", (6, 4, 4), plan=TierPlan.two_tier(6, [1, 4], "bf16", "bf16"), variants=["flip"])
+            maps["packed"], variants["packed"] = data["conv"], {"flip": data["conv_flip"]}
         for s in (0, 3):
             sl = slice(s, s + 3)
-            w.append({"stage.1": data["conv"][sl], "tokens": data["tokens"][sl]}, data["labels"][sl],
-                     variants={"stage.1": {"flip": data["conv_flip"][sl]}})
+            w.append({k: v[sl] for k, v in maps.items()}, data["labels"][sl],
+                     variants={k: {v: x[sl] for v, x in d.items()} for k, d in variants.items()})
         w.commit()
 
 
