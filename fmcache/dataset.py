@@ -92,9 +92,10 @@ class FeatureMapDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
-        self.dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if self.dtype not in (torch.float32, torch.bfloat16):
+        chosen = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if chosen not in (torch.float32, torch.bfloat16):
             raise CacheError(f"dtype {dtype!r} is not supported", hint="use 'float32' or 'bf16'")
+        self.dtype: torch.dtype = chosen  # type: ignore[assignment]
         cache = open_cache(self.path, weights_fingerprint=weights_fingerprint, allow_stale=allow_stale)
         self._cache: Cache | None = cache
         if layer is None:

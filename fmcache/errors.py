@@ -31,6 +31,7 @@ the familiar types too::
     │   ├── VariantNameError                  a variant name that is not canonical
     │   └── SensitivityError                  mismatched maps, rho out of range, no data
     ├── SamplerConfigError (ValueError)       sampler parameter out of range or of the wrong type
+    ├── HandoverError (RuntimeError)          a worker's batch overwritten in the shared ring before it was read
     ├── PolicyError (ValueError)              bad fractions, codecs or JSON in a compression policy
     ├── FreezeError (ValueError)              schedule or criterion that does not fit the model
     ├── BoundaryError (KeyError)              boundary not a top-level child of the model
@@ -242,6 +243,13 @@ class DataFileNotFoundError(FmcacheError, FileNotFoundError):
     default_hint = "run `apt-get install dataset-fashion-mnist`, or pass data_dir= a folder with the .gz files"
 
 
+class HandoverError(FmcacheError, RuntimeError):
+    """A batch a DataLoader worker left in the shared ring was overwritten before the
+    training process copied it out (fmcache.handover): never handed on as wrong numbers."""
+
+    default_hint = "pass handover='torch' to EpochLoader and report this with your torch version"
+
+
 __all__ = [
     "AugmentationError",
     "BoundaryError",
@@ -258,6 +266,7 @@ __all__ = [
     "FmcacheError",
     "FormatVersionError",
     "FreezeError",
+    "HandoverError",
     "IncompleteCacheError",
     "LayerNotFoundError",
     "ModelConfigError",

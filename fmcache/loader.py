@@ -19,10 +19,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .dataset import FeatureMapDataset
+from .handover import BatchKeys, OrdinalBatches, SharedRing, Ticket, ring_slots
 from .sampler import EpochSampler, SampleKey
+
+#: batches each worker works ahead (the DataLoader's default), which sizes the ring
+PREFETCH_FACTOR = 2
 
 
 class PermutationSampler(Sampler[int]):
@@ -71,10 +75,16 @@ class BatchServed(Dataset):
     """A :class:`~fmcache.dataset.FeatureMapDataset` served a batch at a time: its
     ``__getitems__`` is the data set's :meth:`~fmcache.dataset.FeatureMapDataset.get_batch`
     (``[maps, labels]``, what ``collate`` would make of the items), so the loader's
-    ``collate_fn`` has nothing left to do (:func:`as_batch`)."""
+    ``collate_fn`` has nothing left to do (:func:`as_batch`).
 
-    def __init__(self, dataset: FeatureMapDataset) -> None:
+    With a ``ring`` (:class:`~fmcache.handover.SharedRing`), a worker given a batch with an
+    ordinal (:class:`~fmcache.handover.OrdinalBatches`) leaves its maps in the ring and
+    returns a :class:`~fmcache.handover.Ticket` instead, which the loader's iterator
+    (:class:`RingLoader`) turns back into ``[maps, labels]``."""
+
+    def __init__(self, dataset: FeatureMapDataset, ring: SharedRing | None = None) -> None:
         self.dataset = dataset
+        self.ring = ring
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -82,13 +92,31 @@ class BatchServed(Dataset):
     def __getitem__(self, key: Any) -> Any:
         return self.dataset[key]
 
-    def __getitems__(self, keys: Sequence[Any]) -> list[Any]:
+    def __getitems__(self, keys: Sequence[Any]) -> Any:
+        ring = self.ring
+        if ring is not None and isinstance(keys, BatchKeys) and keys.ordinal >= 0 and get_worker_info() is not None:
+            maps, idx = self.dataset._batch(keys)
+            return ring.put(keys.ordinal, maps, self.dataset._collated_labels(idx))
         return self.dataset.get_batch(keys)
 
 
-def as_batch(batch: list[Any]) -> list[Any]:
+def as_batch(batch: Any) -> Any:
     """The ``collate_fn`` of a :class:`BatchServed` loader: the batch is already made."""
     return batch
+
+
+class RingLoader(DataLoader):
+    """A DataLoader over a :class:`BatchServed` with a ring: what its workers return as
+    tickets comes out as ``[maps, labels]``, the maps copied out of the ring."""
+
+    def __init__(self, *args: Any, ring: SharedRing, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ring = ring
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        take = self.ring.take
+        for batch in super().__iter__():
+            yield take(batch) if isinstance(batch, Ticket) else batch
 
 
 class EpochLoader:
@@ -101,25 +129,43 @@ class EpochLoader:
     epoch.
     With ``num_workers > 0`` the workers persist across epochs (``close()`` or dropping the
     loader stops them).
+
+    ``handover``: how a worker's batch of a ``FeatureMapDataset`` reaches this process.
+    ``"ring"`` (the default): through a ring of batch buffers in shared memory, made once
+    (:mod:`fmcache.handover`; ``2 x num_workers + 2`` batches of memory), each batch
+    copied out of it: no shared storage and file descriptor per tensor and batch.
+    ``"torch"``: as the DataLoader hands over any tensor. Without workers there is
+    nothing to hand over.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0,
-                 persistent: bool = True) -> None:
+                 persistent: bool = True, handover: str = "ring") -> None:
+        if handover not in ("ring", "torch"):
+            raise ValueError(f"handover={handover!r}: use 'ring' or 'torch'")
         self.dataset = dataset
         base: Sampler[int]
         served: Dataset = dataset
         collate_fn = None
+        ring: SharedRing | None = None
         if isinstance(dataset, FeatureMapDataset):  # reads SampleKeys itself, makes whole batches
-            base, collate_fn, served = dataset.sampler(drop_last=False), as_batch, BatchServed(dataset)
+            if handover == "ring" and num_workers > 0:
+                ring = SharedRing(ring_slots(num_workers, PREFETCH_FACTOR), batch_size, dataset.shape, dataset.dtype)
+            base, collate_fn, served = dataset.sampler(drop_last=False), as_batch, BatchServed(dataset, ring)
         else:
             base = PermutationSampler(len(dataset), seed)  # type: ignore[arg-type]
             if hasattr(dataset, "set_epoch"):
                 served = EpochKeyed(dataset)
         keyed = served is not dataset
         self.sampler = EpochSampler(base) if keyed else base
-        self.loader: DataLoader | None = DataLoader(
-            served, sampler=self.sampler, batch_size=batch_size, drop_last=True, num_workers=num_workers,
-            collate_fn=collate_fn, persistent_workers=persistent and num_workers > 0)
+        workers: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": persistent and num_workers > 0,
+                   **({"prefetch_factor": PREFETCH_FACTOR} if num_workers > 0 else {})}
+        self.loader: DataLoader | None
+        if ring is not None:  # batches with ordinals: the ring's slot of each
+            self.loader = RingLoader(served, batch_sampler=OrdinalBatches(self.sampler, batch_size),
+                                     collate_fn=collate_fn, ring=ring, **workers)
+        else:
+            self.loader = DataLoader(served, sampler=self.sampler, batch_size=batch_size, drop_last=True,
+                                     collate_fn=collate_fn, **workers)
 
     def __call__(self, epoch: int) -> DataLoader:
         if self.loader is None:
@@ -137,4 +183,4 @@ class EpochLoader:
             iterator._shutdown_workers()
 
 
-__all__ = ["BatchServed", "EpochKeyed", "EpochLoader", "PermutationSampler", "as_batch"]
+__all__ = ["BatchServed", "EpochKeyed", "EpochLoader", "PermutationSampler", "RingLoader", "as_batch"]
