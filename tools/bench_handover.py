@@ -111,10 +111,11 @@ def bench_layer(path: Path, batch: int, epochs: int, step_ms: float) -> dict[str
 
 def render(result: dict[str, Any]) -> str:
     s = result["settings"]
-    lines = [f"One worker per loader, batch {s['batch']}, {s['samples']} samples, {s['epochs']} epochs after a "
-             f"first batch, a {s['step_ms']:g} ms stand-in training step after every batch, the loaders in "
-             f"turn batch by batch; {s['cpu']}. ms the training process waits per batch (median over every "
-             "batch); torch / ring: median (min-max) over epochs of each epoch's total wait.", "",
+    head = (f"One worker per loader, batch {s['batch']}, {s['samples']} samples, {s['epochs']} epochs after a "
+            f"first batch, a {s['step_ms']:g} ms stand-in training step after every batch, the loaders in "
+            f"turn batch by batch; {s['cpu']}. ms the training process waits per batch (median over every "
+            "batch); torch / ring: median (min-max) over epochs of each epoch's total wait.")
+    lines = [head, "",
              "| maps | torch ms | ring ms | ring-again ms | torch / ring | ring-again / ring |",
              "|---|---:|---:|---:|---|---|"]
     for layer, row in result["layers"].items():
