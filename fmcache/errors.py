@@ -31,7 +31,7 @@ the familiar types too::
     │   ├── VariantNameError                  a variant name that is not canonical
     │   └── SensitivityError                  mismatched maps, rho out of range, no data
     ├── SamplerConfigError (ValueError)       sampler parameter out of range or of the wrong type
-    ├── HandoverError (RuntimeError)          a worker's batch overwritten in the shared ring before it was read
+    ├── HandoverError (RuntimeError)          no shared memory for the ring of worker batches, or a batch overwritten in it
     ├── PolicyError (ValueError)              bad fractions, codecs or JSON in a compression policy
     ├── FreezeError (ValueError)              schedule or criterion that does not fit the model
     ├── BoundaryError (KeyError)              boundary not a top-level child of the model
@@ -244,8 +244,10 @@ class DataFileNotFoundError(FmcacheError, FileNotFoundError):
 
 
 class HandoverError(FmcacheError, RuntimeError):
-    """A batch a DataLoader worker left in the shared ring was overwritten before the
-    training process copied it out (fmcache.handover): never handed on as wrong numbers."""
+    """The ring that hands DataLoader workers' batches to the training process
+    (fmcache.handover) could not be made in shared memory, or a batch in it was
+    overwritten before the training process copied it out (never handed on as wrong
+    numbers)."""
 
     default_hint = "pass handover='torch' to EpochLoader and report this with your torch version"
 

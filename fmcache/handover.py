@@ -92,8 +92,16 @@ class SharedRing:
 
     def __init__(self, slots: int, batch_size: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.slots = int(slots)
-        self.data = torch.empty((self.slots, int(batch_size), *shape), dtype=dtype).share_memory_()
-        self.ordinals = torch.full((self.slots,), -1, dtype=torch.int64).share_memory_()
+        data = torch.empty((self.slots, int(batch_size), *shape), dtype=dtype)
+        try:
+            self.data = data.share_memory_()
+            self.ordinals = torch.full((self.slots,), -1, dtype=torch.int64).share_memory_()
+        except RuntimeError as exc:  # e.g. a small /dev/shm (docker's default is 64 MB)
+            need = data.numel() * data.element_size() / 2**20
+            raise HandoverError(f"no shared memory for a ring of {self.slots} batches of {tuple(data.shape[1:])} "
+                                f"({need:.0f} MiB): {exc}",
+                                hint="enlarge /dev/shm (docker run --shm-size), use fewer workers or a smaller "
+                                     "batch, or pass handover='torch'") from exc
 
     def put(self, ordinal: int, maps: torch.Tensor, labels: Any) -> Ticket:
         """In a worker: the maps of batch ``ordinal`` into its slot; the ticket to return."""

@@ -161,3 +161,16 @@ def test_handover_must_be_ring_or_torch(tmp_path):
     path = _saca_cache(tmp_path, n=16)
     with pytest.raises(ValueError, match="handover='fast'"):
         EpochLoader(FeatureMapDataset(path), 8, num_workers=1, handover="fast")
+
+
+def test_no_room_in_shared_memory_for_the_ring_is_a_clear_error(monkeypatch, tmp_path):
+    path = _saca_cache(tmp_path, n=16)
+
+    def full(self):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)  # what a full /dev/shm makes torch raise
+    with pytest.raises(HandoverError, match=r"no shared memory for a ring of 4 batches of \(8, 8, 8, 8\)") as info:
+        EpochLoader(FeatureMapDataset(path), 8, num_workers=1)
+    assert "handover='torch'" in info.value.hint and "--shm-size" in info.value.hint
+    EpochLoader(FeatureMapDataset(path), 8, num_workers=1, handover="torch").close()  # needs no ring
