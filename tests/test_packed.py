@@ -315,3 +315,43 @@ def test_h5dump_prints_the_packed_part_as_the_whole_map(tmp_path):
     body = proc.stdout[proc.stdout.index("DATA {") + len("DATA {"):]
     values = np.array([float(v) for v in body[:body.index("}")].replace(",", " ").split()], dtype=np.float32)
     assert same_bits(values, maps.reshape(-1))
+
+
+# ---- HDF5: picked variants gathered from whole chunks in one pass ---------------------------
+@pytest.mark.parametrize("packed", [None, False])
+def test_hdf5_picked_rows_from_cached_chunks_equal_lmdbs(tmp_path, packed):
+    """Chunks of 32 samples (the picked rows come from the row LRU, every name in one pass
+    and one decode) read what LMDB reads, bit for bit, for any mix of picks and repeats."""
+    maps, variants, plan = _data(12, 100, (8, 4, 4), [1, 6])
+    h5 = _write(tmp_path / "c.h5", "hdf5", maps, variants, plan, packed, spc=32)
+    ref = _write(tmp_path / "c.lmdb", "lmdb", maps, variants, plan, packed, spc=32)
+    rng = np.random.default_rng(0)
+    with fmcache.open_cache(h5) as a, fmcache.open_cache(ref) as b:
+        assert a.backend._rows_fit("l")
+        for trial in range(6):
+            order = rng.integers(0, 100, 40).tolist()
+            picks = [None if rng.random() < 0.2 else f"sensitive@{NAMES[int(rng.integers(len(NAMES)))]}"
+                     for _ in order]
+            if trial == 0:
+                picks = [f"sensitive@{NAMES[0]}"] * len(order)  # every row: decoded into place
+            for replace in (None, "sensitive"):
+                got, got_picked = a.read_batch_picked("l", order, picks, replace=replace)
+                want, want_picked = b.read_batch_picked("l", order, picks, replace=replace)
+                assert same_bits(got, want)
+                rows = [r for r, p in enumerate(picks) if p is not None]
+                assert same_bits(got_picked[rows], want_picked[rows])
+
+
+def test_hdf5_picked_rows_of_a_variant_cut_short_name_the_missing_sample(tmp_path):
+    import h5py
+
+    from fmcache.backends.hdf5_backend import dataset_path
+    maps, variants, plan = _data(12, 70, (8, 4, 4), [1, 6])
+    path = _write(tmp_path / "c.h5", "hdf5", maps, variants, plan, None, spc=32)
+    with h5py.File(path, "r+") as fh:
+        fh[dataset_path("l", f"sensitive@{NAMES[2]}", "bits")].resize(50, axis=0)
+    with fmcache.open_cache(path) as cache:
+        ok, _ = cache.read_batch_picked("l", [3, 60], [f"sensitive@{NAMES[1]}", None])
+        assert ok.shape == (2, 8, 4, 4)
+        with pytest.raises(CorruptionError, match=r"sample 61: the dataset stops at sample 50"):
+            cache.read_batch_picked("l", [3, 61, 10], [f"sensitive@{NAMES[1]}", f"sensitive@{NAMES[2]}", None])
