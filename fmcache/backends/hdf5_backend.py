@@ -248,35 +248,39 @@ class Hdf5Backend(Backend):
         (rather than a gather and a decode per picked name: five variants, each picked by
         a few rows of a batch, cost 5-6x the base read that way)."""
         names = sorted({p for p in picks if p is not None})
-        entries = [self._one_entry(layer, name) for name in names] if names else []
-        if (not names or len(picks) != len(samples) or self._layers[layer][2] < PICKED_CHUNK_ROWS
-                or not self._rows_fit(layer) or any(e is None for e in entries)
-                or len({e[0].spec for e in entries if e is not None}) != 1):
+        per_chunk = self._layers[layer][2]
+        entry_of = {}
+        if len(picks) == len(samples) and per_chunk >= PICKED_CHUNK_ROWS and self._rows_fit(layer):
+            for name in names:
+                entry = self._one_entry(layer, name)
+                if entry is None:
+                    break
+                entry_of[name] = entry
+        codecs = {entry[0].spec for entry in entry_of.values()}
+        if not names or len(entry_of) != len(names) or len(codecs) != 1:
             return super().read_picked(layer, samples, parts, out, picks, picked_out, replace)
         result = self.read(layer, samples, parts, out)
         target = picked_out if replace is None else result[replace]
         assert target is not None, "picked_out or replace"
-        entry_of = dict(zip(names, entries))
-        per_chunk = self._layers[layer][2]
-        rows = [row for row, name in enumerate(picks) if name is not None]
+        rows = [row for row, pick in enumerate(picks) if pick is not None]
         chunks: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # held here: an eviction cannot take them
         stored: dict[str, np.ndarray] = {}
         for k, row in enumerate(rows):
-            name, sample = picks[row], int(samples[row])
-            assert name is not None
+            part, sample = picks[row], int(samples[row])
+            assert part is not None
             chunk, at = divmod(sample, per_chunk)
-            got = chunks.get((name, chunk))
+            got = chunks.get((part, chunk))
             if got is None:
-                got = chunks[(name, chunk)] = self._cached_chunk(layer, name, chunk, entry_of[name])  # type: ignore[arg-type]
+                got = chunks[(part, chunk)] = self._cached_chunk(layer, part, chunk, entry_of[part])
             for field, values in got.items():
                 if at >= len(values):
-                    raise CorruptionError(f"{entry_of[name][3]} sample {sample}: the dataset stops at sample "  # type: ignore[index]
+                    raise CorruptionError(f"{entry_of[part][3]} sample {sample}: the dataset stops at sample "
                                           f"{chunk * per_chunk + len(values)}")
                 dst = stored.get(field)
                 if dst is None:
                     dst = stored[field] = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
                 dst[k] = values[at]
-        codec, spec_shape = entries[0][0], target.shape[1:]  # type: ignore[index]
+        codec, spec_shape = entry_of[names[0]][0], target.shape[1:]
         where = f"{self.path}: layer {layer!r} parts {', '.join(names)}"
         try:
             if len(rows) == len(samples) and target.flags.c_contiguous:
