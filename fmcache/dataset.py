@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class FeatureMapDataset(Dataset):
         chosen = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if chosen not in (torch.float32, torch.bfloat16):
             raise CacheError(f"dtype {dtype!r} is not supported", hint="use 'float32' or 'bf16'")
-        self.dtype: torch.dtype = chosen  # type: ignore[assignment]
+        self.dtype = cast(torch.dtype, chosen)
         cache = open_cache(self.path, weights_fingerprint=weights_fingerprint, allow_stale=allow_stale)
         self._cache: Cache | None = cache
         if layer is None:

@@ -1,9 +1,10 @@
 """Handing batches from DataLoader workers to the training process through a shared ring.
 
 A tensor a worker returns crosses to the training process as a shared-memory storage
-whose file descriptor is passed over a socket: per storage a connection to the worker
-and back, ~0.7-1.2 ms here, and a batch of maps and labels is two storages
-(tools/bench_handover.py). :class:`SharedRing` instead holds ``slots`` batch-sized
+whose file descriptor is passed over a socket, a connection to the worker and back per
+storage, and a batch of maps and labels is two storages: 2.6-3.2 ms of waiting a batch
+here, against 1.3-1.7 ms through the ring (tools/bench_handover.py,
+docs/benchmarks.md). :class:`SharedRing` instead holds ``slots`` batch-sized
 buffers in shared memory, made once by the training process before the workers start
 (forked or spawned workers map the same memory). A worker writes the maps of the batch
 with ordinal ``k`` into slot ``k % slots`` and returns a small :class:`Ticket`; the
