@@ -174,3 +174,11 @@ def test_no_room_in_shared_memory_for_the_ring_is_a_clear_error(monkeypatch, tmp
         EpochLoader(FeatureMapDataset(path), 8, num_workers=1)
     assert "handover='torch'" in info.value.hint and "--shm-size" in info.value.hint
     EpochLoader(FeatureMapDataset(path), 8, num_workers=1, handover="torch").close()  # needs no ring
+
+
+def test_workers_that_do_not_persist_fill_the_same_ring_each_epoch(tmp_path):
+    path = _saca_cache(tmp_path, n=32)
+    ring = EpochLoader(FeatureMapDataset(path, augment="saca", seed=6), 8, num_workers=1, persistent=False)
+    assert isinstance(ring.loader, RingLoader)
+    plain = EpochLoader(FeatureMapDataset(path, augment="saca", seed=6), 8)
+    _same(_epochs(ring, range(3)) + _epochs(ring, [0], stop_after=2), _epochs(plain, range(3)) + _epochs(plain, [0], 2))
