@@ -489,9 +489,9 @@ class Cache:
         packed layer's, or the only tier's), else ""."""
         whole = self._whole_tier.get(layer)
         if whole is None:
-            tiers = info.plan.tiers
-            whole = WHOLE_PART if info.packed else tiers[0].name if (
-                len(tiers) == 1 and tiers[0].channels == tuple(range(len(tiers[0].channels)))) else ""
+            base, first = info.base_parts, info.plan.tiers[0]
+            in_order = info.packed or first.channels == tuple(range(info.plan.num_channels))
+            whole = base[0] if len(base) == 1 and in_order else ""
             self._whole_tier[layer] = whole
         return whole
 
