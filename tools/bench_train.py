@@ -28,6 +28,10 @@ faster, so fmcache being ahead is a conservative claim. Every loader runs with
 1: reading overlaps training on the second core) and torch uses one thread: on this
 shared two-core machine two torch threads ran 3-5x *slower* than one (OpenMP spinning
 against other jobs).
+The steps compute in float32 unless ``--precision bf16``: bf16 autocast with
+channels-last tensors, for every approach alike (classic freezing's prefix included), the
+setting of the issue's reference speeds. ``--width 64`` is the standard ResNet-18 (the
+issue's); the default width 16 makes the steps ~10x cheaper, so reading weighs more.
 
 Each repeat runs one epoch of every approach in turn, every other repeat in reverse order (side by side, so a neighbour's
 load hits them alike); the tables give the median and min-max of the epoch seconds and
@@ -50,6 +54,7 @@ and ``<!-- bench_train:end -->`` in ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -143,8 +148,44 @@ def folder_bytes(path: Path) -> int:
 
 # ---- training ------------------------------------------------------------------------------------
 
+#: ``--precision``: how every approach's steps compute (the same for all of them)
+PRECISIONS = ("fp32", "bf16")
+
+
+class Precision:
+    """The arithmetic of every training step, the same for every approach: ``fp32``, or
+    ``bf16`` = bf16 autocast with channels-last tensors, the setting the issue's reference
+    speeds were taken with (../shared/measurements.md: 2.5x fp32 on this CPU). Classic
+    freezing's prefix runs under it too; the cached maps are float32 either way (the
+    builders' forward pass is fp32)."""
+
+    def __init__(self, name: str = "fp32") -> None:
+        if name not in PRECISIONS:
+            raise ValueError(f"precision {name!r}: one of {PRECISIONS}")
+        self.name = name
+        self.bf16 = name == "bf16"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """``module`` (in place) in the memory format of the steps."""
+        return module.to(memory_format=torch.channels_last) if self.bf16 else module
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch as the steps take it: float32, channels-last for ``bf16`` (4-D maps)."""
+        x = x.float()
+        if self.bf16 and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+FP32 = Precision()
+
+
 def train_epoch(suffix: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                opt: torch.optim.Optimizer, prefix: nn.Module | None = None) -> tuple[float, float]:
+                opt: torch.optim.Optimizer, prefix: nn.Module | None = None,
+                precision: Precision = FP32) -> tuple[float, float]:
     """One epoch; returns wall seconds and this process's CPU seconds. Without workers the
     CPU time is all the epoch's work (one torch thread), and CPU time stolen by the VM's
     other tenants does not count in it; with workers it leaves the workers' reading out."""
@@ -153,18 +194,21 @@ def train_epoch(suffix: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     c0 = time.process_time()
     t0 = time.perf_counter()
     for x, y in batches:
-        if prefix is not None:
-            with torch.no_grad():
-                x = prefix(x)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(suffix(x.float()), y)
+        x = precision.batch(x)
+        with precision.autocast():
+            if prefix is not None:
+                with torch.no_grad():
+                    x = prefix(x)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(suffix(x), y)
         loss.backward()
         opt.step()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
 def train_lockstep(suffixes: dict[str, nn.Module], loaders: dict[str, Iterable[Any]],
-                   opts: dict[str, torch.optim.Optimizer], prefix: nn.Module) -> dict[str, tuple[float, float, float]]:
+                   opts: dict[str, torch.optim.Optimizer], prefix: nn.Module,
+                   precision: Precision = FP32) -> dict[str, tuple[float, float, float]]:
     """One epoch of every approach at once, step by step (``--interleave``): step *k* fetches
     a batch and trains one step for each approach in turn, the first approach rotating
     with *k*, and each approach's epoch time is the sum of its own steps (wall and CPU).
@@ -199,11 +243,13 @@ def train_lockstep(suffixes: dict[str, nn.Module], loaders: dict[str, Iterable[A
                 continue
             fetch[name] += time.perf_counter() - t0
             x, y = batch
-            if name == "classic":
-                with torch.no_grad():
-                    x = prefix(x)
-            opts[name].zero_grad(set_to_none=True)
-            loss = loss_fn(suffixes[name](x.float()), y)
+            x = precision.batch(x)
+            with precision.autocast():
+                if name == "classic":
+                    with torch.no_grad():
+                        x = prefix(x)
+                opts[name].zero_grad(set_to_none=True)
+                loss = loss_fn(suffixes[name](x), y)
             loss.backward()
             opts[name].step()
             wall[name] += time.perf_counter() - t0
@@ -338,23 +384,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         torch.set_num_threads(args.threads)
         setups = {b: prepare(b, model, data, aug_data, args, workdir) for b in args.boundaries}
+        precision = Precision(args.precision)
+        for setup in setups.values():  # classic freezing's prefix computes as the steps do
+            precision.module(setup["prefix"])
         seconds: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
         cpu: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
         fetched: dict[str, dict[str, list[float]]] = {b: {k: [] for k in s["loaders"]} for b, s in setups.items()}
         # warm-up, untimed: one training step per approach (lazy opens, allocator, page cache)
         for setup in setups.values():
             for name, batches in setup["loaders"].items():
-                suffix = copy.deepcopy(setup["suffix"])
+                suffix = precision.module(copy.deepcopy(setup["suffix"]))
                 opt = torch.optim.SGD(suffix.parameters(), lr=0.01, momentum=0.9)
-                train_epoch(suffix, _first(batches(0)), opt, setup["prefix"] if name == "classic" else None)
+                train_epoch(suffix, _first(batches(0)), opt, setup["prefix"] if name == "classic" else None,
+                            precision)
         for rep in range(1, args.repeats + 1):
             for boundary, setup in setups.items():
                 if args.interleave:
-                    suffixes = {name: copy.deepcopy(setup["suffix"]) for name in setup["loaders"]}
+                    suffixes = {name: precision.module(copy.deepcopy(setup["suffix"])) for name in setup["loaders"]}
                     opts = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
                             for name, m in suffixes.items()}
                     loaders = {name: batches(rep) for name, batches in setup["loaders"].items()}
-                    for name, (s, cpu_s, fetch_s) in train_lockstep(suffixes, loaders, opts, setup["prefix"]).items():
+                    for name, (s, cpu_s, fetch_s) in train_lockstep(suffixes, loaders, opts, setup["prefix"],
+                                                                     precision).items():
                         seconds[boundary][name].append(s)
                         cpu[boundary][name].append(cpu_s)
                         fetched[boundary][name].append(fetch_s)
@@ -365,10 +416,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # every other repeat in reverse: no approach always runs right after the same
                 # neighbour (classic freezing, the heaviest, ran just before in-memory maps)
                 for name, batches in order if rep % 2 else order[::-1]:
-                    suffix = copy.deepcopy(setup["suffix"])
+                    suffix = precision.module(copy.deepcopy(setup["suffix"]))
                     opt = torch.optim.SGD(suffix.parameters(), lr=0.01, momentum=0.9)
                     prefix = setup["prefix"] if name == "classic" else None
-                    s, cpu_s = train_epoch(suffix, batches(rep), opt, prefix)
+                    s, cpu_s = train_epoch(suffix, batches(rep), opt, prefix, precision)
                     seconds[boundary][name].append(s)
                     cpu[boundary][name].append(cpu_s)
                     print(f"rep {rep} {boundary} {name}: {s:.2f} s", file=sys.stderr, flush=True)
@@ -402,7 +453,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [(f"Settings: ResNet-18 width {s['width']} ({s['steps']} pre-training steps), {s['samples']} samples, "
-             f"batch {s['batch']}, {s['threads']} torch threads, fp32, "
+             f"batch {s['batch']}, {s['threads']} torch threads, "
+             f"{'bf16 autocast + channels-last' if s.get('precision') == 'bf16' else 'fp32'}, "
              f"{s.get('workers', 0)} DataLoader workers"
              f"{' (persistent: one loader per approach)' if s.get('persistent_loaders') else ' (a new loader every epoch)'}; "
              f"{s['repeats']} repeats after a one-step warm-up"
@@ -479,6 +531,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--interleave", action="store_true",
                         help="train every approach in lockstep, one step each in turn (see train_lockstep); "
                              "adds a second in-memory loader as the A/A row")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="the steps' arithmetic: fp32, or bf16 autocast + channels-last (the issue's reference "
+                             "setting; see Precision)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine 2 threads ran 3-5x slower)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
@@ -519,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     blosc2.set_nthreads(1)
     boundaries = run(args)
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
-                            "repeats": args.repeats, "threads": args.threads, "saca_samples": args.saca_samples,
+                            "repeats": args.repeats, "threads": args.threads,
+                            "precision": args.precision, "saca_samples": args.saca_samples,
                             "workers": args.workers, "interleave": args.interleave, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
                             "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
