@@ -212,6 +212,46 @@ def test_hdf5_batch_reads_of_any_rows_match_single_reads(hdf5_of_97: tuple[Path,
             assert same_bits(batch, np.stack([cache.read_parts("l", [i])[name][0] for i in order]))
 
 
+@pytest.mark.parametrize(("chunk_rows", "rows", "one_slice"), [
+    (1, [0, 1, 2, 3], True),            # per-sample chunks, no gap
+    (1, [0, 1, 2, 3, 4, 5, 6, 7, 9], True),  # one chunk more than the 9 wanted: within a quarter
+    (1, [0, 2, 4, 6], False),           # a slice would decode 7 chunks for 4 rows
+    (1, [4, 5, 6, 7, 20, 21, 22, 23], False),  # a sampler's blocks: 20 chunks for 8 rows
+    (4, [0, 5, 9, 10], True),           # chunks 0, 1, 2: a slice decodes just those
+    (4, [0, 13], False),                # chunks 0 and 3: a slice would decode 1 and 2 as well
+    (None, [0, 9], True),               # contiguous: a slice decodes nothing, only copies
+])
+def test_hdf5_slice_reads_decode_little_beyond_the_chunks_they_need(tmp_path: Path, chunk_rows: int | None,
+                                                                      rows: list[int], one_slice: bool) -> None:
+    """A batch read of scattered rows reads one slice over them only where that decodes at
+    most a quarter more chunks than the ones holding the rows; else one read per run. A
+    codec with a chunk per sample (SZ3, ZFP) read a sampler's batch 4x slower through
+    one slice (every row between its blocks decoded; docs/benchmarks.md)."""
+    import h5py
+
+    from fmcache.backends.hdf5_backend import _slice_decodes_little_more
+    with h5py.File(tmp_path / "d.h5", "w") as fh:
+        chunks = None if chunk_rows is None else (chunk_rows, 3)
+        ds = fh.create_dataset("d", data=np.zeros((32, 3), np.float32), chunks=chunks)
+        assert _slice_decodes_little_more(ds, np.array(rows)) is one_slice
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.integers(0, 39), min_size=1, max_size=30))
+def test_hdf5_per_sample_chunk_batches_match_single_reads(tmp_path: Path, order: list[int]) -> None:
+    """ZFP stores a chunk per sample: batches of any rows (spans, runs, repeats) read
+    through slices or runs give the rows that single reads give."""
+    path = tmp_path / "z.h5"
+    if not path.exists():
+        _build(path, "hdf5", post_relu(np.random.default_rng(11), (40, 3, 4, 4)),
+               TierPlan.single(3, "zfp:accuracy=0.01"), batch=7)
+    with fmcache.open_cache(path) as cache:
+        singles = np.stack([cache.read("l", i) for i in order])
+        assert same_bits(cache.read_batch("l", order), singles)
+        dataset = FeatureMapDataset(path)
+        assert same_bits(dataset.get_batch(order)[0].numpy(), singles)
+
+
 def test_hdf5_row_cache_shared_by_threads_gives_every_thread_the_right_rows(hdf5_of_97, monkeypatch) -> None:
     """Threads sharing one open HDF5 cache read per sample and in scattered batches
     through one row LRU of about three chunks, so entries are evicted under other

@@ -543,6 +543,26 @@ def _chunk_groups(samples: np.ndarray, per_chunk: int) -> list[tuple[int, np.nda
             for rows in np.split(np.arange(len(samples)), cuts)]
 
 
+#: how many chunks a slice read may decode beyond the ones holding wanted rows, as a
+#: share of those (see :func:`_slice_decodes_little_more`)
+SLICE_EXTRA_CHUNKS = 0.25
+
+
+def _slice_decodes_little_more(ds: h5py.Dataset, unique: np.ndarray) -> bool:
+    """Whether one slice over the sorted rows ``unique`` decodes at most
+    ``SLICE_EXTRA_CHUNKS`` more chunks than the chunks holding them. Counted in chunks,
+    not rows: a codec with a chunk per sample (SZ3, ZFP) decodes every row a slice
+    covers, so a slice over a sampler's batch (its rows in blocks, gaps between) decoded
+    up to four times the rows it served, and read 5-10x slower than one read per run
+    (docs/benchmarks.md, "On the issue's own model")."""
+    rows = ds.chunks[0] if ds.chunks else 0
+    if rows <= 0:  # contiguous: no decode, a slice only copies
+        return True
+    lo, hi = int(unique[0]) // rows, int(unique[-1]) // rows
+    needed = len(np.unique(unique // rows)) if rows > 1 else len(unique)
+    return hi - lo + 1 - needed <= SLICE_EXTRA_CHUNKS * needed
+
+
 def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str) -> np.ndarray:
     """Rows ``samples`` of a dataset; contiguous runs are read as one slice."""
     ds = None
@@ -559,7 +579,7 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
             return ds[lo:hi]
         unique, inverse = np.unique(samples, return_inverse=True)
         lo, hi = int(unique[0]), int(unique[-1]) + 1
-        if hi - lo <= 4 * len(unique):
+        if hi - lo <= 4 * len(unique) and _slice_decodes_little_more(ds, unique):
             # A chunk-aware sampler's batch spans a few chunks: one slice read (HDF5 decodes
             # each chunk once) then a gather, instead of h5py's slow point selection.
             return ds[lo:hi][unique - lo][inverse]
