@@ -35,7 +35,8 @@ Run from the repository root::
 
 It prints JSON on stdout and (unless ``--quick``) writes ``docs/bench.json`` (key
 ``read``), ``docs/bench_read.png`` and the table between ``<!-- bench_read:start -->``
-and ``<!-- bench_read:end -->`` in ``docs/benchmarks.md``.
+and ``<!-- bench_read:end -->`` in ``docs/benchmarks.md``. ``--render JSON [--region NAME]
+[--figure PNG]`` prints (and writes) the tables of a saved run.
 """
 
 from __future__ import annotations
@@ -338,7 +339,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def render(path: Path, region: str, figure: str) -> int:
+    """``--render``: the tables of a saved run (its JSON, e.g. ``--docs ''``'s stdout) on
+    stdout, and with ``--region NAME`` written between ``<!-- NAME:start -->`` and
+    ``<!-- NAME:end -->`` of docs/benchmarks.md; ``--figure`` saves its plot."""
+    results = json.loads(path.read_text())
+    table = markdown_table(results)
+    print(table)
+    if region:
+        write_region(REPO / "docs" / "benchmarks.md", f"<!-- {region}:start -->", f"<!-- {region}:end -->", table)
+    if figure:
+        plot(results, Path(figure))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--render":
+        extra = argparse.ArgumentParser(prog="bench_read.py --render")
+        extra.add_argument("json", type=Path)
+        extra.add_argument("--region", default="")
+        extra.add_argument("--figure", default="")
+        r = extra.parse_args(argv[1:])
+        return render(r.json, r.region, r.figure)
     args = parse_args(argv)
     quick = args.quick
     width = args.width or (16 if quick else 32)
