@@ -13,8 +13,10 @@ measures, in float32 MB (10^6 bytes) per second:
 * ``read``           ``cache.read(layer, i)`` per sample, a new array per call (CPU time
                      of this thread: MB/s per core);
 * ``read_out``       the same into a reused ``out=`` buffer;
-* ``read_cold``      ``cache.read(layer, i)`` per sample from a cache opened afresh for the
-                     pass (its opening not timed): every read decodes. In the passes
+* ``read_cold``      ``cache.read(layer, i)`` per sample from a copy of the cache opened
+                     afresh for the pass (its opening not timed; a copy, as HDF5 shares a
+                     dataset's chunk cache among the handles one process opens on a file):
+                     every read decodes. In the passes
                      above, HDF5's chunk cache (64 MiB of decoded chunks per dataset) and
                      row cache hold a small layer whole after the first pass, so its
                      reads there skip the filters' decoding; a layer larger than those
@@ -194,7 +196,11 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
                 **error_metrics(maps, decoded)}
             runs[f"{spec}|{backend}|read"] = (per_sample(lambda i, c=cache: c.read(layer, i)), "cpu")
             runs[f"{spec}|{backend}|read_out"] = (per_sample(lambda i, c=cache: c.read(layer, i, out=out)), "cpu")
-            runs[f"{spec}|{backend}|read_cold"] = (cold_pass(path, layer, n), "cpu")
+            # a copy of its own: HDF5 shares one chunk cache between the handles a process
+            # opens on the same file, so a fresh handle on `path` would find the warm one's
+            copy = path.with_name(f"cold-{path.name}")
+            (shutil.copytree if path.is_dir() else shutil.copyfile)(path, copy)
+            runs[f"{spec}|{backend}|read_cold"] = (cold_pass(copy, layer, n), "cpu")
             runs[f"{spec}|{backend}|read_batch"] = (batched(lambda rows, c=cache: c.read_batch(layer, rows)), "cpu")
             for workers in loader_workers:
                 runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
