@@ -63,15 +63,18 @@ def targets(bench: dict[str, Any], label: str = "", *, train_build_rows: bool = 
                 entry = codecs[default]
                 at_least(f"{layer}: `{default}` bare decode MB/s per core", entry["codec"]["codec"]["median"], 2000)
                 for backend, b in entry["backends"].items():
-                    at_least(f"{layer}: {backend} read / bare decode, `{default}`", b["read_vs_codec"], 0.8)
+                    # cold where measured: every read decodes (no HDF5 chunk or row cache)
+                    key, how = ("read_cold_vs_codec", " (cold)") if "read_cold_vs_codec" in b else ("read_vs_codec", "")
+                    at_least(f"{layer}: {backend} read{how} / bare decode, `{default}`", b[key], 0.8)
             if compact in codecs:
                 at_least(f"{layer}: `{compact}` bare decode MB/s per core",
                          codecs[compact]["codec"]["codec"]["median"], 500)
             for spec, entry in codecs.items():
                 lm, h5 = entry["backends"].get("lmdb"), entry["backends"].get("hdf5")
                 if lm and h5:
-                    at_most(f"{layer}: HDF5 read slowdown vs LMDB, `{spec}`",
-                            lm["read"]["median"] / h5["read"]["median"], 1.5)
+                    key, how = ("read_cold", " (cold)") if "read_cold" in h5 else ("read", "")
+                    at_most(f"{layer}: HDF5 read{how} slowdown vs LMDB, `{spec}`",
+                            lm[key]["median"] / h5[key]["median"], 1.5)
                     at_most(f"{layer}: HDF5 write slowdown vs LMDB, `{spec}`",
                             lm["write_mb_s"] / h5["write_mb_s"], 1.5)
     train = bench.get("train")
