@@ -382,17 +382,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def render(path: Path, region: str, figure: str) -> int:
-    """``--render``: the tables of a saved run (its JSON, e.g. ``--docs ''``'s stdout) on
-    stdout, and with ``--region NAME`` written between ``<!-- NAME:start -->`` and
-    ``<!-- NAME:end -->`` of docs/benchmarks.md; ``--figure`` saves its plot."""
-    results = json.loads(path.read_text())
-    table = markdown_table(results)
+def render_command(argv: Sequence[str], prog: str, markdown: Callable[[dict[str, Any]], str],
+                   plot: Callable[[dict[str, Any], Path], None]) -> int:
+    """``TOOL --render JSON [--region NAME] [--figure PNG]`` (``argv`` after ``--render``),
+    shared by the benchmark tools: the tables (``markdown``) of a saved run (its JSON, e.g.
+    ``--docs ''``'s stdout) on stdout, written between ``<!-- NAME:start -->`` and
+    ``<!-- NAME:end -->`` of docs/benchmarks.md with ``--region``; ``--figure`` saves its
+    ``plot``."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--region", default="")
+    parser.add_argument("--figure", default="")
+    args = parser.parse_args(argv)
+    results = json.loads(args.json.read_text())
+    table = markdown(results)
     print(table)
-    if region:
-        write_region(REPO / "docs" / "benchmarks.md", f"<!-- {region}:start -->", f"<!-- {region}:end -->", table)
-    if figure:
-        plot(results, Path(figure))
+    if args.region:
+        write_region(REPO / "docs" / "benchmarks.md", f"<!-- {args.region}:start -->",
+                     f"<!-- {args.region}:end -->", table)
+    if args.figure:
+        plot(results, Path(args.figure))
     return 0
 
 
@@ -400,12 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "--render":
-        extra = argparse.ArgumentParser(prog="bench_read.py --render")
-        extra.add_argument("json", type=Path)
-        extra.add_argument("--region", default="")
-        extra.add_argument("--figure", default="")
-        r = extra.parse_args(argv[1:])
-        return render(r.json, r.region, r.figure)
+        return render_command(argv[1:], "bench_read.py --render", markdown_table, plot)
     args = parse_args(argv)
     quick = args.quick
     width = args.width or (16 if quick else 32)

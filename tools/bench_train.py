@@ -78,7 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_read import cpu_name, update_json, write_region
+from bench_read import cpu_name, render_command, update_json, write_region
 
 from fmcache import FeatureMapDataset
 from fmcache.builder import SacaConfig, build_cache, build_saca_cache
@@ -544,30 +544,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def render(path: Path, region: str, figure: str) -> int:
-    """``--render``: the tables of a saved run (its JSON, e.g. ``--docs ''``'s stdout) on
-    stdout, and with ``--region NAME`` written between ``<!-- NAME:start -->`` and
-    ``<!-- NAME:end -->`` of docs/benchmarks.md; ``--figure`` saves its epoch-time plot."""
-    results = json.loads(path.read_text())
-    table = markdown(results)
-    print(table)
-    if region:
-        write_region(REPO / "docs" / "benchmarks.md", f"<!-- {region}:start -->", f"<!-- {region}:end -->", table)
-    if figure:
-        plot(results, Path(figure))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "--render":
-        extra = argparse.ArgumentParser(prog="bench_train.py --render")
-        extra.add_argument("json", type=Path)
-        extra.add_argument("--region", default="")
-        extra.add_argument("--figure", default="")
-        r = extra.parse_args(argv[1:])
-        return render(r.json, r.region, r.figure)
+        return render_command(argv[1:], "bench_train.py --render", markdown, plot)
     args = parse_args(argv)
     import blosc2
 
