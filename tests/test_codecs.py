@@ -668,3 +668,29 @@ def test_error_bounded_codecs_detect_any_damaged_stream_byte(spec: str) -> None:
         bad[position] ^= 0x5A
         with pytest.raises(FmcacheError, match="CRC"):
             codec.decode(bytes(bad))
+
+
+@pytest.mark.parametrize("spec", BOUNDED_SPECS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n=st.integers(1, 6), strided=st.booleans())
+def test_bounded_hdf5_decode_clamps_exactly_the_flagged_samples(spec: str, data: st.DataObject, n: int,
+                                                                 strided: bool) -> None:
+    """The HDF5 face of ZFP / SZ3: the filter's values reshaped to the map, and only the
+    samples flagged ``nonneg`` clamped at 0 (a sample with negative values and no flag
+    keeps them), into a fresh batch or the caller's ``out``, strided or not."""
+    codec = _codec(spec)
+    sample_shape = (2, 3, 4)
+    values = data.draw(st.lists(st.floats(-8, 8, width=32), min_size=n * 24, max_size=n * 24))
+    values = np.array(values, dtype=np.float32).reshape(n, 6, 4)
+    flags = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=np.uint8)
+    expected = values.reshape(n, *sample_shape).copy()
+    for i in np.flatnonzero(flags):
+        expected[i] = np.where(expected[i] < 0, np.float32(0), expected[i])
+    fields = {"values": values, "nonneg": flags}
+    np.testing.assert_array_equal(codec.from_hdf5(fields, sample_shape), expected)
+    wide = np.full((n, 2, 3, 8), np.nan, dtype=np.float32)
+    out = wide[..., ::2] if strided else np.full((n, *sample_shape), np.nan, dtype=np.float32)
+    assert codec.from_hdf5_into(fields, out) is out
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError):
+        codec.from_hdf5_into({"values": values, "nonneg": flags[:-1]}, np.empty((n, *sample_shape), np.float32))

@@ -86,10 +86,15 @@ def unframe_into(payload: memoryview, shape: tuple[int, ...], out: np.ndarray | 
 
 
 def clamp_nonneg_rows(batch: np.ndarray, nonneg: np.ndarray) -> np.ndarray:
-    """Clamp at 0 the samples of ``batch`` whose ``nonneg`` flag is set (HDF5 face)."""
+    """Clamp at 0, in place, the samples of ``batch`` whose ``nonneg`` flag is set (HDF5
+    face): one pass over the batch when every sample is flagged (post-ReLU maps), else
+    one pass per flagged sample; no copy of the batch either way."""
     rows = np.asarray(nonneg).astype(bool).reshape(-1)
-    if rows.any():
-        batch[rows] = np.maximum(batch[rows], 0)
+    if rows.all():
+        np.maximum(batch, 0, out=batch)
+    else:
+        for row in np.flatnonzero(rows):
+            np.maximum(batch[row], 0, out=batch[row])
     return batch
 
 
@@ -129,6 +134,17 @@ class BoundedCodec(Codec):
         return {"values": values, "nonneg": nonneg}
 
     def from_hdf5(self, fields: Any, sample_shape: tuple[int, ...]) -> np.ndarray:
-        values = np.asarray(fields["values"], dtype=np.float32)
-        out = np.array(values.reshape(len(values), *sample_shape), dtype=np.float32)
-        return clamp_nonneg_rows(out, fields["nonneg"])
+        return self.from_hdf5_into(fields, np.empty((len(fields["values"]), *sample_shape), dtype=np.float32))
+
+    def from_hdf5_into(self, fields: Any, out: np.ndarray) -> np.ndarray:
+        """The filter's decoded values copied once into ``out``, then clamped there in
+        place. (The base class's path made a new batch, copied it, gathered and scattered
+        the clamped rows and copied the result into ``out``: four passes over the batch
+        where one does; docs/benchmarks.md, "Session 10".)"""
+        values, nonneg = fields["values"], fields["nonneg"]
+        if len(values) != len(out) or len(nonneg) != len(out) \
+                or math.prod(np.shape(values)[1:]) != math.prod(out.shape[1:]):
+            raise ValueError(f"stored rows of shape {np.shape(values)} ({len(nonneg)} flags), "
+                             f"expected {out.shape}")
+        np.copyto(out, np.reshape(values, out.shape), casting="same_kind")
+        return clamp_nonneg_rows(out, nonneg)
