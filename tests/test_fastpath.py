@@ -547,3 +547,55 @@ def test_bf16_verified_batch_decode_equals_row_by_row(x: np.ndarray, kinds: list
     assert codec.decode_batch_verified(payloads, out) is out
     for row, payload in enumerate(payloads):
         assert same_bits(out[row], codec.decode_verified(payload))
+
+
+def _chunk_cache_bytes(ds) -> int:
+    return ds.id.get_access_plist().get_chunk_cache()[1]
+
+
+def test_hdf5_row_cache_datasets_are_read_without_hdf5s_chunk_cache(tmp_path: Path) -> None:
+    """Datasets first opened by the row LRU's whole-chunk reads skip HDF5's chunk cache
+    (the LRU keeps those chunks; through the cache a whole-chunk read cost ~1.7x). Batch
+    reads of such a part, consecutive rows included and slices that cut chunks, come
+    through the LRU and equal per-sample reads; a writable cache keeps HDF5's cache."""
+    from fmcache.backends.hdf5_backend import dataset_path
+    rng = np.random.default_rng(11)
+    maps = post_relu(rng, (37, 3, 8, 8))
+    path = tmp_path / "c.h5"
+    _build(path, "hdf5", maps, TierPlan.single(3, "bf16"))
+    with fmcache.open_cache(path) as cache:
+        singles = [cache.read("l", i) for i in range(37)]
+        bits = cache.backend._h_datasets[dataset_path("l", "all", "bits")]
+        assert _chunk_cache_bytes(bits) == 0
+        for rows in (range(0, 37), range(3, 9), range(5, 6), [36, 2, 2, 17]):
+            batch = cache.read_batch("l", list(rows))
+            for k, i in enumerate(rows):
+                assert same_bits(batch[k], singles[i]), (rows, i)
+        assert _chunk_cache_bytes(cache.backend._dataset(dataset_path("l", "all", "bits"))) == 0
+    with fmcache.open_cache(path) as cache:  # batch reads first: the same handles
+        cache.read_batch("l", list(range(8, 16)))
+        assert _chunk_cache_bytes(cache.backend._h_datasets[dataset_path("l", "all", "bits")]) == 0
+    backend = type(cache.backend)(path, writable=True)
+    try:
+        assert _chunk_cache_bytes(backend._dataset(dataset_path("l", "all", "bits"), chunk_cache=False)) > 0
+    finally:
+        backend.close()
+
+
+def test_hdf5_rows_read_one_by_one_keep_hdf5s_chunk_cache(tmp_path: Path) -> None:
+    """A part first read row by row (a SACA variant picked by a few rows of a batch, in
+    chunks of fewer than PICKED_CHUNK_ROWS samples) keeps HDF5's chunk cache: those rows
+    come through HDF5's reads, and without the cache every row would decode its chunk."""
+    from fmcache.backends.hdf5_backend import PICKED_CHUNK_ROWS, dataset_path
+    rng = np.random.default_rng(12)
+    maps = post_relu(rng, (20, 3, 8, 8))
+    path = tmp_path / "c.h5"
+    _build(path, "hdf5", maps, TierPlan.single(3, "bf16"))
+    with fmcache.open_cache(path) as cache:
+        assert cache.backend._layers["l"][2] < PICKED_CHUNK_ROWS
+        expected = cache.read_batch("l", [3, 9, 14])
+        cache.close()
+    with fmcache.open_cache(path) as cache:
+        got = cache.backend._read_picked_part("l", np.array([3, 9, 14]), "all")
+        assert same_bits(got, expected)
+        assert _chunk_cache_bytes(cache.backend._h_datasets[dataset_path("l", "all", "bits")]) > 0
