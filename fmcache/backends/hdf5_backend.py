@@ -106,27 +106,13 @@ class Hdf5Backend(Backend):
             self._h_datasets: dict[str, h5py.Dataset] = {}
         return self._h_file
 
-    def _dataset(self, path: str, chunk_cache: bool = True) -> h5py.Dataset:
+    def _dataset(self, path: str) -> h5py.Dataset:
         """An open dataset, kept open: HDF5's chunk cache lives with the open dataset, so
-        reopening it per read would decompress a whole chunk for every sample.
-
-        ``chunk_cache=False`` (the row LRU's whole-chunk reads, read-only caches): where
-        this call opens the dataset, it opens it without HDF5's chunk cache. The LRU keeps
-        the chunks it reads, and a whole-chunk read through HDF5's cache cost ~1.7x one
-        without it (the chunk goes through the cache's buffers: tools/bench_read.py's
-        ``read_cold``, docs/benchmarks.md). HDF5 shares one chunk cache between all opens
-        of a dataset in a process, so the first open decides: a part first read row by
-        row (a SACA variant in large chunks, :meth:`_read_picked_part`) keeps the cache."""
+        reopening it per read would decompress a whole chunk for every sample."""
         fh = self._file()
         ds = self._h_datasets.get(path)
         if ds is None:
-            if chunk_cache or self.writable:
-                ds = fh[path]
-            else:
-                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-                dapl.set_chunk_cache(0, 0, 1.0)
-                ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl=dapl))
-            self._h_datasets[path] = ds
+            ds = self._h_datasets[path] = fh[path]
         return ds
 
     def _read_fields(self, layer: str) -> list[tuple[PartSpec, list[tuple[Hdf5Field, str]]]]:
@@ -324,17 +310,16 @@ class Hdf5Backend(Backend):
         samples = np.asarray(samples, dtype=np.int64)
         result: dict[str, np.ndarray] = {}
         groups = None  # the batch's rows grouped by chunk, once for every part
-        # Rows come from whole chunks kept in the row LRU where the layer's open chunks fit
-        # in it, consecutive samples too: those datasets are read without HDF5's chunk
-        # cache (see _dataset), where a slice that cuts a chunk would decode it again for
-        # the next batch.
-        rows = gather and len(samples) > 0 and self._rows_fit(layer)
+        # consecutive samples are one slice per field already; others come from whole
+        # chunks kept in the row LRU where the layer's open chunks fit in it
+        scattered = gather and len(samples) > 1 and not (int(samples[-1]) - int(samples[0]) == len(samples) - 1
+                                              and bool(np.all(np.diff(samples) == 1)))
         for spec, spec_fields in self._read_fields(layer):
             if parts is not None and spec.name not in parts:
                 continue
             where = f"{self.path}: layer {layer!r} part {spec.name!r}"
             fields: dict[str, np.ndarray] = {}
-            entry = self._one_entry(layer, spec.name) if rows else None
+            entry = self._one_entry(layer, spec.name) if scattered and self._rows_fit(layer) else None
             if entry is not None:
                 if groups is None:
                     groups = _chunk_groups(samples, entry[2])
@@ -481,7 +466,7 @@ class Hdf5Backend(Backend):
         rows: dict[str, np.ndarray] = {}
         for name, path in fields:
             try:
-                hi = min(lo + count, self._dataset(path, chunk_cache=False).shape[0])
+                hi = min(lo + count, self._dataset(path).shape[0])
             except KeyError:
                 raise CorruptionError(f"{where}: dataset {path} is missing") from None
             rows[name] = _read_rows(self, path, np.arange(lo, max(hi, lo), dtype=np.int64), where)
