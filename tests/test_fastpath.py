@@ -547,3 +547,32 @@ def test_bf16_verified_batch_decode_equals_row_by_row(x: np.ndarray, kinds: list
     assert codec.decode_batch_verified(payloads, out) is out
     for row, payload in enumerate(payloads):
         assert same_bits(out[row], codec.decode_verified(payload))
+
+
+@pytest.mark.parametrize("spec", ["zfp:accuracy=0.01", "sz3:abs=0.001", "zfp:rate=12"])
+def test_hdf5_per_sample_reads_of_chunk_per_sample_parts_match_batch_reads(tmp_path: Path, spec: str) -> None:
+    """ZFP / SZ3 parts (a chunk per sample) take their own per-sample path (one slice per
+    field, no batch bookkeeping): the same bits as batch reads, in any order; a dataset
+    cut short names the first missing sample."""
+    import h5py
+
+    from fmcache.backends.hdf5_backend import dataset_path
+    rng = np.random.default_rng(13)
+    maps = post_relu(rng, (23, 3, 8, 8))
+    maps[5] -= 0.5  # a sample with negative values: not clamped
+    path = tmp_path / "c.h5"
+    _build(path, "hdf5", maps, TierPlan.single(3, spec))
+    with fmcache.open_cache(path) as cache:
+        assert cache.backend._plain_entry("l", "all") is not None
+        every = cache.read_batch("l", list(range(23)))
+        assert every[5].min() < 0
+        for i in rng.permutation(23):
+            assert same_bits(cache.read("l", int(i)), every[i]), i
+        out = np.empty((3, 8, 8), np.float32)
+        assert cache.read("l", 22, out=out) is out and same_bits(out, every[22])
+    with h5py.File(path, "r+") as fh:
+        fh[dataset_path("l", "all", "values")].resize(20, axis=0)
+    with fmcache.open_cache(path) as cache:
+        assert same_bits(cache.read("l", 19), every[19])
+        with pytest.raises(CorruptionError, match=r"layer 'l' part 'all' sample 21: the dataset stops at sample 20"):
+            cache.read("l", 21)

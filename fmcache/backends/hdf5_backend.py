@@ -354,7 +354,10 @@ class Hdf5Backend(Backend):
         caches take the plain path."""
         entry = self._one_entry(layer, part)
         if entry is None:
-            return super().read_one(layer, sample, part, out)
+            plain = self._plain_entry(layer, part)
+            if plain is None:
+                return super().read_one(layer, sample, part, out)
+            return self._read_one_plain(sample, out, *plain)
         codec, _, per_chunk, where = entry
         chunk = sample // per_chunk
         # the LRU hit inline (what _cached_chunk does first): a call costs 2-5 % of a read
@@ -394,6 +397,49 @@ class Hdf5Backend(Backend):
                                  self._layers[layer][2], f"{self.path}: layer {layer!r} part {part!r}")
             entries[key] = entry
         return entries[key]
+
+    def _plain_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], str] | None:
+        """Per (layer, part), once: codec, (field name, dataset path) pairs and error
+        prefix of a read-only part stored a chunk per sample (ZFP, SZ3: their filters
+        decode whole chunks, so the row LRU has nothing to keep); None otherwise."""
+        entries: dict[tuple[str, str], Any] = self.__dict__.setdefault("_h_plain", {})
+        key = (layer, part)
+        if key not in entries:
+            entry = None
+            if not self.writable:
+                for spec, spec_fields in self._read_fields(layer):
+                    if spec.name == part and all(f.dtype is not None for f, _ in spec_fields) \
+                            and any(f.per_sample_chunks for f, _ in spec_fields):
+                        entry = (spec.codec, [(f.name, path) for f, path in spec_fields],
+                                 f"{self.path}: layer {layer!r} part {part!r}")
+            entries[key] = entry
+        return entries[key]
+
+    def _read_one_plain(self, sample: int, out: np.ndarray, codec: Any, fields: list[tuple[str, str]],
+                        where: str) -> np.ndarray:
+        """:meth:`read_one` of a part stored a chunk per sample: one h5py slice per field,
+        then the codec's decode into ``out``. The batch path's bookkeeping (sorting,
+        de-duplicating, grouping the rows) cost as much per sample as a small map's filter
+        decode (docs/benchmarks.md, "What session 10 changed")."""
+        rows: dict[str, np.ndarray] = {}
+        for name, path in fields:
+            try:
+                ds = self._dataset(path)
+            except KeyError:
+                raise CorruptionError(f"{where}: dataset {path} is missing") from None
+            if sample >= ds.shape[0]:
+                raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {ds.shape[0]}")
+            try:
+                rows[name] = ds[sample:sample + 1]
+            except OSError as exc:  # a checksum (fletcher32) or filter failure
+                raise CorruptionError(f"{where} sample {sample}: HDF5 read failed ({exc})") from None
+        try:
+            codec.from_hdf5_into(rows, out[None])
+        except CorruptionError:
+            raise
+        except (ValueError, KeyError) as exc:
+            raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
+        return out
 
     def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
                       ) -> dict[str, np.ndarray]:
