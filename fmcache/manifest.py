@@ -30,7 +30,7 @@ from .codecs import Codec
 from .errors import CorruptionError, FormatVersionError
 from .tiers import TierPlan
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 VARIANT_SEP = "@"
 #: The one base part of a packed layer: the whole map, every channel in order (tier
 #: names start with a letter, so no tier is called this).

@@ -360,15 +360,22 @@ def test_bf16_writes_the_widened_words_and_still_reads_version_2_payloads(spec: 
     assert old[header] == 1
     expected = torch_bf16(x)
     np.testing.assert_array_equal(codec.decode(new), expected)
-    np.testing.assert_array_equal(codec.decode(old), expected)
+    # a stage-1 frame has no CRC of its own: only the cache's reader, behind its record
+    # CRC, decodes it (format version 6); a bare decode refuses it
+    np.testing.assert_array_equal(codec.decode_verified(old), expected)
+    with pytest.raises(CorruptionError, match="format version 1-5"):
+        codec.decode(old)
     # the zero low halves cost next to nothing: within 5 % of the 16-bit frame
     assert len(new) <= 1.05 * len(old) + 64
     # a batch of stage-2 rows, of stage-1 rows, and a mix (a cache resumed across versions)
     for payloads in ([new, new], [old, old], [old, new, old]):
         out = np.full((len(payloads), *x.shape), np.nan, dtype=np.float32)
-        codec.decode_batch(payloads, out)
+        codec.decode_batch_verified(payloads, out)
         for row in out:
             np.testing.assert_array_equal(row, expected)
+        if payloads != [new, new]:
+            with pytest.raises(CorruptionError, match="format version 1-5"):
+                codec.decode_batch(payloads, np.empty_like(out))
     assert _codec("bf16:cname=none").encode(x)[header] == 0  # plain: the 16-bit values
 
 
@@ -694,3 +701,28 @@ def test_bounded_hdf5_decode_clamps_exactly_the_flagged_samples(spec: str, data:
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(ValueError):
         codec.from_hdf5_into({"values": values, "nonneg": flags[:-1]}, np.empty((n, *sample_shape), np.float32))
+
+
+@pytest.mark.parametrize("spec", ["fp16", "int8", "int4", "int8:cname=zstd,clevel=1,shuffle=byte",
+                                  "fp16:cname=zstd,clevel=1,shuffle=bit", "int4:cname=lz4,clevel=9,shuffle=none"])
+def test_blosc2_stage_frames_carry_a_crc_and_any_damaged_byte_is_caught(spec: str) -> None:
+    """Format version 6: the blosc2 stage after a cast or a quantiser is ``3 | u32
+    crc32c(frame) | frame``, so a damaged frame never reaches blosc2 (a damaged bare frame
+    crashed it: the damaged-records test found one for ``int8``). Every byte of stage,
+    CRC and frame, flipped, is a CorruptionError; the bare stage-1 frame of format
+    versions 1-5 decodes only behind a storage CRC (``decode_verified``)."""
+    codec = _codec(spec)
+    x = realistic_post_relu(np.random.default_rng(5), (8, 16, 16))
+    good = codec.encode(x)
+    expected = codec.decode(good)
+    stage_at = 1 + 4 * 3 + (8 * x.shape[0] if codec.codec_id.startswith("int") else 0)  # header, int: 8 B a channel
+    assert good[stage_at] == 3
+    for position in range(stage_at, len(good), max(1, (len(good) - stage_at) // 97)):
+        bad = bytearray(good)
+        bad[position] ^= 0x5A
+        with pytest.raises(CorruptionError):
+            codec.decode(bytes(bad))
+    bare = bytearray(good[:stage_at]) + b"\x01" + good[stage_at + 5:]  # the v1-5 layout of the same frame
+    np.testing.assert_array_equal(codec.decode_verified(bytes(bare)), expected)
+    with pytest.raises(CorruptionError, match="format version 1-5"):
+        codec.decode(bytes(bare))

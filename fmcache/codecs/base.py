@@ -209,8 +209,15 @@ class Codec(ABC):
         CorruptionError (or ValueError) if any payload is malformed; callers that need to
         name the sample re-decode the rows one by one (the error path only).
         """
+        return self._decode_rows(payloads, out, verified=False)
+
+    def _decode_rows(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
+                     verified: bool) -> np.ndarray:
+        """Row by row through :meth:`decode` (:meth:`decode_verified` for ``verified``
+        bytes): the batch paths' fallback for a strided ``out`` or a mixed batch."""
+        decode = self.decode_verified if verified else self.decode
         for row, payload in enumerate(payloads):
-            self.decode(payload, out=out[row])
+            decode(payload, out=out[row])
         return out
 
     @abstractmethod

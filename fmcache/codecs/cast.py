@@ -2,17 +2,18 @@
 
 Byte layout of the payload (after the shape header of :mod:`fmcache.codecs.base`)::
 
-    u8 stage (0 = plain, 1 = blosc2 frame, 2 = blosc2 frame of widened values) | body
+    u8 stage (0 = plain, 3 = CRC-32C and blosc2 frame, 2 = bf16's widened frame;
+              1 = bare blosc2 frame, format versions 1-5) | body
 
 The body holds the n 16-bit values of the map in C order, little-endian: IEEE half
-floats for ``fp16``, bfloat16 bit patterns for ``bf16``; with stage 1 it is one blosc2
-frame of those bytes (typesize 2). ``bf16`` with blosc2 writes stage 2 (format version
+floats for ``fp16``, bfloat16 bit patterns for ``bf16``; with stage 3 it is ``u32
+crc32c(frame)`` and one blosc2 frame of those bytes (typesize 2; :mod:`.stage`). ``bf16`` with blosc2 writes stage 2 (format version
 3): ``u32 crc32c(frame)`` then one blosc2 frame (typesize 4) of the float32 words the bfloat16 values stand for
 (the bit pattern in the high half, zeros in the low half). The shuffle puts the zero
 bytes in planes of their own that LZ4 stores in a few bytes, so it costs about the same
 space as stage 1 (docs/benchmarks.md), and it decodes with one blosc2 call straight into
 the float32 output: no staging buffer, no widening pass (docs/benchmarks.md).
-Stage 1 ``bf16`` records (format versions 1-2) are still read. The stage byte comes from the record, not the
+Stage 1 ``bf16`` records (format versions 1-2) are still read, behind their record CRC. The stage byte comes from the record, not the
 config, so a record decodes whatever ``cname`` wrote it, and it keeps a plain body
 2-byte aligned (the shape header has odd length).
 
@@ -136,10 +137,17 @@ class _Cast16(Codec):
         return self.stage.pack(self._to16(x))
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        return self._decode16(payload, shape, out, verified=False)
+
+    def _decode_verified(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        return self._decode16(payload, shape, out, verified=True)
+
+    def _decode16(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None,
+                  verified: bool) -> np.ndarray:
         # The 16-bit values go to a reused per-thread buffer (in cache, no allocation),
         # then widen straight into `out`: one pass over the output.
         values16, tensor16 = _scratch16(shape, self._storage_dtype, self._torch_dtype)
-        self.stage.unpack(payload, self._storage_dtype, shape, values16)
+        self.stage.unpack(payload, self._storage_dtype, shape, values16, verified=verified)
         if out is not None and out.flags.c_contiguous:
             torch.from_numpy(out).copy_(tensor16)
             return out
@@ -163,12 +171,19 @@ class _Cast16(Codec):
 
     def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """All 16-bit bodies into one reused staging batch, then one widening pass."""
+        return self._decode16_batch(payloads, out, verified=False)
+
+    def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
+        return self._decode16_batch(payloads, out, verified=True)
+
+    def _decode16_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
+                        verified: bool) -> np.ndarray:
         if not out.flags.c_contiguous:
-            return super().decode_batch(payloads, out)
+            return self._decode_rows(payloads, out, verified)
         shape = out.shape[1:]
         values16, tensor16 = _scratch16(out.shape, self._storage_dtype, self._torch_dtype)
         for row, body in enumerate(batch_views(payloads, self.codec_id, shape)):
-            self.stage.unpack(body, self._storage_dtype, shape, values16[row])
+            self.stage.unpack(body, self._storage_dtype, shape, values16[row], verified=verified)
         torch.from_numpy(out).copy_(tensor16)
         return out
 
@@ -340,7 +355,7 @@ class Bf16(_Cast16):
                 return values
             out[...] = values
             return out
-        return super()._decode(payload, shape, out)
+        return self._decode16(payload, shape, out, verified=not check)
 
     def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """Stage-2 records straight into their rows of ``out``; stage-1 batches through the
@@ -364,8 +379,9 @@ class Bf16(_Cast16):
 
     def _decode_frames(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
                        frame_of: Callable[[memoryview], memoryview]) -> np.ndarray:
+        verified = frame_of is _frame
         if not out.flags.c_contiguous:
-            return Codec.decode_batch(self, payloads, out)
+            return self._decode16_batch(payloads, out, verified)  # row by row for a strided out
         bodies = batch_views(payloads, self.codec_id, out.shape[1:])
         wide = [len(b) > 0 and b[0] == _STAGE_WIDE for b in bodies]
         if all(wide):
@@ -378,8 +394,8 @@ class Bf16(_Cast16):
                     raise CorruptionError(f"codec 'bf16' could not decode a record: {exc}") from exc
             return out
         if not any(wide):
-            return super().decode_batch(payloads, out)
-        return Codec.decode_batch(self, payloads, out)
+            return self._decode16_batch(payloads, out, verified)
+        return self._decode_rows(payloads, out, verified)  # a mix (a cache resumed across versions)
 
     def hdf5_fields(self, sample_shape: tuple[int, ...]) -> list[Hdf5Field]:
         return [Hdf5Field("bits", self._storage_dtype, sample_shape, self.stage.hdf5_filter(),

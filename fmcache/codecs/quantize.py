@@ -139,6 +139,13 @@ class _AffineQuantizer(Codec):
         return lo.astype("<f4").tobytes() + scale.astype("<f4").tobytes() + self.stage.pack(self._pack(q))
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        return self._dequantize(payload, shape, out, verified=False)
+
+    def _decode_verified(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        return self._dequantize(payload, shape, out, verified=True)
+
+    def _dequantize(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None,
+                    verified: bool) -> np.ndarray:
         n_channels = _n_channels(shape)
         params_bytes = 8 * n_channels
         if len(payload) < params_bytes:
@@ -147,7 +154,8 @@ class _AffineQuantizer(Codec):
         scale = np.frombuffer(payload, dtype="<f4", count=n_channels, offset=4 * n_channels)
         n_codes = self._code_count(math.prod(shape))
         # codes go to a reused per-thread buffer: no allocation per sample
-        codes = self.stage.unpack(payload[params_bytes:], _U8, (n_codes,), scratch_array((n_codes,), _U8))
+        codes = self.stage.unpack(payload[params_bytes:], _U8, (n_codes,), scratch_array((n_codes,), _U8),
+                                  verified=verified)
         result = out if out is not None and out.flags.c_contiguous else np.empty(shape, dtype=np.float32)
         dequantize_into(self._unpack(codes, shape), lo, scale, result)
         if out is not None and result is not out:
@@ -158,8 +166,15 @@ class _AffineQuantizer(Codec):
     def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """Codes and channel parameters of every row gathered first, then one unpack and
         one dequantisation pass over the batch (the per-sample numbers of ``decode``)."""
+        return self._dequantize_batch(payloads, out, verified=False)
+
+    def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
+        return self._dequantize_batch(payloads, out, verified=True)
+
+    def _dequantize_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
+                          verified: bool) -> np.ndarray:
         if not out.flags.c_contiguous:
-            return super().decode_batch(payloads, out)
+            return self._decode_rows(payloads, out, verified)
         shape = out.shape[1:]
         n, n_channels = len(out), _n_channels(shape)
         params_bytes = 8 * n_channels
@@ -170,7 +185,7 @@ class _AffineQuantizer(Codec):
             if len(body) < params_bytes:
                 raise ValueError(f"payload of {len(body)} bytes is shorter than its {n_channels} channel params")
             params[row] = np.frombuffer(body, dtype="<f4", count=2 * n_channels)
-            self.stage.unpack(body[params_bytes:], _U8, (n_codes,), codes[row])
+            self.stage.unpack(body[params_bytes:], _U8, (n_codes,), codes[row], verified=verified)
         if self.bits == 8:
             q = codes.reshape(out.shape)
         else:

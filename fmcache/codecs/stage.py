@@ -3,11 +3,18 @@
 
 Byte layout (the tail of those codecs' payloads)::
 
-    u8 stage (0 = plain, 1 = blosc2 frame) | body
+    u8 stage | body
+    stage 0: the values plain
+    stage 3: u32 crc32c(frame) | one blosc2 frame of the values   (format version 6)
+    stage 1: one blosc2 frame of the values, no CRC                (format versions 1-5)
 
-The body holds the values in C order, little-endian: plain, or one blosc2 frame of
-those bytes (typesize = the values' itemsize). The stage byte comes from the record, not
-the config, so a record decodes whatever ``cname`` wrote it.
+The values are in C order, little-endian; a frame's typesize is their itemsize. (Stage 2
+is ``bf16``'s own, :mod:`.cast`.) The stage byte comes from the record, not the config,
+so a record decodes whatever ``cname`` wrote it. A damaged blosc2 frame can crash
+blosc2 (tests/test_codecs.py's damaged-records test found one for ``int8``), so a frame
+reaches blosc2 only after a CRC: stage 3's own, or, for the bare stage-1 frames of
+format versions 1-5, the CRC-32C of the LMDB record that holds them (``verified=True``:
+the cache's reader); :meth:`LosslessStage.unpack` refuses a bare frame otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 import blosc2
 import numpy as np
 
+from ..errors import CorruptionError
 from .base import check_choice
 from .lossless import (
     CNAMES,
@@ -27,10 +35,16 @@ from .lossless import (
     blosc2_compress,
     blosc2_decompress_into,
     blosc2_hdf5_filter,
+    checked_frame,
+    pack_checked_frame,
+    verified_frame,
 )
 
 _STAGE_PLAIN = 0
+#: a bare blosc2 frame (format versions 1-5): decoded only behind a storage CRC
 _STAGE_BLOSC2 = 1
+#: ``u32 crc32c(frame) | frame`` (format version 6)
+_STAGE_CHECKED = 3
 
 
 @dataclass(frozen=True)
@@ -61,30 +75,41 @@ class LosslessStage:
         """``stage byte | body`` for a contiguous array (blosc2 typesize = its itemsize)."""
         if self.cname == "none":
             return bytes([_STAGE_PLAIN]) + data.tobytes()
-        return bytes([_STAGE_BLOSC2]) + blosc2_compress(data, self.cname, self.clevel, self.shuffle)
+        return pack_checked_frame(_STAGE_CHECKED, blosc2_compress(data, self.cname, self.clevel, self.shuffle))
 
     @staticmethod
     def unpack(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...],
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, verified: bool = False) -> np.ndarray:
         """An array of ``dtype`` and ``shape`` from ``stage byte | body``: into ``out``
         (C-contiguous, that dtype and shape) if given, else a new array.
 
-        ValueError if the payload is malformed; the sizes are checked before anything
-        is allocated, so a damaged shape header cannot ask for gigabytes.
+        ``verified``: a storage checksum has just covered these bytes (an LMDB record's
+        CRC-32C): stage 3's CRC is not recomputed, and a bare stage-1 frame of format
+        versions 1-5 is decoded; without it a stage-1 frame is a CorruptionError.
+        ValueError if the payload is malformed; the sizes are checked before anything is
+        allocated, so a damaged shape header cannot ask for gigabytes.
         """
         if len(payload) < 1:
             raise ValueError("payload has no stage byte")
-        stage, body = payload[0], payload[1:]
-        if stage == _STAGE_BLOSC2:
+        stage = payload[0]
+        if stage == _STAGE_CHECKED or stage == _STAGE_BLOSC2:
+            if stage == _STAGE_CHECKED:
+                frame = verified_frame(payload, "blosc2 stage") if verified else checked_frame(payload, "blosc2 stage")
+            elif verified:
+                frame = payload[1:]
+            else:
+                raise CorruptionError("blosc2 stage without its CRC-32C (damaged, or a bare frame of format "
+                                      "version 1-5, which only its cache's reader decodes)")
             if out is None:
                 nbytes = math.prod(shape) * dtype.itemsize
-                if len(body) < FRAME_HEADER_BYTES or blosc2.get_cbuffer_sizes(body)[0] != nbytes:
+                if len(frame) < FRAME_HEADER_BYTES or blosc2.get_cbuffer_sizes(frame)[0] != nbytes:
                     raise ValueError(f"blosc2 body does not hold the {nbytes} bytes the shape needs")
                 out = np.empty(shape, dtype=dtype)
             # blosc2_decompress_into checks the frame's sizes against `out` before decoding
-            return blosc2_decompress_into(body, out)
+            return blosc2_decompress_into(frame, out)
         if stage != _STAGE_PLAIN:
             raise ValueError(f"unknown stage byte {stage}")
+        body = payload[1:]
         nbytes = math.prod(shape) * dtype.itemsize
         if len(body) != nbytes:
             raise ValueError(f"plain body holds {len(body)} bytes, expected {nbytes}")
