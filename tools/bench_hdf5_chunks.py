@@ -1,0 +1,279 @@
+"""Where an HDF5 chunk read's time goes, and what reading raw chunks would save.
+
+``bench_read`` shows HDF5's cold per-sample ``bf16`` reads at about half LMDB's speed.
+This script takes one chunk read apart, on the same real maps (CIFAR ResNet-18 width
+32 on Fashion-MNIST, ``--samples``), in a process that has run torch and built its
+caches with fmcache, as ``bench_read``'s has (a bare script can sit in another state of
+the allocator, which changed the answer in session 10: docs/benchmarks.md, "What
+session 10 changed").
+
+``bf16`` (hdf5plugin's Blosc2 filter), per whole chunk of the ``bits`` dataset, every
+chunk once per pass:
+
+* ``h5py``           ``ds[lo:hi]`` on a dataset opened as fmcache opens it (64 MiB
+                     chunk cache, every pass a fresh file handle: nothing decoded yet);
+* ``h5py_nocache``   the same on a handle opened without HDF5's chunk cache;
+* ``raw``            ``read_direct_chunk`` into a reused buffer: the stored bytes only;
+* ``raw_fletcher``   ... and their fletcher32, with libhdf5's own checksum function;
+* ``raw_decode``     ... and python-blosc2's decode of the chunk inside the filter's
+                     frame. The frame is B2ND with blocks that cut samples apart, so this
+                     is the blocks' order, not the array's: the floor of a raw read, not
+                     a usable one (the blocks' shape is in the JSON);
+* ``raw_reorder``    ``raw_decode``, then one strided numpy copy of the blocks into the
+                     chunk's C order (checked against h5py first): a usable raw read;
+* ``raw_b2nd``       ``read_direct_chunk``, fletcher32, then ``blosc2.ndarray_from_cframe``
+                     and ``[...]``: a raw read that gives the array (B2ND's reassembly).
+
+ZFP (``zfp:accuracy=0.05``, a chunk per sample), per sample: ``h5py`` (``ds[i:i+1]``)
+against ``raw_zfpy`` (``read_direct_chunk``, fletcher32, ``zfpy._decompress`` of the
+header-less stream with the dataset's mode; checked bit for bit against h5py first).
+
+MB/s of decoded stored values (bf16: 2 bytes a value) per second of this thread's CPU
+time, median (min-max) of ``--repeats`` interleaved passes. Prints JSON; unless
+``--quick`` writes ``docs/bench_hdf5_chunks.json`` and the table between
+``<!-- bench_hdf5_chunks:start -->`` and ``<!-- bench_hdf5_chunks:end -->`` of
+docs/benchmarks.md::
+
+    python tools/bench_hdf5_chunks.py            # ~2 min here
+    python tools/bench_hdf5_chunks.py --quick    # width 16, 128 samples; docs untouched
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import blosc2
+import h5py
+import hdf5plugin
+import numpy as np
+import torch
+import zfpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_read import REPO, build, capture_maps, cpu_name, interleaved, summary, write_region
+
+from fmcache.backends.hdf5_backend import CHUNK_CACHE_BYTES, dataset_path
+
+MARK_BEGIN = "<!-- bench_hdf5_chunks:start -->"
+MARK_END = "<!-- bench_hdf5_chunks:end -->"
+MB = 1e6
+
+
+def libhdf5_fletcher32() -> Callable[[int, int], int] | None:
+    """libhdf5's ``H5_checksum_fletcher32`` from the library h5py loaded (an exported,
+    not a public, symbol), or None where this build does not export it."""
+    libs = Path(h5py.__file__).parent.parent / "h5py.libs"
+    for lib in sorted(libs.glob("libhdf5-*.so*")) + sorted(libs.glob("libhdf5.so*")):
+        try:
+            fn = ctypes.CDLL(str(lib)).H5_checksum_fletcher32
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_size_t]
+        return fn
+    return None
+
+
+def open_dataset(path: Path, name: str, chunk_cache: bool) -> tuple[h5py.File, h5py.Dataset]:
+    fh = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
+    if chunk_cache:
+        return fh, fh[name]
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(0, 0, 1.0)
+    return fh, h5py.Dataset(h5py.h5d.open(fh.id, name.encode(), dapl=dapl))
+
+
+def chunk_starts(ds: h5py.Dataset) -> list[tuple[int, ...]]:
+    rows = ds.chunks[0]
+    return [(lo, *(0,) * (ds.ndim - 1)) for lo in range(0, ds.shape[0], rows)]
+
+
+def b2nd_frame(raw: memoryview) -> tuple[int, int]:
+    """(offset, length) of the one blosc2 chunk inside a filter frame: the frame header's
+    length (msgpack int32 at byte 11), then the chunk's cbytes (its header's bytes 12-15)."""
+    header = struct.unpack_from(">i", raw, 11)[0]
+    return header, struct.unpack_from("<i", raw, header + 12)[0]
+
+
+def from_blocks(flat: np.ndarray, chunk_shape: Sequence[int], blocks: Sequence[int], dtype: np.dtype,
+                out: np.ndarray) -> np.ndarray:
+    """A B2ND chunk's values, decoded in its blocks' order (``flat``: the block grid in C
+    order, each block in C order, padded to whole blocks), copied into ``out`` (the
+    chunk in C order): one strided copy."""
+    grid = [-(-c // b) for c, b in zip(chunk_shape, blocks)]
+    nd = len(chunk_shape)
+    blocked = flat.view(dtype).reshape(*grid, *blocks).transpose([x for i in range(nd) for x in (i, nd + i)])
+    padded = blocked.reshape([g * b for g, b in zip(grid, blocks)])
+    np.copyto(out, padded[tuple(slice(0, c) for c in chunk_shape)])
+    return out
+
+
+def bf16_runs(path: Path, name: str, fletcher: Callable[[int, int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    fh, ds = open_dataset(path, name, True)
+    starts, chunk_shape = chunk_starts(ds), ds.chunks
+    _, raw = ds.id.read_direct_chunk(starts[0])
+    blocks = list(blosc2.ndarray_from_cframe(raw[:-4]).blocks)
+    decoded = np.asarray(blosc2.ndarray_from_cframe(raw[:-4])[...]).view(ds.dtype)
+    assert np.array_equal(decoded, ds[0:chunk_shape[0]]), "B2ND decode differs"
+    scratch_dtype = ds.dtype
+    fh.close()
+    buf = np.empty(4 * int(np.prod(chunk_shape)) * 2 + (1 << 16), dtype=np.uint8)
+    address = buf.ctypes.data
+    at, _ = b2nd_frame(memoryview(raw))
+    scratch = np.empty(struct.unpack_from("<i", raw, at + 4)[0], dtype=np.uint8)  # the padded blocks' bytes
+    rows = np.empty(chunk_shape, dtype=ds.dtype)
+    at, length = b2nd_frame(memoryview(raw))
+    blosc2.decompress(raw[at:at + length], dst=scratch)
+    assert np.array_equal(from_blocks(scratch, chunk_shape, blocks, ds.dtype, rows), decoded), "block order"
+
+    def h5(chunk_cache: bool) -> Callable[[], None]:
+        def run() -> None:
+            f, d = open_dataset(path, name, chunk_cache)
+            rows = d.chunks[0]
+            for start in starts:
+                d[start[0]:start[0] + rows]
+            f.close()
+        return run
+
+    def raw_pass(check: bool, decode: str) -> Callable[[], None]:
+        def run() -> None:
+            f, d = open_dataset(path, name, False)
+            for start in starts:
+                mask, view = d.id.read_direct_chunk(start, out=buf)
+                size = len(view)
+                if mask:
+                    raise RuntimeError(f"chunk {start}: a filter was skipped (mask {mask})")
+                if check and fletcher(address, size - 4) != int.from_bytes(buf[size - 4:size].tobytes(), "little"):
+                    raise RuntimeError(f"chunk {start}: fletcher32 mismatch")
+                if decode == "blocks":
+                    at, length = b2nd_frame(memoryview(buf)[:size])
+                    blosc2.decompress(buf[at:at + length], dst=scratch)
+                elif decode == "reorder":
+                    at, length = b2nd_frame(memoryview(buf)[:size])
+                    blosc2.decompress(buf[at:at + length], dst=scratch)
+                    from_blocks(scratch, chunk_shape, blocks, scratch_dtype, rows)
+                elif decode == "array":
+                    blosc2.ndarray_from_cframe(bytes(buf[:size - 4]))[...]
+            f.close()
+        return run
+
+    runs = {"h5py": (h5(True), "cpu"), "h5py_nocache": (h5(False), "cpu"), "raw": (raw_pass(False, ""), "cpu"),
+            "raw_fletcher": (raw_pass(True, ""), "cpu"), "raw_decode": (raw_pass(True, "blocks"), "cpu"),
+            "raw_reorder": (raw_pass(True, "reorder"), "cpu"), "raw_b2nd": (raw_pass(True, "array"), "cpu")}
+    return runs, {"chunk_shape": list(chunk_shape), "b2nd_blocks": blocks,
+                  "megabytes": ds.shape[0] * int(np.prod(chunk_shape[1:])) * ds.dtype.itemsize / MB}
+
+
+def zfp_runs(path: Path, name: str, fletcher: Callable[[int, int], int], tolerance: float
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    fh, ds = open_dataset(path, name, True)
+    n, view_shape = ds.shape[0], list(ds.shape[1:])
+    _, raw = ds.id.read_direct_chunk((0, 0, 0))
+    first = zfpy._decompress(raw[:-4], zfpy.type_float, view_shape, tolerance=tolerance)
+    assert np.array_equal(first, ds[0]), "zfpy decodes the filter's stream differently"
+    megabytes = ds.shape[0] * int(np.prod(view_shape)) * 4 / MB
+    fh.close()
+    buf = np.empty(8 * int(np.prod(view_shape)) + (1 << 16), dtype=np.uint8)
+    address = buf.ctypes.data
+
+    def h5() -> None:
+        f, d = open_dataset(path, name, True)
+        for i in range(n):
+            d[i:i + 1]
+        f.close()
+
+    def raw_zfpy() -> None:
+        f, d = open_dataset(path, name, True)
+        for i in range(n):
+            _, view = d.id.read_direct_chunk((i, 0, 0), out=buf)
+            size = len(view)
+            if fletcher(address, size - 4) != int.from_bytes(buf[size - 4:size].tobytes(), "little"):
+                raise RuntimeError(f"chunk {i}: fletcher32 mismatch")
+            zfpy._decompress(buf[:size - 4], zfpy.type_float, view_shape, tolerance=tolerance)
+        f.close()
+
+    return {"h5py": (h5, "cpu"), "raw_zfpy": (raw_zfpy, "cpu")}, {"megabytes": megabytes, "view_shape": view_shape}
+
+
+def measure(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
+            fletcher: Callable[[int, int], int]) -> dict[str, Any]:
+    result: dict[str, Any] = {"shape": list(maps.shape[1:]), "samples": len(maps)}
+    for spec, field, make in (("bf16", "bits", None), ("zfp:accuracy=0.05", "values", 0.05)):
+        path = workdir / f"{layer}-{field}.h5"
+        build(path, "hdf5", layer, maps, spec)
+        name = dataset_path(layer, "all", field)
+        runs, info = bf16_runs(path, name, fletcher) if make is None else zfp_runs(path, name, fletcher, make)
+        seconds = interleaved(runs, repeats)
+        base = seconds["h5py"]
+        result[spec] = {**info, "mb_s": {k: summary([info["megabytes"] / s for s in v]) for k, v in seconds.items()},
+                        "vs_h5py": {k: summary([b / s for b, s in zip(base, v)]) for k, v in seconds.items()}}
+    return result
+
+
+def _f(stat: dict[str, float]) -> str:
+    return f"{stat['median']:,.0f} ({stat['min']:,.0f}–{stat['max']:,.0f})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = [(f"Settings: ResNet-18 width {s['width']}, {s['samples']} samples, {s['repeats']} repeats; "
+              f"{s['cpu']}. MB/s of stored values decoded, per second of CPU time, median (min–max); "
+              "`× h5py`: median of per-repeat time ratios against `h5py` (> 1 = faster)."), ""]
+    for spec in ("bf16", "zfp:accuracy=0.05"):
+        lines += [f"**`{spec}`**", "", "| layer | chunk | B2ND blocks | "
+                  + " | ".join(f"{k} | × h5py" for k in next(iter(results["layers"].values()))[spec]["mb_s"]) + " |"]
+        keys = list(next(iter(results["layers"].values()))[spec]["mb_s"])
+        lines.append("|---|---|---|" + "---:|---:|" * len(keys))
+        for layer, res in results["layers"].items():
+            e = res[spec]
+            chunk = "×".join(map(str, e.get("chunk_shape", [1, *e.get("view_shape", [])])))
+            blocks = "×".join(map(str, e["b2nd_blocks"])) if "b2nd_blocks" in e else "–"
+            lines.append(f"| {layer} | {chunk} | {blocks} | "
+                         + " | ".join(f"{_f(e['mb_s'][k])} | {e['vs_h5py'][k]['median']:.2f}" for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="width 16, 128 samples, layer2; docs untouched")
+    parser.add_argument("--samples", type=int, default=None, help="default 512")
+    parser.add_argument("--repeats", type=int, default=None, help="default 7; quick 3")
+    args = parser.parse_args(argv)
+    width, samples = (16, args.samples or 128) if args.quick else (32, args.samples or 512)
+    repeats = args.repeats or (3 if args.quick else 7)
+    layers = ["layer2"] if args.quick else ["layer1", "layer2", "layer3"]
+    fletcher = libhdf5_fletcher32()
+    if fletcher is None:
+        print("this h5py build does not export H5_checksum_fletcher32: nothing to measure", file=sys.stderr)
+        return 1
+    torch.set_num_threads(1)
+    hdf5plugin.register(force=True)
+    maps = capture_maps(width, 50, layers, samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        results: dict[str, Any] = {
+            "settings": {"width": width, "samples": samples, "repeats": repeats, "cpu": cpu_name(),
+                         "cores": os.cpu_count(), "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+                         "hdf5plugin": hdf5plugin.version, "blosc2": blosc2.__version__,
+                         "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                         "command": "python tools/bench_hdf5_chunks.py" + (" --quick" if args.quick else "")},
+            "layers": {layer: measure(layer, maps[layer], repeats, Path(tmp), fletcher) for layer in layers},
+        }
+    print(json.dumps(results, indent=1))
+    if not args.quick:
+        (REPO / "docs" / "bench_hdf5_chunks.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END, markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
