@@ -229,7 +229,7 @@ def test_hdf5_slice_reads_decode_little_beyond_the_chunks_they_need(tmp_path: Pa
     one slice (every row between its blocks decoded; docs/benchmarks.md)."""
     import h5py
 
-    from fmcache.backends.hdf5_backend import _slice_decodes_little_more
+    from fmcache.backends.hdf5_reads import _slice_decodes_little_more
     with h5py.File(tmp_path / "d.h5", "w") as fh:
         chunks = None if chunk_rows is None else (chunk_rows, 3)
         ds = fh.create_dataset("d", data=np.zeros((32, 3), np.float32), chunks=chunks)

@@ -37,6 +37,7 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
 from .base import Backend, PartSpec
+from .hdf5_reads import _chunk_groups, _read_rows, _touch
 
 hdf5plugin.register(force=True)
 
@@ -383,37 +384,35 @@ class Hdf5Backend(Backend):
         return out
 
     def _one_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], int, str] | None:
-        """Per (layer, part), once: codec, (field name, dataset path) pairs, samples per
-        chunk, error prefix; None where the row cache does not apply."""
-        entries: dict[tuple[str, str], Any] = self.__dict__.setdefault("_h_one", {})
-        key = (layer, part)
-        if key not in entries:
-            entry = None
-            if not self.writable:
-                for spec, spec_fields in self._read_fields(layer):
-                    if spec.name == part and all(f.dtype is not None and not f.per_sample_chunks
-                                                 for f, _ in spec_fields):
-                        entry = (spec.codec, [(f.name, path) for f, path in spec_fields],
-                                 self._layers[layer][2], f"{self.path}: layer {layer!r} part {part!r}")
-            entries[key] = entry
-        return entries[key]
+        """Codec, (field name, dataset path) pairs, samples per chunk and error prefix of a
+        part read through the row LRU; None where it does not apply (see :meth:`_entries`)."""
+        return self._entries(layer, part)[0]
 
     def _plain_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], str] | None:
-        """Per (layer, part), once: codec, (field name, dataset path) pairs and error
-        prefix of a read-only part stored a chunk per sample (ZFP, SZ3: their filters
-        decode whole chunks, so the row LRU has nothing to keep); None otherwise."""
-        entries: dict[tuple[str, str], Any] = self.__dict__.setdefault("_h_plain", {})
-        key = (layer, part)
-        if key not in entries:
-            entry = None
-            if not self.writable:
-                for spec, spec_fields in self._read_fields(layer):
-                    if spec.name == part and all(f.dtype is not None for f, _ in spec_fields) \
-                            and any(f.per_sample_chunks for f, _ in spec_fields):
-                        entry = (spec.codec, [(f.name, path) for f, path in spec_fields],
-                                 f"{self.path}: layer {layer!r} part {part!r}")
-            entries[key] = entry
-        return entries[key]
+        """Codec, (field name, dataset path) pairs and error prefix of a part stored a
+        chunk per sample (ZFP, SZ3: their filters decode whole chunks, so the row LRU has
+        nothing to keep), read by :meth:`_read_one_plain`; None otherwise."""
+        return self._entries(layer, part)[1]
+
+    def _entries(self, layer: str, part: str) -> tuple[Any, Any]:
+        """Per (layer, part), once: (:meth:`_one_entry`, :meth:`_plain_entry`). Both are
+        None for a writable cache and for a part with an opaque (variable-length) field."""
+        entries: dict[tuple[str, str], tuple[Any, Any]] = self.__dict__.setdefault("_h_entries", {})
+        found = entries.get((layer, part))
+        if found is None:
+            rows = plain = None
+            spec_fields = None if self.writable else next(
+                ((spec, fields) for spec, fields in self._read_fields(layer) if spec.name == part), None)
+            if spec_fields is not None and all(f.dtype is not None for f, _ in spec_fields[1]):
+                spec, fields = spec_fields
+                names = [(f.name, path) for f, path in fields]
+                where = f"{self.path}: layer {layer!r} part {part!r}"
+                if any(f.per_sample_chunks for f, _ in fields):
+                    plain = (spec.codec, names, where)
+                else:
+                    rows = (spec.codec, names, self._layers[layer][2], where)
+            found = entries[(layer, part)] = (rows, plain)
+        return found
 
     def _read_one_plain(self, sample: int, out: np.ndarray, codec: Any, fields: list[tuple[str, str]],
                         where: str) -> np.ndarray:
@@ -556,87 +555,3 @@ def _write_failure(path: Path, exc: BaseException, what: str) -> CacheError:
         return ReadOnlyError(f"{path}: {what}: the location is not writable ({text[:200]})")
     return CacheError(f"{path}: {what} ({text[:300]})",
                       hint="the batches before it are kept: fix the cause and resume (--resume)")
-
-
-def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
-    """The first of ``samples`` whose row cannot be read (error path only: one row at a time)."""
-    for sample in samples:
-        try:
-            ds[int(sample)]
-        except OSError:
-            return int(sample)
-    return None
-
-
-def _touch(lru: OrderedDict[Any, Any], key: Any) -> None:
-    """Mark ``key`` most recently used, unless another thread has evicted it meanwhile."""
-    try:
-        lru.move_to_end(key)
-    except KeyError:
-        pass
-
-
-def _chunk_groups(samples: np.ndarray, per_chunk: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Per chunk that ``samples`` touch: (chunk, the batch rows in it, their rows in the chunk)."""
-    chunks = samples // per_chunk
-    first = int(chunks[0])
-    if bool(np.all(chunks == first)):
-        return [(first, np.arange(len(samples)), samples - first * per_chunk)]
-    order = np.argsort(chunks, kind="stable")
-    ordered = chunks[order]
-    cuts = np.flatnonzero(np.diff(ordered)) + 1
-    return [(int(ordered[rows[0]]), order[rows], samples[order[rows]] - int(ordered[rows[0]]) * per_chunk)
-            for rows in np.split(np.arange(len(samples)), cuts)]
-
-
-#: how many chunks a slice read may decode beyond the ones holding wanted rows, as a
-#: share of those (see :func:`_slice_decodes_little_more`)
-SLICE_EXTRA_CHUNKS = 0.25
-
-
-def _slice_decodes_little_more(ds: h5py.Dataset, unique: np.ndarray) -> bool:
-    """Whether one slice over the sorted rows ``unique`` decodes at most
-    ``SLICE_EXTRA_CHUNKS`` more chunks than the chunks holding them. Counted in chunks,
-    not rows: a codec with a chunk per sample (SZ3, ZFP) decodes every row a slice
-    covers, so a slice over a sampler's batch (its rows in blocks, gaps between) decoded
-    up to four times the rows it served (bench_read's ``loader w0``: SZ3 16 -> 63 MB/s
-    with this check; docs/benchmarks.md, "On the issue's own model")."""
-    rows = ds.chunks[0] if ds.chunks else 0
-    if rows <= 0:  # contiguous: no decode, a slice only copies
-        return True
-    chunks = unique // rows  # sorted, so the distinct ones are where it changes
-    needed = 1 + int(np.count_nonzero(np.diff(chunks)))
-    return int(chunks[-1] - chunks[0]) + 1 - needed <= SLICE_EXTRA_CHUNKS * needed
-
-
-def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str) -> np.ndarray:
-    """Rows ``samples`` of a dataset; contiguous runs are read as one slice."""
-    ds = None
-    try:
-        ds = backend._dataset(path)
-        if len(samples) == 0:
-            return ds[0:0]
-        stored = ds.shape[0]
-        if int(samples.max()) >= stored:  # a dataset cut short: name the sample, not a shape
-            first = int(samples[samples >= stored][0])
-            raise CorruptionError(f"{where} sample {first}: the dataset stops at sample {stored}")
-        lo, hi = int(samples[0]), int(samples[-1]) + 1
-        if hi - lo == len(samples) and np.all(np.diff(samples) == 1):
-            return ds[lo:hi]
-        unique, inverse = np.unique(samples, return_inverse=True)
-        lo, hi = int(unique[0]), int(unique[-1]) + 1
-        if hi - lo <= 4 * len(unique) and _slice_decodes_little_more(ds, unique):
-            # A chunk-aware sampler's batch spans a few chunks: one slice read (HDF5 decodes
-            # each chunk once) then a gather, instead of h5py's slow point selection.
-            return ds[lo:hi][unique - lo][inverse]
-        # Scattered rows: one slice per contiguous run of the sorted rows.
-        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        block = np.concatenate([ds[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)])
-        return block[inverse]
-    except KeyError:
-        raise CorruptionError(f"{where}: dataset {path} is missing") from None
-    except OSError as exc:
-        # Name the sample: a checksum (fletcher32) or filter failure covers a whole chunk.
-        bad = _first_unreadable(ds, samples) if ds is not None else None
-        at = f" sample {bad}" if bad is not None else ""
-        raise CorruptionError(f"{where}{at}: HDF5 read failed ({exc})") from None
