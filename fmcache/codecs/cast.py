@@ -360,7 +360,7 @@ class Bf16(_Cast16):
     def decode_batch(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """Stage-2 records straight into their rows of ``out``; stage-1 batches through the
         16-bit staging pass; a mix (a cache resumed across versions) row by row."""
-        return self._decode_frames(payloads, out, _checked_frame)
+        return self._decode_frames(payloads, out, verified=False)
 
     def decode_batch_verified(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray) -> np.ndarray:
         """Verified stage-2 rows through :meth:`verified_decoder` (one call per row: the
@@ -371,15 +371,15 @@ class Bf16(_Cast16):
         first = payloads[0] if len(payloads) else b""
         if (len(payloads) != len(out) or not out.flags.c_contiguous or out.dtype != np.float32
                 or len(first) <= 1 + 4 * len(shape) or first[1 + 4 * len(shape)] != _STAGE_WIDE):
-            return self._decode_frames(payloads, out, _frame)
+            return self._decode_frames(payloads, out, verified=True)
         decode = self.verified_decoder(shape)
         for row, payload in enumerate(payloads):
             decode(payload if type(payload) is memoryview else memoryview(payload), out[row])
         return out
 
     def _decode_frames(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
-                       frame_of: Callable[[memoryview], memoryview]) -> np.ndarray:
-        verified = frame_of is _frame
+                       verified: bool) -> np.ndarray:
+        frame_of = _frame if verified else _checked_frame
         if not out.flags.c_contiguous:
             return self._decode16_batch(payloads, out, verified)  # row by row for a strided out
         bodies = batch_views(payloads, self.codec_id, out.shape[1:])

@@ -92,32 +92,32 @@ class LosslessStage:
         if len(payload) < 1:
             raise ValueError("payload has no stage byte")
         stage = payload[0]
-        if stage == _STAGE_CHECKED or stage == _STAGE_BLOSC2:
-            if stage == _STAGE_CHECKED:
-                frame = verified_frame(payload, "blosc2 stage") if verified else checked_frame(payload, "blosc2 stage")
-            elif verified:
-                frame = payload[1:]
-            else:
-                raise CorruptionError("blosc2 stage without its CRC-32C (damaged, or a bare frame of format "
-                                      "version 1-5, which only its cache's reader decodes)")
+        if stage == _STAGE_PLAIN:
+            body = payload[1:]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if len(body) != nbytes:
+                raise ValueError(f"plain body holds {len(body)} bytes, expected {nbytes}")
+            values = np.frombuffer(body, dtype=dtype).reshape(shape)
             if out is None:
-                nbytes = math.prod(shape) * dtype.itemsize
-                if len(frame) < FRAME_HEADER_BYTES or blosc2.get_cbuffer_sizes(frame)[0] != nbytes:
-                    raise ValueError(f"blosc2 body does not hold the {nbytes} bytes the shape needs")
-                out = np.empty(shape, dtype=dtype)
-            # blosc2_decompress_into checks the frame's sizes against `out` before decoding
-            return blosc2_decompress_into(frame, out)
-        if stage != _STAGE_PLAIN:
+                return values.copy()
+            np.copyto(out, values)
+            return out
+        if stage == _STAGE_CHECKED:
+            frame = verified_frame(payload, "blosc2 stage") if verified else checked_frame(payload, "blosc2 stage")
+        elif stage == _STAGE_BLOSC2 and verified:
+            frame = payload[1:]
+        elif stage == _STAGE_BLOSC2:
+            raise CorruptionError("blosc2 stage without its CRC-32C (damaged, or a bare frame of format "
+                                  "version 1-5, which only its cache's reader decodes)")
+        else:
             raise ValueError(f"unknown stage byte {stage}")
-        body = payload[1:]
-        nbytes = math.prod(shape) * dtype.itemsize
-        if len(body) != nbytes:
-            raise ValueError(f"plain body holds {len(body)} bytes, expected {nbytes}")
-        values = np.frombuffer(body, dtype=dtype).reshape(shape)
         if out is None:
-            return values.copy()
-        np.copyto(out, values)
-        return out
+            nbytes = math.prod(shape) * dtype.itemsize
+            if len(frame) < FRAME_HEADER_BYTES or blosc2.get_cbuffer_sizes(frame)[0] != nbytes:
+                raise ValueError(f"blosc2 body does not hold the {nbytes} bytes the shape needs")
+            out = np.empty(shape, dtype=dtype)
+        # blosc2_decompress_into checks the frame's sizes against `out` before decoding
+        return blosc2_decompress_into(frame, out)
 
     def hdf5_filter(self) -> dict[str, Any]:
         """h5py ``create_dataset`` kwargs: the Blosc2 filter, or none for ``cname="none"``."""
