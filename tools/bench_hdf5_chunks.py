@@ -30,12 +30,14 @@ header-less stream with the dataset's mode; checked bit for bit against h5py fir
 
 MB/s of decoded stored values (bf16: 2 bytes a value) per second of this thread's CPU
 time, median (min-max) of ``--repeats`` interleaved passes. Prints JSON; unless
-``--quick`` writes ``docs/bench_hdf5_chunks.json`` and the table between
-``<!-- bench_hdf5_chunks:start -->`` and ``<!-- bench_hdf5_chunks:end -->`` of
-docs/benchmarks.md::
+``--quick`` writes ``docs/bench_hdf5_chunks.json``, ``docs/bench_hdf5_chunks.png`` and the
+table between ``<!-- bench_hdf5_chunks:start -->`` and ``<!-- bench_hdf5_chunks:end -->``
+of docs/benchmarks.md::
 
     python tools/bench_hdf5_chunks.py            # ~2 min here
     python tools/bench_hdf5_chunks.py --quick    # width 16, 128 samples; docs untouched
+    python tools/bench_hdf5_chunks.py --render docs/bench_hdf5_chunks.json \
+        --region bench_hdf5_chunks --figure docs/bench_hdf5_chunks.png   # a saved run's table and plot
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import torch
 import zfpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_read import REPO, build, capture_maps, cpu_name, interleaved, summary, write_region
+from bench_read import REPO, build, capture_maps, cpu_name, interleaved, render_command, summary, write_region
 
 from fmcache.backends.hdf5_backend import CHUNK_CACHE_BYTES, dataset_path
 
@@ -243,7 +245,40 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per layer, the ``bf16`` chunk read's variants as bars (median, min-max), h5py first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(results["layers"])
+    names = list(results["layers"][layers[0]]["bf16"]["mb_s"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(layers)
+    y = np.arange(len(names))
+    for k, layer in enumerate(layers):
+        rates = results["layers"][layer]["bf16"]["mb_s"]
+        med = [rates[n]["median"] for n in names]
+        err = [[m - rates[n]["min"] for n, m in zip(names, med)], [rates[n]["max"] - m for n, m in zip(names, med)]]
+        ax.barh(y + (k - (len(layers) - 1) / 2) * width, med, width, xerr=err, capsize=2,
+                label=f"{layer} {tuple(results['layers'][layer]['shape'])}")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("MB/s of bf16 values per core (log)")
+    ax.set_title("One HDF5 chunk read of bf16 maps, taken apart (raw_decode: blocks out of order, not usable)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--render":
+        return render_command(argv[1:], "bench_hdf5_chunks.py --render", markdown, plot)
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="width 16, 128 samples, layer2; docs untouched")
     parser.add_argument("--samples", type=int, default=None, help="default 512")
@@ -272,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick:
         (REPO / "docs" / "bench_hdf5_chunks.json").write_text(json.dumps(results, indent=1) + "\n")
         write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END, markdown(results))
+        plot(results, REPO / "docs" / "bench_hdf5_chunks.png")
     return 0
 
 
