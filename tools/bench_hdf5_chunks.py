@@ -24,6 +24,9 @@ chunk once per pass:
 * ``raw_b2nd``       ``read_direct_chunk``, fletcher32, then ``blosc2.ndarray_from_cframe``
                      and ``[...]``: a raw read that gives the array (B2ND's reassembly).
 
+``bf16`` again, a cold pass of ``Cache.read`` over every sample (``bench_read``'s ``read
+cold``) on LMDB and on HDF5 with the backend's row LRU at its default size and at 4 MiB.
+
 ZFP (``zfp:accuracy=0.05``, a chunk per sample), per sample: ``h5py`` (``ds[i:i+1]``)
 against ``raw_zfpy`` (``read_direct_chunk``, fletcher32, ``zfpy._decompress`` of the
 header-less stream with the dataset's mode; checked bit for bit against h5py first).
@@ -62,8 +65,19 @@ import torch
 import zfpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_read import REPO, build, capture_maps, cpu_name, interleaved, render_command, summary, write_region
+from bench_read import (
+    REPO,
+    build,
+    capture_maps,
+    cold_pass,
+    cpu_name,
+    interleaved,
+    render_command,
+    summary,
+    write_region,
+)
 
+from fmcache.backends import hdf5_backend
 from fmcache.backends.hdf5_backend import CHUNK_CACHE_BYTES, dataset_path
 
 MARK_BEGIN = "<!-- bench_hdf5_chunks:start -->"
@@ -218,7 +232,40 @@ def measure(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
         base = seconds["h5py"]
         result[spec] = {**info, "mb_s": {k: summary([info["megabytes"] / s for s in v]) for k, v in seconds.items()},
                         "vs_h5py": {k: summary([b / s for b, s in zip(base, v)]) for k, v in seconds.items()}}
+    result["cold_pass"] = cold_passes(layer, maps, repeats, workdir)
     return result
+
+
+def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path) -> dict[str, Any]:
+    """``bench_read``'s ``read cold`` for ``bf16`` (``Cache.read`` of every sample from a
+    freshly opened cache), on LMDB and on HDF5 with the backend's row LRU at its default
+    size and at 4 MiB: a layer that fits the default LRU keeps every chunk's rows, each
+    read into newly allocated memory; a smaller LRU evicts and the allocator hands the
+    freed memory out again."""
+    paths = {backend: workdir / f"cold-{layer}{'.h5' if backend == 'hdf5' else '.lmdb'}" for backend in ("lmdb", "hdf5")}
+    for backend, path in paths.items():
+        build(path, backend, layer, maps, "bf16")
+
+    def with_lru(nbytes: int) -> Callable[[], float]:
+        run = cold_pass(paths["hdf5"], layer, len(maps))
+
+        def sized() -> float:
+            default = hdf5_backend.ROW_CACHE_BYTES
+            hdf5_backend.ROW_CACHE_BYTES = nbytes
+            try:
+                return run()
+            finally:
+                hdf5_backend.ROW_CACHE_BYTES = default
+        return sized
+
+    default_mib = hdf5_backend.ROW_CACHE_BYTES >> 20
+    runs = {"lmdb": (cold_pass(paths["lmdb"], layer, len(maps)), "cpu"),
+            f"hdf5 LRU {default_mib} MiB": (with_lru(hdf5_backend.ROW_CACHE_BYTES), "cpu"),
+            "hdf5 LRU 4 MiB": (with_lru(4 << 20), "cpu")}
+    seconds = interleaved(runs, repeats)
+    megabytes = maps.nbytes / MB
+    return {"megabytes_float32": megabytes, "mb_s": {k: summary([megabytes / x for x in v]) for k, v in seconds.items()},
+            "vs_lmdb_time": {k: summary([x / b for b, x in zip(seconds["lmdb"], v)]) for k, v in seconds.items()}}
 
 
 def _f(stat: dict[str, float]) -> str:
@@ -242,6 +289,16 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {layer} | {chunk} | {blocks} | "
                          + " | ".join(f"{_f(e['mb_s'][k])} | {e['vs_h5py'][k]['median']:.2f}" for k in keys) + " |")
         lines.append("")
+    first = next(iter(results["layers"].values()))
+    if "cold_pass" in first:
+        keys = list(first["cold_pass"]["mb_s"])
+        lines += [("**`bf16`, a cold pass of `Cache.read`** (float32 MB/s; `× LMDB`: time against LMDB's, "
+                   "median of per-repeat ratios)"), "", "| layer | " + " | ".join(f"{k} | × LMDB" for k in keys) + " |",
+                  "|---|" + "---:|---:|" * len(keys)]
+        for layer, res in results["layers"].items():
+            c = res["cold_pass"]
+            lines.append(f"| {layer} | " + " | ".join(f"{_f(c['mb_s'][k])} | {c['vs_lmdb_time'][k]['median']:.2f}"
+                                                     for k in keys) + " |")
     return "\n".join(lines).rstrip()
 
 
