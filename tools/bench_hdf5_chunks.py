@@ -135,21 +135,21 @@ def from_blocks(flat: np.ndarray, chunk_shape: Sequence[int], blocks: Sequence[i
 
 def bf16_runs(path: Path, name: str, fletcher: Callable[[int, int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
     fh, ds = open_dataset(path, name, True)
-    starts, chunk_shape = chunk_starts(ds), ds.chunks
+    starts, chunk_shape, dtype = chunk_starts(ds), ds.chunks, ds.dtype
+    megabytes = ds.shape[0] * int(np.prod(chunk_shape[1:])) * dtype.itemsize / MB
+    expected = ds[0:chunk_shape[0]]
     _, raw = ds.id.read_direct_chunk(starts[0])
-    blocks = list(blosc2.ndarray_from_cframe(raw[:-4]).blocks)
-    decoded = np.asarray(blosc2.ndarray_from_cframe(raw[:-4])[...]).view(ds.dtype)
-    assert np.array_equal(decoded, ds[0:chunk_shape[0]]), "B2ND decode differs"
-    scratch_dtype = ds.dtype
     fh.close()
+    array = blosc2.ndarray_from_cframe(raw[:-4])
+    blocks = list(array.blocks)
+    assert np.array_equal(np.asarray(array[...]).view(dtype), expected), "B2ND decode differs"
+    at, length = b2nd_frame(memoryview(raw))
+    scratch = np.empty(struct.unpack_from("<i", raw, at + 4)[0], dtype=np.uint8)  # the padded blocks' bytes
+    rows = np.empty(chunk_shape, dtype=dtype)
+    blosc2.decompress(raw[at:at + length], dst=scratch)
+    assert np.array_equal(from_blocks(scratch, chunk_shape, blocks, dtype, rows), expected), "block order"
     buf = np.empty(4 * int(np.prod(chunk_shape)) * 2 + (1 << 16), dtype=np.uint8)
     address = buf.ctypes.data
-    at, _ = b2nd_frame(memoryview(raw))
-    scratch = np.empty(struct.unpack_from("<i", raw, at + 4)[0], dtype=np.uint8)  # the padded blocks' bytes
-    rows = np.empty(chunk_shape, dtype=ds.dtype)
-    at, length = b2nd_frame(memoryview(raw))
-    blosc2.decompress(raw[at:at + length], dst=scratch)
-    assert np.array_equal(from_blocks(scratch, chunk_shape, blocks, ds.dtype, rows), decoded), "block order"
 
     def h5(chunk_cache: bool) -> Callable[[], None]:
         def run() -> None:
@@ -170,13 +170,11 @@ def bf16_runs(path: Path, name: str, fletcher: Callable[[int, int], int]) -> tup
                     raise RuntimeError(f"chunk {start}: a filter was skipped (mask {mask})")
                 if check and fletcher(address, size - 4) != int.from_bytes(buf[size - 4:size].tobytes(), "little"):
                     raise RuntimeError(f"chunk {start}: fletcher32 mismatch")
-                if decode == "blocks":
+                if decode in ("blocks", "reorder"):
                     at, length = b2nd_frame(memoryview(buf)[:size])
                     blosc2.decompress(buf[at:at + length], dst=scratch)
-                elif decode == "reorder":
-                    at, length = b2nd_frame(memoryview(buf)[:size])
-                    blosc2.decompress(buf[at:at + length], dst=scratch)
-                    from_blocks(scratch, chunk_shape, blocks, scratch_dtype, rows)
+                    if decode == "reorder":
+                        from_blocks(scratch, chunk_shape, blocks, dtype, rows)
                 elif decode == "array":
                     blosc2.ndarray_from_cframe(bytes(buf[:size - 4]))[...]
             f.close()
@@ -185,8 +183,7 @@ def bf16_runs(path: Path, name: str, fletcher: Callable[[int, int], int]) -> tup
     runs = {"h5py": (h5(True), "cpu"), "h5py_nocache": (h5(False), "cpu"), "raw": (raw_pass(False, ""), "cpu"),
             "raw_fletcher": (raw_pass(True, ""), "cpu"), "raw_decode": (raw_pass(True, "blocks"), "cpu"),
             "raw_reorder": (raw_pass(True, "reorder"), "cpu"), "raw_b2nd": (raw_pass(True, "array"), "cpu")}
-    return runs, {"chunk_shape": list(chunk_shape), "b2nd_blocks": blocks,
-                  "megabytes": ds.shape[0] * int(np.prod(chunk_shape[1:])) * ds.dtype.itemsize / MB}
+    return runs, {"chunk_shape": list(chunk_shape), "b2nd_blocks": blocks, "megabytes": megabytes}
 
 
 def zfp_runs(path: Path, name: str, fletcher: Callable[[int, int], int], tolerance: float
