@@ -308,6 +308,9 @@ def test_hdf5_per_sample_reads_through_the_row_cache_match_batch_reads(tmp_path:
             assert not rows
         else:
             assert rows and cache.backend._h_rows_bytes <= hdf5_backend.ROW_CACHE_BYTES
+            # each kept chunk read per sample holds its codec's row reader, built once
+            assert all(chunk.reader is not None and chunk.count == len(chunk[next(iter(chunk))])
+                       for chunk in rows.values())
 
 
 def test_hdf5_row_cache_starts_empty_in_a_child_process(tmp_path: Path) -> None:
@@ -576,3 +579,32 @@ def test_hdf5_per_sample_reads_of_chunk_per_sample_parts_match_batch_reads(tmp_p
         assert same_bits(cache.read("l", 19), every[19])
         with pytest.raises(CorruptionError, match=r"layer 'l' part 'all' sample 21: the dataset stops at sample 20"):
             cache.read("l", 21)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=st.one_of(post_relu_maps(), feature_maps(max_abs=6e4)), spec=st.sampled_from(
+    ["bf16", "fp16", "bf16:cname=none", "int8", "raw"]), layout=st.sampled_from(["plain", "readonly", "strided"]))
+def test_hdf5_row_reader_equals_from_hdf5_into(x: np.ndarray, spec: str, layout: str) -> None:
+    """A codec's per-chunk row reader (the HDF5 backend's per-sample path) decodes each
+    row to the same bits as ``from_hdf5_into`` of that row alone, NaN / Inf included;
+    stored rows it cannot view (read-only, strided) take the general reader; an ``out``
+    of another shape is a ValueError, not a broadcast."""
+    codec = codec_from_spec(spec)
+    x = x.copy()
+    if codec.stores_nonfinite:
+        x.flat[0], x.flat[-1] = np.nan, -np.inf
+    batch = np.stack([x, x[::-1].copy(), np.zeros_like(x)])
+    rows = codec.to_hdf5(batch)
+    if layout == "readonly":
+        for r in rows.values():
+            r.flags.writeable = False
+    elif layout == "strided":
+        rows = {name: np.repeat(r, 2, axis=0)[::2] for name, r in rows.items()}
+    read = codec.hdf5_row_reader(rows)
+    for k in range(len(batch)):
+        expected = codec.from_hdf5_into({name: r[k:k + 1] for name, r in rows.items()},
+                                        np.empty((1, *x.shape), np.float32))[0]
+        out = np.full(x.shape, 7.0, np.float32)
+        assert read(k, out) is out and same_bits(out, expected), k
+    with pytest.raises(ValueError):
+        read(0, np.empty((1, *x.shape), np.float32))

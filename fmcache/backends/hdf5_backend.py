@@ -26,7 +26,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class Hdf5Backend(Backend):
     #: HDF5 has no transactions: a process killed inside a batch can leave the file's
     #: metadata half written, so a resume first re-reads what was committed.
     crash_atomic = False
-    _h_rows: OrderedDict[tuple[str, str, int], dict[str, np.ndarray]]
+    _h_rows: OrderedDict[tuple[str, str, int], _ChunkRows]
     _h_lock: threading.Lock
     _h_rows_pid: int
     _h_rows_bytes: int
@@ -372,16 +372,17 @@ class Hdf5Backend(Backend):
         if rows is None:
             rows = self._cached_chunk(layer, part, chunk, entry)
         k = sample - chunk * per_chunk
-        first = next(iter(rows.values()))
-        if k >= len(first):
-            raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {chunk * per_chunk + len(first)}")
+        if k >= rows.count:
+            raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {chunk * per_chunk + rows.count}")
         try:
-            codec.from_hdf5_into({name: r[k:k + 1] for name, r in rows.items()}, out[None])
+            reader = rows.reader
+            if reader is None:  # once per chunk and process (threads may both build it: same result)
+                reader = rows.reader = codec.hdf5_row_reader(rows)
+            return reader(k, out)
         except CorruptionError:
             raise
         except (ValueError, KeyError) as exc:
             raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
-        return out
 
     def _one_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], int, str] | None:
         """Codec, (field name, dataset path) pairs, samples per chunk and error prefix of a
@@ -441,7 +442,7 @@ class Hdf5Backend(Backend):
         return out
 
     def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
-                      ) -> dict[str, np.ndarray]:
+                      ) -> _ChunkRows:
         """The stored rows of one chunk of ``part`` (field -> rows), from this process's
         LRU of :data:`ROW_CACHE_BYTES`, read (one slice per field) when missing. Threads
         sharing the cache may read at once: a miss is filled under a lock, and a hit whose
@@ -462,7 +463,7 @@ class Hdf5Backend(Backend):
             rows = rows_cache.get(key)
             if rows is None:
                 _, fields, per_chunk, where = entry
-                rows = self._chunk_rows(fields, chunk * per_chunk, per_chunk, where)
+                rows = _ChunkRows(self._chunk_rows(fields, chunk * per_chunk, per_chunk, where))
                 rows_cache[key] = rows
                 self._h_rows_bytes += sum(r.nbytes for r in rows.values())
                 while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
@@ -536,6 +537,19 @@ class Hdf5Backend(Backend):
                 total += ds.id.get_storage_size()
             sizes[part] = total
         return sizes
+
+
+class _ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows
+    """One chunk's stored rows in the row LRU (field name -> rows), with the number of
+    rows and, built on the first per-sample read, the codec's row reader
+    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`)."""
+
+    __slots__ = ("count", "reader")
+
+    def __init__(self, rows: dict[str, np.ndarray]) -> None:
+        super().__init__(rows)
+        self.count = len(next(iter(rows.values()))) if rows else 0
+        self.reader: Callable[[int, np.ndarray], np.ndarray] | None = None
 
 
 def _write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:

@@ -280,6 +280,17 @@ class Codec(ABC):
         np.copyto(out, decoded)
         return out
 
+    def hdf5_row_reader(self, rows: Mapping[str, np.ndarray]) -> Callable[[int, np.ndarray], np.ndarray]:
+        """A decoder of one row of ``rows`` (a chunk's stored arrays, as
+        :meth:`from_hdf5_into` takes them): ``read(k, out)`` fills the float32 map ``out``
+        (C-contiguous, one sample's shape) from row ``k`` and returns it. The HDF5
+        backend's per-sample reads build one per chunk they keep, so a codec can prepare
+        what every row shares once. ValueError as :meth:`from_hdf5_into`."""
+        def read(k: int, out: np.ndarray) -> np.ndarray:
+            self.from_hdf5_into({name: r[k:k + 1] for name, r in rows.items()}, out[None])
+            return out
+        return read
+
 
 def parse_header(buf: memoryview, codec_id: str) -> tuple[tuple[int, ...], int]:
     """Shape and payload offset of an encoded map; CorruptionError if malformed."""
