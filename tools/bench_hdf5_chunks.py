@@ -24,8 +24,24 @@ chunk once per pass:
 * ``raw_b2nd``       ``read_direct_chunk``, fletcher32, then ``blosc2.ndarray_from_cframe``
                      and ``[...]``: a raw read that gives the array (B2ND's reassembly).
 
-``bf16`` again, a cold pass of ``Cache.read`` over every sample (``bench_read``'s ``read
-cold``) on LMDB and on HDF5 with the backend's row LRU at its default size and at 4 MiB.
+* ``direct_h5py``    ``ds[lo:hi]`` on a copy whose chunks this script wrote itself
+                     (``write_direct_chunk``): a plain blosc2 frame of one chunk whose
+                     blocks are whole samples, in array order, and its fletcher32; the
+                     same filter and ``h5dump`` read it (the values are checked);
+* ``direct_raw``     ``read_direct_chunk`` of that copy, fletcher32, python-blosc2's decode
+                     straight into the chunk's rows: what fmcache writing and reading its
+                     own chunks would cost per chunk.
+
+``bf16`` again, a cold pass over every sample, each sample's float32 map into a new
+array (``bench_read``'s ``read cold``): ``Cache.read`` on LMDB and on HDF5 with the
+backend's row LRU at its default size and at 4 MiB, then lower bounds of other HDF5
+read paths, lean loops with none of fmcache's bookkeeping (no LRU, no checks but the
+checksum): ``floor h5py`` (whole chunks through h5py, each sample widened), ``floor
+direct`` (the self-written chunks read raw: fletcher32, decode, widen), ``floor direct
+crc32c`` (the same with a CRC-32C over the chunk in place of fletcher32: a layout
+that kept its own checksum beside HDF5's data) and ``floor wide`` (the bf16 values
+stored widened to float32, as LMDB's records hold them, read through h5py, each
+sample copied out).
 
 ZFP (``zfp:accuracy=0.05``, a chunk per sample), per sample: ``h5py`` (``ds[i:i+1]``)
 against ``raw_zfpy`` (``read_direct_chunk``, fletcher32, ``zfpy._decompress`` of the
@@ -53,6 +69,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +80,7 @@ import hdf5plugin
 import numpy as np
 import torch
 import zfpy
+from crc32c import crc32c
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_read import (
@@ -133,6 +151,32 @@ def from_blocks(flat: np.ndarray, chunk_shape: Sequence[int], blocks: Sequence[i
     return out
 
 
+def write_direct(src: Path, name: str, dst: Path, fletcher: Callable[[int, int], int]) -> None:
+    """A copy of the ``bits`` dataset ``name`` of ``src`` into ``dst`` (same dataset path,
+    filters and chunks), every chunk written with ``write_direct_chunk``: a plain blosc2
+    frame holding one chunk whose blocks are whole samples, then its fletcher32."""
+    with h5py.File(src, "r") as fh:
+        ds = fh[name]
+        bits, chunks = ds[...], ds.chunks
+        blosc = ds.id.get_create_plist().get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
+    clevel, shuffle, codec = blosc[4], blosc[5], blosc[6]  # hdf5plugin's cd_values layout
+    per, sample_bytes = chunks[0], int(np.prod(chunks[1:])) * bits.dtype.itemsize
+    cparams = {"codec": blosc2.Codec(codec), "clevel": clevel, "typesize": bits.dtype.itemsize,
+               "blocksize": sample_bytes, "filters": [blosc2.Filter(shuffle)], "nthreads": 1}
+    with h5py.File(dst, "w") as fh:
+        out = fh.create_dataset(name, shape=bits.shape, dtype=bits.dtype, chunks=chunks, fletcher32=True,
+                                **hdf5plugin.Blosc2(cname=blosc2.Codec(codec).name.lower(), clevel=clevel,
+                                                    filters=shuffle))
+        for lo in range(0, len(bits), per):
+            rows = np.zeros(chunks, dtype=bits.dtype)  # a last partial chunk: zeros past the end
+            rows[:min(per, len(bits) - lo)] = bits[lo:lo + per]
+            frame = bytes(blosc2.SChunk(chunksize=rows.nbytes, data=rows, cparams=cparams).to_cframe())
+            out.id.write_direct_chunk((lo, *(0,) * (bits.ndim - 1)),
+                                      frame + struct.pack("<I", fletcher(frame, len(frame))), 0)
+    with h5py.File(dst, "r") as fh:
+        assert np.array_equal(fh[name][...], bits), "the filter reads the self-written chunks differently"
+
+
 def bf16_runs(path: Path, name: str, fletcher: Callable[[int, int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
     fh, ds = open_dataset(path, name, True)
     starts, chunk_shape, dtype = chunk_starts(ds), ds.chunks, ds.dtype
@@ -180,9 +224,29 @@ def bf16_runs(path: Path, name: str, fletcher: Callable[[int, int], int]) -> tup
             f.close()
         return run
 
+    direct = path.with_name(f"direct-{path.name}")
+    write_direct(path, name, direct, fletcher)
+
+    def direct_h5py() -> None:
+        f, d = open_dataset(direct, name, True)
+        for start in starts:
+            d[start[0]:start[0] + chunk_shape[0]]
+        f.close()
+
+    def direct_raw() -> None:
+        f, d = open_dataset(direct, name, False)
+        for start in starts:
+            _, view = d.id.read_direct_chunk(start, out=buf)
+            size = len(view)
+            if fletcher(address, size - 4) != int.from_bytes(buf[size - 4:size].tobytes(), "little"):
+                raise RuntimeError(f"chunk {start}: fletcher32 mismatch")
+            blosc2.schunk_from_cframe(buf[:size - 4], copy=False).decompress_chunk(0, dst=rows)
+        f.close()
+
     runs = {"h5py": (h5(True), "cpu"), "h5py_nocache": (h5(False), "cpu"), "raw": (raw_pass(False, ""), "cpu"),
             "raw_fletcher": (raw_pass(True, ""), "cpu"), "raw_decode": (raw_pass(True, "blocks"), "cpu"),
-            "raw_reorder": (raw_pass(True, "reorder"), "cpu"), "raw_b2nd": (raw_pass(True, "array"), "cpu")}
+            "raw_reorder": (raw_pass(True, "reorder"), "cpu"), "raw_b2nd": (raw_pass(True, "array"), "cpu"),
+            "direct_h5py": (direct_h5py, "cpu"), "direct_raw": (direct_raw, "cpu")}
     return runs, {"chunk_shape": list(chunk_shape), "b2nd_blocks": blocks, "megabytes": megabytes}
 
 
@@ -229,11 +293,12 @@ def measure(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
         base = seconds["h5py"]
         result[spec] = {**info, "mb_s": {k: summary([info["megabytes"] / s for s in v]) for k, v in seconds.items()},
                         "vs_h5py": {k: summary([b / s for b, s in zip(base, v)]) for k, v in seconds.items()}}
-    result["cold_pass"] = cold_passes(layer, maps, repeats, workdir)
+    result["cold_pass"] = cold_passes(layer, maps, repeats, workdir, fletcher)
     return result
 
 
-def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path) -> dict[str, Any]:
+def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
+                fletcher: Callable[[int, int], int]) -> dict[str, Any]:
     """``bench_read``'s ``read cold`` for ``bf16`` (``Cache.read`` of every sample from a
     freshly opened cache), on LMDB and on HDF5 with the backend's row LRU at its default
     size and at 4 MiB: a layer that fits the default LRU keeps every chunk's rows, each
@@ -258,11 +323,80 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path) -> di
     default_mib = hdf5_backend.ROW_CACHE_BYTES >> 20
     runs = {"lmdb": (cold_pass(paths["lmdb"], layer, len(maps)), "cpu"),
             f"hdf5 LRU {default_mib} MiB": (with_lru(hdf5_backend.ROW_CACHE_BYTES), "cpu"),
-            "hdf5 LRU 4 MiB": (with_lru(4 << 20), "cpu")}
+            "hdf5 LRU 4 MiB": (with_lru(4 << 20), "cpu"), **floor_passes(paths["hdf5"], layer, workdir, fletcher)}
     seconds = interleaved(runs, repeats)
     megabytes = maps.nbytes / MB
     return {"megabytes_float32": megabytes, "mb_s": {k: summary([megabytes / x for x in v]) for k, v in seconds.items()},
             "vs_lmdb_time": {k: summary([x / b for b, x in zip(seconds["lmdb"], v)]) for k, v in seconds.items()}}
+
+
+def floor_passes(path: Path, layer: str, workdir: Path, fletcher: Callable[[int, int], int]
+                 ) -> dict[str, tuple[Callable[[], float], str]]:
+    """The cold pass's lean lower bounds (module docstring): every sample's float32 map
+    into a new array, chunk by chunk, with no LRU and no checks but the chunk's checksum.
+    Each returns the CPU seconds of opening and closing its file, which the timing leaves out."""
+    name = dataset_path(layer, "all", "bits")
+    direct, wide = workdir / f"floor-direct-{layer}.h5", workdir / f"floor-wide-{layer}.h5"
+    write_direct(path, name, direct, fletcher)
+    with h5py.File(path, "r") as fh:
+        ds = fh[name]
+        bits, chunks = ds[...], ds.chunks
+        dcpl = ds.id.get_create_plist()
+        blosc = dcpl.get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
+    with h5py.File(wide, "w") as fh:  # the values LMDB's records hold: bf16 widened to float32
+        fh.create_dataset(name, data=(bits.astype(np.uint32) << 16).view(np.float32), chunks=chunks, fletcher32=True,
+                          **hdf5plugin.Blosc2(cname=blosc2.Codec(blosc[6]).name.lower(), clevel=blosc[4],
+                                              filters=blosc[5]))
+    n, per, shape = len(bits), chunks[0], bits.shape[1:]
+    buf = np.empty(2 * bits[:per].nbytes + (1 << 16), dtype=np.uint8)
+    rows = np.empty(chunks, dtype=bits.dtype)
+
+    def timed(source: Path, body: Callable[[h5py.Dataset], None]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.thread_time()
+            fh, ds = open_dataset(source, name, True)
+            opening = time.thread_time() - t0
+            body(ds)
+            t1 = time.thread_time()
+            fh.close()
+            return opening + time.thread_time() - t1
+        return run
+
+    def widen(stored: np.ndarray, count: int) -> None:
+        for k in range(count):
+            out = np.empty(shape, dtype=np.float32)
+            torch.from_numpy(out).copy_(torch.from_numpy(stored[k].view(np.int16)).view(torch.bfloat16))
+
+    def through_h5py(ds: h5py.Dataset) -> None:
+        for lo in range(0, n, per):
+            got = ds[lo:lo + per]
+            widen(got, len(got))
+
+    def raw(check: str) -> Callable[[h5py.Dataset], None]:
+        def body(ds: h5py.Dataset) -> None:
+            for lo in range(0, n, per):
+                _, view = ds.id.read_direct_chunk((lo, *(0,) * len(shape)), out=buf)
+                size = len(view) - 4
+                stored = int.from_bytes(buf[size:size + 4].tobytes(), "little")
+                if check == "fletcher32" and fletcher(buf.ctypes.data, size) != stored:
+                    raise RuntimeError(f"chunk at {lo}: fletcher32 mismatch")
+                if check == "crc32c":
+                    crc32c(buf[:size])  # what a layout with its own CRC-32C would compute
+                blosc2.schunk_from_cframe(buf[:size], copy=False).decompress_chunk(0, dst=rows)
+                widen(rows, min(per, n - lo))
+        return body
+
+    def copied(ds: h5py.Dataset) -> None:
+        for lo in range(0, n, per):
+            got = ds[lo:lo + per]
+            for k in range(len(got)):
+                out = np.empty(shape, dtype=np.float32)
+                np.copyto(out, got[k])
+
+    return {"floor h5py": (timed(path, through_h5py), "cpu"),
+            "floor direct": (timed(direct, raw("fletcher32")), "cpu"),
+            "floor direct crc32c": (timed(direct, raw("crc32c")), "cpu"),
+            "floor wide": (timed(wide, copied), "cpu")}
 
 
 def _f(stat: dict[str, float]) -> str:
@@ -289,8 +423,9 @@ def markdown(results: dict[str, Any]) -> str:
     first = next(iter(results["layers"].values()))
     if "cold_pass" in first:
         keys = list(first["cold_pass"]["mb_s"])
-        lines += [("**`bf16`, a cold pass of `Cache.read`** (float32 MB/s; `× LMDB`: time against LMDB's, "
-                   "median of per-repeat ratios)"), "", "| layer | " + " | ".join(f"{k} | × LMDB" for k in keys) + " |",
+        lines += [("**`bf16`, a cold pass over every sample**: `Cache.read`, then the lean floors of other "
+                   "HDF5 read paths (float32 MB/s; `× LMDB`: time against LMDB's `Cache.read`, median of "
+                   "per-repeat ratios; the target is ≤ 1.5)"), "", "| layer | " + " | ".join(f"{k} | × LMDB" for k in keys) + " |",
                   "|---|" + "---:|---:|" * len(keys)]
         for layer, res in results["layers"].items():
             c = res["cold_pass"]
@@ -308,7 +443,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     layers = list(results["layers"])
     names = list(results["layers"][layers[0]]["bf16"]["mb_s"])
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    cold = "cold_pass" in results["layers"][layers[0]]
+    fig, axes = plt.subplots(1, 2 if cold else 1, figsize=(15 if cold else 10, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2] if cold else [1]})
+    ax = axes[0][0]
     width = 0.8 / len(layers)
     y = np.arange(len(names))
     for k, layer in enumerate(layers):
@@ -323,6 +461,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("MB/s of bf16 values per core (log)")
     ax.set_title("One HDF5 chunk read of bf16 maps, taken apart (raw_decode: blocks out of order, not usable)")
     ax.legend(fontsize=8)
+    if cold:
+        ax2 = axes[0][1]
+        kinds = list(results["layers"][layers[0]]["cold_pass"]["vs_lmdb_time"])
+        y2 = np.arange(len(kinds))
+        for k, layer in enumerate(layers):
+            ratio = results["layers"][layer]["cold_pass"]["vs_lmdb_time"]
+            ax2.barh(y2 + (k - (len(layers) - 1) / 2) * width, [ratio[n]["median"] for n in kinds], width, label=layer)
+        ax2.axvline(1.5, color="k", linestyle="--", linewidth=1)
+        ax2.text(1.52, len(kinds) - 0.6, "target 1.5", fontsize=8)
+        ax2.set_yticks(y2, kinds)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("time of a cold per-sample pass / LMDB's Cache.read")
+        ax2.set_title("Cold per-sample pass: fmcache and lean floors")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
