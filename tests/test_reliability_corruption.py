@@ -226,6 +226,49 @@ def test_hdf5_every_byte_of_a_zfp_chunk_is_covered(tmp_path):
     assert _in_child(sweep) == ["CorruptionError"]
 
 
+@pytest.mark.parametrize("codec", ["raw", "bf16", "zfp:accuracy=0.01"])
+def test_hdf5_damaged_chunk_index_never_serves_wrong_values(tmp_path, codec):
+    """HDF5's chunk index (v1 B-tree nodes, "TREE", no checksum in fmcache's file format)
+    is not covered by fletcher32: a damaged key made HDF5 take written chunks for unwritten
+    ones and return zeros, silently (found by a new-user sweep). Every byte of the first
+    120 of each node, flipped in turn: reading every layer and the labels either gives the
+    undamaged values or raises a typed error; ``verify`` agrees."""
+    path = tmp_path / "c.h5"
+    write(path, "hdf5", codec=codec)
+    with fmcache.open_cache(path) as cache:
+        truth, labels = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}, cache.labels
+    blob = path.read_bytes()
+    nodes = find_all(blob, b"TREE")
+    assert len(nodes) >= 3, "expected B-tree nodes for the groups and the chunked datasets"
+
+    def sweep(conn):
+        outcomes, wrong = set(), []
+        for node in nodes:
+            for offset in range(node, min(node + 120, len(blob))):
+                flip_byte(path, offset, 0x04)
+                try:
+                    with fmcache.open_cache(path) as cache:
+                        got = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}
+                        same = set(got) == set(truth) and all(np.array_equal(got[k], truth[k]) for k in truth)
+                        if same and np.array_equal(cache.labels, labels):
+                            outcomes.add("identical")
+                        else:
+                            wrong.append(offset)
+                except fmcache.errors.FmcacheError as exc:
+                    outcomes.add(type(exc).__name__)
+                finally:
+                    flip_byte(path, offset, 0x04)
+        conn.send((sorted(outcomes), wrong))
+
+    outcomes, wrong = _in_child(sweep)
+    assert wrong == [], f"damaged index bytes served wrong values: offsets {wrong[:10]}"
+    assert "CorruptionError" in outcomes and "identical" in outcomes, outcomes
+    key = nodes[-1] + 24 + 8 + 1  # node header, then the first key: size, filter mask, first-axis offset
+    flip_byte(path, key, 0x04)  # that chunk's offset + 1024: HDF5 finds no chunk at its rows
+    code, output = verify_cli(path)
+    assert code == 1 and "chunk index" in output and "damaged" in output, output
+
+
 # ---- manifest ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
 def test_flipped_byte_in_the_manifest(tmp_path, backend):

@@ -37,11 +37,15 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
 from .base import Backend, PartSpec
-from .hdf5_reads import _chunk_groups, _read_rows, _touch
+from .hdf5_reads import _chunk_groups, _read_rows, _touch, check_chunk_index, chunk_entries, index_digest
 
 hdf5plugin.register(force=True)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: the root attribute (``fmcache_chunk_index``) holding each chunked dataset's index
+#: digest, written at commit just before the manifest (caches committed before fmcache
+#: wrote it have none, and their indexes are checked without it)
+CHUNK_INDEX_KEY = "chunk_index"
 CHUNK_CACHE_BYTES = 64 << 20
 #: Stored rows (HDF5's filters undone, the codec not yet) of whole chunks that one
 #: process keeps for per-sample reads (:meth:`Hdf5Backend.read_one`) and batch reads,
@@ -113,8 +117,38 @@ class Hdf5Backend(Backend):
         fh = self._file()
         ds = self._h_datasets.get(path)
         if ds is None:
-            ds = self._h_datasets[path] = fh[path]
+            ds = fh[path]
+            if not self.writable:  # a build's own handle may hold chunks not yet flushed
+                rows, digest = self._index_digests().get(path.lstrip("/"), (-1, None))
+                # a dataset cut short has lost chunks: the read names its first missing sample
+                check_chunk_index(ds, str(self.path), digest if rows == ds.shape[0] else None)
+            self._h_datasets[path] = ds
         return ds
+
+    def _index_digests(self) -> dict[str, tuple[int, int]]:
+        """Per chunked dataset (path without the leading '/'), its rows and the digest of
+        its chunk index recorded at commit (:func:`.hdf5_reads.index_digest`); empty for caches
+        committed before fmcache recorded them. Read once per process."""
+        digests: dict[str, tuple[int, int]] | None = self.__dict__.get("_h_digests")
+        if digests is None or self._in_new_process():
+            blob = self.get_meta(CHUNK_INDEX_KEY)
+            digests = self._h_digests = {} if blob is None else {k: (int(v[0]), int(v[1]))
+                                                                 for k, v in json.loads(blob).items()}
+        return digests
+
+    def _record_index_digests(self) -> None:
+        """The ``chunk_index`` attribute: every chunked dataset's index digest, written
+        just before the manifest (which is written last)."""
+        fh = self._file()
+        fh.flush()
+        digests: dict[str, list[int]] = {}
+
+        def visit(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.chunks:
+                digests[name] = [obj.shape[0], index_digest(chunk_entries(obj, str(self.path)))]
+
+        fh.visititems(visit)
+        self._set_attr_blob(fh, CHUNK_INDEX_KEY, json.dumps(digests, sort_keys=True).encode())
 
     def _read_fields(self, layer: str) -> list[tuple[PartSpec, list[tuple[Hdf5Field, str]]]]:
         """Per part of ``layer``: its fields with their dataset paths (built once per process)."""
@@ -201,6 +235,8 @@ class Hdf5Backend(Backend):
     def _put_meta(self, key: str, data: bytes) -> None:
         fh = self._file()
         try:
+            if key == "manifest":
+                self._record_index_digests()
             self._set_attr_blob(fh, key, data)
             fh.flush()
         except (OSError, RuntimeError) as exc:
@@ -522,7 +558,7 @@ class Hdf5Backend(Backend):
         fh = self._file()
         if "labels" not in fh:
             return None
-        ds = fh["labels"]
+        ds = self._dataset("labels")
         if ds.shape[0] < samples:
             raise CorruptionError(f"{self.path}: labels stop at sample {ds.shape[0]}, the cache has {samples}")
         return _read_rows(self, "labels", np.arange(samples), f"{self.path}: labels")
