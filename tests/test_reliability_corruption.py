@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import shutil
 
 import h5py
@@ -163,6 +164,38 @@ def test_lmdb_flipped_bit_in_a_btree_key_never_serves_another_sample(tmp_path):
     with env.begin() as txn:
         assert bytes(unpack_record(txn.get(record_key(1, 9)), "test")[KEY_PART]) == record_key(1, 9)
     env.close()
+
+
+@pytest.mark.parametrize("damage", ["child page number", "page type"])
+def test_lmdb_damaged_btree_pages_are_corruption_errors_not_lmdb_exceptions(tmp_path, damage):
+    """LMDB has no page checksums: a branch page pointing at a page that does not exist
+    (MDB_PAGE_NOTFOUND) or a leaf page of the wrong type (MDB_CORRUPTED) made lmdb raise
+    its own exceptions out of Cache.read and verify, naming nothing (found by a new-user
+    sweep). Both are CorruptionErrors naming the file, layer and sample; verify exits 1."""
+    import struct
+
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", codec="int8")
+    data = path / "data.mdb"
+    blob = data.read_bytes()
+    flags = {page: struct.unpack_from("<H", blob, page * 4096 + 10)[0] for page in range(2, len(blob) // 4096)}
+    if damage == "child page number":
+        branch = next(page for page, f in flags.items() if f & 0x01)  # P_BRANCH
+        node = branch * 4096 + struct.unpack_from("<H", blob, branch * 4096 + 16)[0]  # its first node
+        flip_byte(data, node + 1, 0x40)  # the child's page number (mn_lo's high byte) + 0x4000: past the file
+    else:
+        leaf = next(page for page, f in flags.items() if f == 0x02)  # P_LEAF
+        flip_byte(data, leaf * 4096 + 10, 0x01 | 0x02)  # P_LEAF -> P_BRANCH
+    named = rf"{re.escape(str(path))}: (the manifest|labels|layer '\w+' sample \d+): LMDB cannot read it, the database"
+    with pytest.raises(CorruptionError, match=named + " is damaged"):
+        with fmcache.open_cache(path) as cache:  # the damaged page may hold the manifest
+            cache.labels
+            for name in cache.layers:
+                cache.read_batch(name, np.arange(len(cache)))
+                for sample in range(len(cache)):
+                    cache.read(name, sample)
+    code, output = verify_cli(path)
+    assert code == 1 and "LMDB cannot read it, the database is damaged" in output, output
 
 
 def _in_child(fn):

@@ -160,6 +160,13 @@ def _out_array(out: Mapping[str, np.ndarray] | None, name: str, shape: tuple[int
     return given
 
 
+def _damaged(where: str, exc: lmdb.Error) -> CorruptionError:
+    """A read's LMDB failure (a damaged B-tree page: MDB_PAGE_NOTFOUND, MDB_CORRUPTED, ...)
+    as the CorruptionError that names the file, layer and sample; lmdb's own exceptions
+    are not fmcache's, so ``except FmcacheError`` would miss them."""
+    return CorruptionError(f"{where}: LMDB cannot read it, the database is damaged ({type(exc).__name__}: {exc})")
+
+
 def record_key(layer_index: int, sample: int) -> bytes:
     return _REC.pack(b"L", layer_index, sample)
 
@@ -333,8 +340,11 @@ class LmdbBackend(Backend):
 
     # ---- reading -------------------------------------------------------------------------
     def get_meta(self, key: str) -> bytes | None:
-        with self._env().begin(buffers=False) as txn:
-            value = txn.get(_META + key.encode())
+        try:
+            with self._env().begin(buffers=False) as txn:
+                value = txn.get(_META + key.encode())
+        except lmdb.Error as exc:
+            raise _damaged(f"{self.path}: the {key}", exc) from None
         if value is None:
             return None
         return bytes(unpack_blob(value, f"{self.path}: {key}"))
@@ -374,54 +384,58 @@ class LmdbBackend(Backend):
         payloads: list[list[memoryview]] = [[] for _ in rows]
         picked: dict[str, tuple[list[int], list[memoryview]]] = {}  # name -> its rows and payloads
         pack = _REC.pack
-        with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
-            get = txn.get
-            for row, sample in enumerate(np.asarray(samples).tolist()):
-                key = pack(b"L", index, sample)
-                value = get(key)
-                if value is None:
-                    raise CorruptionError(f"{prefix}{sample}: no record")
-                try:
-                    found = pick_all(value, "")  # CRC checked here
-                except CorruptionError as exc:
-                    raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-                own_key = found[-1]
-                if own_key is not None and own_key != key:
-                    raise _foreign_record(own_key, prefix, sample)
-                pick = picks[row] if picks is not None else None
-                for k, at in enumerate(wanted_at):
-                    payload = found[at]
-                    if payload is None:
-                        raise CorruptionError(f"{prefix}{sample}: record has no part {rows[k][1]!r}")
-                    if k != skip:
-                        payloads[k].append(payload)
-                    elif pick is None:
-                        payloads[k].append(payload)
-                        unpicked.append(row)
-                if pick is not None:
-                    entry = picked.get(pick)
-                    if entry is None:
-                        entry = picked[pick] = ([], [])
-                    where = position.get(pick)
-                    payload = found[where] if where is not None else None
-                    if payload is None:
-                        raise CorruptionError(f"{prefix}{sample}: record has no part {pick!r}")
-                    entry[0].append(row)
-                    entry[1].append(payload)
-            for k, ((dst, name, codec), views) in enumerate(zip(rows, payloads)):
-                if k != skip or len(unpicked) == len(samples):
-                    _decode_rows(codec, views, dst, samples, prefix, name)
-                elif unpicked:
-                    part = np.empty((len(unpicked), *dst.shape[1:]), dtype=np.float32)
-                    _decode_rows(codec, views, part, samples[unpicked], prefix, name)
-                    dst[unpicked] = part
-            if picked:
-                assert picked_out is not None
-                codecs = {s.name: s.codec for s in specs}
-                for name, (picked_rows, views) in picked.items():
-                    dst = np.empty((len(picked_rows), *picked_out.shape[1:]), dtype=np.float32)
-                    _decode_rows(codecs[name], views, dst, samples[picked_rows], prefix, name)
-                    picked_out[picked_rows] = dst
+        sample = None  # names the record an LMDB failure hit
+        try:
+            with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
+                get = txn.get
+                for row, sample in enumerate(np.asarray(samples).tolist()):
+                    key = pack(b"L", index, sample)
+                    value = get(key)
+                    if value is None:
+                        raise CorruptionError(f"{prefix}{sample}: no record")
+                    try:
+                        found = pick_all(value, "")  # CRC checked here
+                    except CorruptionError as exc:
+                        raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+                    own_key = found[-1]
+                    if own_key is not None and own_key != key:
+                        raise _foreign_record(own_key, prefix, sample)
+                    pick = picks[row] if picks is not None else None
+                    for k, at in enumerate(wanted_at):
+                        payload = found[at]
+                        if payload is None:
+                            raise CorruptionError(f"{prefix}{sample}: record has no part {rows[k][1]!r}")
+                        if k != skip:
+                            payloads[k].append(payload)
+                        elif pick is None:
+                            payloads[k].append(payload)
+                            unpicked.append(row)
+                    if pick is not None:
+                        entry = picked.get(pick)
+                        if entry is None:
+                            entry = picked[pick] = ([], [])
+                        where = position.get(pick)
+                        payload = found[where] if where is not None else None
+                        if payload is None:
+                            raise CorruptionError(f"{prefix}{sample}: record has no part {pick!r}")
+                        entry[0].append(row)
+                        entry[1].append(payload)
+                for k, ((dst, name, codec), views) in enumerate(zip(rows, payloads)):
+                    if k != skip or len(unpicked) == len(samples):
+                        _decode_rows(codec, views, dst, samples, prefix, name)
+                    elif unpicked:
+                        part = np.empty((len(unpicked), *dst.shape[1:]), dtype=np.float32)
+                        _decode_rows(codec, views, part, samples[unpicked], prefix, name)
+                        dst[unpicked] = part
+                if picked:
+                    assert picked_out is not None
+                    codecs = {s.name: s.codec for s in specs}
+                    for name, (picked_rows, views) in picked.items():
+                        dst = np.empty((len(picked_rows), *picked_out.shape[1:]), dtype=np.float32)
+                        _decode_rows(codecs[name], views, dst, samples[picked_rows], prefix, name)
+                        picked_out[picked_rows] = dst
+        except lmdb.Error as exc:
+            raise _damaged(f"{prefix}{sample}" if sample is not None else f"{self.path}: layer {layer!r}", exc) from None
         return result
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
@@ -435,19 +449,22 @@ class LmdbBackend(Backend):
             entry = self._read_one_of[(layer, part)] = self._read_one_entry(layer, sample, part)
         index, pick, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
-        with self._env().begin(buffers=True) as txn:
-            value = txn.get(key)
-            if value is None:
-                raise CorruptionError(f"{prefix}{sample}: no record")
-            try:
-                payload, own_key = pick(value, "")  # CRC checked here
-            except CorruptionError as exc:
-                raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
-            if own_key is not None and own_key != key:
-                raise _foreign_record(own_key, prefix, sample)
-            if payload is None:
-                raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
-            return _decode_one(decode, payload, out, prefix, sample, part)
+        try:
+            with self._env().begin(buffers=True) as txn:
+                value = txn.get(key)
+                if value is None:
+                    raise CorruptionError(f"{prefix}{sample}: no record")
+                try:
+                    payload, own_key = pick(value, "")  # CRC checked here
+                except CorruptionError as exc:
+                    raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
+                if own_key is not None and own_key != key:
+                    raise _foreign_record(own_key, prefix, sample)
+                if payload is None:
+                    raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
+                return _decode_one(decode, payload, out, prefix, sample, part)
+        except lmdb.Error as exc:
+            raise _damaged(f"{prefix}{sample}", exc) from None
 
     def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, PartPicker, Any, str]:
         """read_one's per-(layer, part) state: the layer's index, a record reader for the
@@ -460,6 +477,12 @@ class LmdbBackend(Backend):
                 f"{self.path}: layer {layer!r} sample ")
 
     def read_labels(self, samples: int) -> np.ndarray | None:
+        try:
+            return self._read_labels(samples)
+        except lmdb.Error as exc:
+            raise _damaged(f"{self.path}: labels", exc) from None
+
+    def _read_labels(self, samples: int) -> np.ndarray | None:
         blocks: list[np.ndarray] = []
         expected = 0
         with self._env().begin() as txn:
@@ -489,6 +512,12 @@ class LmdbBackend(Backend):
         return labels[:samples]
 
     def stored_bytes(self, layer: str) -> dict[str, int]:
+        try:
+            return self._stored_bytes(layer)
+        except lmdb.Error as exc:
+            raise _damaged(f"{self.path}: layer {layer!r}", exc) from None
+
+    def _stored_bytes(self, layer: str) -> dict[str, int]:
         index, specs, _ = self._layers[layer]
         sizes = {s.name: 0 for s in specs}
         with self._env().begin(buffers=True) as txn:
