@@ -26,9 +26,9 @@ from .augment import AugFamily, default_variants, parse_variant, variant_name
 from .cache import create_cache
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture
-from .codecs import Codec
+from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
-from .errors import BuildError, NonFiniteError
+from .errors import BuildError, DataError, NonFiniteError
 from .fingerprint import data_fingerprint, weights_fingerprint
 from .manifest import Manifest
 from .policy import CompressionPolicy, frozen_fraction
@@ -75,7 +75,7 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
                 overwrite: bool = False, shard: tuple[int, int] | None = None, num_workers: int = 0,
                 variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                 variant_tiers: Sequence[str] | None = None, allow_stale: bool = False,
-                progress: bool = True, build_info: Mapping[str, Any] | None = None,
+                allow_nonfinite: bool = False, progress: bool = True, build_info: Mapping[str, Any] | None = None,
                 layer_extra: Mapping[str, Mapping[str, Any]] | None = None,
                 device: str | torch.device = "cpu") -> Manifest:
     """Build (or resume) a cache of ``layers`` of ``model`` over ``dataset``.
@@ -98,8 +98,13 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         and the ``variant_tiers`` channels of its maps are stored (SACA).
     shard
         ``(index, count)``: build only that contiguous share of the data set.
+    allow_nonfinite
+        Store NaN/Inf maps (with a codec that keeps them: raw, blosc2, fp16, bf16) rather
+        than stop at the first one; recorded in the manifest, so ``verify`` accepts them.
     """
     layers = list(dict.fromkeys(layers))
+    if not isinstance(codec, Codec):  # a bad spec fails here, before the prefix runs or anything is written
+        codec = codec_from_spec(codec)
     capture = Capture(model, layers)  # validates names before anything is written
     n_total = len(dataset)  # type: ignore[arg-type]
     lo, hi = shard_range(n_total, shard)
@@ -112,6 +117,7 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         # A probe of two samples, not a batch: the build runs its own forward over every
         # sample anyway (a whole-batch probe added one batch of forward to each build), and
         # two samples, unlike one, keep a squeeze of the batch axis out of the shapes.
+        _check_item(subset[0], lo)
         first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo))))
         first_inputs = first_inputs.to(device)
         weights, shapes = _probe(model, capture, first_inputs)
@@ -121,7 +127,8 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
                 "shard": {"index": shard[0], "count": shard[1], "start": lo, "stop": hi} if shard else None,
                 "variants": sorted(variants or {}), **dict(build_info or {})}
         writer = create_cache(out, backend=backend, overwrite=overwrite, resume=resume,
-                              fingerprints=fingerprints, build=info, allow_stale=allow_stale)
+                              fingerprints=fingerprints, build=info, allow_stale=allow_stale,
+                              allow_nonfinite=allow_nonfinite)
         with writer:
             for name in layers:
                 plan = _plan_for(plans, name, shapes[name], codec)
@@ -146,6 +153,28 @@ def _plan_for(plans: Mapping[str, TierPlan] | PlanFor | None, name: str, shape: 
     return TierPlan.single(shape[channel_axis(len(shape))], codec)
 
 
+def _check_item(item: Any, index: int) -> None:
+    """DataError unless a data set item is an ``(input, label)`` pair the build can batch:
+    other shapes failed deep inside the DataLoader or the model (a dict: "'str' object has
+    no attribute 'to'"; an input alone was split along its first axis)."""
+    where = f"data set item {index}"
+    if isinstance(item, Mapping):
+        raise DataError(f"{where} is a dict (keys {sorted(map(str, item))[:6]}); the builder needs (input, label) "
+                        "pairs", hint="wrap the data set so that __getitem__ returns (input_tensor, label)")
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        what = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+        raise DataError(f"{where} is {what}; the builder needs (input, label) pairs",
+                        hint="wrap the data set so that __getitem__ returns (input_tensor, label); "
+                             "without labels, return (input, 0)")
+    inputs, label = item
+    if not isinstance(inputs, (torch.Tensor, np.ndarray)):
+        raise DataError(f"{where}: the input is a {type(inputs).__name__}, not a tensor",
+                        hint="return the model's input as a torch.Tensor (or a numpy array)")
+    if label is None or isinstance(label, (str, bytes)):
+        raise DataError(f"{where}: the label is {label!r}; labels must be numeric (int, float or a numeric tensor)",
+                        hint="map class names to integers; without labels, return (input, 0)")
+
+
 def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: int, batch_size: int,
          num_workers: int, variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], progress: bool,
          device: str | torch.device) -> None:
@@ -166,7 +195,10 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
         try:
             writer.append(maps, labels, variants=extra or None)
         except NonFiniteError as exc:
-            raise NonFiniteError(f"{exc.message} (data set index = {lo} + cache index)") from None
+            if not lo or exc.sample is None:
+                raise
+            raise NonFiniteError(f"{exc.message}: data set item {lo + exc.sample} (this shard starts at item {lo})",
+                                 sample=exc.sample) from None
 
     # Encoding and writing batch k runs on one background thread while the prefix computes
     # batch k + 1 (torch, LMDB and blosc2, once told to, release the GIL; by default blosc2

@@ -99,12 +99,15 @@ class CacheWriter:
         elif self.partial.exists():
             if not overwrite:
                 raise CacheExistsError(f"{self.partial} holds an interrupted build",
-                                       hint="pass resume=True (--resume) to finish it, or overwrite=True")
+                                       hint="finish it with --resume (resume=True), or start over with --overwrite "
+                                            "(overwrite=True)")
             _remove(self.partial)
         if draft is None:
             self.backend = cls.create(self.partial)
             self.manifest = Manifest(backend=backend_id, layers={}, fingerprints=fingerprints,
                                      build=dict(build or {}), fmcache_version=__version__)
+            if allow_nonfinite:  # `verify` then takes decoded NaN/Inf for stored values, not damage
+                self.manifest.build["allow_nonfinite"] = True
             self._write_draft()
             self.samples = 0
         else:
@@ -251,7 +254,7 @@ class CacheWriter:
             if not finite.all():
                 bad = self.samples + int(np.argmin(finite))
                 raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad} "
-                                     f"({int((~finite).sum())} samples in this batch)")
+                                     f"({int((~finite).sum())} samples in this batch)", sample=bad)
         return arr
 
     def _check_free_space(self, parts: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray) -> None:
@@ -295,9 +298,14 @@ class CacheWriter:
         return manifest
 
     def close(self) -> None:
-        """Close without committing; the partial cache stays for ``resume``."""
+        """Close without committing; the partial cache stays for ``resume`` when it holds
+        committed samples. One that holds none (the build failed before its first batch
+        was written: a bad codec spec, NaN in the first maps, bad labels) is removed: there
+        is nothing in it to resume, and left behind it would refuse the next build."""
         if not self._committed:
             self.backend.close()
+            if self.samples == 0 and self.partial.exists():
+                _remove(self.partial)
 
     def __enter__(self) -> Self:
         return self
@@ -377,7 +385,14 @@ class Cache:
                                      hint="run `fmcache inspect PATH` to list layers") from None
 
     def _samples(self, samples: Iterable[int] | int) -> np.ndarray:
-        idx = np.atleast_1d(np.asarray(samples, dtype=np.int64))
+        given = np.atleast_1d(np.asarray(samples if not isinstance(samples, range) else np.arange(
+            samples.start, samples.stop, samples.step)))
+        if given.size and given.dtype.kind not in "iu":  # 1.5 or True would silently read sample 1
+            flat = given.reshape(-1)
+            odd = np.flatnonzero(flat != np.round(flat)) if given.dtype.kind == "f" else np.zeros(1, np.intp)
+            raise SampleIndexError(f"{self.path}: sample indices must be integers, got "
+                                   f"{flat[odd[0] if len(odd) else 0].item()!r} ({given.dtype})")
+        idx = given.astype(np.int64, copy=False)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             bad = int(idx[(idx < -n) | (idx >= n)][0])
@@ -473,7 +488,8 @@ class Cache:
             info = self.layer(layer)
             fast = self._read_fast[layer] = (len(self), info.shape, self._whole_tier_of(layer, info))
         n, shape, whole = fast
-        if isinstance(sample, (int, np.integer)) and -n <= sample < n:  # the per-sample fast path
+        if isinstance(sample, (int, np.integer)) and -n <= sample < n and not isinstance(sample, bool):
+            # the per-sample fast path
             index = int(sample) + n if sample < 0 else int(sample)
             if whole and (out is None or (out.flags.c_contiguous and out.shape == shape
                                           and out.dtype == np.float32)):

@@ -78,6 +78,8 @@ def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Any]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache (at commit).")
 @click.option("--shard", help="Build only share i/n of the data (merge with `fmcache merge`).")
 @click.option("--allow-stale", is_flag=True, help="Resume even if weights/data fingerprints changed.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Store NaN/Inf maps (raw, blosc2, fp16, bf16 keep them) instead of stopping at the first.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--saca", is_flag=True, help="Calibrate sensitivity, two tiers by --policy, cache variants.")
 @click.option("--rho", default=0.25, show_default=True, help="SACA: fraction of channels in the sensitive tier.")
@@ -95,7 +97,8 @@ def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Any]:
                    "0.286,0.353,0,1).")
 def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | None, layers: tuple[str, ...],
           out: str, backend: str | None, codec: str, batch_size: int, num_workers: int, resume: bool,
-          overwrite: bool, shard: str | None, allow_stale: bool, no_progress: bool, saca: bool, rho: float,
+          overwrite: bool, shard: str | None, allow_stale: bool, allow_nonfinite: bool, no_progress: bool,
+          saca: bool, rho: float,
           variants: str | None, max_variants: int | None, calib_samples: int, max_shift: int, no_flip: bool,
           photometric: bool, policy_path: str | None, frozen_fraction: float | None, pixels: str) -> None:
     """Run the frozen prefix over a data set and cache LAYER outputs."""
@@ -112,7 +115,8 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
     info = {"model": model_ref, "data": data_ref, "weights": weights}
     common: dict[str, Any] = {"backend": backend, "batch_size": batch_size, "num_workers": num_workers,
                               "resume": resume, "overwrite": overwrite, "shard": _shard(shard),
-                              "allow_stale": allow_stale, "progress": not no_progress, "build_info": info}
+                              "allow_stale": allow_stale, "allow_nonfinite": allow_nonfinite,
+                              "progress": not no_progress, "build_info": info}
     if saca:
         from .augment import AugFamily
         from .builder import SacaConfig, build_saca_cache

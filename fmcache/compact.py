@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import create_cache, open_cache
+from .cache import create_cache, open_cache, partial_path
 from .codecs import Codec, codec_from_spec
-from .errors import CacheError
+from .errors import CacheError, CacheExistsError
 from .manifest import WHOLE_PART, Manifest, part_name
 from .tiers import Tier, TierPlan
 
@@ -38,6 +38,10 @@ def compact_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, c
             raise CacheError("compact would drop every layer", hint="keep at least one layer")
         m = cache.manifest
         build = {**m.build, "compacted_from": str(src)}
+        if not overwrite and (dst.exists() or partial_path(dst).exists()):
+            what = f"{dst} already exists" if dst.exists() else f"{partial_path(dst)} holds an unfinished cache"
+            raise CacheExistsError(what, hint="compact cannot resume: start over with --overwrite (overwrite=True), "
+                                              "or choose another DST")
         writer = create_cache(dst, backend=backend, overwrite=overwrite, fingerprints=m.fingerprints, build=build)
         with writer:
             for name in keep:

@@ -124,7 +124,7 @@ class ShapeMismatchError(CacheError, ValueError):
 
 
 class CacheExistsError(CacheError, FileExistsError):
-    default_hint = "pass overwrite=True (--overwrite), resume it (--resume), or choose another path"
+    default_hint = "replace it with --overwrite (overwrite=True), or choose another path"
 
 
 class ReadOnlyError(CacheError, PermissionError):
@@ -147,10 +147,18 @@ class BuildError(FmcacheError):
 
 
 class NonFiniteError(BuildError, ValueError):
+    """NaN/Inf in a map appended to a cache that does not allow them; ``sample`` is the
+    cache index of the first such map."""
+
     default_hint = (
-        "the frozen prefix produced NaN/Inf: check the input normalisation and the weights "
-        "(or use a codec that stores non-finite values exactly: raw, blosc2, fp16, bf16)"
+        "the frozen prefix produced NaN/Inf: check the input normalisation and the weights; to cache "
+        "them as they are, allow them (--allow-nonfinite, allow_nonfinite=True) with a codec that "
+        "stores them exactly: raw, blosc2, fp16 or bf16"
     )
+
+    def __init__(self, message: str, *, hint: str | None = None, sample: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.sample = sample
 
 
 class SpecImportError(FmcacheError, ImportError):

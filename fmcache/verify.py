@@ -33,6 +33,9 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
     with cache:
         report = VerifyReport(str(path), len(cache))
         cache.labels  # noqa: B018 - reading them checks their checksums
+        # a cache built with allow_nonfinite stores NaN/Inf on purpose; elsewhere a decoded
+        # NaN/Inf means damage that the checksums missed
+        nonfinite_ok = bool(cache.manifest.build.get("allow_nonfinite"))
         for name, layer in cache.layers.items():
             step = max(1, layer.samples_per_chunk)
             for start in range(0, len(cache), step):
@@ -47,9 +50,12 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
                             raise CorruptionError(f"layer {name!r} sample {int(s)}: {exc.message}") from exc
                     raise
                 for part, values in parts.items():
-                    if not np.isfinite(values).all():
+                    if not nonfinite_ok and not np.isfinite(values).all():
                         bad = int(samples[np.argmin(np.isfinite(values.reshape(len(samples), -1)).all(1))])
-                        raise CorruptionError(f"layer {name!r} sample {bad} part {part!r}: decoded NaN/Inf")
+                        raise CorruptionError(f"layer {name!r} sample {bad} part {part!r}: decoded NaN/Inf, which "
+                                              "the cache was not built to hold (allow_nonfinite)",
+                                              hint="the stored bytes pass their checksums but decode to NaN/Inf: "
+                                                   "rebuild the cache (or the damaged layer) from the source data")
                 report.layers[name] = report.layers.get(name, 0) + len(samples)
                 if progress is not None:
                     progress(len(samples))

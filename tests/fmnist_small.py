@@ -27,3 +27,52 @@ def tiny_model() -> torch.nn.Module:
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+class _Reshaped(torch.utils.data.Dataset):
+    """:func:`train_subset`'s items in another shape (a new user's data set)."""
+
+    def __init__(self, shape: str) -> None:
+        self.base, self.shape = train_subset(), shape
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> object:
+        x, y = self.base[i]
+        return {"dict": lambda: {"image": x, "label": y}, "triple": lambda: (x, y, i), "input-only": lambda: x,
+                "none-label": lambda: (x, None), "string-label": lambda: (x, "shirt")}[self.shape]()
+
+
+def dict_items() -> torch.utils.data.Dataset:
+    return _Reshaped("dict")
+
+
+def triple_items() -> torch.utils.data.Dataset:
+    return _Reshaped("triple")
+
+
+def input_only() -> torch.utils.data.Dataset:
+    return _Reshaped("input-only")
+
+
+def none_labels() -> torch.utils.data.Dataset:
+    return _Reshaped("none-label")
+
+
+def string_labels() -> torch.utils.data.Dataset:
+    return _Reshaped("string-label")
+
+
+def nan_model() -> torch.nn.Module:
+    """:func:`tiny_model` whose ``block1`` maps hold NaN and Inf (a diverged prefix)."""
+    model = tiny_model()
+
+    def poison(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output.view(len(output), -1)[:, 0] = float("nan")
+        output.view(len(output), -1)[:, 1] = float("inf")
+        return output
+
+    model.get_submodule("block1").register_forward_hook(poison)
+    return model

@@ -240,3 +240,28 @@ def test_single_sample_reads_match_batch_reads_and_name_a_damaged_sample(tmp_pat
         assert cache.read("l", 2).tobytes() == rows[2].tobytes()
         with pytest.raises(fmcache.errors.CorruptionError, match=r"layer 'l' sample 3: checksum mismatch"):
             cache.read("l", 3)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "bf16", "raw"])
+def test_empty_batches_read_as_empty_arrays_and_indices_must_be_integers(tmp_path, backend, codec):
+    """An empty batch was an IndexError on LMDB for int8 / int4 and an empty array on
+    HDF5; a float index read the sample below it (1.5 -> 1) and True read sample 1 (a
+    new-user sweep). Empty batches now give (0, *shape) everywhere; a non-integer index
+    is a SampleIndexError naming it."""
+    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    maps = np.random.default_rng(0).random((6, 3, 4, 4), dtype=np.float32)
+    with fmcache.create_cache(path) as writer:
+        writer.add_layer("l", (3, 4, 4), codec=codec)
+        writer.append({"l": maps}, np.arange(6))
+        writer.commit()
+    with fmcache.open_cache(path) as cache:
+        for empty in ([], range(0), np.array([], dtype=np.int64)):
+            assert cache.read_batch("l", empty).shape == (0, 3, 4, 4)
+        assert cache.read_parts("l", [])["all"].shape == (0, 3, 4, 4)
+        for bad in (1.5, True, np.float32(2.0)):
+            with pytest.raises(SampleIndexError, match="sample indices must be integers"):
+                cache.read("l", bad)
+        with pytest.raises(SampleIndexError, match=r"got 1\.5"):
+            cache.read_batch("l", [0, 1.5])
+        assert np.array_equal(cache.read("l", np.int32(2)), cache.read_batch("l", [2])[0])

@@ -141,6 +141,70 @@ def test_errors_are_one_line_and_exit_1(runner, tmp_path, args, message):
     assert message in result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert not (tmp_path / "x.lmdb").exists()
+    assert not (tmp_path / "x.lmdb.partial").exists()  # nothing was committed: nothing left to block a rerun
+
+
+def test_a_failed_build_leaves_nothing_that_blocks_the_next(runner, tmp_path):
+    """A bad codec spec, then NaN maps: each failed before its first batch was written,
+    and left a .partial that refused the next build as "interrupted" (a new-user sweep);
+    now the rerun with a good spec just builds."""
+    out = tmp_path / "c.h5"
+    bad = runner.invoke(main, [*BUILD, "--out", str(out), "--codec", "bf16:foo=1"])
+    assert bad.exit_code == 1 and "codec 'bf16' has no parameter 'foo'" in bad.output, bad.output
+    assert "_Cast16" not in bad.output
+    nan = runner.invoke(main, [*BUILD, "--model", "fmnist_small:nan_model", "--out", str(out), "--codec", "raw"])
+    assert nan.exit_code == 1 and "NaN/Inf in the map of sample 0" in nan.output, nan.output
+    assert "--allow-nonfinite" in nan.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    good = runner.invoke(main, [*BUILD, "--out", str(out), "--codec", "bf16"])
+    assert good.exit_code == 0, good.output
+
+
+@pytest.mark.parametrize("codec", ["raw", "bf16"])
+def test_allow_nonfinite_builds_keep_nan_and_inf_and_verify(runner, tmp_path, codec):
+    """--allow-nonfinite stores a diverged prefix's NaN/Inf exactly (raw, bf16) and
+    verify takes them for stored values; without the flag verify calls them damage."""
+    out = tmp_path / "c.lmdb"
+    result = runner.invoke(main, [*BUILD, "--model", "fmnist_small:nan_model", "--out", str(out), "--codec", codec,
+                                  "--allow-nonfinite"])
+    assert result.exit_code == 0, result.output
+    with fmcache.open_cache(out) as cache:
+        first = cache.read("block1", 5).reshape(-1)
+        assert np.isnan(first[0]) and first[1] == np.inf and np.isfinite(first[2:]).all()
+        assert cache.manifest.build["allow_nonfinite"] is True
+    assert runner.invoke(main, ["verify", str(out), "--no-progress"]).exit_code == 0
+    plain = tmp_path / "plain.lmdb"  # the same values written without the flag: verify refuses them
+    with fmcache.open_cache(out) as cache, fmcache.create_cache(plain, allow_nonfinite=True) as writer:
+        writer.add_layer("block1", cache.layer("block1").shape, codec=codec)
+        writer.append({"block1": cache.read_batch("block1", range(8))}, np.zeros(8, np.int64))
+        writer.manifest.build.pop("allow_nonfinite")
+        writer.commit()
+    refused = runner.invoke(main, ["verify", str(plain), "--no-progress"])
+    assert refused.exit_code == 1 and "decoded NaN/Inf" in refused.output, refused.output
+
+
+@pytest.mark.parametrize("data, message", [
+    ("dict_items", "data set item 0 is a dict (keys ['image', 'label'])"),
+    ("triple_items", "data set item 0 is a tuple of 3; the builder needs (input, label) pairs"),
+    ("input_only", "data set item 0 is a Tensor; the builder needs (input, label) pairs"),
+    ("none_labels", "data set item 0: the label is None"),
+    ("string_labels", "data set item 0: the label is 'shirt'"),
+])
+def test_data_sets_of_other_shapes_get_a_clear_error(runner, tmp_path, data, message):
+    result = runner.invoke(main, [*BUILD, "--data", f"fmnist_small:{data}", "--out", str(tmp_path / "c.lmdb")])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_compact_over_an_unfinished_destination_says_to_overwrite(runner, built, tmp_path):
+    dst = tmp_path / "small.h5"
+    Path(str(dst) + ".partial").write_bytes(b"left by a compaction that was killed")
+    result = runner.invoke(main, ["compact", str(built), str(dst)])
+    assert result.exit_code == 1 and "compact cannot resume" in result.output and "--resume" not in result.output
+    result = runner.invoke(main, ["compact", str(built), str(dst), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not Path(str(dst) + ".partial").exists()
 
 
 def test_debug_shows_the_traceback(runner):

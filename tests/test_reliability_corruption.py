@@ -187,13 +187,13 @@ def test_lmdb_damaged_btree_pages_are_corruption_errors_not_lmdb_exceptions(tmp_
         leaf = next(page for page, f in flags.items() if f == 0x02)  # P_LEAF
         flip_byte(data, leaf * 4096 + 10, 0x01 | 0x02)  # P_LEAF -> P_BRANCH
     named = rf"{re.escape(str(path))}: (the manifest|labels|layer '\w+' sample \d+): LMDB cannot read it, the database"
-    with pytest.raises(CorruptionError, match=named + " is damaged"):
-        with fmcache.open_cache(path) as cache:  # the damaged page may hold the manifest
-            cache.labels
-            for name in cache.layers:
-                cache.read_batch(name, np.arange(len(cache)))
-                for sample in range(len(cache)):
-                    cache.read(name, sample)
+    # the damaged page may hold the manifest: opening the cache is inside the check
+    with pytest.raises(CorruptionError, match=named + " is damaged"), fmcache.open_cache(path) as cache:
+        assert cache.labels is not None
+        for name in cache.layers:
+            cache.read_batch(name, np.arange(len(cache)))
+            for sample in range(len(cache)):
+                cache.read(name, sample)
     code, output = verify_cli(path)
     assert code == 1 and "LMDB cannot read it, the database is damaged" in output, output
 

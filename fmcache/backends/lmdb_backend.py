@@ -204,6 +204,8 @@ def _decode_rows(codec: Any, views: Sequence[memoryview], dst: np.ndarray, sampl
                  prefix: str, name: str) -> None:
     """One batch decode of CRC-checked payloads into ``dst``; on failure, CorruptionError
     naming the first sample (and part) that does not decode."""
+    if not views:  # an empty batch: some codecs' batch decoders look at the first record
+        return
     try:
         codec.decode_batch_verified(views, dst)  # every record's CRC was checked
     except Exception as exc:  # a damaged payload never escapes as a raw library error

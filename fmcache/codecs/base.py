@@ -24,6 +24,7 @@ token map (T, D) or a vector (D,) has them on the last axis (:func:`channel_axis
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 import threading
@@ -127,6 +128,11 @@ class Codec(ABC):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Codec:
         kwargs = {k: v for k, v in config.items() if k != "id"}
+        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise CodecSpecError(f"codec {cls.codec_id!r} has no parameter {unknown[0]!r}",
+                                 hint=f"its parameters: {', '.join(known) or 'none'} (`fmcache codecs` lists them)")
         try:
             return cls(**kwargs)
         except TypeError as exc:
