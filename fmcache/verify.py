@@ -29,6 +29,19 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
     CorruptionError
         Naming the first bad layer and sample.
     """
+    try:
+        return _verify(path, progress)
+    except CorruptionError as exc:
+        if exc.hint == CorruptionError.default_hint:  # "run `fmcache verify`": what is running
+            exc.hint = REBUILD_HINT
+        raise
+
+
+#: what to do about damage that verify found
+REBUILD_HINT = "rebuild the cache (or the damaged layer) from the source data"
+
+
+def _verify(path: str | os.PathLike[str], progress: Callable[[int], None] | None) -> VerifyReport:
     cache = open_cache(Path(path))
     with cache:
         report = VerifyReport(str(path), len(cache))
@@ -55,7 +68,7 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
                         raise CorruptionError(f"layer {name!r} sample {bad} part {part!r}: decoded NaN/Inf, which "
                                               "the cache was not built to hold (allow_nonfinite)",
                                               hint="the stored bytes pass their checksums but decode to NaN/Inf: "
-                                                   "rebuild the cache (or the damaged layer) from the source data")
+                                                   + REBUILD_HINT)
                 report.layers[name] = report.layers.get(name, 0) + len(samples)
                 if progress is not None:
                     progress(len(samples))

@@ -90,6 +90,8 @@ def test_verify_names_the_first_bad_layer_and_sample(runner, built):
     assert result.exit_code == 1
     assert "layer 'block2' sample 17" in result.output and "checksum" in result.output
     assert "Traceback" not in result.output
+    # the hint says what to do next, not to run the command that is running
+    assert "hint: rebuild the cache" in result.output and "run `fmcache verify" not in result.output
 
 
 def test_compact_converts_drops_and_reencodes(runner, built, tmp_path):
