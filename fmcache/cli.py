@@ -163,7 +163,7 @@ def verify(path: str, no_progress: bool) -> None:
         total = len(cache) * len(cache.layers)
     update, bar = (None, None) if no_progress else _progress(total, "verify")
     try:
-        report = verify_cache(path, progress=update)
+        report = verify_cache(path, progress=update, isolated=True)  # a crashing reader is reported, not fatal
     finally:
         if bar is not None:
             bar.close()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import numpy as np
 
+from . import errors
 from .cache import open_cache
-from .errors import CorruptionError
+from .errors import CacheError, CorruptionError, FmcacheError
 
 
 @dataclass
@@ -21,15 +26,24 @@ class VerifyReport:
     labels_ok: bool = True
 
 
-def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> VerifyReport:
+def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None, *,
+                 isolated: bool = False) -> VerifyReport:
     """Decode every part of every sample of every layer (and the labels).
+
+    ``isolated``: read in a child process, so that
+    damage which makes a storage library crash the reader is reported rather than
+    taking the caller down: LMDB has no page checksums, and a damaged page header made
+    it die of SIGBUS (docs/reliability.md). ``fmcache verify`` reads this way.
 
     Raises
     ------
     CorruptionError
-        Naming the first bad layer and sample.
+        Naming the first bad layer and sample (or, isolated, the layer and the samples
+        verified when the reader crashed).
     """
     try:
+        if isolated:
+            return _verify_in_child(path, progress)
         return _verify(path, progress)
     except CorruptionError as exc:
         if exc.hint == CorruptionError.default_hint:  # "run `fmcache verify`": what is running
@@ -37,11 +51,71 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
         raise
 
 
+def _verify_in_child(path: str | os.PathLike[str], progress: Callable[[int], None] | None) -> VerifyReport:
+    """:func:`_verify` in a child process; its progress, result or error come back over a
+    pipe, and a child that dies without either (a signal) is a CorruptionError naming
+    where it was. The child is not forked from this process: one that has run torch has
+    OpenMP threads, and a forked child that decodes with torch hung on their locks (the
+    CLI tests did). It comes from a fork server that has imported fmcache and run nothing
+    (one start per process, then a fork per verify); spawned where there is none."""
+    context: BaseContext
+    if "forkserver" in mp.get_all_start_methods():
+        server = mp.get_context("forkserver")
+        server.set_forkserver_preload([__name__])
+        context = server
+    else:  # pragma: no cover - platforms without fork
+        context = mp.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    proc = context.Process(target=_child, args=(str(path), send), daemon=True)
+    proc.start()
+    send.close()
+    layer, done = None, 0
+    try:
+        while True:
+            try:
+                message = receive.recv()
+            except EOFError:  # the child is gone without a last word
+                break
+            if message[0] == "progress":
+                done += message[1]
+                if progress is not None:
+                    progress(message[1])
+            elif message[0] == "layer":
+                layer, done = message[1], 0
+            elif message[0] == "done":
+                return message[1]
+            else:
+                _, name, text, hint = message
+                cls = getattr(errors, name, CacheError)
+                raise cls(text, hint=hint) if issubclass(cls, FmcacheError) else CacheError(text, hint=hint)
+    finally:
+        proc.join()
+        receive.close()
+    code = proc.exitcode if proc.exitcode is not None else 0
+    died = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+    at = (f"in layer {layer!r}, after {done} of its samples verified" if layer is not None
+          else "before its first layer (reading the manifest or the labels)")
+    raise CorruptionError(f"{path}: reading it crashed the verifying process ({died}) {at}: the storage library "
+                          "met damage it cannot report (LMDB has no page checksums)")
+
+
+def _child(path: str, send: Connection) -> None:
+    """The isolated verify's child: :func:`_verify`, reporting over ``send``."""
+    try:
+        report = _verify(path, lambda n: send.send(("progress", n)), lambda name: send.send(("layer", name)))
+        send.send(("done", report))
+    except FmcacheError as exc:
+        send.send(("error", type(exc).__name__, exc.message, exc.hint))
+    except Exception as exc:  # noqa: BLE001 - anything else crosses as a CacheError
+        send.send(("error", "CacheError", f"{path}: verify failed: {type(exc).__name__}: {exc}", None))
+
+
 #: what to do about damage that verify found
 REBUILD_HINT = "rebuild the cache (or the damaged layer) from the source data"
 
 
-def _verify(path: str | os.PathLike[str], progress: Callable[[int], None] | None) -> VerifyReport:
+def _verify(path: str | os.PathLike[str], progress: Callable[[int], None] | None,
+            on_layer: Callable[[str], None] | None = None) -> VerifyReport:
     cache = open_cache(Path(path))
     with cache:
         report = VerifyReport(str(path), len(cache))
@@ -50,6 +124,8 @@ def _verify(path: str | os.PathLike[str], progress: Callable[[int], None] | None
         # NaN/Inf means damage that the checksums missed
         nonfinite_ok = bool(cache.manifest.build.get("allow_nonfinite"))
         for name, layer in cache.layers.items():
+            if on_layer is not None:
+                on_layer(name)
             step = max(1, layer.samples_per_chunk)
             for start in range(0, len(cache), step):
                 samples = np.arange(start, min(start + step, len(cache)))

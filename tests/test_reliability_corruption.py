@@ -198,6 +198,34 @@ def test_lmdb_damaged_btree_pages_are_corruption_errors_not_lmdb_exceptions(tmp_
     assert code == 1 and "LMDB cannot read it, the database is damaged" in output, output
 
 
+def test_verify_reports_a_reader_that_crashes_on_a_damaged_lmdb_page(tmp_path):
+    """A damaged leaf-page header (its lower bound) made LMDB die of SIGBUS while reading:
+    no error to catch. ``fmcache verify`` reads in a child process: every such flip is
+    exit 1 with a message naming the cache (a crash names the signal and the layer), and
+    the verifying process itself survives."""
+    import struct
+
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", codec="int8")
+    data = path / "data.mdb"
+    blob = data.read_bytes()
+    leaves = [page for page in range(2, len(blob) // 4096) if struct.unpack_from("<H", blob, page * 4096 + 10)[0] == 2]
+    outputs = []
+    for page in leaves:
+        flip_byte(data, page * 4096 + 13, 0x04)  # mp_lower + 1024: node offsets past the page
+        code, output = verify_cli(path)
+        flip_byte(data, page * 4096 + 13, 0x04)
+        assert code in (0, 1) and (code == 0 or str(path) in output), output
+        outputs.append(output)
+        if len(outputs) >= 3 and any("crashed the verifying process" in o for o in outputs):
+            break  # each verify spawns a child (about a second): enough pages seen
+    crashed = [o for o in outputs if "crashed the verifying process (SIG" in o]
+    assert crashed, outputs
+    assert all(re.search(r"\) (in layer '\w+', after \d+ of its samples verified|before its first layer)", o)
+               for o in crashed), crashed
+    assert verify_cli(path)[0] == 0
+
+
 def _in_child(fn):
     """Run ``fn(conn)`` in a forked child; its answer, or the signal that killed it."""
     parent, child = mp.get_context("fork").Pipe()
