@@ -36,22 +36,18 @@ from .errors import (
     StaleCacheError,
 )
 from .manifest import WHOLE_PART, LayerInfo, Manifest, part_name, utc_now
+from .paths import install, partial_path, remove_path
 from .tiers import TierPlan
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
 
-PARTIAL_SUFFIX = ".partial"
 TARGET_CHUNK_BYTES = 1 << 20
 #: Free space kept beyond a batch's raw size: room for backend metadata (HDF5 writes
 #: metadata lazily and crashes badly on a full disk, so we stop before it is full).
 FREE_SPACE_MARGIN_BYTES = 1 << 20
 #: Samples re-read per step when a resume checks what a non-atomic backend committed.
 RESUME_CHECK_SAMPLES = 256
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 def default_samples_per_chunk(shape: Sequence[int]) -> int:
@@ -95,13 +91,13 @@ class CacheWriter:
                 raise
             if draft is None:  # created but nothing declared yet: start again
                 self.backend.close()
-                _remove(self.partial)
+                remove_path(self.partial)
         elif self.partial.exists():
             if not overwrite:
                 raise CacheExistsError(f"{self.partial} holds an interrupted build",
                                        hint="finish it with --resume (resume=True), or start over with --overwrite "
                                             "(overwrite=True)")
-            _remove(self.partial)
+            remove_path(self.partial)
         if draft is None:
             self.backend = cls.create(self.partial)
             self.manifest = Manifest(backend=backend_id, layers={}, fingerprints=fingerprints,
@@ -293,7 +289,7 @@ class CacheWriter:
         self.backend.put_meta("manifest", manifest.to_json())
         self.backend.flush()
         self.backend.close()
-        _install(self.partial, self.path)
+        install(self.partial, self.path)
         self._committed = True
         return manifest
 
@@ -305,7 +301,7 @@ class CacheWriter:
         if not self._committed:
             self.backend.close()
             if self.samples == 0 and self.partial.exists():
-                _remove(self.partial)
+                remove_path(self.partial)
 
     def __enter__(self) -> Self:
         return self
@@ -580,25 +576,3 @@ def _check_fingerprints(recorded: Mapping[str, str | None], given: Mapping[str, 
             label = "frozen-prefix weights" if key == "weights" else "input data"
             raise StaleCacheError(f"{what}: the {label} changed since the cache was built "
                                   f"(recorded {have[:12]}, now {want[:12]})")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _install(partial: Path, final: Path) -> None:
-    """Move a committed partial cache to its final path, replacing an old one last."""
-    if partial.is_file() and final.is_file():  # one file (HDF5): an atomic swap
-        os.replace(partial, final)
-        return
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        _remove(old)
-        os.replace(final, old)
-    os.replace(partial, final)
-    _remove(old)
-
-

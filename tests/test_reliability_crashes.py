@@ -120,7 +120,7 @@ def _kill_inside_manifest(path, backend):
 
 def _kill_before_rename(path, backend):
     """Die after the manifest is durable, before ``<path>.partial`` becomes ``path``."""
-    cache_mod._install = lambda partial, final: die()
+    cache_mod.install = lambda partial, final: die()  # the name cache.py calls (from fmcache.paths)
     write(path, backend)
 
 
@@ -213,7 +213,7 @@ def _kill_compaction(src, dst, when):
 
         cache_mod.CacheWriter.append = append
     else:
-        cache_mod._install = lambda partial, final: die()
+        cache_mod.install = lambda partial, final: die()  # the name cache.py calls (from fmcache.paths)
     compact_cache(src, dst, codec="fp16", batch_size=8)
 
 

@@ -26,7 +26,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
 from .base import Backend, PartSpec
-from .hdf5_reads import _chunk_groups, _read_rows, _touch, check_chunk_index, chunk_entries, index_digest
+from .hdf5_index import check_chunk_index, chunk_entries, index_digest
+from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch
 
 hdf5plugin.register(force=True)
 
@@ -73,7 +74,7 @@ class Hdf5Backend(Backend):
     #: HDF5 has no transactions: a process killed inside a batch can leave the file's
     #: metadata half written, so a resume first re-reads what was committed.
     crash_atomic = False
-    _h_rows: OrderedDict[tuple[str, str, int], _ChunkRows]
+    _h_rows: OrderedDict[tuple[str, str, int], ChunkRows]
     _h_lock: threading.Lock
     _h_rows_pid: int
     _h_rows_bytes: int
@@ -127,10 +128,11 @@ class Hdf5Backend(Backend):
 
     def _index_digests(self) -> dict[str, tuple[int, int]]:
         """Per chunked dataset (path without the leading '/'), its rows and the digest of
-        its chunk index recorded at commit (:func:`.hdf5_reads.index_digest`); empty for caches
-        committed before fmcache recorded them. Read once per process."""
+        its chunk index recorded at commit (:func:`.hdf5_index.index_digest`); empty for caches
+        committed before fmcache recorded them. Read once per handle (a fork's copy holds
+        the same file's values)."""
         digests: dict[str, tuple[int, int]] | None = self.__dict__.get("_h_digests")
-        if digests is None or self._in_new_process():
+        if digests is None:
             blob = self.get_meta(CHUNK_INDEX_KEY)
             digests = self._h_digests = {} if blob is None else {k: (int(v[0]), int(v[1]))
                                                                  for k, v in json.loads(blob).items()}
@@ -478,7 +480,7 @@ class Hdf5Backend(Backend):
         return out
 
     def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
-                      ) -> _ChunkRows:
+                      ) -> ChunkRows:
         """The stored rows of one chunk of ``part`` (field -> rows), from this process's
         LRU of :data:`ROW_CACHE_BYTES`, read (one slice per field) when missing. Threads
         sharing the cache may read at once: a miss is filled under a lock, and a hit whose
@@ -499,7 +501,7 @@ class Hdf5Backend(Backend):
             rows = rows_cache.get(key)
             if rows is None:
                 _, fields, per_chunk, where = entry
-                rows = _ChunkRows(self._chunk_rows(fields, chunk * per_chunk, per_chunk, where))
+                rows = ChunkRows(self._chunk_rows(fields, chunk * per_chunk, per_chunk, where))
                 rows_cache[key] = rows
                 self._h_rows_bytes += sum(r.nbytes for r in rows.values())
                 while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
@@ -573,19 +575,6 @@ class Hdf5Backend(Backend):
                 total += ds.id.get_storage_size()
             sizes[part] = total
         return sizes
-
-
-class _ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows
-    """One chunk's stored rows in the row LRU (field name -> rows), with the number of
-    rows and, built on the first per-sample read, the codec's row reader
-    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`)."""
-
-    __slots__ = ("count", "reader")
-
-    def __init__(self, rows: dict[str, np.ndarray]) -> None:
-        super().__init__(rows)
-        self.count = len(next(iter(rows.values()))) if rows else 0
-        self.reader: Callable[[int, np.ndarray], np.ndarray] | None = None
 
 
 def _write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:

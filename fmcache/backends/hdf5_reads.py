@@ -1,18 +1,16 @@
 """Row reads of HDF5 datasets for :mod:`.hdf5_backend`: the rows a batch asks for, read
 as slices where a slice decodes little more than the chunks holding them, and the
-helpers of the backend's chunk-row LRU (rows grouped by chunk, LRU touches). Every
+helpers of the backend's chunk-row LRU (its entries, rows grouped by chunk, LRU touches). Every
 failure becomes a CorruptionError naming the sample."""
 
 from __future__ import annotations
 
-import ctypes
-import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-from h5py._objects import phil
 
 from ..errors import CorruptionError
 
@@ -28,122 +26,6 @@ def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
         except OSError:
             return int(sample)
     return None
-
-
-def chunk_entries(ds: h5py.Dataset, where: str) -> np.ndarray:
-    """HDF5's chunk index of ``ds`` as ``chunk_iter`` lists it: rows of (first-axis
-    offset, filter mask, file address, stored size, largest other-axis offset), uint64,
-    in index order."""
-    entries: list[tuple[int, int, int, int, int]] = []
-
-    def visit(info: Any) -> None:
-        offset = tuple(info.chunk_offset)
-        entries.append((offset[0], info.filter_mask, -1 if info.byte_offset is None else info.byte_offset,
-                        info.size, max(offset[1:], default=0)))
-
-    try:
-        if hasattr(ds.id, "chunk_iter"):
-            ds.id.chunk_iter(visit)
-        else:  # HDF5 before 1.14: one call per chunk
-            for i in range(ds.id.get_num_chunks()):
-                visit(ds.id.get_chunk_info(i))
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise CorruptionError(f"{where}: HDF5 cannot read the chunk index of {ds.name} ({exc})") from None
-    return np.array(entries, dtype=np.int64).reshape(-1, 5).astype(np.uint64)
-
-
-def index_digest(entries: np.ndarray) -> int:
-    """CRC-32 of :func:`chunk_entries`' rows (little-endian u64): what a committed
-    cache's ``chunk_index`` attribute records per dataset."""
-    return zlib.crc32(np.ascontiguousarray(entries, dtype="<u8").tobytes())
-
-
-def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -> None:
-    """CorruptionError unless HDF5's chunk index is the one the cache was committed with
-    (``digest``: :func:`index_digest` at commit; None for caches committed before
-    fmcache recorded it) and a read's own look-up finds a chunk, every filter applied, at each chunk
-    offset covering the dataset's rows.
-
-    Files in HDF5's earliest format (fmcache's, see ``Hdf5Backend._create``) keep the
-    chunk index in B-trees without checksums, and fletcher32 covers a chunk's bytes, not
-    the index that finds them: a damaged key made HDF5 take written chunks for unwritten
-    ones and return the fill value (zeros) with no error; a damaged address pointing at
-    zeroed file space passes fletcher32 (the checksum of zeros is 0); a damaged filter
-    mask skips the filters on read. Checked once per dataset and process
-    (tests/test_reliability_corruption.py flips each byte of the index)."""
-    rows, chunks = ds.shape[0] if ds.shape else 0, ds.chunks
-    if not chunks:
-        return
-    entries = chunk_entries(ds, where)
-    if digest is not None and index_digest(entries) != digest:
-        raise CorruptionError(f"{where}: the chunk index of {ds.name} differs from the one the cache was "
-                              f"committed with (HDF5's B-tree is damaged)")
-    if not rows:
-        return
-    per = chunks[0]
-    offsets, masks, addresses, other = entries[:, 0], entries[:, 1], entries[:, 2], entries[:, 4]
-    bad = (masks != 0) | (addresses == np.uint64(2**64 - 1)) | (other != 0) | (offsets % np.uint64(per) != 0)
-    held = np.zeros(-(-rows // per), dtype=bool)
-    good = offsets[~bad]
-    held[(good[good < rows] // np.uint64(per)).astype(np.int64)] = True
-    if held.all() and not bad.any():
-        # chunk_iter lists the index's entries; a read finds a chunk by comparing keys,
-        # some of which it does not report (a key's element offset, a node's last key):
-        # look every chunk up the way a read does
-        found = _found_by_lookup(ds, per, len(held))
-        if found is not None:
-            held &= found
-    if bad.any() or not held.all():
-        missing = np.flatnonzero(~held)
-        what = (f"samples {int(missing[0]) * per}-{min(int(missing[0]) * per + per, rows) - 1} have no stored chunk"
-                if len(missing) else f"a chunk entry is malformed ({entries[np.flatnonzero(bad)[0]].tolist()})")
-        raise CorruptionError(f"{where}: the chunk index of {ds.name} is damaged: {what} "
-                              f"({len(missing)} of {len(held)} chunks missing, {int(bad.sum())} malformed)")
-
-
-_LOOKUP: list[Any] = []  # [H5Dget_chunk_storage_size or None], found once per process
-
-
-def _chunk_storage_size() -> Any:
-    """libhdf5's public ``H5Dget_chunk_storage_size`` (a read's own chunk look-up), from
-    the copy of libhdf5 that h5py loaded (found in /proc/self/maps), or None where it
-    cannot be found (then only ``chunk_iter``'s view is checked)."""
-    if not _LOOKUP:
-        fn = None
-        try:
-            with open("/proc/self/maps") as maps:
-                libs = sorted({line.split()[-1] for line in maps if "/libhdf5" in line and "_hl" not in line
-                               and ".so" in line})
-            for lib in libs:
-                try:
-                    fn = ctypes.CDLL(lib).H5Dget_chunk_storage_size
-                except (OSError, AttributeError):
-                    continue
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64)]
-                break
-        except OSError:
-            fn = None
-        _LOOKUP.append(fn)
-    return _LOOKUP[0]
-
-
-def _found_by_lookup(ds: h5py.Dataset, per: int, chunks: int) -> np.ndarray | None:
-    """Per chunk along the first axis: whether a read's look-up finds it stored (None
-    where that look-up is not available)."""
-    fn = _chunk_storage_size()
-    if fn is None:
-        return None
-    offset = (ctypes.c_uint64 * len(ds.shape))()
-    size = ctypes.c_uint64()
-    found = np.zeros(chunks, dtype=bool)
-    with phil:  # h5py's lock: libhdf5 is not thread-safe
-        dataset = ds.id.id
-        for chunk in range(chunks):
-            offset[0] = chunk * per
-            size.value = 0
-            found[chunk] = fn(dataset, offset, ctypes.byref(size)) >= 0 and size.value > 0
-    return found
 
 
 def _touch(lru: OrderedDict[Any, Any], key: Any) -> None:
@@ -218,3 +100,16 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         bad = _first_unreadable(ds, samples) if ds is not None else None
         at = f" sample {bad}" if bad is not None else ""
         raise CorruptionError(f"{where}{at}: HDF5 read failed ({exc})") from None
+
+
+class ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows
+    """One chunk's stored rows in the row LRU (field name -> rows), with the number of
+    rows and, built on the first per-sample read, the codec's row reader
+    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`)."""
+
+    __slots__ = ("count", "reader")
+
+    def __init__(self, rows: dict[str, np.ndarray]) -> None:
+        super().__init__(rows)
+        self.count = len(next(iter(rows.values()))) if rows else 0
+        self.reader: Callable[[int, np.ndarray], np.ndarray] | None = None
