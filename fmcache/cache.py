@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -345,6 +346,7 @@ class Cache:
             self.manifest = Manifest.from_json(raw, f"{self.path}: manifest")
             if not self.manifest.complete:
                 raise IncompleteCacheError(f"{self.path}: the manifest is not marked complete")
+            self.backend.manifest_crc = zlib.crc32(raw)  # a handle opened anew checks it
         except BaseException:
             self.backend.close()  # no handle (or shared LMDB environment) left behind
             raise
@@ -358,6 +360,12 @@ class Cache:
     @property
     def layers(self) -> dict[str, LayerInfo]:
         return self.manifest.layers
+
+    @property
+    def identity(self) -> int:
+        """CRC-32 of the committed manifest: which cache this is, whatever its path."""
+        assert self.backend.manifest_crc is not None
+        return self.backend.manifest_crc
 
     @property
     def backend_id(self) -> str:

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, default_collate
 from .augment import AUGMENT_MODES, AugFamily, infer_stride
 from .augment.batch import feature_batch, nearest_batch, saca_batch, saca_tiers
 from .cache import Cache, open_cache
-from .errors import CacheError
+from .errors import CacheError, CacheReplacedError, SampleIndexError
 from .manifest import VARIANT_SEP
 from .sampler import ChunkShuffleSampler, SampleKey
 
@@ -98,6 +98,7 @@ class FeatureMapDataset(Dataset):
         self.dtype = cast(torch.dtype, chosen)
         cache = open_cache(self.path, weights_fingerprint=weights_fingerprint, allow_stale=allow_stale)
         self._cache: Cache | None = cache
+        self._identity = cache.identity  # a process that opens the path again must find this cache
         if layer is None:
             if len(cache.layers) != 1:
                 raise CacheError(f"{self.path} has layers {list(cache.layers)}: pass layer=")
@@ -139,7 +140,12 @@ class FeatureMapDataset(Dataset):
     @property
     def cache(self) -> Cache:
         if self._cache is None:
-            self._cache = open_cache(self.path)
+            cache = open_cache(self.path)
+            if cache.identity != self._identity:  # replaced since this Dataset opened it
+                cache.close()
+                raise CacheReplacedError(f"{self.path} was replaced since this Dataset opened it: its workers would "
+                                         "read another cache than its main process")
+            self._cache = cache
         return self._cache
 
     # ---- epochs -------------------------------------------------------------------------------
@@ -248,10 +254,25 @@ class FeatureMapDataset(Dataset):
                 return maps, idx
             epoch = epochs.pop()
             indices = [int(k[1]) for k in indices]  # type: ignore[index]
-        idx = np.asarray(indices, dtype=np.int64)
-        idx = np.where(idx < 0, idx + self._len, idx)
+        idx = _checked_indices(indices, self._len, self.path)
         cache = self.cache
         maps = torch.from_numpy(self._read_augmented(cache, idx, epoch))
         if self.dtype != torch.float32:
             maps = maps.to(self.dtype)
         return maps, idx
+
+
+def _checked_indices(indices: Sequence[Any], n: int, path: Path) -> np.ndarray:
+    """Item indices as int64 in [0, n): Python's negative indices once (``-1`` is the last
+    item); anything else (below ``-n``, from ``n``, a float or a bool) is a
+    SampleIndexError naming the index given. (Wrapping here and again in the cache read
+    ``ds[-257]`` of 256 items as item 255, and ``ds[1.5]`` as item 1.)"""
+    given = np.asarray(indices)
+    if given.size and given.dtype.kind not in "iu":
+        bad = next((i for i in indices if not isinstance(i, (int, np.integer)) or isinstance(i, bool)), indices[0])
+        raise SampleIndexError(f"{path}: item indices must be integers, got {bad!r}")
+    idx = given.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        bad = int(idx[(idx < -n) | (idx >= n)][0])
+        raise SampleIndexError(f"{path}: item {bad} is out of range (the data set has {n} items)")
+    return np.where(idx < 0, idx + n, idx)

@@ -16,6 +16,7 @@ the familiar types too::
     │   ├── FormatVersionError                written by a newer fmcache
     │   ├── CorruptionError                   checksum or structure mismatch
     │   ├── StaleCacheError                   frozen weights or data changed
+    │   │   └── CacheReplacedError            a cache replaced under a reader that reopens it
     │   ├── LayerNotFoundError (KeyError)
     │   ├── SampleIndexError (IndexError)
     │   ├── ShapeMismatchError (ValueError)   a batch that does not match its layer
@@ -51,6 +52,10 @@ class FmcacheError(Exception):
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
+        if hint is None and "(hint: " in message:
+            # a message that carries its hint already: torch re-raises a DataLoader
+            # worker's error as type(exc)(str(exc)), which would add the default again
+            hint = ""
         self.hint = hint if hint is not None else self.default_hint
         super().__init__(message)
 
@@ -108,6 +113,14 @@ class StaleCacheError(CacheError):
         "rebuild the cache for the current weights/data, or pass allow_stale=True "
         "(--allow-stale) if you know the change does not matter"
     )
+
+
+class CacheReplacedError(StaleCacheError):
+    """The cache at a path was replaced (a build or compact committed over it) after a
+    reader opened it: a process that reopens it (a DataLoader worker) would read the new
+    cache with the old one's layout."""
+
+    default_hint = "open the cache again (create the Dataset again) to read the new one"
 
 
 class LayerNotFoundError(CacheError, KeyError):
@@ -266,6 +279,7 @@ __all__ = [
     "BuildError",
     "CacheError",
     "CacheExistsError",
+    "CacheReplacedError",
     "CodecError",
     "CodecSpecError",
     "CorruptionError",

@@ -14,6 +14,7 @@ Arms (docs/results.md)::
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from .augment import AugFamily
 from .builder import SacaConfig
 from .calibrate import PixelSpace
-from .errors import FmcacheError
+from .errors import FmcacheError, FreezeError, TrainingError
 from .freezing import AdaptiveFreezer, CacheRecipe, FreezeSchedule, FreezingTrainer
 from .policy import CompressionPolicy
 from .zoo import FashionMNIST, pretrained_resnet
@@ -65,17 +66,29 @@ def run_arm(arm: str, *, seed: int = 0, width: int = 8, pretrain_steps: int = 50
 
     ``adaptive`` replaces the schedule with :class:`AdaptiveFreezer` over stem..layer3.
     """
+    if epochs < 1:
+        raise TrainingError(f"epochs={epochs}: train at least one epoch")
+    if train_samples < batch_size:  # batches drop the last partial one: nothing would train
+        raise TrainingError(f"{train_samples} training samples are fewer than one batch of {batch_size}",
+                            hint=f"use at least {batch_size} samples (--samples)")
+    recipe = recipe_for(arm, **recipe_kwargs)
+    freeze = recipe is not None
+    parsed = FreezeSchedule.parse(schedule) if freeze and schedule and not adaptive else None
+    late = [e for e in (parsed.points if parsed else {}) if e >= epochs]
+    if late:
+        raise FreezeError(f"schedule epoch {late[0]} is past the last epoch ({epochs - 1}): it would never freeze",
+                          hint=f"freeze at an epoch below {epochs}, or train more epochs (--epochs)")
     torch.manual_seed(seed)
     model = copy.deepcopy(pretrained_resnet(width=width, steps=pretrain_steps)).train()
     train = FashionMNIST("train", limit=train_samples, augment=True, seed=seed)
+    if len(train) < train_samples and log is not None:
+        log(f"note: Fashion-MNIST has {len(train)} training images; training on those, not {train_samples}")
     plain = FashionMNIST("train", limit=train_samples)
     test = FashionMNIST("test", limit=test_samples)
-    recipe = recipe_for(arm, **recipe_kwargs)
-    freeze = recipe is not None
     trainer = FreezingTrainer(
         model, train, plain, epochs=epochs, work_dir=work_dir,
         recipe=recipe or CacheRecipe(kind="classic", augment="none"),
-        schedule=FreezeSchedule.parse(schedule) if freeze and schedule and not adaptive else None,
+        schedule=parsed,
         freezer=AdaptiveFreezer(["stem", "layer1", "layer2", "layer3"]) if freeze and adaptive else None,
         batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, log=log)
     try:
@@ -88,8 +101,14 @@ def run_arm(arm: str, *, seed: int = 0, width: int = 8, pretrain_steps: int = 50
             "build_s": sum(fit["build_s"]),
             "eval_s": time.perf_counter() - t0,
             "cache_bytes": sum(b["stored_bytes"] for b in fit["builds"]),
-            "cache_bytes_peak": max([b["stored_bytes"] for b in fit["builds"]] or [0]),
+            "cache_bytes_peak": _peak_bytes([b["stored_bytes"] for b in fit["builds"]]),
             "builds": fit["builds"], "history": fit["history"]}
+
+
+def _peak_bytes(sizes: list[int]) -> int:
+    """Most cache bytes on disk at once: each freeze builds the next cache before the
+    previous one is removed, so a swap holds both (not just the largest cache)."""
+    return max([*sizes[:1], *(a + b for a, b in itertools.pairwise(sizes))] or [0])
 
 
 __all__ = ["ARMS", "FAMILY", "PIXELS", "recipe_for", "run_arm"]

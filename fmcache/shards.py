@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,11 @@ class ShardedCache:
     @property
     def layers(self) -> dict[str, LayerInfo]:
         return self.manifest.layers
+
+    @property
+    def identity(self) -> int:
+        """:attr:`Cache.identity` of the merge: its shards' together."""
+        return zlib.crc32(b"".join(shard.identity.to_bytes(4, "little") for shard in self.shards))
 
     @property
     def backend_id(self) -> str:

@@ -210,3 +210,28 @@ def test_full_arm_has_no_recipe_and_unknown_arms_are_refused():
     assert recipe_for("full") is None
     with pytest.raises(FmcacheError, match="unknown arm"):
         recipe_for("fastest")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"train_samples": 10}, "TrainingError", "10 training samples are fewer than one batch of 128"),
+    ({"epochs": 0}, "TrainingError", "epochs=0: train at least one epoch"),
+    ({"epochs": 2, "schedule": "5:layer2"}, "FreezeError", "schedule epoch 5 is past the last epoch"),
+])
+def test_run_arm_refuses_settings_that_would_train_nothing_or_never_freeze(tmp_path, kwargs, error, message):
+    """`fmcache train --samples 10` trained on no batch (drop_last, batch 128) and reported
+    an accuracy; a schedule past the last epoch never froze; --epochs 0 reported the
+    untrained model (a new-user sweep). Refused before anything is built."""
+    from fmcache import errors
+    from fmcache.experiment import run_arm
+
+    with pytest.raises(getattr(errors, error), match=message):
+        run_arm("fmcache", work_dir=tmp_path, **{"epochs": 2, "train_samples": 256, **kwargs})
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_reported_peak_counts_the_old_and_new_cache_of_a_swap():
+    from fmcache.experiment import _peak_bytes
+
+    assert _peak_bytes([]) == 0 and _peak_bytes([5]) == 5
+    assert _peak_bytes([536_725, 219_128]) == 755_853  # both on disk while the second is built
+    assert _peak_bytes([10, 1, 1, 10]) == 11

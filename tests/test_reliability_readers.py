@@ -5,6 +5,7 @@ and fork / spawn / forkserver workers."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 import fmcache
 from fmcache import FeatureMapDataset
-from fmcache.errors import IncompleteCacheError, NotACacheError
+from fmcache.errors import CacheReplacedError, IncompleteCacheError, NotACacheError, SampleIndexError
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,55 @@ def test_workers_under_every_start_method(caches, method):
                         multiprocessing_context=mp.get_context(method))
     got = torch.cat([x for x, _ in loader]).numpy()
     np.testing.assert_array_equal(got, np.concatenate([TRUTH["conv"], TRUTH["conv"]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rebuild", ["same layout", "other codec"])
+def test_workers_of_a_dataset_whose_cache_was_replaced_refuse_it(tmp_path, backend, rebuild):
+    """A cache rebuilt under the path of an open Dataset: its main process keeps reading
+    the old cache, and its DataLoader workers, which open the path again, served the NEW
+    maps silently (same layout) or failed to decode them as if damaged (another codec) —
+    a new-user sweep. Workers (forked, or given a pickled Dataset) now refuse with
+    CacheReplacedError; a Dataset created afresh reads the new cache."""
+    path = tmp_path / f"c{suffix(backend)}"
+    write(path, backend, codec="raw")
+    ds = FeatureMapDataset(path, "conv")
+    np.testing.assert_array_equal(ds[3][0].numpy(), TRUTH["conv"][3])
+    write(path, backend, codec="raw" if rebuild == "same layout" else "int8", seed=1, overwrite=True)
+    np.testing.assert_array_equal(ds[3][0].numpy(), TRUTH["conv"][3])  # the main process: the old cache
+    loader = DataLoader(ds, batch_size=16, num_workers=2, multiprocessing_context=mp.get_context("fork"))
+    with pytest.raises(CacheReplacedError, match=r"was replaced since it was opened"):
+        next(iter(loader))
+    clone = pickle.loads(pickle.dumps(ds))  # what spawn / forkserver workers get
+    with pytest.raises(CacheReplacedError, match=r"was replaced since this Dataset opened it"):
+        clone[3]
+    fresh = FeatureMapDataset(path, "conv")
+    assert not np.array_equal(fresh[3][0].numpy(), TRUTH["conv"][3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workers_of_a_dataset_whose_cache_was_moved_say_so(tmp_path, backend):
+    """Moved after the Dataset opened it: HDF5's workers reported 'HDF5 cannot open it'
+    as corruption, LMDB's that a build had committed over it."""
+    path = tmp_path / f"c{suffix(backend)}"
+    write(path, backend, codec="raw")
+    ds = FeatureMapDataset(path, "conv")
+    ds[0]
+    path.rename(tmp_path / f"moved{suffix(backend)}")
+    loader = DataLoader(ds, batch_size=16, num_workers=1, multiprocessing_context=mp.get_context("fork"))
+    with pytest.raises(NotACacheError, match=r"does not exist: it was moved or deleted after it was opened") as info:
+        next(iter(loader))
+    assert str(info.value).count("(hint: ") == 1  # torch's re-raise keeps one hint, not two
+
+
+def test_dataset_indices_wrap_once_and_must_be_integers(caches):
+    """ds[-257] of 256 items read item 255 (negative indices wrapped twice) and ds[1.5]
+    read item 1 (a new-user sweep)."""
+    ds = FeatureMapDataset(caches["lmdb"], "conv")
+    n = len(ds)
+    np.testing.assert_array_equal(ds[-1][0].numpy(), TRUTH["conv"][n - 1])
+    np.testing.assert_array_equal(ds[-n][0].numpy(), TRUTH["conv"][0])
+    for bad, message in ((-n - 1, rf"item {-n - 1} is out of range"), (n, rf"item {n} is out of range"),
+                         (1.5, "item indices must be integers, got 1.5"), (True, "got True")):
+        with pytest.raises(SampleIndexError, match=message):
+            ds[bad]

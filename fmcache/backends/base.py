@@ -12,6 +12,7 @@ use in the current process and are never pickled (a backend pickles as its path)
 from __future__ import annotations
 
 import os
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..codecs import Codec
-from ..errors import ReadOnlyError
+from ..errors import CacheReplacedError, ReadOnlyError
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -49,6 +50,9 @@ class Backend(ABC):
         self.writable = writable
         self._layers: dict[str, tuple[int, list[PartSpec], int]] = {}
         self._pid: int | None = None
+        #: CRC-32 of the manifest the reading Cache was opened with (None while writing,
+        #: or before it is read): a handle opened anew checks it (:meth:`_check_reopened`)
+        self.manifest_crc: int | None = None
 
     # ---- detection / creation ---------------------------------------------------------------
     @classmethod
@@ -181,6 +185,19 @@ class Backend(ABC):
             self._pid = pid
             return True
         return False
+
+    def _check_reopened(self) -> None:
+        """After a handle was opened anew (in a DataLoader worker, or after close): the
+        manifest on disk must be the one the reading Cache was opened with. A cache
+        replaced under the path meanwhile would otherwise be read with the old layout:
+        other maps served as if nothing changed, or records failing to decode as if
+        damaged (a new-user sweep saw both)."""
+        if self.manifest_crc is None:
+            return
+        raw = self.get_meta("manifest")
+        if raw is None or zlib.crc32(raw) != self.manifest_crc:
+            raise CacheReplacedError(f"{self.path} was replaced since it was opened: this process would read the "
+                                     "new cache with the old one's layout")
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_h_")}

@@ -35,7 +35,7 @@ import hdf5plugin
 import numpy as np
 
 from ..codecs import Hdf5Field
-from ..errors import CacheError, CorruptionError, DiskFullError, ReadOnlyError
+from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec
 from .hdf5_index import check_chunk_index, chunk_entries, index_digest
 from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch
@@ -105,11 +105,15 @@ class Hdf5Backend(Backend):
                 self._h_file = h5py.File(self.path, "a" if self.writable else "r",
                                          rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
             except OSError as exc:
+                if not self.path.exists():
+                    raise NotACacheError(f"{self.path} does not exist: it was moved or deleted after it was opened",
+                                         hint="point the reader at where the cache is now") from None
                 if self.writable and (not os.access(self.path, os.W_OK)
                                       or os.statvfs(self.path.parent).f_flag & os.ST_RDONLY):
                     raise ReadOnlyError(f"{self.path}: cannot open it for writing ({exc})") from None
                 raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
             self._h_datasets: dict[str, h5py.Dataset] = {}
+            self._check_reopened()
         return self._h_file
 
     def _dataset(self, path: str) -> h5py.Dataset:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from ..errors import CorruptionError
+from ..errors import CorruptionError, FmcacheError
 
 if TYPE_CHECKING:
     from .hdf5_backend import Hdf5Backend
@@ -93,6 +93,8 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
         block = np.concatenate([ds[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)])
         return block[inverse]
+    except FmcacheError:  # from opening the file (moved, replaced, its index damaged): already typed
+        raise
     except KeyError:
         raise CorruptionError(f"{where}: dataset {path} is missing") from None
     except OSError as exc:

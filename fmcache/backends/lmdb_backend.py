@@ -87,9 +87,12 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
                 env = lmdb.open(str(path), readonly=True, lock=False, subdir=True, max_dbs=0,
                                 readahead=False, max_spare_txns=4)
         except lmdb.Error as exc:
-            if not (path / "data.mdb").exists():  # replaced by a concurrent commit since detected
-                raise NotACacheError(f"{path} disappeared while it was being opened",
-                                     hint="a build committed over it: open it again") from None
+            if not (path / "data.mdb").exists():
+                if path.exists():  # replaced by a concurrent commit since detected
+                    raise NotACacheError(f"{path} disappeared while it was being opened",
+                                         hint="a build committed over it: open it again") from None
+                raise NotACacheError(f"{path} does not exist: it was moved or deleted after it was opened",
+                                     hint="point the reader at where the cache is now") from None
             if writable and _is_read_only(path):
                 raise ReadOnlyError(f"{path}: cannot open the LMDB environment for writing ({exc})") from None
             raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
@@ -259,6 +262,7 @@ class LmdbBackend(Backend):
         env: lmdb.Environment | None = getattr(self, "_h_env", None)
         if new_process or env is None:
             env = self._h_env = _shared_env(self.path, self.writable)
+            self._check_reopened()
         return env
 
     def close(self) -> None:
