@@ -389,19 +389,7 @@ class Cache:
                                      hint="run `fmcache inspect PATH` to list layers") from None
 
     def _samples(self, samples: Iterable[int] | int) -> np.ndarray:
-        given = np.atleast_1d(np.asarray(samples if not isinstance(samples, range) else np.arange(
-            samples.start, samples.stop, samples.step)))
-        if given.size and given.dtype.kind not in "iu":  # 1.5 or True would silently read sample 1
-            flat = given.reshape(-1)
-            odd = np.flatnonzero(flat != np.round(flat)) if given.dtype.kind == "f" else np.zeros(1, np.intp)
-            raise SampleIndexError(f"{self.path}: sample indices must be integers, got "
-                                   f"{flat[odd[0] if len(odd) else 0].item()!r} ({given.dtype})")
-        idx = given.astype(np.int64, copy=False)
-        n = len(self)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            bad = int(idx[(idx < -n) | (idx >= n)][0])
-            raise SampleIndexError(f"{self.path}: sample {bad} is out of range (the cache has {n} samples)")
-        return np.where(idx < 0, idx + n, idx)
+        return checked_indices(samples, len(self), f"{self.path}", "sample", "the cache")
 
     def read_parts(self, layer: str, samples: Iterable[int], parts: Sequence[str] | None = None
                    ) -> dict[str, np.ndarray]:
@@ -548,6 +536,25 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<fmcache.Cache {self.path} {self.backend_id} {len(self)} samples, layers {list(self.layers)}>"
+
+
+def checked_indices(indices: Iterable[Any] | int, n: int, where: str, noun: str, holder: str) -> np.ndarray:
+    """Indices into ``n`` samples (or items) as int64 in ``[0, n)``: Python's negative
+    indices, once (``-1`` is the last); anything else (below ``-n``, from ``n``, a float
+    or a bool: 1.5 and True read sample 1 before) is a SampleIndexError naming the index
+    given, e.g. ``PATH: sample 300 is out of range (the cache has 256 samples)``."""
+    given = np.atleast_1d(np.asarray(indices if not isinstance(indices, range) else np.arange(
+        indices.start, indices.stop, indices.step)))
+    if given.size and given.dtype.kind not in "iu":
+        flat = given.reshape(-1)
+        odd = np.flatnonzero(flat != np.round(flat)) if given.dtype.kind == "f" else np.zeros(1, np.intp)
+        raise SampleIndexError(f"{where}: {noun} indices must be integers, got "
+                               f"{flat[odd[0] if len(odd) else 0].item()!r} ({given.dtype})")
+    idx = given.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        bad = int(idx[(idx < -n) | (idx >= n)][0])
+        raise SampleIndexError(f"{where}: {noun} {bad} is out of range ({holder} has {n} {noun}s)")
+    return np.where(idx < 0, idx + n, idx)
 
 
 def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:

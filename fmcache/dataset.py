@@ -28,8 +28,8 @@ from torch.utils.data import Dataset, default_collate
 
 from .augment import AUGMENT_MODES, AugFamily, infer_stride
 from .augment.batch import feature_batch, nearest_batch, saca_batch, saca_tiers
-from .cache import Cache, open_cache
-from .errors import CacheError, CacheReplacedError, SampleIndexError
+from .cache import Cache, checked_indices, open_cache
+from .errors import CacheError, CacheReplacedError
 from .manifest import VARIANT_SEP
 from .sampler import ChunkShuffleSampler, SampleKey
 
@@ -254,25 +254,9 @@ class FeatureMapDataset(Dataset):
                 return maps, idx
             epoch = epochs.pop()
             indices = [int(k[1]) for k in indices]  # type: ignore[index]
-        idx = _checked_indices(indices, self._len, self.path)
+        idx = checked_indices(indices, self._len, str(self.path), "item", "the data set")
         cache = self.cache
         maps = torch.from_numpy(self._read_augmented(cache, idx, epoch))
         if self.dtype != torch.float32:
             maps = maps.to(self.dtype)
         return maps, idx
-
-
-def _checked_indices(indices: Sequence[Any], n: int, path: Path) -> np.ndarray:
-    """Item indices as int64 in [0, n): Python's negative indices once (``-1`` is the last
-    item); anything else (below ``-n``, from ``n``, a float or a bool) is a
-    SampleIndexError naming the index given. (Wrapping here and again in the cache read
-    ``ds[-257]`` of 256 items as item 255, and ``ds[1.5]`` as item 1.)"""
-    given = np.asarray(indices)
-    if given.size and given.dtype.kind not in "iu":
-        bad = next((i for i in indices if not isinstance(i, (int, np.integer)) or isinstance(i, bool)), indices[0])
-        raise SampleIndexError(f"{path}: item indices must be integers, got {bad!r}")
-    idx = given.astype(np.int64, copy=False)
-    if idx.size and (idx.min() < -n or idx.max() >= n):
-        bad = int(idx[(idx < -n) | (idx >= n)][0])
-        raise SampleIndexError(f"{path}: item {bad} is out of range (the data set has {n} items)")
-    return np.where(idx < 0, idx + n, idx)
