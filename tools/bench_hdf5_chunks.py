@@ -151,22 +151,31 @@ def from_blocks(flat: np.ndarray, chunk_shape: Sequence[int], blocks: Sequence[i
     return out
 
 
+def stored_bits(path: Path, name: str) -> tuple[np.ndarray, tuple[int, ...], tuple[Any, int, Any]]:
+    """The dataset's values, its chunk shape and its Blosc2 filter's (codec, clevel,
+    shuffle), from hdf5plugin's cd_values layout."""
+    with h5py.File(path, "r") as fh:
+        ds = fh[name]
+        blosc = ds.id.get_create_plist().get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
+        return ds[...], ds.chunks, (blosc2.Codec(blosc[6]), blosc[4], blosc2.Filter(blosc[5]))
+
+
+def blosc2_filter(codec: Any, clevel: int, shuffle: Any) -> Any:
+    """h5py ``create_dataset`` kwargs for hdf5plugin's Blosc2 filter with these settings."""
+    return hdf5plugin.Blosc2(cname=codec.name.lower(), clevel=clevel, filters=shuffle.value)
+
+
 def write_direct(src: Path, name: str, dst: Path, fletcher: Callable[[int, int], int]) -> None:
     """A copy of the ``bits`` dataset ``name`` of ``src`` into ``dst`` (same dataset path,
     filters and chunks), every chunk written with ``write_direct_chunk``: a plain blosc2
     frame holding one chunk whose blocks are whole samples, then its fletcher32."""
-    with h5py.File(src, "r") as fh:
-        ds = fh[name]
-        bits, chunks = ds[...], ds.chunks
-        blosc = ds.id.get_create_plist().get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
-    clevel, shuffle, codec = blosc[4], blosc[5], blosc[6]  # hdf5plugin's cd_values layout
+    bits, chunks, (codec, clevel, shuffle) = stored_bits(src, name)
     per, sample_bytes = chunks[0], int(np.prod(chunks[1:])) * bits.dtype.itemsize
-    cparams = {"codec": blosc2.Codec(codec), "clevel": clevel, "typesize": bits.dtype.itemsize,
-               "blocksize": sample_bytes, "filters": [blosc2.Filter(shuffle)], "nthreads": 1}
+    cparams = {"codec": codec, "clevel": clevel, "typesize": bits.dtype.itemsize,
+               "blocksize": sample_bytes, "filters": [shuffle], "nthreads": 1}
     with h5py.File(dst, "w") as fh:
         out = fh.create_dataset(name, shape=bits.shape, dtype=bits.dtype, chunks=chunks, fletcher32=True,
-                                **hdf5plugin.Blosc2(cname=blosc2.Codec(codec).name.lower(), clevel=clevel,
-                                                    filters=shuffle))
+                                **blosc2_filter(codec, clevel, shuffle))
         for lo in range(0, len(bits), per):
             rows = np.zeros(chunks, dtype=bits.dtype)  # a last partial chunk: zeros past the end
             rows[:min(per, len(bits) - lo)] = bits[lo:lo + per]
@@ -338,15 +347,10 @@ def floor_passes(path: Path, layer: str, workdir: Path, fletcher: Callable[[int,
     name = dataset_path(layer, "all", "bits")
     direct, wide = workdir / f"floor-direct-{layer}.h5", workdir / f"floor-wide-{layer}.h5"
     write_direct(path, name, direct, fletcher)
-    with h5py.File(path, "r") as fh:
-        ds = fh[name]
-        bits, chunks = ds[...], ds.chunks
-        dcpl = ds.id.get_create_plist()
-        blosc = dcpl.get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
+    bits, chunks, settings = stored_bits(path, name)
     with h5py.File(wide, "w") as fh:  # the values LMDB's records hold: bf16 widened to float32
         fh.create_dataset(name, data=(bits.astype(np.uint32) << 16).view(np.float32), chunks=chunks, fletcher32=True,
-                          **hdf5plugin.Blosc2(cname=blosc2.Codec(blosc[6]).name.lower(), clevel=blosc[4],
-                                              filters=blosc[5]))
+                          **blosc2_filter(*settings))
     n, per, shape = len(bits), chunks[0], bits.shape[1:]
     buf = np.empty(2 * bits[:per].nbytes + (1 << 16), dtype=np.uint8)
     rows = np.empty(chunks, dtype=bits.dtype)
