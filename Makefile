@@ -28,6 +28,7 @@ test: setup
 	$(VPY) -m pytest -q -p no:cacheprovider
 
 lint: setup
+	@[ -x $(VENV)/bin/ruff ] && [ -x $(VENV)/bin/mypy ] || $(VPY) -m pip install -q -e '.[dev]'
 	$(VENV)/bin/ruff check fmcache tests tools
 	$(VENV)/bin/mypy fmcache
 

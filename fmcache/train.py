@@ -71,25 +71,26 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: torch.optim.Optimi
     if prefix is not None:
         prefix.eval()
     total_loss, n, t0 = 0.0, 0, time.perf_counter()
-    for x, y in loader:
-        x = _cl(x.float())
-        if prefix is not None:
-            with torch.no_grad(), _autocast(bf16):
-                x = _cl(prefix(x).float())
-        for group in opt.param_groups:
-            group["lr"] = steps.lr()
-        with _autocast(bf16):
-            loss = loss_fn(model(x).float(), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {steps.step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if on_backward is not None:  # e.g. AdaptiveFreezer.record_grad
-            on_backward()
-        opt.step()
-        steps.step += 1
-        total_loss += float(loss.detach()) * len(y)
-        n += len(y)
+    with torch.inference_mode(False), torch.enable_grad():  # trains even under no_grad
+        for x, y in loader:
+            x = _cl(x.float())
+            if prefix is not None:
+                with torch.no_grad(), _autocast(bf16):
+                    x = _cl(prefix(x).float())
+            for group in opt.param_groups:
+                group["lr"] = steps.lr()
+            with _autocast(bf16):
+                loss = loss_fn(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {steps.step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if on_backward is not None:  # e.g. AdaptiveFreezer.record_grad
+                on_backward()
+            opt.step()
+            steps.step += 1
+            total_loss += float(loss.detach()) * len(y)
+            n += len(y)
     return {"loss": total_loss / max(n, 1), "samples": n, "seconds": time.perf_counter() - t0}
 
 

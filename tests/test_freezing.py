@@ -235,3 +235,32 @@ def test_the_reported_peak_counts_the_old_and_new_cache_of_a_swap():
     assert _peak_bytes([]) == 0 and _peak_bytes([5]) == 5
     assert _peak_bytes([536_725, 219_128]) == 755_853  # both on disk while the second is built
     assert _peak_bytes([10, 1, 1, 10]) == 11
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_train_epoch_trains_inside_a_no_grad_context(context):
+    """``train_epoch`` called under ``no_grad`` / ``inference_mode`` (an evaluation helper
+    that also trains) failed in ``backward``; it turns grad on itself, same steps as outside."""
+    from fmcache.train import StepCounter, train_epoch
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
+
+    def run(inside):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if inside:
+            with context():
+                stats = train_epoch(model, batches, opt, StepCounter(3, 0.1), bf16=False)
+        else:
+            stats = train_epoch(model, batches, opt, StepCounter(3, 0.1), bf16=False)
+        assert stats["samples"] == 24
+        return [p.detach().clone() for p in model.parameters()], stats["loss"]
+
+    torch.manual_seed(0)
+    initial = [p.detach().clone() for p in nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).parameters()]
+    (outside, loss_out), (inside, loss_in) = run(False), run(True)
+    assert loss_in == loss_out
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+    assert not all(torch.equal(a, b) for a, b in zip(initial, inside))

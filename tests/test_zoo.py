@@ -314,6 +314,29 @@ def test_real_limit_and_channels():
 
 # ---- pre-training -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_pretrain_trains_inside_a_no_grad_context(tmp_path, context):
+    """A capture helper decorated with ``@torch.no_grad()`` that calls ``pretrained_resnet``
+    for a model not cached yet failed in ``backward`` ("does not require grad"): pretraining
+    now turns grad on itself and trains the same weights as outside the context."""
+    fake_split(tmp_path, n=40)
+    data = FashionMNIST(data_dir=tmp_path, augment=True, seed=0)
+
+    def run(inside):
+        torch.manual_seed(0)
+        model = small_cnn(width=4)
+        if not inside:
+            return pretrain(model, data, steps=3, batch_size=16, seed=0, num_threads=1).state_dict()
+        with context():
+            return pretrain(model, data, steps=3, batch_size=16, seed=0, num_threads=1).state_dict()
+
+    torch.manual_seed(0)
+    initial = small_cnn(width=4).state_dict()
+    outside, inside = run(False), run(True)
+    assert all(torch.equal(outside[k], inside[k]) for k in outside)
+    assert not all(torch.equal(initial[k], inside[k]) for k in initial)
+
+
 def test_pretrain_is_deterministic_given_the_seed(tmp_path):
     fake_split(tmp_path, n=40)
     data = FashionMNIST(data_dir=tmp_path, augment=True, seed=0)

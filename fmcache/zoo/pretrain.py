@@ -182,7 +182,10 @@ def pretrain(
     if bf16 is None:
         bf16 = native_bf16()
     memory_format = torch.channels_last if channels_last_is_safe(model) else torch.contiguous_format
-    with _torch_threads(num_threads), torch.random.fork_rng(devices=[]):
+    # grad on even when called under no_grad (a capture or benchmark helper that pre-trains
+    # a model it has not cached yet)
+    with _torch_threads(num_threads), torch.random.fork_rng(devices=[]), \
+            torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
         order = torch.Generator().manual_seed(seed)
         model.to(memory_format=memory_format)  # type: ignore[call-overload]
