@@ -38,7 +38,7 @@ from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec
 from .hdf5_index import check_chunk_index, chunk_entries, index_digest
-from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch
+from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch, row_lru_chunk_caches
 
 hdf5plugin.register(force=True)
 
@@ -78,6 +78,7 @@ class Hdf5Backend(Backend):
     _h_lock: threading.Lock
     _h_rows_pid: int
     _h_rows_bytes: int
+    _h_lru_caches: dict[str, int]
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -122,13 +123,30 @@ class Hdf5Backend(Backend):
         fh = self._file()
         ds = self._h_datasets.get(path)
         if ds is None:
-            ds = fh[path]
+            nbytes = None if self.writable else self._row_lru_chunk_caches().get(path)
+            if nbytes is None:
+                ds = fh[path]
+            else:  # HDF5's chunk cache for this dataset only (raises KeyError like fh[path])
+                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+                dapl.set_chunk_cache(10007, nbytes, 1.0)
+                # readonly=True, as fh[path] gives on a read-only file: h5py then keeps the
+                # dataset's shape and reader instead of making them again every read (~10 %)
+                ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl), readonly=True)
             if not self.writable:  # a build's own handle may hold chunks not yet flushed
                 rows, digest = self._index_digests().get(path.lstrip("/"), (-1, None))
                 # a dataset cut short has lost chunks: the read names its first missing sample
                 check_chunk_index(ds, str(self.path), digest if rows == ds.shape[0] else None)
             self._h_datasets[path] = ds
         return ds
+
+    def _row_lru_chunk_caches(self) -> dict[str, int]:
+        """:func:`.hdf5_reads.row_lru_chunk_caches` of this cache, once per handle."""
+        found: dict[str, int] | None = self.__dict__.get("_h_lru_caches")
+        if found is None:
+            found = self._h_lru_caches = {
+                dataset_path(*key): nbytes
+                for key, nbytes in row_lru_chunk_caches(self._layers, ROWS_OPEN_CHUNKS, CHUNK_CACHE_BYTES).items()}
+        return found
 
     def _index_digests(self) -> dict[str, tuple[int, int]]:
         """Per chunked dataset (path without the leading '/'), its rows and the digest of
