@@ -71,7 +71,11 @@ class Capture:
         def make_hook(name: str) -> Callable[..., None]:
             def hook(_module: nn.Module, _args: Any, output: Any) -> None:
                 if name not in outputs:
-                    outputs[name] = _as_tensor(name, output).detach()
+                    tensor = _as_tensor(name, output).detach()
+                    # Until the last boundary fires the forward goes on, and a later in-place
+                    # op (ReLU(inplace=True), a residual's `out += x`) would overwrite this
+                    # output's storage: keep a copy. The last one ends the forward as it is.
+                    outputs[name] = tensor if len(outputs) + 1 == len(self.names) else tensor.clone()
                 if len(outputs) == len(self.names):
                     raise _StopForward
 

@@ -70,6 +70,29 @@ def test_forward_stops_after_the_last_boundary(data):
     assert ran == []
 
 
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_a_boundary_overwritten_in_place_later_is_cached_as_the_module_returned_it(tmp_path, backend):
+    """``Conv -> ReLU(inplace=True) -> Conv`` cached at both convs: the first conv's output
+    was stored after the in-place ReLU had overwritten it (the hook kept a tensor sharing
+    its storage); every boundary but the last is now copied when it fires."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(12, 3, 8, 8)
+    out = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    build_cache(model, [(x[i], i) for i in range(12)], ["0", "2", "4"], out, codec="raw", batch_size=5,
+                progress=False)
+    with torch.no_grad():
+        expected = {"0": model[0](x), "2": model[2](model[1](model[0](x)))}
+        expected["4"] = model[4](model[3](expected["2"].clone()))
+    assert float(expected["0"].min()) < 0 and float(expected["2"].min()) < 0  # what the ReLUs overwrite
+    with fmcache.open_cache(out) as cache:
+        for name, want in expected.items():
+            np.testing.assert_allclose(cache.read_batch(name, range(12)), want.numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
+
+
 def test_unknown_layer_is_a_typed_error_with_suggestions(tmp_path, data):
     with pytest.raises(LayerNotFoundError, match="no module named 'blok2'") as info:
         build_cache(tiny_model(), data, ["blok2"], tmp_path / "c.lmdb", progress=False)
