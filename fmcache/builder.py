@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .augment import AugFamily, default_variants, parse_variant, variant_name
 from .cache import create_cache
@@ -61,6 +61,13 @@ def _probe(model: nn.Module, capture: Capture, example: torch.Tensor) -> tuple[s
     with torch.inference_mode():
         outputs = capture(example, record_prefix=True)
     return weights_fingerprint(model, capture.ran), {name: tuple(t.shape[1:]) for name, t in outputs.items()}
+
+
+def _collate(items: Sequence[Any]) -> Any:
+    """``default_collate`` of ``(input, label)`` items, a list or tuple label (multi-label
+    targets) taken as one tensor first: ``default_collate`` turns a batch of lists into a
+    list of per-position tensors, which stored each batch's labels transposed."""
+    return default_collate([(x, torch.as_tensor(y)) if isinstance(y, (list, tuple)) else (x, y) for x, y in items])
 
 
 def _labels(label: Any) -> np.ndarray:
@@ -118,7 +125,7 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         # sample anyway (a whole-batch probe added one batch of forward to each build), and
         # two samples, unlike one, keep a squeeze of the batch axis out of the shapes.
         _check_item(subset[0], lo)
-        first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo))))
+        first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo), collate_fn=_collate)))
         first_inputs = first_inputs.to(device)
         weights, shapes = _probe(model, capture, first_inputs)
         fingerprints = {"weights": weights, "data": data_fingerprint(dataset)}
@@ -173,6 +180,13 @@ def _check_item(item: Any, index: int) -> None:
     if label is None or isinstance(label, (str, bytes)):
         raise DataError(f"{where}: the label is {label!r}; labels must be numeric (int, float or a numeric tensor)",
                         hint="map class names to integers; without labels, return (input, 0)")
+    if isinstance(label, (list, tuple)):
+        try:
+            torch.as_tensor(label)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{where}: the label {str(label)[:80]} is not a numeric array ({exc})",
+                            hint="return a label of one numeric type and one shape for every item "
+                                 "(a torch tensor, or a list of numbers)") from None
 
 
 def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: int, batch_size: int,
@@ -182,7 +196,7 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     remaining = Subset(subset.dataset, range(lo + start, lo + len(subset)))
     if len(remaining) == 0:
         return
-    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -271,7 +271,10 @@ class CacheWriter:
             self._write_draft()
         elif self.manifest.labels != info:
             raise ShapeMismatchError(f"labels at sample {self.samples} are {info}, "
-                                     f"earlier batches were {self.manifest.labels}")
+                                     f"earlier batches were {self.manifest.labels}",
+                                     hint="every item's label needs one dtype and shape (e.g. return float(y) "
+                                          "or int(y) throughout); then build again with --overwrite: the "
+                                          "committed batches hold the old label type")
 
     # ---- committing -------------------------------------------------------------------------
     def commit(self, extra: Mapping[str, Any] | None = None) -> Manifest:

@@ -309,3 +309,31 @@ def test_blosc2_compresses_without_the_gil_during_a_build():
         assert blosc2.set_releasegil(False) is False  # restored
     finally:
         blosc2.set_releasegil(before)
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_list_labels_are_stored_per_sample(tmp_path, batch_size, kind):
+    """Multi-label targets as Python lists: ``default_collate`` made a list of per-position
+    tensors of a batch, stored transposed (batch size = label length) or refused with a
+    message about the maps (otherwise). Each item's label is now one row."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+    labels = [kind([i, 100 + i, 200 + i]) for i in range(9)]
+    data = [(torch.randn(1, 8, 8), labels[i]) for i in range(9)]
+    build_cache(model, data, ["1"], tmp_path / "c.lmdb", codec="raw", batch_size=batch_size, progress=False)
+    with fmcache.open_cache(tmp_path / "c.lmdb") as cache:
+        np.testing.assert_array_equal(cache.labels, np.array([list(y) for y in labels]))
+        assert FeatureMapDataset(tmp_path / "c.lmdb")[4][1].tolist() == [4, 104, 204]
+
+
+def test_ragged_or_mixed_labels_are_refused_with_what_to_do(tmp_path):
+    from fmcache.errors import DataError, ShapeMismatchError
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    ragged = [(torch.randn(1, 8, 8), [1, [2, 3]]) for _ in range(4)]
+    with pytest.raises(DataError, match="data set item 0: the label .* is not a numeric array"):
+        build_cache(model, ragged, ["0"], tmp_path / "a.lmdb", progress=False)
+    mixed = [(torch.randn(1, 8, 8), 3 if i < 4 else 2.5) for i in range(8)]
+    with pytest.raises(ShapeMismatchError, match="labels at sample 4") as info:
+        build_cache(model, mixed, ["0"], tmp_path / "b.lmdb", batch_size=4, progress=False)
+    assert "float(y)" in info.value.hint and "--overwrite" in info.value.hint
