@@ -170,6 +170,8 @@ def test_documented_defaults(spec: str, params: dict) -> None:
     ("zfp:accuracy=0", CodecSpecError),
     ("zfp:accuracy=0.1,rate=8", CodecSpecError),
     ("zfp:rate=0", CodecSpecError),
+    ("zfp:rate=0.5", CodecSpecError),  # zfpy overran its buffer below ~0.6 bits a value
+    ("zfp:rate=0.99", CodecSpecError),
     ("zfp:rate=33", CodecSpecError),
     ("zfp:precision=0", CodecSpecError),
     ("zfp:precision=2.5", CodecSpecError),
@@ -179,6 +181,8 @@ def test_documented_defaults(spec: str, params: dict) -> None:
     ("blosc2:cname=none", CodecSpecError),
     ("fp16:cname=gzip", CodecSpecError),
     ("fp16:clevel=10", CodecSpecError),
+    ("fp16:clevel=true", CodecSpecError),  # True == 1 in Python
+    ("zfp:rate=true", CodecSpecError),
     ("bf16:shuffle=nibble", CodecSpecError),
     ("int4:clevel=-1", CodecSpecError),
     ("int8:cname=lz4,cname=zstd", CodecSpecError),
@@ -726,3 +730,16 @@ def test_blosc2_stage_frames_carry_a_crc_and_any_damaged_byte_is_caught(spec: st
     np.testing.assert_array_equal(codec.decode_verified(bytes(bare)), expected)
     with pytest.raises(CorruptionError, match="format version 1-5"):
         codec.decode(bytes(bare))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 12), min_size=1, max_size=4).map(tuple),
+       rate=st.sampled_from([1.0, 1.5, 2.0, 3.0]), seed=st.integers(0, 2**16))
+def test_zfp_lowest_rates_round_trip_in_their_fixed_size(shape, rate, seed) -> None:
+    """The smallest accepted rates (>= 1 bit per value; 0.5 corrupted the heap) encode and
+    decode any map shape, to finite values of the same shape."""
+    codec = codec_from_spec(f"zfp:rate={rate}")
+    x = np.random.default_rng(seed).normal(0, 1, shape).astype(np.float32)
+    for _ in range(3):
+        y = codec.decode(codec.encode(x))
+        assert y.shape == x.shape and np.isfinite(y).all()

@@ -328,12 +328,15 @@ def batch_views(payloads: Sequence[bytes | bytearray | memoryview], codec_id: st
 
 
 def check_choice(codec_id: str, name: str, value: Any, choices: tuple[Any, ...]) -> Any:
-    if value not in choices:
+    # True == 1 in Python: "clevel=true" is not clevel 1
+    if isinstance(value, bool) != any(isinstance(c, bool) for c in choices) or value not in choices:
         raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} is not one of {', '.join(map(str, choices))}")
     return value
 
 
 def check_positive(codec_id: str, name: str, value: Any, *, integer: bool = False) -> Any:
+    if isinstance(value, bool):
+        raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} is not a number")
     try:
         number = int(value) if integer else float(value)
     except (TypeError, ValueError):

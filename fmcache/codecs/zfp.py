@@ -31,6 +31,13 @@ ACCURACY_HEADROOM_BITS = 20
 MIN_FAST_TOLERANCE = 2.0**-80
 
 
+#: The smallest ``rate`` accepted. zfpy's fixed-rate encoder overran its buffer (heap
+#: corruption, a segfault or glibc abort later) at 0.5 bits per value and below on the 2-D
+#: view (8 bits for a 4x4 block, less than its header); 0.75 and 1 ran clean on every
+#: shape tried. One whole bit leaves a margin.
+MIN_RATE = 1.0
+
+
 def _check_mode(codec_id: str, accuracy: Any, rate: Any, precision: Any) -> tuple[str, float | int]:
     given = {name: value for name, value in
              (("accuracy", accuracy), ("rate", rate), ("precision", precision)) if value is not None}
@@ -44,8 +51,10 @@ def _check_mode(codec_id: str, accuracy: Any, rate: Any, precision: Any) -> tupl
             raise CodecSpecError(f"codec {codec_id!r}: precision={value!r} must be 1..32 bit planes (float32)")
         return mode, int(precision)
     number = check_positive(codec_id, mode, value)
-    if mode == "rate" and number > 32:
-        raise CodecSpecError(f"codec {codec_id!r}: rate={value!r} must be in (0, 32] bits per value")
+    if mode == "rate" and not MIN_RATE <= number <= 32:
+        raise CodecSpecError(f"codec {codec_id!r}: rate={value!r} must be in [{MIN_RATE:g}, 32] bits per value",
+                             hint="below one bit per value ZFP's fixed-rate streams overran their buffer "
+                                  "(memory corruption); for smaller records use accuracy= or sz3")
     return mode, float(number)
 
 
@@ -62,7 +71,7 @@ class Zfp(BoundedCodec):
     Parameters
     ----------
     accuracy : absolute error tolerance (the default mode, ``accuracy=0.01``).
-    rate : bits per value (0 < rate <= 32); fixed size, no error bound.
+    rate : bits per value (1 <= rate <= 32); fixed size, no error bound.
     precision : bit planes kept per block (1..32); no absolute error bound.
 
     Error contract
