@@ -47,6 +47,9 @@ TARGET_CHUNK_BYTES = 1 << 20
 #: Free space kept beyond a batch's raw size: room for backend metadata (HDF5 writes
 #: metadata lazily and crashes badly on a full disk, so we stop before it is full).
 FREE_SPACE_MARGIN_BYTES = 1 << 20
+#: Build settings (``Manifest.build``) a resume must share with the interrupted build:
+#: they decide which data set items its samples are (a batch size may change).
+RESUME_SAME_BUILD = ("shard", "layers", "samples_total", "variants", "input_shape")
 #: Samples re-read per step when a resume checks what a non-atomic backend committed.
 RESUME_CHECK_SAMPLES = 256
 
@@ -109,14 +112,23 @@ class CacheWriter:
             self.samples = 0
         else:
             try:
-                self._reopen(draft, fingerprints, allow_stale)
+                self._reopen(draft, fingerprints, allow_stale, build or {})
             except BaseException:
                 self.backend.close()
                 raise
 
-    def _reopen(self, draft: Manifest, fingerprints: Mapping[str, str | None], allow_stale: bool) -> None:
+    def _reopen(self, draft: Manifest, fingerprints: Mapping[str, str | None], allow_stale: bool,
+                build: Mapping[str, Any]) -> None:
         """Continue an interrupted build from its last committed batch."""
         _check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
+        # which samples go where: a resume as another shard appended another range of
+        # the data set after this one's first samples, under this shard's manifest
+        for key in RESUME_SAME_BUILD:
+            if key in build and key in draft.build and build[key] != draft.build[key]:
+                raise ResumeError(f"cannot resume {self.partial}: it was started with {key} "
+                                  f"{draft.build[key]!r}, this build has {build[key]!r}",
+                                  hint="resume with the options the build began with (--shard, --layer), "
+                                       "or start over with --overwrite")
         self.manifest = draft
         for index, layer in enumerate(draft.layers.values()):
             self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)

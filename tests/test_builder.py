@@ -337,3 +337,43 @@ def test_ragged_or_mixed_labels_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(ShapeMismatchError, match="labels at sample 4") as info:
         build_cache(model, mixed, ["0"], tmp_path / "b.lmdb", batch_size=4, progress=False)
     assert "float(y)" in info.value.hint and "--overwrite" in info.value.hint
+
+
+class _FailsOnce(torch.utils.data.Dataset):
+    """40 items; item ``fail_at`` raises once the model has run a batch of the build (an
+    interrupted build: the shape probe and the data fingerprint read items before that)."""
+
+    def __init__(self, model: torch.nn.Module, fail_at: int | None = None) -> None:
+        self.x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        self.fail_at, self.forwards = fail_at, 0
+        if fail_at is not None:
+            model.register_forward_pre_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        if i == self.fail_at and self.forwards >= 2:  # the probe's forward, then a batch's
+            raise RuntimeError("interrupted")
+        return self.x[i], i
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_resume_as_another_shard_or_layers_is_refused_and_the_same_one_finishes(tmp_path, backend):
+    """An interrupted shard 0/2 resumed as shard 1/2 appended items 32.. after items 0..11
+    under shard 0's manifest (the fingerprints cover the whole data set, so they passed)."""
+    from fmcache.errors import ResumeError
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+    out = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    kwargs = dict(codec="raw", batch_size=4, progress=False)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_cache(model, _FailsOnce(model, fail_at=14), ["1"], out, shard=(0, 2), **kwargs)
+    assert Path(f"{out}.partial").exists()
+    with pytest.raises(ResumeError, match=r"started with shard .*'index': 0.*this build has .*'index': 1"):
+        build_cache(model, _FailsOnce(model), ["1"], out, shard=(1, 2), resume=True, **kwargs)
+    with pytest.raises(ResumeError, match="started with layers"):
+        build_cache(model, _FailsOnce(model), ["0", "1"], out, shard=(0, 2), resume=True, **kwargs)
+    manifest = build_cache(model, _FailsOnce(model), ["1"], out, shard=(0, 2), resume=True, **kwargs)
+    assert manifest.samples == 20
+    with fmcache.open_cache(out) as cache:
+        assert cache.labels.tolist() == list(range(20))
