@@ -241,7 +241,7 @@ class FeatureMapDataset(Dataset):
     def _batch(self, indices: Sequence[int | SampleKey]) -> tuple[torch.Tensor, np.ndarray]:
         """The batch's maps (one tensor) and its sample indices."""
         epoch = self.epoch
-        if indices and isinstance(indices[0], tuple):
+        if len(indices) and isinstance(indices[0], tuple):  # len: numpy / torch index arrays too
             epochs = {int(k[0]) for k in indices}  # type: ignore[index]
             if len(epochs) > 1:  # one loader iteration is one epoch; keep any mix correct anyway
                 rows_of = {e: [r for r, k in enumerate(indices) if int(k[0]) == e] for e in epochs}  # type: ignore[index]

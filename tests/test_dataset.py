@@ -51,6 +51,21 @@ def test_batch_reads_equal_item_reads(tmp_path):
         assert torch.equal(a, b) and la == lb
 
 
+@pytest.mark.parametrize("make", [np.array, torch.tensor, lambda v: np.array(v, dtype=np.int32), tuple],
+                         ids=["numpy", "torch", "int32", "tuple"])
+def test_batches_take_index_arrays_as_cache_read_batch_does(tmp_path, make):
+    """``get_batch(np.array([...]))`` raised numpy's "truth value of an array is ambiguous"
+    (torch's likewise) where ``Cache.read_batch`` takes the same arrays."""
+    path, x = _cache(tmp_path)
+    ds = FeatureMapDataset(path)
+    rows = [7, 0, 11, 7]
+    maps, labels = ds.get_batch(make(rows))
+    np.testing.assert_array_equal(maps.numpy(), x[rows])
+    assert labels.tolist() == [r % 3 for r in rows]
+    assert [int(y) for _, y in ds.__getitems__(make(rows))] == [r % 3 for r in rows]
+    np.testing.assert_array_equal(ds[make([5])[0]][0].numpy(), x[5])  # a numpy / torch scalar index
+
+
 def test_feature_augmentation_is_t_a_of_the_seeded_draw(tmp_path):
     path, x = _cache(tmp_path)
     ds = FeatureMapDataset(path, augment="feature", seed=7)
