@@ -80,12 +80,17 @@ class FeatureMapDataset(Dataset):
         Input pixels per map pixel; default: inferred from the recorded input shape.
     weights_fingerprint, allow_stale
         Refuse a cache whose frozen weights differ from these (see :func:`open_cache`).
+    labels_unaugmented
+        Serve spatially augmented maps with labels that have a shape of their own (two or
+        more axes per sample). Such labels look like masks, which the maps' flips and shifts
+        would no longer line up with, so ``augment="feature"`` / ``"saca"`` refuses them
+        unless this is True (for labels that are not spatial).
     """
 
     def __init__(self, path: str | os.PathLike[str], layer: str | None = None, *, augment: str = "none",
                  seed: int = 0, dtype: str | torch.dtype = "float32", family: AugFamily | None = None,
                  stride: int | None = None, weights_fingerprint: str | None = None,
-                 allow_stale: bool = False) -> None:
+                 allow_stale: bool = False, labels_unaugmented: bool = False) -> None:
         self.path = Path(path)
         if augment not in AUGMENT_MODES:
             raise CacheError(f"unknown augment mode {augment!r}", hint=f"use one of {', '.join(AUGMENT_MODES)}")
@@ -129,6 +134,12 @@ class FeatureMapDataset(Dataset):
             self._packed = info.packed
             self.variant_parts = {v: f"sensitive{VARIANT_SEP}{v}" for v in info.variants}
         labels = cache.labels
+        if augment != "none" and not self.tokens and labels is not None and labels.ndim >= 3 \
+                and not labels_unaugmented:
+            raise CacheError(f"{self.path}: the labels have shape {tuple(labels.shape[1:])} per sample (a mask?); "
+                             f"augment={augment!r} flips and shifts layer {layer!r}'s maps but not the labels",
+                             hint="use augment='none' and augment maps and masks together in your own code, "
+                                  "or pass labels_unaugmented=True if the labels are not spatial")
         self._labels = labels
 
     # ---- process safety -----------------------------------------------------------------

@@ -155,3 +155,26 @@ def test_batch_items_carry_the_per_item_labels(tmp_path, labels):
     want_maps, want_labels = collate(items)
     assert torch.equal(maps, want_maps) and maps.is_contiguous()
     assert batch_labels.dtype == want_labels.dtype and torch.equal(batch_labels, want_labels)
+
+
+def test_spatial_augmentation_refuses_mask_labels_unless_told(tmp_path):
+    """Masks (a label of shape (H, W) per sample) were served unflipped beside flipped
+    maps; spatial augmentation now refuses them, and multi-label vectors still pass."""
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 4, 8, 8)).astype(np.float32)
+    for name, labels, refused in (("mask.lmdb", rng.integers(0, 2, (8, 16, 16)), True),
+                                  ("multi.lmdb", rng.integers(0, 2, (8, 5)), False)):
+        path = tmp_path / name
+        with fmcache.create_cache(path, build={"input_shape": [1, 16, 16]}) as w:
+            w.add_layer("l", (4, 8, 8), codec="raw")
+            w.append({"l": x}, labels)
+            w.commit()
+        if refused:
+            with pytest.raises(CacheError, match=r"labels have shape \(16, 16\).*augment='feature'") as info:
+                FeatureMapDataset(path, augment="feature")
+            assert "labels_unaugmented=True" in info.value.hint
+            ds = FeatureMapDataset(path, augment="feature", labels_unaugmented=True)
+        else:
+            ds = FeatureMapDataset(path, augment="feature")
+        np.testing.assert_array_equal(ds[3][1], labels[3])
+        np.testing.assert_array_equal(FeatureMapDataset(path)[3][1], labels[3])
