@@ -49,6 +49,23 @@ def shard_range(num_samples: int, shard: tuple[int, int] | None) -> tuple[int, i
     return num_samples * index // count, num_samples * (index + 1) // count
 
 
+def check_model_and_data(model: Any, dataset: Any) -> int:
+    """The data set's length, after typed errors for what the build cannot take: a model
+    that is not an ``nn.Module`` (a factory returning something else), a data set without
+    a length (an IterableDataset, a generator) and an empty one."""
+    if not isinstance(model, nn.Module):
+        raise BuildError(f"the model is a {type(model).__name__}, not a torch.nn.Module",
+                         hint="the --model factory (or the model argument) must return the network itself")
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__") \
+            or not hasattr(dataset, "__getitem__"):
+        raise DataError(f"the data set is a {type(dataset).__name__}, not a map-style data set (len() and "
+                        "[index])", hint="wrap it in a map-style torch Dataset: fmcache indexes items by position")
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the data set has no items", hint="check the --data factory (or its data_dir)")
+    return n
+
+
 def prefix_fingerprint(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> str:
     """Fingerprint of the modules that run before the last boundary, found by running
     ``example`` (a batch) through the model once."""
@@ -66,7 +83,14 @@ def _probe(model: nn.Module, capture: Capture, example: torch.Tensor) -> tuple[s
 def _collate(items: Sequence[Any]) -> Any:
     """``default_collate`` of ``(input, label)`` items, a list or tuple label (multi-label
     targets) taken as one tensor first: ``default_collate`` turns a batch of lists into a
-    list of per-position tensors, which stored each batch's labels transposed."""
+    list of per-position tensors, which stored each batch's labels transposed. Inputs of
+    different shapes are a DataError (torch's own: "stack expects each tensor to be equal
+    size")."""
+    shapes = {tuple(np.shape(x)) for x, _ in items}
+    if len(shapes) > 1:
+        raise DataError(f"the inputs of one batch have different shapes {sorted(shapes)[:4]}",
+                        hint="give every input one shape (resize or crop in the data set): the cache "
+                             "stores one map shape per layer")
     return default_collate([(x, torch.as_tensor(y)) if isinstance(y, (list, tuple)) else (x, y) for x, y in items])
 
 
@@ -112,11 +136,13 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
     layers = list(dict.fromkeys(layers))
     if not isinstance(codec, Codec):  # a bad spec fails here, before the prefix runs or anything is written
         codec = codec_from_spec(codec)
+    n_total = check_model_and_data(model, dataset)
     capture = Capture(model, layers)  # validates names before anything is written
-    n_total = len(dataset)  # type: ignore[arg-type]
     lo, hi = shard_range(n_total, shard)
     if hi <= lo:
-        raise BuildError(f"shard {shard} of {n_total} samples is empty")
+        assert shard is not None
+        raise BuildError(f"shard {shard[0]}/{shard[1]} of a data set of {n_total} items is empty",
+                         hint="use fewer shards than items")
     subset = Subset(dataset, range(lo, hi))
     was_training = model.training
     model.eval().to(device)
@@ -317,6 +343,7 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
     its build info the augmentation family, the SACA config and the policy stage.
     Other keyword arguments go to :func:`build_cache`.
     """
+    check_model_and_data(model, dataset)
     saca = saca or SacaConfig()
     pixels = pixels or PixelSpace()
     policy = policy or CompressionPolicy.default()

@@ -72,8 +72,9 @@ def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Any]:
 @click.option("--out", required=True, type=click.Path(), help="Cache path (.h5/.hdf5 -> HDF5, else LMDB).")
 @click.option("--backend", type=click.Choice(["lmdb", "hdf5"]), help="Override the suffix rule.")
 @click.option("--codec", default="bf16", show_default=True, help="Codec spec for every channel.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--num-workers", default=0, show_default=True, help="DataLoader workers for the input data.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader workers for the input data.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build from its last batch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache (at commit).")
 @click.option("--shard", help="Build only share i/n of the data (merge with `fmcache merge`).")

@@ -8,6 +8,7 @@ map-style ``Dataset``. The current directory is importable, as for ``python -m``
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -40,4 +41,17 @@ def load_factory(ref: str) -> Callable[..., Any]:
 
 
 def call_factory(ref: str, **kwargs: Any) -> Any:
-    return load_factory(ref)(**kwargs)
+    """``load_factory(ref)(**kwargs)``; a factory that takes none of ``kwargs`` (``--data-dir``
+    given for a factory without ``data_dir``) is a SpecImportError naming it, not a TypeError
+    from inside the call."""
+    factory = load_factory(ref)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
+        raise SpecImportError(f"{ref!r} cannot be called with {given} ({exc})",
+                              hint="give it a parameter of that name, or leave out the option that passes it "
+                                   "(--data-dir passes data_dir=)") from None
+    except ValueError:  # no signature to check (some builtins): let the call say
+        pass
+    return factory(**kwargs)

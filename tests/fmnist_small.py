@@ -41,7 +41,8 @@ class _Reshaped(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> object:
         x, y = self.base[i]
         return {"dict": lambda: {"image": x, "label": y}, "triple": lambda: (x, y, i), "input-only": lambda: x,
-                "none-label": lambda: (x, None), "string-label": lambda: (x, "shirt")}[self.shape]()
+                "none-label": lambda: (x, None), "string-label": lambda: (x, "shirt"),
+                "ragged": lambda: (x[..., : 32 - i % 2], y)}[self.shape]()
 
 
 def dict_items() -> torch.utils.data.Dataset:
@@ -62,6 +63,28 @@ def none_labels() -> torch.utils.data.Dataset:
 
 def string_labels() -> torch.utils.data.Dataset:
     return _Reshaped("string-label")
+
+
+def ragged_inputs() -> torch.utils.data.Dataset:
+    """Inputs of two widths: 32 for even items, 31 for odd ones."""
+    return _Reshaped("ragged")
+
+
+def empty_data() -> torch.utils.data.Dataset:
+    return torch.utils.data.TensorDataset(torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(train_subset())
+
+
+def streamed_data() -> torch.utils.data.IterableDataset:
+    return _Stream()
+
+
+def not_a_model() -> int:
+    return 42
 
 
 def nan_model() -> torch.nn.Module:

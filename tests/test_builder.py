@@ -365,7 +365,7 @@ def test_resume_as_another_shard_or_layers_is_refused_and_the_same_one_finishes(
     from fmcache.errors import ResumeError
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
     out = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
-    kwargs = dict(codec="raw", batch_size=4, progress=False)
+    kwargs = {"codec": "raw", "batch_size": 4, "progress": False}
     with pytest.raises(RuntimeError, match="interrupted"):
         build_cache(model, _FailsOnce(model, fail_at=14), ["1"], out, shard=(0, 2), **kwargs)
     assert Path(f"{out}.partial").exists()

@@ -185,6 +185,25 @@ def test_allow_nonfinite_builds_keep_nan_and_inf_and_verify(runner, tmp_path, co
     assert refused.exit_code == 1 and "decoded NaN/Inf" in refused.output, refused.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model", "fmnist_small:not_a_model"], "the model is a int, not a torch.nn.Module"),
+    (["--data", "fmnist_small:empty_data"], "the data set has no items"),
+    (["--data", "fmnist_small:streamed_data"], "the data set is a _Stream, not a map-style data set"),
+    (["--data", "fmnist_small:ragged_inputs"], "the inputs of one batch have different shapes"),
+    (["--data-dir", "/tmp"], "'fmnist_small:train_subset' cannot be called with data_dir="),
+    (["--codec", "raw:level=1"], "codec 'raw' has no parameter 'level' (hint: its parameters: none"),
+    (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+], ids=["not-a-module", "empty", "iterable", "ragged", "no-data-dir", "raw-param", "batch-0"])
+def test_build_inputs_a_new_user_gets_wrong_are_named(runner, tmp_path, args, message):
+    """A new user's sweep: these gave raw AttributeError / TypeError / torch messages
+    ("'int' object has no attribute 'named_modules'", "shard None of 0 samples is empty",
+    "its parameters: args, kwargs", torch's "stack expects each tensor to be equal size")."""
+    result = runner.invoke(main, [*BUILD, "--out", str(tmp_path / "c.lmdb"), *args])
+    assert result.exit_code in (1, 2) and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("data, message", [
     ("dict_items", "data set item 0 is a dict (keys ['image', 'label'])"),
     ("triple_items", "data set item 0 is a tuple of 3; the builder needs (input, label) pairs"),

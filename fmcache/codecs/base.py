@@ -128,7 +128,9 @@ class Codec(ABC):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Codec:
         kwargs = {k: v for k, v in config.items() if k != "id"}
-        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        # named parameters only: a codec without an __init__ of its own shows object's *args, **kwargs
+        known = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         unknown = sorted(set(kwargs) - set(known))
         if unknown:
             raise CodecSpecError(f"codec {cls.codec_id!r} has no parameter {unknown[0]!r}",
