@@ -36,8 +36,17 @@ def is_sharded(path: Path) -> bool:
 def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
     """Move complete shard caches (in data order) into ``out`` and commit the merge."""
     out = Path(out)
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder made for OUT holds nothing to lose
     if out.exists():
-        raise CacheExistsError(f"{out} already exists")
+        raise CacheExistsError(f"{out} already exists",
+                               hint="merge moves the shards into a new OUT and never replaces one: choose "
+                                    "another path, or remove OUT first")
+    staging = partial_path(out)
+    if staging.exists():
+        raise CacheExistsError(f"{staging} exists: left by an interrupted merge",
+                               hint="the shards it had moved are inside it (shard-*): move them back, then "
+                                    "remove it and merge again")
     caches = [Cache(p) for p in shards]
     if not caches:
         raise CacheError("merge_shards needs at least one shard")
@@ -61,7 +70,6 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     total = first.build.get("samples_total", expected)
     if expected != total:
         raise CacheError(f"the shards cover samples 0..{expected - 1} of {total}", hint="pass every shard")
-    staging = partial_path(out)
     staging.mkdir(parents=True)
     names = []
     for i, cache in enumerate(caches):

@@ -114,6 +114,12 @@ def test_shards_build_and_merge(runner, tmp_path):
         result = runner.invoke(main, [*BUILD, "--out", str(p), "--shard", f"{i}/2", "--codec", "raw"])
         assert result.exit_code == 0, result.output
         parts.append(str(p))
+    taken = tmp_path / "taken"
+    (taken / "x").mkdir(parents=True)
+    refused = runner.invoke(main, ["merge", str(taken), *parts])
+    assert refused.exit_code == 1 and "already exists" in refused.output, refused.output
+    assert "--overwrite" not in refused.output and "remove OUT first" in refused.output  # merge has no --overwrite
+    (tmp_path / "all").mkdir()  # an empty folder made for OUT is taken
     result = runner.invoke(main, ["merge", str(tmp_path / "all"), *parts])
     assert result.exit_code == 0, result.output
     assert len(fmcache.open_cache(tmp_path / "all")) == N_SAMPLES
