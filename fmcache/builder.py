@@ -238,7 +238,7 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
             if not lo or exc.sample is None:
                 raise
             raise NonFiniteError(f"{exc.message}: data set item {lo + exc.sample} (this shard starts at item {lo})",
-                                 sample=exc.sample) from None
+                                 sample=exc.sample, hint=exc.hint) from None
 
     # Encoding and writing batch k runs on one background thread while the prefix computes
     # batch k + 1 (torch, LMDB and blosc2, once told to, release the GIL; by default blosc2

@@ -258,10 +258,17 @@ class CacheWriter:
                                      f"at sample {self.samples}",
                                      hint="cast every batch to one dtype (the builder uses float32)")
         arr = np.asarray(arr, dtype=np.float32)
-        if not self.allow_nonfinite:
+        refusing = None if not self.allow_nonfinite else next(
+            (t.codec.codec_id for t in layer.plan.tiers if not t.codec.stores_nonfinite), None)
+        if not self.allow_nonfinite or refusing is not None:
             finite = np.isfinite(arr.reshape(n, -1)).all(axis=1)
             if not finite.all():
                 bad = self.samples + int(np.argmin(finite))
+                if refusing is not None:  # allowed, but a tier's codec cannot hold them
+                    raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad}, and codec "
+                                         f"{refusing!r} of its tiers cannot store them", sample=bad,
+                                         hint="--allow-nonfinite needs codecs that keep NaN/Inf: raw, blosc2, "
+                                              "fp16 or bf16")
                 raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad} "
                                      f"({int((~finite).sum())} samples in this batch)", sample=bad)
         return arr

@@ -191,6 +191,23 @@ def test_non_finite_activations_name_layer_and_sample(tmp_path, backend, bad_val
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_allowed_non_finite_maps_for_a_codec_that_cannot_hold_them_name_layer_sample_and_codec(tmp_path, backend):
+    """--allow-nonfinite with an int8 tier: the codec's own EncodeError named neither the
+    layer nor the sample; the writer now says which, and which codec."""
+    path = tmp_path / f"c{suffix(backend)}"
+    x = np.ones((8, 4, 2, 2), np.float32)
+    with fmcache.create_cache(path, backend=backend, allow_nonfinite=True) as w:
+        w.add_layer("conv", (4, 2, 2), plan=TierPlan.two_tier(4, [0], "bf16", "int8"))
+        w.append({"conv": x[:4]}, np.zeros(4, np.int64))
+        bad = x[4:].copy()
+        bad[2, 3, 1, 1] = np.nan
+        with pytest.raises(NonFiniteError, match=r"layer 'conv': NaN/Inf in the map of sample 6, and codec "
+                                                 r"'int8' of its tiers cannot store them") as info:
+            w.append({"conv": bad}, np.zeros(4, np.int64))
+        assert "raw, blosc2, fp16 or bf16" in info.value.hint
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_shape_and_dtype_changes_mid_build(tmp_path, backend):
     maps, labels = synthetic()
     path = tmp_path / f"c{suffix(backend)}"
