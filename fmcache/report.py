@@ -11,6 +11,7 @@ from .backends import backend_class, detect_backend
 from .cache import open_cache, partial_path
 from .errors import IncompleteCacheError, NotACacheError
 from .manifest import Manifest
+from .paths import PARTIAL_SUFFIX
 
 
 def _layer_summary(manifest: Manifest) -> dict[str, Any]:
@@ -42,8 +43,12 @@ def _layer_summary(manifest: Manifest) -> dict[str, Any]:
 
 
 def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Summary of a cache; an interrupted build is reported with ``complete: false``."""
+    """Summary of a cache; an interrupted build is reported with ``complete: false`` (its
+    bytes per layer are counted at commit: ``None`` until then), named by the cache's
+    path or by its ``PATH.partial``."""
     path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX) and path.exists() and not path.with_name(path.name + PARTIAL_SUFFIX).exists():
+        path = path.with_name(path.name[:-len(PARTIAL_SUFFIX)])
     try:
         cache = open_cache(path)
     except IncompleteCacheError:
@@ -57,9 +62,15 @@ def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
             progress = json.loads(backend.get_meta("progress") or b'{"samples": 0}')
         finally:
             backend.close()
+        layers = _layer_summary(draft)
+        for entry in layers.values():  # counted at commit
+            entry["raw_bytes"] = entry["stored_bytes"] = None
+            for tier in entry["tiers"]:
+                tier.pop("raw_bytes", None)
+                tier.pop("stored_bytes", None)
         return {"path": str(path), "complete": False, "samples": int(progress["samples"]),
                 "backend": backend_id, "format_version": draft.format_version,
-                "layers": _layer_summary(draft), "fingerprints": draft.fingerprints,
+                "layers": layers, "fingerprints": draft.fingerprints,
                 "hint": "an interrupted build: finish it with `fmcache build ... --resume`"}
     with cache:
         m = cache.manifest

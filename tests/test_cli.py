@@ -69,7 +69,11 @@ def test_inspect_reports_an_interrupted_build(runner, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert doc["complete"] is False and doc["samples"] == 3
-    assert "--resume" in runner.invoke(main, ["inspect", str(out)]).output
+    assert doc["layers"]["l"]["stored_bytes"] is None  # counted at commit, not shown as 0 B
+    table = runner.invoke(main, ["inspect", str(out)]).output
+    assert "--resume" in table and " 0 B" not in table, table
+    by_partial = runner.invoke(main, ["inspect", f"{out}.partial", "--json"])  # the path a user sees on disk
+    assert by_partial.exit_code == 0 and json.loads(by_partial.output)["samples"] == 3, by_partial.output
 
 
 def test_verify_passes_a_good_cache(runner, built):
