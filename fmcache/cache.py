@@ -400,7 +400,14 @@ class Cache:
     def labels(self) -> np.ndarray | None:
         """Labels of all samples (loaded once per process), or None if built without."""
         if self._labels is None:
-            self._labels = self.backend.read_labels(len(self))
+            labels = self.backend.read_labels(len(self))
+            recorded = self.manifest.labels  # dtype and per-sample shape, from the first batch
+            if recorded is not None and len(self):
+                found = None if labels is None else {"dtype": labels.dtype.str, "shape": list(labels.shape[1:])}
+                if found != recorded:  # a damaged key hid the label blocks: never serve none (or others)
+                    raise CorruptionError(f"{self.path}: the labels are {'missing' if found is None else found}, "
+                                          f"the manifest records {recorded}")
+            self._labels = labels
         return self._labels
 
     def layer(self, name: str) -> LayerInfo:

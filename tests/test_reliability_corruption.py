@@ -166,6 +166,31 @@ def test_lmdb_flipped_bit_in_a_btree_key_never_serves_another_sample(tmp_path):
     env.close()
 
 
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_labels_hidden_by_damage_are_corruption_not_missing_labels(tmp_path, backend):
+    """A bit flipped in the LMDB key of the label block (sample 0 -> 2**56) hid the block:
+    the cache read as one built without labels, the Dataset served label -1 for every
+    sample and verify passed. The manifest records that labels were written; labels that
+    are missing or of another dtype / shape are damage. HDF5: the labels dataset unlinked."""
+    import struct
+
+    from fmcache import FeatureMapDataset
+    path = tmp_path / ("c.lmdb" if backend == "lmdb" else "c.h5")
+    write(path, backend, codec="raw")
+    if backend == "lmdb":
+        key = struct.pack(">cQ", b"Y", 0)
+        hits = find_all((path / "data.mdb").read_bytes(), key)
+        assert hits
+        flip_everywhere(path / "data.mdb", hits, 1, 0x01)
+    else:
+        with h5py.File(path, "a") as fh:
+            del fh["labels"]
+    with pytest.raises(CorruptionError, match="the labels are missing, the manifest records"):
+        FeatureMapDataset(path, "conv")[0]
+    code, output = verify_cli(path)
+    assert code == 1 and "labels are missing" in output, output
+
+
 @pytest.mark.parametrize("damage", ["child page number", "page type"])
 def test_lmdb_damaged_btree_pages_are_corruption_errors_not_lmdb_exceptions(tmp_path, damage):
     """LMDB has no page checksums: a branch page pointing at a page that does not exist
