@@ -67,7 +67,7 @@ class CacheWriter:
                  resume: bool = False, fingerprints: Mapping[str, str | None] | None = None,
                  build: Mapping[str, Any] | None = None, allow_stale: bool = False,
                  allow_nonfinite: bool = False) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
         self.partial = partial_path(self.path)
         self.allow_nonfinite = allow_nonfinite
         self._dtypes: dict[str, np.dtype] = {}  # first dtype seen per layer (and variant)
@@ -351,7 +351,7 @@ class Cache:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
         backend_id = detect_backend(self.path)
         if backend_id is None:
             if partial_path(self.path).exists():

@@ -91,7 +91,7 @@ class FeatureMapDataset(Dataset):
                  seed: int = 0, dtype: str | torch.dtype = "float32", family: AugFamily | None = None,
                  stride: int | None = None, weights_fingerprint: str | None = None,
                  allow_stale: bool = False, labels_unaugmented: bool = False) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
         if augment not in AUGMENT_MODES:
             raise CacheError(f"unknown augment mode {augment!r}", hint=f"use one of {', '.join(AUGMENT_MODES)}")
         self.augment = augment

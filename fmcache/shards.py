@@ -87,7 +87,7 @@ class ShardedCache:
     """Several shard caches read as one (same API as :class:`fmcache.Cache`)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
         raw = (self.path / SHARDS_FILE).read_bytes()
         crc_file = self.path / (SHARDS_FILE + ".crc32")
         if not crc_file.exists() or int(crc_file.read_text()) != json_crc32(raw):

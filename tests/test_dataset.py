@@ -178,3 +178,19 @@ def test_spatial_augmentation_refuses_mask_labels_unless_told(tmp_path):
             ds = FeatureMapDataset(path, augment="feature")
         np.testing.assert_array_equal(ds[3][1], labels[3])
         np.testing.assert_array_equal(FeatureMapDataset(path)[3][1], labels[3])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_relative_path_survives_a_change_of_directory_before_workers_start(tmp_path, monkeypatch, context):
+    """A Dataset made from a relative path, then ``os.chdir`` into a run directory (as
+    hydra does): workers reopened "c.lmdb" in the new directory and called the cache
+    moved or deleted. Paths are made absolute when a cache or Dataset is opened."""
+    monkeypatch.chdir(tmp_path)
+    path, x = _cache(tmp_path)
+    ds = FeatureMapDataset("c.lmdb")
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path / "outputs")
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context=context)
+    got = torch.cat([maps for maps, _ in loader]).numpy()
+    np.testing.assert_array_equal(got, x)
+    assert fmcache.open_cache("../c.lmdb").path == path

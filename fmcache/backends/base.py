@@ -46,7 +46,7 @@ class Backend(ABC):
     crash_atomic: ClassVar[bool] = True
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
         self.writable = writable
         self._layers: dict[str, tuple[int, list[PartSpec], int]] = {}
         self._pid: int | None = None
