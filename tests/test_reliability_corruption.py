@@ -355,6 +355,52 @@ def test_hdf5_damaged_chunk_index_never_serves_wrong_values(tmp_path, codec):
     assert code == 1 and "chunk index" in output and "damaged" in output, output
 
 
+@pytest.mark.parametrize("codec", ["raw", "bf16", "zfp:accuracy=0.01"])
+def test_hdf5_damaged_object_headers_never_serve_wrong_values(tmp_path, codec):
+    """Object headers in HDF5's earliest format have no checksums: one bit of a float
+    datatype's mantissa size (23 -> 7) made HDF5 convert every value of a layer into other
+    numbers, with no error, and a damaged dataspace asked numpy for 2 TiB (a new-user
+    sweep). Every byte of the first 200 of each dataset's object header, flipped in turn:
+    reading every layer and the labels gives the undamaged values or raises a typed error."""
+    path = tmp_path / "c.h5"
+    write(path, "hdf5", codec=codec)
+    with fmcache.open_cache(path) as cache:
+        truth, labels = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}, cache.labels
+    headers = []
+    with h5py.File(path, "r") as fh:
+        fh.visititems(lambda _name, obj: headers.append(h5py.h5o.get_info(obj.id).addr)
+                      if isinstance(obj, h5py.Dataset) else None)
+    assert len(headers) >= 3
+
+    def sweep(conn):
+        outcomes, wrong, untyped = set(), [], []
+        for header in headers:
+            for offset in range(header, header + 200):
+                flip_byte(path, offset, 0x10)
+                try:
+                    with fmcache.open_cache(path) as cache:
+                        got = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}
+                        one = {name: cache.read(name, len(cache) - 1) for name in cache.layers}
+                        same = set(got) == set(truth) and all(np.array_equal(got[k], truth[k]) for k in truth) \
+                            and all(np.array_equal(one[k], truth[k][-1]) for k in truth)
+                        if same and np.array_equal(cache.labels, labels):
+                            outcomes.add("identical")
+                        else:
+                            wrong.append(offset)
+                except fmcache.errors.FmcacheError as exc:
+                    outcomes.add(type(exc).__name__)
+                except Exception as exc:  # noqa: BLE001 - what the test is for
+                    untyped.append((offset, f"{type(exc).__name__}: {exc}"[:120]))
+                finally:
+                    flip_byte(path, offset, 0x10)
+        conn.send((sorted(outcomes), wrong, untyped))
+
+    outcomes, wrong, untyped = _in_child(sweep)
+    assert wrong == [], f"damaged object header bytes served wrong values: offsets {wrong[:10]}"
+    assert untyped == [], f"untyped errors: {untyped[:5]}"
+    assert "CorruptionError" in outcomes and "identical" in outcomes, outcomes
+
+
 # ---- manifest ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
 def test_flipped_byte_in_the_manifest(tmp_path, backend):

@@ -37,7 +37,7 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec
-from .hdf5_index import check_chunk_index, chunk_entries, index_digest
+from .hdf5_index import check_chunk_index, check_header, chunk_entries, header_digest, index_digest
 from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch, row_lru_chunk_caches
 
 hdf5plugin.register(force=True)
@@ -48,6 +48,9 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: wrote it have none, and their indexes are checked without it)
 CHUNK_INDEX_KEY = "chunk_index"
 CHUNK_CACHE_BYTES = 64 << 20
+#: Root attributes (manifest, draft, progress, chunk index) up to this size are stored as
+#: fixed-length strings (see ``Hdf5Backend._set_attr_blob``).
+ATTR_INLINE_BYTES = 60_000
 #: Stored rows (HDF5's filters undone, the codec not yet) of whole chunks that one
 #: process keeps for per-sample reads (:meth:`Hdf5Backend.read_one`) and batch reads,
 #: least recently used out.
@@ -95,7 +98,7 @@ class Hdf5Backend(Backend):
             # The default (earliest) file format: newer superblocks carry a "file is open
             # for writing" flag that a crashed build leaves set, which blocks --resume.
             with h5py.File(self.path, "w") as fh:
-                fh.attrs["fmcache"] = "feature-map cache; see fmcache_manifest"
+                fh.attrs["fmcache"] = np.bytes_(b"feature-map cache; see fmcache_manifest")
         except OSError as exc:
             raise _write_failure(self.path, exc, "cannot create the cache file") from None
 
@@ -124,16 +127,24 @@ class Hdf5Backend(Backend):
         ds = self._h_datasets.get(path)
         if ds is None:
             nbytes = None if self.writable else self._row_lru_chunk_caches().get(path)
-            if nbytes is None:
-                ds = fh[path]
-            else:  # HDF5's chunk cache for this dataset only (raises KeyError like fh[path])
-                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-                dapl.set_chunk_cache(10007, nbytes, 1.0)
-                # readonly=True, as fh[path] gives on a read-only file: h5py then keeps the
-                # dataset's shape and reader instead of making them again every read (~10 %)
-                ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl), readonly=True)
+            try:
+                if nbytes is None:
+                    ds = fh[path]
+                else:  # HDF5's chunk cache for this dataset only
+                    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+                    dapl.set_chunk_cache(10007, nbytes, 1.0)
+                    # readonly=True, as fh[path] gives on a read-only file: h5py then keeps the
+                    # dataset's shape and reader instead of making them again every read (~10 %)
+                    ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl), readonly=True)
+            except (KeyError, RuntimeError, OSError, ValueError) as exc:
+                # missing, or its link / object header damaged (HDF5's metadata carries no
+                # checksums in the file format fmcache writes): h5py's own errors otherwise
+                raise CorruptionError(f"{self.path}: dataset {path} is missing or damaged (HDF5: {exc})") from None
+            if not isinstance(ds, h5py.Dataset):  # a damaged header's object type
+                raise CorruptionError(f"{self.path}: {path} is a {type(ds).__name__}, not a dataset (damaged)")
             if not self.writable:  # a build's own handle may hold chunks not yet flushed
-                rows, digest = self._index_digests().get(path.lstrip("/"), (-1, None))
+                rows, digest, header = self._index_digests().get(path.lstrip("/"), (-1, None, None))
+                check_header(ds, str(self.path), rows if rows >= 0 else None, header)
                 # a dataset cut short has lost chunks: the read names its first missing sample
                 check_chunk_index(ds, str(self.path), digest if rows == ds.shape[0] else None)
             self._h_datasets[path] = ds
@@ -148,16 +159,17 @@ class Hdf5Backend(Backend):
                 for key, nbytes in row_lru_chunk_caches(self._layers, ROWS_OPEN_CHUNKS, CHUNK_CACHE_BYTES).items()}
         return found
 
-    def _index_digests(self) -> dict[str, tuple[int, int]]:
-        """Per chunked dataset (path without the leading '/'), its rows and the digest of
-        its chunk index recorded at commit (:func:`.hdf5_index.index_digest`); empty for caches
-        committed before fmcache recorded them. Read once per handle (a fork's copy holds
-        the same file's values)."""
-        digests: dict[str, tuple[int, int]] | None = self.__dict__.get("_h_digests")
+    def _index_digests(self) -> dict[str, tuple[int, int, int | None]]:
+        """Per chunked dataset (path without the leading '/'), its rows, the digest of its
+        chunk index (:func:`.hdf5_index.index_digest`) and of its object header
+        (:func:`.hdf5_index.header_digest`; None for caches committed before session 12)
+        recorded at commit; empty for caches committed before fmcache recorded them. Read
+        once per handle (a fork's copy holds the same file's values)."""
+        digests: dict[str, tuple[int, int, int | None]] | None = self.__dict__.get("_h_digests")
         if digests is None:
             blob = self.get_meta(CHUNK_INDEX_KEY)
-            digests = self._h_digests = {} if blob is None else {k: (int(v[0]), int(v[1]))
-                                                                 for k, v in json.loads(blob).items()}
+            digests = self._h_digests = {} if blob is None else {
+                k: (int(v[0]), int(v[1]), int(v[2]) if len(v) > 2 else None) for k, v in json.loads(blob).items()}
         return digests
 
     def _record_index_digests(self) -> None:
@@ -169,7 +181,7 @@ class Hdf5Backend(Backend):
 
         def visit(name: str, obj: Any) -> None:
             if isinstance(obj, h5py.Dataset) and obj.chunks:
-                digests[name] = [obj.shape[0], index_digest(chunk_entries(obj, str(self.path)))]
+                digests[name] = [obj.shape[0], index_digest(chunk_entries(obj, str(self.path))), header_digest(obj)]
 
         fh.visititems(visit)
         self._set_attr_blob(fh, CHUNK_INDEX_KEY, json.dumps(digests, sort_keys=True).encode())
@@ -214,9 +226,10 @@ class Hdf5Backend(Backend):
                 ds = fh.create_dataset(path, shape=(0, *field.shape), maxshape=(None, *field.shape),
                                        dtype=dtype, chunks=(per_chunk, *field.shape),
                                        fletcher32=field.dtype is not None, **dict(field.filter))
-                ds.attrs["codec"] = json.dumps(spec.codec.get_config())
+                # fixed-length strings: nothing of fmcache's in HDF5's global heap (see _set_attr_blob)
+                ds.attrs["codec"] = np.bytes_(json.dumps(spec.codec.get_config()).encode())
                 for key, value in field.attrs.items():
-                    ds.attrs[key] = value
+                    ds.attrs[key] = np.bytes_(value.encode()) if isinstance(value, str) else value
                 if field.dtype is None:
                     fh.create_dataset(path + ".crc32", shape=(0,), maxshape=(None,), dtype="<u4",
                                       chunks=(max(samples_per_chunk, 256),), fletcher32=True)
@@ -268,7 +281,11 @@ class Hdf5Backend(Backend):
 
     @staticmethod
     def _set_attr_blob(fh: h5py.File, key: str, data: bytes) -> None:
-        fh.attrs[f"fmcache_{key}"] = data.decode()
+        # A fixed-length string, held in the root group's object header: a variable-length
+        # one lives in HDF5's global heap, whose damage (a zeroed block) made HDF5 loop
+        # forever reading it. Object header messages stop at 64 KiB: larger blobs stay
+        # variable-length (ATTR_INLINE_BYTES).
+        fh.attrs[f"fmcache_{key}"] = np.bytes_(data) if len(data) <= ATTR_INLINE_BYTES else data.decode()
         fh.attrs[f"fmcache_{key}_crc32"] = np.uint32(zlib.crc32(data))
 
     def _truncate(self, samples: int) -> None:
@@ -283,14 +300,15 @@ class Hdf5Backend(Backend):
 
     # ---- reading -------------------------------------------------------------------------
     def get_meta(self, key: str) -> bytes | None:
-        attrs = self._file().attrs
+        fh = self._file()
         try:
+            attrs = fh.attrs
             text = attrs.get(f"fmcache_{key}")
             if text is None:
                 return None
             data = (text if isinstance(text, str) else bytes(text).decode()).encode()
             crc = attrs.get(f"fmcache_{key}_crc32")
-        except (OSError, RuntimeError, UnicodeError) as exc:  # a damaged attribute or object header
+        except (OSError, RuntimeError, KeyError, ValueError, UnicodeError) as exc:  # damaged attribute or header
             raise CorruptionError(f"{self.path}: the {key} attribute cannot be read ({exc})") from None
         if crc is None or int(crc) != zlib.crc32(data):
             raise CorruptionError(f"{self.path}: the {key} attribute fails its checksum")
@@ -580,8 +598,11 @@ class Hdf5Backend(Backend):
 
     def read_labels(self, samples: int) -> np.ndarray | None:
         fh = self._file()
-        if "labels" not in fh:
-            return None
+        try:
+            if "labels" not in fh:
+                return None  # Cache.labels checks that against the manifest
+        except (KeyError, RuntimeError, OSError, ValueError) as exc:
+            raise CorruptionError(f"{self.path}: HDF5 cannot look the labels up ({exc})") from None
         ds = self._dataset("labels")
         if ds.shape[0] < samples:
             raise CorruptionError(f"{self.path}: labels stop at sample {ds.shape[0]}, the cache has {samples}")

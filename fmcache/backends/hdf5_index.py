@@ -7,6 +7,7 @@ and compares the index with the digest (:func:`index_digest`) recorded at commit
 from __future__ import annotations
 
 import ctypes
+import json
 import zlib
 from typing import Any
 
@@ -43,6 +44,41 @@ def index_digest(entries: np.ndarray) -> int:
     """CRC-32 of :func:`chunk_entries`' rows (little-endian u64): what a committed
     cache's ``chunk_index`` attribute records per dataset."""
     return zlib.crc32(np.ascontiguousarray(entries, dtype="<u8").tobytes())
+
+
+def header_digest(ds: h5py.Dataset) -> int:
+    """CRC-32 of what a dataset's object header says about reading it: the stored datatype
+    (HDF5's own encoding of it), the per-sample shape, the chunk shape and the filter
+    pipeline (ids, flags, parameters). HDF5's earliest file format keeps object headers
+    without checksums: one flipped bit in the datatype's mantissa size converted every
+    float read into other numbers, and one in a filter id could swap fletcher32 for
+    another filter. Recorded at commit beside the index digest."""
+    dcpl = ds.id.get_create_plist()
+    filters = [list(dcpl.get_filter(i)[:3]) for i in range(dcpl.get_nfilters())] if ds.chunks else []
+    text = json.dumps([ds.id.get_type().encode().hex(), list(ds.shape[1:]), list(ds.chunks or ()),
+                       [[int(f), int(flags), [int(v) for v in values]] for f, flags, values in filters]])
+    return zlib.crc32(text.encode())
+
+
+def check_header(ds: h5py.Dataset, where: str, rows: int | None, digest: int | None) -> None:
+    """CorruptionError unless ``ds``'s object header reads as committed: its datatype is
+    the standard one of its numpy dtype (any cache; a damaged type description makes HDF5
+    convert values into others), it holds at most the ``rows`` committed (a damaged
+    dataspace claimed 2**41 rows), and its :func:`header_digest` matches ``digest``
+    (caches that recorded one). Errors h5py raises on a damaged header become
+    CorruptionErrors too."""
+    try:
+        stored = ds.id.get_type()
+        if ds.dtype.kind in "iufb" and not stored.equal(h5py.h5t.py_create(ds.dtype)):
+            raise CorruptionError(f"{where}: dataset {ds.name} has a damaged datatype (not the standard {ds.dtype})")
+        if rows is not None and ds.shape[0] > rows:
+            raise CorruptionError(f"{where}: dataset {ds.name} claims {ds.shape[0]} rows, {rows} were committed "
+                                  "(its dataspace is damaged)")
+        if digest is not None and header_digest(ds) != digest:
+            raise CorruptionError(f"{where}: the object header of {ds.name} differs from the one the cache was "
+                                  "committed with (datatype, shape, chunks or filters damaged)")
+    except (KeyError, RuntimeError, OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CorruptionError(f"{where}: HDF5 cannot read the header of {ds.name} ({exc})") from None
 
 
 def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -> None:
