@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +52,19 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
         raise
 
 
+#: An isolated verify whose child sends nothing (no progress, no result) for this long is
+#: stopped and reported as damage: HDF5 looped forever on a zeroed block of its global
+#: heap (a new-user sweep), and a chunk's worth of samples takes well under a second.
+#: ``FMCACHE_VERIFY_STALL_SECONDS`` overrides it (a very slow disk).
+STALL_SECONDS = 300.0
+
+
 def _verify_in_child(path: str | os.PathLike[str], progress: Callable[[int], None] | None) -> VerifyReport:
     """:func:`_verify` in a child process; its progress, result or error come back over a
-    pipe, and a child that dies without either (a signal) is a CorruptionError naming
-    where it was. The child is not forked from this process: one that has run torch has
-    OpenMP threads, and a forked child that decodes with torch hung on their locks (the
-    CLI tests did). It comes from a fork server that has imported fmcache and run nothing
-    (one start per process, then a fork per verify); spawned where there is none."""
+    pipe (:func:`_collect`). The child is not forked from this process: one that has run
+    torch has OpenMP threads, and a forked child that decodes with torch hung on their
+    locks (the CLI tests did). It comes from a fork server that has imported fmcache and
+    run nothing (one start per process, then a fork per verify); spawned where there is none."""
     context: BaseContext
     if "forkserver" in mp.get_all_start_methods():
         server = mp.get_context("forkserver")
@@ -69,9 +76,22 @@ def _verify_in_child(path: str | os.PathLike[str], progress: Callable[[int], Non
     proc = context.Process(target=_child, args=(str(path), send), daemon=True)
     proc.start()
     send.close()
-    layer, done = None, 0
+    stall = float(os.environ.get("FMCACHE_VERIFY_STALL_SECONDS", STALL_SECONDS))
+    return _collect(str(path), receive, proc, progress, stall)
+
+
+def _collect(path: str, receive: Connection, proc: BaseProcess, progress: Callable[[int], None] | None,
+             stall_seconds: float) -> VerifyReport:
+    """The child's report: progress (passed on), then its result or its error. A child
+    that dies without either (a signal) is a CorruptionError naming where it was; one
+    that sends nothing for ``stall_seconds`` is stopped (SIGKILL) and reported likewise."""
+    layer, done, stalled = None, 0, False
     try:
         while True:
+            if not receive.poll(stall_seconds):
+                stalled = True
+                proc.kill()
+                break
             try:
                 message = receive.recv()
             except EOFError:  # the child is gone without a last word
@@ -91,16 +111,35 @@ def _verify_in_child(path: str | os.PathLike[str], progress: Callable[[int], Non
     finally:
         proc.join()
         receive.close()
-    code = proc.exitcode if proc.exitcode is not None else 0
-    died = signal.Signals(-code).name if code < 0 else f"exit code {code}"
     at = (f"in layer {layer!r}, after {done} of its samples verified" if layer is not None
           else "before its first layer (reading the manifest or the labels)")
+    if stalled:
+        raise CorruptionError(f"{path}: reading it made no progress for {stall_seconds:g} s {at}, and the verifying "
+                              "process was stopped: the storage library is stuck on damage it cannot report "
+                              "(HDF5's metadata has no checksums)")
+    code = proc.exitcode if proc.exitcode is not None else 0
+    died = signal.Signals(-code).name if code < 0 else f"exit code {code}"
     raise CorruptionError(f"{path}: reading it crashed the verifying process ({died}) {at}: the storage library "
                           "met damage it cannot report (LMDB has no page checksums)")
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent (the fork server) exits, as it does
+    when the verifying process is killed: a child stuck in a storage library's loop kept
+    spinning after its verify was gone (a new-user sweep)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() == 1:  # PR_SET_PDEATHSIG
+            os._exit(1)  # the parent was gone before the call
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def _child(path: str, send: Connection) -> None:
     """The isolated verify's child: :func:`_verify`, reporting over ``send``."""
+    _die_with_parent()
     try:
         report = _verify(path, lambda n: send.send(("progress", n)), lambda name: send.send(("layer", name)))
         send.send(("done", report))

@@ -251,6 +251,66 @@ def test_verify_reports_a_reader_that_crashes_on_a_damaged_lmdb_page(tmp_path):
     assert verify_cli(path)[0] == 0
 
 
+def _sleep_silently(seconds: float, conn=None) -> None:  # holds ``conn`` open, sends nothing
+    import time
+    time.sleep(seconds)
+
+
+def test_an_isolated_verify_stops_a_child_that_makes_no_progress():
+    """A verifying child stuck in a storage library's loop (HDF5 on a zeroed global heap
+    block) hung ``fmcache verify`` forever: the report loop now stops a child that sends
+    nothing for the stall limit, and names it as damage."""
+    import time
+
+    from fmcache.verify import _collect
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_sleep_silently, args=(60, send), daemon=True)
+    proc.start()
+    send.close()
+    t0 = time.monotonic()
+    with pytest.raises(CorruptionError, match=r"made no progress for 0.5 s before its first layer.*stopped"):
+        _collect("c.h5", receive, proc, None, 0.5)
+    assert time.monotonic() - t0 < 30 and proc.exitcode == -9
+
+
+def _parent_of_a_stuck_child(conn) -> None:
+    from fmcache.verify import _die_with_parent
+    pid = os.fork()
+    if pid == 0:
+        _die_with_parent()
+        _sleep_silently(60)
+        os._exit(0)
+    conn.send(pid)
+    _sleep_silently(60)
+
+
+def test_a_verifying_child_dies_with_its_parent():
+    """A killed ``verify`` left its fork server's child spinning at 100 % CPU; the child
+    now asks the kernel for SIGKILL when its parent exits."""
+    import time
+    parent_end, child_end = mp.get_context("fork").Pipe()
+    parent = mp.get_context("fork").Process(target=_parent_of_a_stuck_child, args=(child_end,))
+    parent.start()
+    grandchild = parent_end.recv()
+    time.sleep(0.5)  # past the prctl call
+    parent.kill()
+    parent.join()
+    for _ in range(100):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init, or a zombie of this test's process tree
+            if open(f"/proc/{grandchild}/stat").read().split()[2] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(grandchild, 9)
+    raise AssertionError("the child outlived its parent")
+
+
 def _in_child(fn):
     """Run ``fn(conn)`` in a forked child; its answer, or the signal that killed it."""
     parent, child = mp.get_context("fork").Pipe()
