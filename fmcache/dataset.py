@@ -28,8 +28,9 @@ from torch.utils.data import Dataset, default_collate
 
 from .augment import AUGMENT_MODES, AugFamily, infer_stride
 from .augment.batch import feature_batch, nearest_batch, saca_batch, saca_tiers
+from .augment.draw import check_counter
 from .cache import Cache, checked_indices, open_cache
-from .errors import CacheError, CacheReplacedError
+from .errors import CacheError, CacheReplacedError, StrideError
 from .manifest import VARIANT_SEP
 from .sampler import ChunkShuffleSampler, SampleKey
 
@@ -95,7 +96,7 @@ class FeatureMapDataset(Dataset):
         if augment not in AUGMENT_MODES:
             raise CacheError(f"unknown augment mode {augment!r}", hint=f"use one of {', '.join(AUGMENT_MODES)}")
         self.augment = augment
-        self.seed = int(seed)
+        self.seed = check_counter(seed, "seed")
         self.epoch = 0
         chosen = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if chosen not in (torch.float32, torch.bfloat16):
@@ -122,6 +123,11 @@ class FeatureMapDataset(Dataset):
                 raise CacheError(f"{self.path}: no recorded input shape to infer the stride from",
                                  hint="pass stride= (input pixels per map pixel)")
             stride = infer_stride((int(input_shape[-2]), int(input_shape[-1])), (int(info.shape[-2]), int(info.shape[-1])))
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
+                                   or stride < 1):
+            raise StrideError(f"{self.path}: stride={stride!r}; the stride is a whole number of input pixels per "
+                              "map pixel, at least 1", hint="pass a positive int, or leave stride out to infer it "
+                                                             "from the input shape the build recorded")
         self.stride = int(stride or 1)
         self.sensitive: np.ndarray | None = None
         self.variant_parts: dict[str, str] = {}
@@ -162,7 +168,7 @@ class FeatureMapDataset(Dataset):
     # ---- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Use the draws of ``epoch`` (call before creating each epoch's iterator)."""
-        self.epoch = int(epoch)
+        self.epoch = check_counter(epoch, "epoch")
 
     def sampler(self, *, shuffle: str = "chunks", buffer_chunks: int = 8, rank: int | None = None,
                 world_size: int | None = None, drop_last: bool = False) -> ChunkShuffleSampler:

@@ -145,8 +145,8 @@ class ReadOnlyError(CacheError, PermissionError):
 
 
 class DiskFullError(CacheError, OSError):
-    default_hint = ("free space (or choose another location), then run `fmcache build ... --resume`: "
-                    "the batches already written are kept")
+    default_hint = ("free space (or choose another location) and run it again; an interrupted build keeps "
+                    "the batches it wrote and continues with `fmcache build ... --resume`")
 
 
 class ResumeError(CacheError):

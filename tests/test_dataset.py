@@ -10,7 +10,7 @@ import fmcache
 from fmcache import FeatureMapDataset
 from fmcache.augment import AugFamily, apply_feature
 from fmcache.dataset import collate
-from fmcache.errors import CacheError
+from fmcache.errors import CacheError, FmcacheError
 
 
 def _cache(tmp_path, shape=(4, 8, 8), n=12, build=None, name="c.lmdb"):
@@ -100,11 +100,29 @@ def test_sampler_matches_the_storage_chunks(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [({"augment": "mixup"}, "unknown augment mode"),
                                              ({"augment": "saca"}, "no 'sensitive' tier"),
-                                             ({"dtype": "int8"}, "dtype")])
+                                             ({"dtype": "int8"}, "dtype"),
+                                             # stride=0 was taken for stride 1: shifts by other amounts
+                                             ({"augment": "feature", "stride": 0}, "stride=0"),
+                                             ({"augment": "feature", "stride": 1.5}, "stride=1.5"),
+                                             ({"seed": -1}, r"seed must be in \[0, 2\*\*64\)"),
+                                             ({"seed": 2**64}, r"seed must be in"),
+                                             ({"seed": 1.5}, "seed must be an int")])
 def test_bad_arguments_are_typed_errors(tmp_path, kwargs, message):
+    """Checked when the Dataset is made: seed=2**64 was a bare OverflowError at the first
+    batch, in a worker."""
     path, _ = _cache(tmp_path)
-    with pytest.raises((CacheError, KeyError), match=message):
+    with pytest.raises((FmcacheError, KeyError), match=message):
         FeatureMapDataset(path, **kwargs)
+
+
+def test_set_epoch_checks_the_epoch_when_set(tmp_path):
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=2**64 - 1)
+    for bad in (-1, 2**64, "3"):
+        with pytest.raises(FmcacheError, match="epoch must be"):
+            ds.set_epoch(bad)
+    ds.set_epoch(2**64 - 1)
+    assert ds[0][0].shape == (4, 8, 8)
 
 
 def test_feature_mode_needs_a_stride(tmp_path):

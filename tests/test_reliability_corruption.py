@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -302,7 +303,7 @@ def test_a_verifying_child_dies_with_its_parent():
         except ProcessLookupError:
             return
         try:  # reaped by init, or a zombie of this test's process tree
-            if open(f"/proc/{grandchild}/stat").read().split()[2] == "Z":
+            if Path(f"/proc/{grandchild}/stat").read_text().split()[2] == "Z":
                 return
         except FileNotFoundError:
             return

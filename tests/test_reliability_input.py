@@ -22,6 +22,7 @@ from reliability_support import (
     SHAPES,
     assert_same_cache,
     die,
+    read_all,
     run_killed,
     suffix,
     synthetic,
@@ -302,6 +303,30 @@ def test_full_disk_stops_before_the_batch_and_resume_finishes(tmp_path, tmpfs, b
     clean = tmp_path / f"clean{suffix(backend)}"
     write(clean, backend, codec="raw")
     assert_same_cache(path, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_disk_during_compact_says_what_compact_can_do_and_frees_its_space(tmp_path, tmpfs, backend):
+    """A full disk during `fmcache compact` said to run `fmcache build ... --resume`
+    (compact cannot resume; there was no build). It now says to compact again, removes its
+    unfinished DST (the space it held) and leaves the source as it was."""
+    from fmcache.compact import compact_cache
+    src = tmp_path / "src.lmdb"
+    write(src, "lmdb", codec="raw")
+    filler = tmpfs / "filler"
+    free = shutil.disk_usage(tmpfs).free
+    filler.write_bytes(b"\0" * (free - cache_mod.FREE_SPACE_MARGIN_BYTES - 96 * 1024))
+    dst = tmpfs / f"dst{suffix(backend)}"
+    with pytest.raises(DiskFullError) as info:
+        compact_cache(src, dst, backend=backend, batch_size=8)
+    assert "compact again" in info.value.hint and "--resume" not in info.value.hint
+    assert not dst.exists() and not Path(f"{dst}.partial").exists()
+    filler.unlink()
+    compact_cache(src, dst, backend=backend, batch_size=8)
+    with fmcache.open_cache(src) as a, fmcache.open_cache(dst) as b:
+        np.testing.assert_array_equal(a.labels, b.labels)
+        for name, values in read_all(a).items():
+            np.testing.assert_array_equal(read_all(b)[name], values, err_msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -27,6 +27,17 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def check_counter(value: Any, what: str) -> int:
+    """``value`` as an int in ``[0, 2**64)``: a seed, an epoch or a sample index of the
+    draws (:func:`draw_uniforms` mixes them as unsigned 64-bit words). AugmentationError
+    otherwise: a Dataset checks its seed and epoch when they are set, not at the first
+    batch in a worker (where 2**64 was a bare OverflowError)."""
+    number = _as_int(value, what)
+    if not 0 <= number < 1 << 64:
+        raise AugmentationError(f"{what} must be in [0, 2**64), got {number}")
+    return number
+
+
 def _as_factor(value: Any, what: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise AugmentationError(f"{what} must be a number, got {value!r}")
@@ -232,7 +243,7 @@ def draw_uniforms(seed: int, epoch: int, samples: Sequence[int] | np.ndarray, co
     ``(tag, seed, epoch, sample, k)``: no generator object per sample (``draw_for`` costs
     ~15 us a sample, this ~0.1 us), the same numbers in any process, worker or order.
     """
-    seed_i, epoch_i = _as_int(seed, "seed"), _as_int(epoch, "epoch")
+    seed_i, epoch_i = check_counter(seed, "seed"), check_counter(epoch, "epoch")
     idx = np.asarray(samples)
     if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
         raise AugmentationError(f"samples must be a 1-D array of ints, got {idx.dtype} {idx.shape}")
