@@ -462,6 +462,41 @@ def test_hdf5_damaged_object_headers_never_serve_wrong_values(tmp_path, codec):
     assert "CorruptionError" in outcomes and "identical" in outcomes, outcomes
 
 
+def test_hdf5_zeroed_chunk_of_an_unfiltered_dataset_is_damage_but_written_zeros_are_not(tmp_path):
+    """fletcher32 of zeros is 0: a block zeroed over a small unfiltered chunk and its
+    checksum (an ``int8`` layer's per-sample scales) read as zeros, and the maps decoded
+    from them as all zero, with no error (tools/sweep_hdf5_damage.py --codec int8 --zero
+    512). Chunks that held only zeros at commit are recorded and still read."""
+    rng = np.random.default_rng(3)
+    maps = rng.random((48, 6, 4, 4)).astype(np.float32)
+    maps[8:16] = 0  # a chunk of the raw layer that is all zeros when written
+    path = tmp_path / "c.h5"
+    with fmcache.create_cache(path, backend="hdf5") as w:
+        w.add_layer("q", (6, 4, 4), codec="int8", samples_per_chunk=8)
+        w.add_layer("r", (6, 4, 4), codec="raw", samples_per_chunk=8)
+        w.append({"q": maps, "r": maps}, np.arange(48))
+        w.commit()
+    with fmcache.open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read_batch("r", range(48)), maps)
+        assert not cache.read("q", 9).any() and not cache.read("r", 12).any()
+        truth = cache.read_batch("q", range(48))
+    with h5py.File(path, "r") as fh:
+        scale = fh[dataset_path("q", "all", "scale")]
+        info = next(scale.id.get_chunk_info(i) for i in range(scale.id.get_num_chunks())
+                    if scale.id.get_chunk_info(i).chunk_offset[0] == 24)
+    with open(path, "r+b") as fh:  # the chunk of samples 24-31 and its fletcher32
+        fh.seek(info.byte_offset)
+        fh.write(bytes(info.size))
+    with fmcache.open_cache(path) as cache:
+        with pytest.raises(CorruptionError, match=r"sample 24: the chunk of samples 24-31 .* all zeros"):
+            cache.read("q", 27)
+        with pytest.raises(CorruptionError, match="all zeros"):
+            cache.read_batch("q", range(48))
+        np.testing.assert_array_equal(cache.read_batch("q", range(24)), truth[:24])
+    code, output = verify_cli(path)
+    assert code == 1 and "all zeros" in output, output
+
+
 # ---- manifest ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
 def test_flipped_byte_in_the_manifest(tmp_path, backend):

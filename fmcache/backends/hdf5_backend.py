@@ -37,7 +37,15 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec
-from .hdf5_index import check_chunk_index, check_header, chunk_entries, header_digest, index_digest
+from .hdf5_index import (
+    check_chunk_index,
+    check_header,
+    chunk_entries,
+    header_digest,
+    index_digest,
+    unfiltered,
+    zero_chunks,
+)
 from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch, row_lru_chunk_caches
 
 hdf5plugin.register(force=True)
@@ -82,6 +90,7 @@ class Hdf5Backend(Backend):
     _h_rows_pid: int
     _h_rows_bytes: int
     _h_lru_caches: dict[str, int]
+    _h_zero_chunks: dict[str, frozenset[int]]
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -170,18 +179,31 @@ class Hdf5Backend(Backend):
             blob = self.get_meta(CHUNK_INDEX_KEY)
             digests = self._h_digests = {} if blob is None else {
                 k: (int(v[0]), int(v[1]), int(v[2]) if len(v) > 2 else None) for k, v in json.loads(blob).items()}
+            self._h_zero_chunks = {} if blob is None else {
+                "/" + k: frozenset(int(c) for c in v[3]) for k, v in json.loads(blob).items() if len(v) > 3}
         return digests
+
+    def zero_chunks_of(self, path: str) -> frozenset[int] | None:
+        """The chunks of the unfiltered dataset at ``path`` that held only zeros at commit
+        (:func:`.hdf5_index.zero_chunks`); None where nothing was recorded (a filtered
+        dataset, a cache committed before session 12, a writable handle)."""
+        if self.writable:
+            return None
+        self._index_digests()
+        return self._h_zero_chunks.get(path if path.startswith("/") else "/" + path)
 
     def _record_index_digests(self) -> None:
         """The ``chunk_index`` attribute: every chunked dataset's index digest, written
         just before the manifest (which is written last)."""
         fh = self._file()
         fh.flush()
-        digests: dict[str, list[int]] = {}
+        digests: dict[str, list[Any]] = {}
 
         def visit(name: str, obj: Any) -> None:
             if isinstance(obj, h5py.Dataset) and obj.chunks:
                 digests[name] = [obj.shape[0], index_digest(chunk_entries(obj, str(self.path))), header_digest(obj)]
+                if unfiltered(obj):
+                    digests[name].append(zero_chunks(obj))
 
         fh.visititems(visit)
         self._set_attr_blob(fh, CHUNK_INDEX_KEY, json.dumps(digests, sort_keys=True).encode())

@@ -17,6 +17,8 @@ from h5py._objects import phil
 
 from ..errors import CorruptionError
 
+FLETCHER32 = 3  # H5Z_FILTER_FLETCHER32
+
 
 def chunk_entries(ds: h5py.Dataset, where: str) -> np.ndarray:
     """HDF5's chunk index of ``ds`` as ``chunk_iter`` lists it: rows of (first-axis
@@ -58,6 +60,44 @@ def header_digest(ds: h5py.Dataset) -> int:
     text = json.dumps([ds.id.get_type().encode().hex(), list(ds.shape[1:]), list(ds.chunks or ()),
                        [[int(f), int(flags), [int(v) for v in values]] for f, flags, values in filters]])
     return zlib.crc32(text.encode())
+
+
+def unfiltered(ds: h5py.Dataset) -> bool:
+    """Whether a chunked dataset's only filter is fletcher32: its chunks are the values."""
+    dcpl = ds.id.get_create_plist()
+    return bool(ds.chunks) and all(dcpl.get_filter(i)[0] == FLETCHER32 for i in range(dcpl.get_nfilters()))
+
+
+def zero_chunks(ds: h5py.Dataset) -> list[int]:
+    """The chunks (along the first axis) of an unfiltered dataset whose values are all
+    zero: recorded at commit, so that a chunk zeroed later is told from one written so
+    (:func:`check_zero_chunks`)."""
+    per, rows = ds.chunks[0], ds.shape[0]
+    return [k for k in range(-(-rows // per)) if not ds[k * per:min(rows, (k + 1) * per)].any()]
+
+
+def check_zero_chunks(ds: h5py.Dataset, samples: np.ndarray, values: np.ndarray, recorded: frozenset[int],
+                      where: str) -> None:
+    """CorruptionError if rows ``samples`` of an unfiltered dataset (``values``) come from
+    a chunk that is all zeros now but was not at commit (``recorded``: :func:`zero_chunks`).
+    fletcher32 of zeros is 0, so a block zeroed over a whole small chunk and its checksum
+    (a crash, a bad sector) read as zeros with no error: an ``int8`` layer's scales, and
+    so its maps, came back all zero (a damage sweep, tools/sweep_hdf5_damage.py). The
+    common case costs one pass over the rows read; only a chunk whose rows read here are
+    all zero is read whole."""
+    if not len(samples):
+        return
+    nonzero = values.reshape(len(samples), -1).any(axis=1)
+    if nonzero.all():
+        return
+    per = ds.chunks[0]
+    chunks = samples // per
+    for chunk in sorted(set(chunks[~nonzero].tolist()) - set(chunks[nonzero].tolist()) - recorded):
+        lo = chunk * per
+        if not ds[lo:min(ds.shape[0], lo + per)].any():
+            raise CorruptionError(f"{where} sample {lo}: the chunk of samples {lo}-{lo + per - 1} of {ds.name} "
+                                  "reads as all zeros, which it did not hold when the cache was committed "
+                                  "(a zeroed block passes fletcher32)")
 
 
 def check_header(ds: h5py.Dataset, where: str, rows: int | None, digest: int | None) -> None:

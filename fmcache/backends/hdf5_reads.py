@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from ..errors import CorruptionError, FmcacheError
+from .hdf5_index import check_zero_chunks
 
 if TYPE_CHECKING:
     from .base import PartSpec
@@ -70,6 +71,23 @@ def _slice_decodes_little_more(ds: h5py.Dataset, unique: np.ndarray) -> bool:
     return int(chunks[-1] - chunks[0]) + 1 - needed <= SLICE_EXTRA_CHUNKS * needed
 
 
+def _rows(ds: h5py.Dataset, samples: np.ndarray) -> np.ndarray:
+    """Rows ``samples`` (sorted or not, repeats allowed) of ``ds``, in their order."""
+    lo, hi = int(samples[0]), int(samples[-1]) + 1
+    if hi - lo == len(samples) and np.all(np.diff(samples) == 1):
+        return ds[lo:hi]
+    unique, inverse = np.unique(samples, return_inverse=True)
+    lo, hi = int(unique[0]), int(unique[-1]) + 1
+    if hi - lo <= 4 * len(unique) and _slice_decodes_little_more(ds, unique):
+        # A chunk-aware sampler's batch spans a few chunks: one slice read (HDF5 decodes
+        # each chunk once) then a gather, instead of h5py's slow point selection.
+        return ds[lo:hi][unique - lo][inverse]
+    # Scattered rows: one slice per contiguous run of the sorted rows.
+    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+    block = np.concatenate([ds[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)])
+    return block[inverse]
+
+
 def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str) -> np.ndarray:
     """Rows ``samples`` of a dataset; contiguous runs are read as one slice."""
     ds = None
@@ -81,19 +99,11 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         if int(samples.max()) >= stored:  # a dataset cut short: name the sample, not a shape
             first = int(samples[samples >= stored][0])
             raise CorruptionError(f"{where} sample {first}: the dataset stops at sample {stored}")
-        lo, hi = int(samples[0]), int(samples[-1]) + 1
-        if hi - lo == len(samples) and np.all(np.diff(samples) == 1):
-            return ds[lo:hi]
-        unique, inverse = np.unique(samples, return_inverse=True)
-        lo, hi = int(unique[0]), int(unique[-1]) + 1
-        if hi - lo <= 4 * len(unique) and _slice_decodes_little_more(ds, unique):
-            # A chunk-aware sampler's batch spans a few chunks: one slice read (HDF5 decodes
-            # each chunk once) then a gather, instead of h5py's slow point selection.
-            return ds[lo:hi][unique - lo][inverse]
-        # Scattered rows: one slice per contiguous run of the sorted rows.
-        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        block = np.concatenate([ds[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, breaks)])
-        return block[inverse]
+        rows = _rows(ds, samples)
+        zeros = backend.zero_chunks_of(path)
+        if zeros is not None:
+            check_zero_chunks(ds, samples, rows, zeros, where)
+        return rows
     except FmcacheError:  # from opening the file (moved, replaced, its index damaged): already typed
         raise
     except KeyError:
