@@ -34,9 +34,9 @@ from .errors import (
     ResumeError,
     SampleIndexError,
     ShapeMismatchError,
-    StaleCacheError,
 )
-from .manifest import WHOLE_PART, LayerInfo, Manifest, part_name, utc_now
+from .indices import checked_indices
+from .manifest import WHOLE_PART, LayerInfo, Manifest, check_fingerprints, part_name, utc_now
 from .paths import install, partial_path, remove_path
 from .tiers import TierPlan
 
@@ -120,7 +120,7 @@ class CacheWriter:
     def _reopen(self, draft: Manifest, fingerprints: Mapping[str, str | None], allow_stale: bool,
                 build: Mapping[str, Any]) -> None:
         """Continue an interrupted build from its last committed batch."""
-        _check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
+        check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
         # which samples go where: a resume as another shard appended another range of
         # the data set after this one's first samples, under this shard's manifest
         for key in RESUME_SAME_BUILD:
@@ -551,7 +551,7 @@ class Cache:
     def check_fingerprints(self, *, weights: str | None = None, data: str | None = None,
                            allow_stale: bool = False) -> None:
         """StaleCacheError unless the given fingerprints match the recorded ones."""
-        _check_fingerprints(self.manifest.fingerprints, {"weights": weights, "data": data},
+        check_fingerprints(self.manifest.fingerprints, {"weights": weights, "data": data},
                             f"opening {self.path}", allow_stale)
 
     def close(self) -> None:
@@ -565,25 +565,6 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<fmcache.Cache {self.path} {self.backend_id} {len(self)} samples, layers {list(self.layers)}>"
-
-
-def checked_indices(indices: Iterable[Any] | int, n: int, where: str, noun: str, holder: str) -> np.ndarray:
-    """Indices into ``n`` samples (or items) as int64 in ``[0, n)``: Python's negative
-    indices, once (``-1`` is the last); anything else (below ``-n``, from ``n``, a float
-    or a bool: 1.5 and True read sample 1 before) is a SampleIndexError naming the index
-    given, e.g. ``PATH: sample 300 is out of range (the cache has 256 samples)``."""
-    given = np.atleast_1d(np.asarray(indices if not isinstance(indices, range) else np.arange(
-        indices.start, indices.stop, indices.step)))
-    if given.size and given.dtype.kind not in "iu":
-        flat = given.reshape(-1)
-        odd = np.flatnonzero(flat != np.round(flat)) if given.dtype.kind == "f" else np.zeros(1, np.intp)
-        raise SampleIndexError(f"{where}: {noun} indices must be integers, got "
-                               f"{flat[odd[0] if len(odd) else 0].item()!r} ({given.dtype})")
-    idx = given.astype(np.int64, copy=False)
-    if idx.size and (idx.min() < -n or idx.max() >= n):
-        bad = int(idx[(idx < -n) | (idx >= n)][0])
-        raise SampleIndexError(f"{where}: {noun} {bad} is out of range ({holder} has {n} {noun}s)")
-    return np.where(idx < 0, idx + n, idx)
 
 
 def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:
@@ -610,13 +591,3 @@ def open_cache(path: str | os.PathLike[str], *, weights_fingerprint: str | None 
 
 def _part_specs(layer: LayerInfo) -> list[PartSpec]:
     return [PartSpec(name, layer.part_shape(name), layer.part_codec(name)) for name, _, _ in layer.parts()]
-
-
-def _check_fingerprints(recorded: Mapping[str, str | None], given: Mapping[str, str | None], what: str,
-                        allow_stale: bool) -> None:
-    for key in ("weights", "data"):
-        have, want = recorded.get(key), given.get(key)
-        if have is not None and want is not None and have != want and not allow_stale:
-            label = "frozen-prefix weights" if key == "weights" else "input data"
-            raise StaleCacheError(f"{what}: the {label} changed since the cache was built "
-                                  f"(recorded {have[:12]}, now {want[:12]})")

@@ -29,8 +29,9 @@ from torch.utils.data import Dataset, default_collate
 from .augment import AUGMENT_MODES, AugFamily, infer_stride
 from .augment.batch import feature_batch, nearest_batch, saca_batch, saca_tiers
 from .augment.draw import check_counter
-from .cache import Cache, checked_indices, open_cache
+from .cache import Cache, open_cache
 from .errors import CacheError, CacheReplacedError, StrideError
+from .indices import checked_indices
 from .manifest import VARIANT_SEP
 from .sampler import ChunkShuffleSampler, SampleKey
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import Codec
-from .errors import CorruptionError, FormatVersionError
+from .errors import CorruptionError, FormatVersionError, StaleCacheError
 from .tiers import TierPlan
 
 FORMAT_VERSION = 6
@@ -226,3 +226,15 @@ def json_crc32(data: bytes) -> int:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def check_fingerprints(recorded: Mapping[str, str | None], given: Mapping[str, str | None], what: str,
+                        allow_stale: bool) -> None:
+    """StaleCacheError where a fingerprint given differs from the recorded one (unless
+    ``allow_stale``); a side that is None is not compared."""
+    for key in ("weights", "data"):
+        have, want = recorded.get(key), given.get(key)
+        if have is not None and want is not None and have != want and not allow_stale:
+            label = "frozen-prefix weights" if key == "weights" else "input data"
+            raise StaleCacheError(f"{what}: the {label} changed since the cache was built "
+                                  f"(recorded {have[:12]}, now {want[:12]})")

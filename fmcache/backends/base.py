@@ -11,6 +11,7 @@ use in the current process and are never pickled (a backend pickles as its path)
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from abc import ABC, abstractmethod
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..codecs import Codec
-from ..errors import CacheReplacedError, ReadOnlyError
+from ..errors import CacheError, CacheReplacedError, DiskFullError, ReadOnlyError
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -209,3 +210,16 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def os_write_failure(path: Path, exc: BaseException, what: str) -> CacheError:
+    """The typed error for a failed write at ``path`` (an OSError, or h5py's OSError /
+    RuntimeError carrying the OS's text): DiskFullError, ReadOnlyError, else CacheError."""
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space" in text:
+        return DiskFullError(f"{path}: {what}: the disk is full ({text[:200]})")
+    if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Read-only" in text \
+            or "Permission denied" in text:
+        return ReadOnlyError(f"{path}: {what}: the location is not writable ({text[:200]})")
+    return CacheError(f"{path}: {what} ({text[:300]})",
+                      hint="the batches before it are kept: fix the cause and resume (--resume)")

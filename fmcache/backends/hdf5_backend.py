@@ -20,7 +20,6 @@ which fail in h5py's process with "error during user callback".
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -35,18 +34,18 @@ import hdf5plugin
 import numpy as np
 
 from ..codecs import Hdf5Field
-from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
-from .base import Backend, PartSpec
-from .hdf5_index import (
-    check_chunk_index,
-    check_header,
-    chunk_entries,
-    header_digest,
-    index_digest,
-    unfiltered,
-    zero_chunks,
+from ..errors import CorruptionError, NotACacheError, ReadOnlyError
+from .base import Backend, PartSpec, os_write_failure
+from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
+from .hdf5_reads import (
+    ChunkRows,
+    _chunk_groups,
+    _picked_rows,
+    _read_rows,
+    _touch,
+    open_dataset,
+    row_lru_chunk_caches,
 )
-from .hdf5_reads import ChunkRows, _chunk_groups, _read_rows, _touch, row_lru_chunk_caches
 
 hdf5plugin.register(force=True)
 
@@ -90,7 +89,6 @@ class Hdf5Backend(Backend):
     _h_rows_pid: int
     _h_rows_bytes: int
     _h_lru_caches: dict[str, int]
-    _h_zero_chunks: dict[str, frozenset[int]]
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -109,7 +107,7 @@ class Hdf5Backend(Backend):
             with h5py.File(self.path, "w") as fh:
                 fh.attrs["fmcache"] = np.bytes_(b"feature-map cache; see fmcache_manifest")
         except OSError as exc:
-            raise _write_failure(self.path, exc, "cannot create the cache file") from None
+            raise os_write_failure(self.path, exc, "cannot create the cache file") from None
 
     # ---- handles -----------------------------------------------------------------------
     def _file(self) -> h5py.File:
@@ -135,27 +133,14 @@ class Hdf5Backend(Backend):
         fh = self._file()
         ds = self._h_datasets.get(path)
         if ds is None:
-            nbytes = None if self.writable else self._row_lru_chunk_caches().get(path)
-            try:
-                if nbytes is None:
-                    ds = fh[path]
-                else:  # HDF5's chunk cache for this dataset only
-                    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-                    dapl.set_chunk_cache(10007, nbytes, 1.0)
-                    # readonly=True, as fh[path] gives on a read-only file: h5py then keeps the
-                    # dataset's shape and reader instead of making them again every read (~10 %)
-                    ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl), readonly=True)
-            except (KeyError, RuntimeError, OSError, ValueError) as exc:
-                # missing, or its link / object header damaged (HDF5's metadata carries no
-                # checksums in the file format fmcache writes): h5py's own errors otherwise
-                raise CorruptionError(f"{self.path}: dataset {path} is missing or damaged (HDF5: {exc})") from None
-            if not isinstance(ds, h5py.Dataset):  # a damaged header's object type
-                raise CorruptionError(f"{self.path}: {path} is a {type(ds).__name__}, not a dataset (damaged)")
+            ds = open_dataset(fh, path, None if self.writable else self._row_lru_chunk_caches().get(path),
+                              str(self.path))
             if not self.writable:  # a build's own handle may hold chunks not yet flushed
-                rows, digest, header = self._index_digests().get(path.lstrip("/"), (-1, None, None))
-                check_header(ds, str(self.path), rows if rows >= 0 else None, header)
+                record = self._committed().get(path if path.startswith("/") else "/" + path)
+                record = record or Committed(-1, 0)  # nothing recorded: the checks that need no record
+                check_header(ds, str(self.path), record.rows if record.rows >= 0 else None, record.header)
                 # a dataset cut short has lost chunks: the read names its first missing sample
-                check_chunk_index(ds, str(self.path), digest if rows == ds.shape[0] else None)
+                check_chunk_index(ds, str(self.path), record.index if record.rows == ds.shape[0] else None)
             self._h_datasets[path] = ds
         return ds
 
@@ -168,45 +153,20 @@ class Hdf5Backend(Backend):
                 for key, nbytes in row_lru_chunk_caches(self._layers, ROWS_OPEN_CHUNKS, CHUNK_CACHE_BYTES).items()}
         return found
 
-    def _index_digests(self) -> dict[str, tuple[int, int, int | None]]:
-        """Per chunked dataset (path without the leading '/'), its rows, the digest of its
-        chunk index (:func:`.hdf5_index.index_digest`) and of its object header
-        (:func:`.hdf5_index.header_digest`; None for caches committed before session 12)
-        recorded at commit; empty for caches committed before fmcache recorded them. Read
-        once per handle (a fork's copy holds the same file's values)."""
-        digests: dict[str, tuple[int, int, int | None]] | None = self.__dict__.get("_h_digests")
-        if digests is None:
-            blob = self.get_meta(CHUNK_INDEX_KEY)
-            digests = self._h_digests = {} if blob is None else {
-                k: (int(v[0]), int(v[1]), int(v[2]) if len(v) > 2 else None) for k, v in json.loads(blob).items()}
-            self._h_zero_chunks = {} if blob is None else {
-                "/" + k: frozenset(int(c) for c in v[3]) for k, v in json.loads(blob).items() if len(v) > 3}
-        return digests
+    def _committed(self) -> dict[str, Committed]:
+        """:func:`.hdf5_index.parse_commit_record` of this cache's ``chunk_index``
+        attribute, read once per handle (a fork's copy holds the same file's values)."""
+        found: dict[str, Committed] | None = self.__dict__.get("_h_committed")
+        if found is None:
+            found = self._h_committed = parse_commit_record(self.get_meta(CHUNK_INDEX_KEY))
+        return found
 
     def zero_chunks_of(self, path: str) -> frozenset[int] | None:
-        """The chunks of the unfiltered dataset at ``path`` that held only zeros at commit
-        (:func:`.hdf5_index.zero_chunks`); None where nothing was recorded (a filtered
-        dataset, a cache committed before session 12, a writable handle)."""
-        if self.writable:
-            return None
-        self._index_digests()
-        return self._h_zero_chunks.get(path if path.startswith("/") else "/" + path)
-
-    def _record_index_digests(self) -> None:
-        """The ``chunk_index`` attribute: every chunked dataset's index digest, written
-        just before the manifest (which is written last)."""
-        fh = self._file()
-        fh.flush()
-        digests: dict[str, list[Any]] = {}
-
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and obj.chunks:
-                digests[name] = [obj.shape[0], index_digest(chunk_entries(obj, str(self.path))), header_digest(obj)]
-                if unfiltered(obj):
-                    digests[name].append(zero_chunks(obj))
-
-        fh.visititems(visit)
-        self._set_attr_blob(fh, CHUNK_INDEX_KEY, json.dumps(digests, sort_keys=True).encode())
+        """The chunks of the unfiltered dataset at ``path`` that held only zeros at commit;
+        None where nothing was recorded (a filtered dataset, a cache committed before
+        session 12, a writable handle)."""
+        record = None if self.writable else self._committed().get(path if path.startswith("/") else "/" + path)
+        return None if record is None else record.zeros
 
     def _read_fields(self, layer: str) -> list[tuple[PartSpec, list[tuple[Hdf5Field, str]]]]:
         """Per part of ``layer``: its fields with their dataset paths (built once per process)."""
@@ -268,7 +228,7 @@ class Hdf5Backend(Backend):
             self._set_attr_blob(fh, "progress", progress)
             fh.flush()
         except (OSError, RuntimeError) as exc:
-            raise _write_failure(self.path, exc, f"writing samples from {start} failed") from exc
+            raise os_write_failure(self.path, exc, f"writing samples from {start} failed") from exc
         return {}
 
     def _write_rows_of_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]],
@@ -294,12 +254,13 @@ class Hdf5Backend(Backend):
     def _put_meta(self, key: str, data: bytes) -> None:
         fh = self._file()
         try:
-            if key == "manifest":
-                self._record_index_digests()
+            if key == "manifest":  # the chunk index record, just before the manifest (written last)
+                fh.flush()
+                self._set_attr_blob(fh, CHUNK_INDEX_KEY, commit_record(fh, str(self.path)))
             self._set_attr_blob(fh, key, data)
             fh.flush()
         except (OSError, RuntimeError) as exc:
-            raise _write_failure(self.path, exc, f"writing the {key} failed") from exc
+            raise os_write_failure(self.path, exc, f"writing the {key} failed") from exc
 
     @staticmethod
     def _set_attr_blob(fh: h5py.File, key: str, data: bytes) -> None:
@@ -364,23 +325,8 @@ class Hdf5Backend(Backend):
         target = picked_out if replace is None else result[replace]
         assert target is not None, "picked_out or replace"
         rows = [row for row, pick in enumerate(picks) if pick is not None]
-        chunks: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # held here: an eviction cannot take them
-        stored: dict[str, np.ndarray] = {}
-        for k, row in enumerate(rows):
-            part, sample = picks[row], int(samples[row])
-            assert part is not None
-            chunk, at = divmod(sample, per_chunk)
-            got = chunks.get((part, chunk))
-            if got is None:
-                got = chunks[(part, chunk)] = self._cached_chunk(layer, part, chunk, entry_of[part])
-            for field, values in got.items():
-                if at >= len(values):
-                    raise CorruptionError(f"{entry_of[part][3]} sample {sample}: the dataset stops at sample "
-                                          f"{chunk * per_chunk + len(values)}")
-                dst = stored.get(field)
-                if dst is None:
-                    dst = stored[field] = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
-                dst[k] = values[at]
+        stored = _picked_rows(lambda part, chunk: self._cached_chunk(layer, part, chunk, entry_of[part]),
+                              samples, picks, rows, per_chunk, {name: e[3] for name, e in entry_of.items()})
         codec, spec_shape = entry_of[names[0]][0], target.shape[1:]
         where = f"{self.path}: layer {layer!r} parts {', '.join(names)}"
         try:
@@ -647,15 +593,3 @@ def _write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
     if ds.shape[0] < end:
         ds.resize(end, axis=0)
     ds[start:end] = rows
-
-
-def _write_failure(path: Path, exc: BaseException, what: str) -> CacheError:
-    """The typed error for a failed HDF5 write (h5py raises OSError or RuntimeError)."""
-    text = str(exc)
-    if getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space" in text:
-        return DiskFullError(f"{path}: {what}: the disk is full ({text[:200]})")
-    if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Read-only" in text \
-            or "Permission denied" in text:
-        return ReadOnlyError(f"{path}: {what}: the location is not writable ({text[:200]})")
-    return CacheError(f"{path}: {what} ({text[:300]})",
-                      hint="the batches before it are kept: fix the cause and resume (--resume)")

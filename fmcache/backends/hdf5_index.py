@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -207,3 +208,39 @@ def _found_by_lookup(ds: h5py.Dataset, per: int, chunks: int) -> np.ndarray | No
             size.value = 0
             found[chunk] = fn(dataset, offset, ctypes.byref(size)) >= 0 and size.value > 0
     return found
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What the ``chunk_index`` attribute recorded of one chunked dataset at commit."""
+
+    rows: int
+    index: int  #: :func:`index_digest`
+    header: int | None = None  #: :func:`header_digest` (None: committed before session 12)
+    zeros: frozenset[int] | None = None  #: :func:`zero_chunks` of an unfiltered dataset
+
+
+def commit_record(fh: h5py.File, where: str) -> bytes:
+    """The ``chunk_index`` attribute's JSON: per chunked dataset (path without the leading
+    '/'), ``[rows, index digest, header digest]``, and its all-zero chunks for an
+    unfiltered one."""
+    record: dict[str, list[Any]] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.chunks:
+            record[name] = [obj.shape[0], index_digest(chunk_entries(obj, where)), header_digest(obj)]
+            if unfiltered(obj):
+                record[name].append(zero_chunks(obj))
+
+    fh.visititems(visit)
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def parse_commit_record(blob: bytes | None) -> dict[str, Committed]:
+    """:func:`commit_record`'s JSON by dataset path (with its leading '/'); empty for
+    caches committed before fmcache recorded it."""
+    if blob is None:
+        return {}
+    return {"/" + name: Committed(int(v[0]), int(v[1]), int(v[2]) if len(v) > 2 else None,
+                                  frozenset(int(c) for c in v[3]) if len(v) > 3 else None)
+            for name, v in json.loads(blob).items()}

@@ -20,6 +20,27 @@ if TYPE_CHECKING:
     from .hdf5_backend import Hdf5Backend
 
 
+def open_dataset(fh: h5py.File, path: str, chunk_cache_bytes: int | None, where: str) -> h5py.Dataset:
+    """The dataset at ``path``, with an HDF5 chunk cache of its own where
+    ``chunk_cache_bytes`` is given (else the file's). CorruptionError where it is missing or
+    its link or object header is damaged (HDF5's metadata carries no checksums in the
+    file format fmcache writes): h5py's KeyError / RuntimeError / ... otherwise."""
+    try:
+        if chunk_cache_bytes is None:
+            ds = fh[path]
+        else:
+            dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            dapl.set_chunk_cache(10007, chunk_cache_bytes, 1.0)
+            # readonly=True, as fh[path] gives on a read-only file: h5py then keeps the
+            # dataset's shape and reader instead of making them again every read (~10 %)
+            ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl), readonly=True)
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        raise CorruptionError(f"{where}: dataset {path} is missing or damaged (HDF5: {exc})") from None
+    if not isinstance(ds, h5py.Dataset):  # a damaged header's object type
+        raise CorruptionError(f"{where}: {path} is a {type(ds).__name__}, not a dataset (damaged)")
+    return ds
+
+
 def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
     """The first of ``samples`` whose row cannot be read (error path only: one row at a time)."""
     for sample in samples:
@@ -138,6 +159,32 @@ def row_lru_chunk_caches(layers: Mapping[str, tuple[int, Sequence[PartSpec], int
                 chunk = per_chunk * int(np.prod(f.shape, dtype=np.int64)) * np.dtype(f.dtype).itemsize
                 found[(layer, spec.name, f.name)] = min(most, open_chunks * chunk)
     return found
+
+
+def _picked_rows(chunk_of: Callable[[str, int], Mapping[str, np.ndarray]], samples: np.ndarray,
+                 picks: Sequence[str | None], rows: Sequence[int], per_chunk: int,
+                 where_of: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """The stored rows (field -> array, in ``rows`` order) of each picked row's part and
+    sample, copied out of whole chunks (``chunk_of(part, chunk)``: the row LRU's), each
+    chunk fetched once and held here, so that an eviction cannot take it mid-batch."""
+    chunks: dict[tuple[str, int], Mapping[str, np.ndarray]] = {}
+    stored: dict[str, np.ndarray] = {}
+    for k, row in enumerate(rows):
+        part, sample = picks[row], int(samples[row])
+        assert part is not None
+        chunk, at = divmod(sample, per_chunk)
+        got = chunks.get((part, chunk))
+        if got is None:
+            got = chunks[(part, chunk)] = chunk_of(part, chunk)
+        for field, values in got.items():
+            if at >= len(values):
+                raise CorruptionError(f"{where_of[part]} sample {sample}: the dataset stops at sample "
+                                      f"{chunk * per_chunk + len(values)}")
+            dst = stored.get(field)
+            if dst is None:
+                dst = stored[field] = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
+            dst[k] = values[at]
+    return stored
 
 
 class ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows

@@ -21,7 +21,6 @@ shared per process (:func:`_shared_env`).
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import shutil
@@ -42,7 +41,7 @@ from ..record import (
     record_sizes,
     unpack_blob,
 )
-from .base import Backend, PartSpec
+from .base import Backend, PartSpec, os_write_failure
 
 _META = b"\x00meta/"
 _REC = struct.Struct(">cHQ")
@@ -249,10 +248,9 @@ class LmdbBackend(Backend):
         try:
             self.path.mkdir(parents=True, exist_ok=False)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DiskFullError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise ReadOnlyError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
+            failure = os_write_failure(self.path, exc, "cannot create the cache directory")
+            if isinstance(failure, (DiskFullError, ReadOnlyError)):
+                raise failure from None
             raise
         self._env()
 
