@@ -313,32 +313,6 @@ def test_hdf5_per_sample_reads_through_the_row_cache_match_batch_reads(tmp_path:
                        for chunk in rows.values())
 
 
-def test_hdf5_chunks_the_row_cache_keeps_are_not_cached_twice(tmp_path: Path) -> None:
-    """Datasets read through the row LRU open with an HDF5 chunk cache of
-    ROWS_OPEN_CHUNKS chunks (their rows are kept once, in the LRU); a part stored a chunk
-    per sample (ZFP) and a writable handle keep the file's 64 MiB cache. Batch, picked and
-    per-sample reads give the same values either way."""
-    import h5py
-
-    from fmcache.backends import hdf5_backend
-    rng = np.random.default_rng(8)
-    maps = post_relu(rng, (23, 5, 4, 4))
-    path = tmp_path / "c.h5"
-    _build(path, "hdf5", maps, TierPlan.two_tier(5, [1, 3], "zfp:accuracy=0.01", "bf16"))
-    with fmcache.open_cache(path) as cache:
-        every = cache.read_batch("l", list(range(23)))
-        for i in (22, 0, 7, 3):
-            assert same_bits(cache.read("l", i), every[i])
-        opened = cache.backend._h_datasets
-        caches = {p: ds.id.get_access_plist().get_chunk_cache()[1] for p, ds in opened.items()}
-    # per field: 4 samples a chunk, the stored dtype's bytes, ROWS_OPEN_CHUNKS chunks
-    expected_rows = {p: hdf5_backend.ROWS_OPEN_CHUNKS * 4 * int(np.prod(h5py.File(path)[p].shape[1:]))
-                     * h5py.File(path)[p].dtype.itemsize for p in caches if "/bulk/" in p}
-    assert expected_rows and all(caches[p] == n for p, n in expected_rows.items()), caches
-    others = {p: n for p, n in caches.items() if "/bulk/" not in p}
-    assert any("/layers/" in p for p in others) and all(n == hdf5_backend.CHUNK_CACHE_BYTES for n in others.values()), caches
-
-
 def test_hdf5_row_cache_starts_empty_in_a_child_process(tmp_path: Path) -> None:
     """The row cache belongs to the process that filled it: a forked child (a DataLoader
     worker) starts its own, and reads the same values."""

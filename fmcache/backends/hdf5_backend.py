@@ -44,7 +44,6 @@ from .hdf5_reads import (
     _read_rows,
     _touch,
     open_dataset,
-    row_lru_chunk_caches,
 )
 
 hdf5plugin.register(force=True)
@@ -88,7 +87,6 @@ class Hdf5Backend(Backend):
     _h_lock: threading.Lock
     _h_rows_pid: int
     _h_rows_bytes: int
-    _h_lru_caches: dict[str, int]
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -133,8 +131,7 @@ class Hdf5Backend(Backend):
         fh = self._file()
         ds = self._h_datasets.get(path)
         if ds is None:
-            ds = open_dataset(fh, path, None if self.writable else self._row_lru_chunk_caches().get(path),
-                              str(self.path))
+            ds = open_dataset(fh, path, str(self.path))
             if not self.writable:  # a build's own handle may hold chunks not yet flushed
                 record = self._committed().get(path if path.startswith("/") else "/" + path)
                 record = record or Committed(-1, 0)  # nothing recorded: the checks that need no record
@@ -143,15 +140,6 @@ class Hdf5Backend(Backend):
                 check_chunk_index(ds, str(self.path), record.index if record.rows == ds.shape[0] else None)
             self._h_datasets[path] = ds
         return ds
-
-    def _row_lru_chunk_caches(self) -> dict[str, int]:
-        """:func:`.hdf5_reads.row_lru_chunk_caches` of this cache, once per handle."""
-        found: dict[str, int] | None = self.__dict__.get("_h_lru_caches")
-        if found is None:
-            found = self._h_lru_caches = {
-                dataset_path(*key): nbytes
-                for key, nbytes in row_lru_chunk_caches(self._layers, ROWS_OPEN_CHUNKS, CHUNK_CACHE_BYTES).items()}
-        return found
 
     def _committed(self) -> dict[str, Committed]:
         """:func:`.hdf5_index.parse_commit_record` of this cache's ``chunk_index``

@@ -16,24 +16,15 @@ from ..errors import CorruptionError, FmcacheError
 from .hdf5_index import check_zero_chunks
 
 if TYPE_CHECKING:
-    from .base import PartSpec
     from .hdf5_backend import Hdf5Backend
 
 
-def open_dataset(fh: h5py.File, path: str, chunk_cache_bytes: int | None, where: str) -> h5py.Dataset:
-    """The dataset at ``path``, with an HDF5 chunk cache of its own where
-    ``chunk_cache_bytes`` is given (else the file's). CorruptionError where it is missing or
-    its link or object header is damaged (HDF5's metadata carries no checksums in the
-    file format fmcache writes): h5py's KeyError / RuntimeError / ... otherwise."""
+def open_dataset(fh: h5py.File, path: str, where: str) -> h5py.Dataset:
+    """The dataset at ``path``. CorruptionError where it is missing or its link or object
+    header is damaged (HDF5's metadata carries no checksums in the file format fmcache
+    writes): h5py's KeyError / RuntimeError / ... otherwise."""
     try:
-        if chunk_cache_bytes is None:
-            ds = fh[path]
-        else:
-            dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-            dapl.set_chunk_cache(10007, chunk_cache_bytes, 1.0)
-            # readonly=True, as fh[path] gives on a read-only file: h5py then keeps the
-            # dataset's shape and reader instead of making them again every read (~10 %)
-            ds = h5py.Dataset(h5py.h5d.open(fh.id, path.encode(), dapl), readonly=True)
+        ds = fh[path]
     except (KeyError, RuntimeError, OSError, ValueError) as exc:
         raise CorruptionError(f"{where}: dataset {path} is missing or damaged (HDF5: {exc})") from None
     if not isinstance(ds, h5py.Dataset):  # a damaged header's object type
@@ -134,31 +125,6 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         bad = _first_unreadable(ds, samples) if ds is not None else None
         at = f" sample {bad}" if bad is not None else ""
         raise CorruptionError(f"{where}{at}: HDF5 read failed ({exc})") from None
-
-
-def row_lru_chunk_caches(layers: Mapping[str, tuple[int, Sequence[PartSpec], int]], open_chunks: int,
-                         most: int) -> dict[tuple[str, str, str], int]:
-    """HDF5 chunk-cache bytes of the datasets whose chunks the backend's row LRU keeps
-    (stored rows of whole chunks: every part whose fields are fixed-size and chunked along
-    samples), by (layer, part, field): ``open_chunks`` chunks (``ROWS_OPEN_CHUNKS``), at most
-    ``most`` (the file's ``CHUNK_CACHE_BYTES``). Their rows are kept once, in the row LRU;
-    a 64 MiB HDF5 cache per dataset kept every decoded chunk a second time (up to 64 MiB
-    more per dataset and process: 101 vs 42 MiB over a pass of a 106 MiB ``bf16`` file,
-    tools/bench_read_memory.py; the pass's speed did not change). The small cache still serves the reads that skip the LRU (a
-    contiguous batch's slice, the SACA variants of maps with fewer than
-    ``PICKED_CHUNK_ROWS`` samples a chunk) while a chunk-aware sampler keeps its chunks
-    open. Datasets stored a chunk per sample (ZFP, SZ3) are not listed: they keep the
-    file's cache, which holds their decoded samples across epochs."""
-    found: dict[tuple[str, str, str], int] = {}
-    for layer, (_, specs, per_chunk) in layers.items():
-        for spec in specs:
-            fields = spec.codec.hdf5_fields(tuple(spec.shape))
-            if any(f.dtype is None or f.per_sample_chunks for f in fields):
-                continue
-            for f in fields:
-                chunk = per_chunk * int(np.prod(f.shape, dtype=np.int64)) * np.dtype(f.dtype).itemsize
-                found[(layer, spec.name, f.name)] = min(most, open_chunks * chunk)
-    return found
 
 
 def _picked_rows(chunk_of: Callable[[str, int], Mapping[str, np.ndarray]], samples: np.ndarray,
