@@ -133,8 +133,8 @@ class Hdf5Backend(Backend):
         if ds is None:
             ds = open_dataset(fh, path, str(self.path))
             if not self.writable:  # a build's own handle may hold chunks not yet flushed
-                record = self._committed().get(path if path.startswith("/") else "/" + path)
-                record = record or Committed(-1, 0)  # nothing recorded: the checks that need no record
+                # nothing recorded (an older cache): only the checks that need no record
+                record = self._committed().get("/" + path.lstrip("/"), Committed(-1, 0))
                 check_header(ds, str(self.path), record.rows if record.rows >= 0 else None, record.header)
                 # a dataset cut short has lost chunks: the read names its first missing sample
                 check_chunk_index(ds, str(self.path), record.index if record.rows == ds.shape[0] else None)
@@ -153,7 +153,7 @@ class Hdf5Backend(Backend):
         """The chunks of the unfiltered dataset at ``path`` that held only zeros at commit;
         None where nothing was recorded (a filtered dataset, a cache committed before
         session 12, a writable handle)."""
-        record = None if self.writable else self._committed().get(path if path.startswith("/") else "/" + path)
+        record = None if self.writable else self._committed().get("/" + path.lstrip("/"))
         return None if record is None else record.zeros
 
     def _read_fields(self, layer: str) -> list[tuple[PartSpec, list[tuple[Hdf5Field, str]]]]:

@@ -1,8 +1,11 @@
-"""HDF5's chunk index, checked: fmcache's HDF5 files are in HDF5's earliest format, whose
-chunk index (B-trees) has no checksums, and fletcher32 covers a chunk's bytes, not the
-index that finds them. :func:`check_chunk_index` looks every chunk up the way a read does
-and compares the index with the digest (:func:`index_digest`) recorded at commit
-(docs/format.md, ``fmcache_chunk_index``; docs/reliability.md)."""
+"""HDF5's metadata, checked: fmcache's HDF5 files are in HDF5's earliest format, whose
+chunk index (B-trees) and object headers have no checksums, and fletcher32 covers a
+chunk's bytes (and is 0 for zeros), not the index that finds them or the header that says
+how to read them. What a commit records per dataset (:class:`Committed`, the
+``fmcache_chunk_index`` attribute) and the checks against it: :func:`check_chunk_index`
+looks every chunk up the way a read does and compares the index with its digest;
+:func:`check_header` the datatype, rows and header digest; :func:`check_zero_chunks` a
+chunk that reads as all zeros (docs/format.md; docs/reliability.md)."""
 
 from __future__ import annotations
 
