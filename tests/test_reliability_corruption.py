@@ -312,6 +312,38 @@ def test_a_verifying_child_dies_with_its_parent():
     raise AssertionError("the child outlived its parent")
 
 
+def _read_all(path):
+    """Every layer (batch reads, and a per-sample read of the last sample) and the labels."""
+    with fmcache.open_cache(path) as cache:
+        got = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}
+        last = {name: cache.read(name, len(cache) - 1) for name in cache.layers}
+        return got, last, cache.labels
+
+
+def _flip_sweep(path, offsets, mask, truth, labels, conn):
+    """Each offset's byte flipped in turn (``mask``), the cache read whole, the byte
+    restored. Sends (outcomes: "identical" or the FmcacheError types seen, offsets that
+    read as other values, offsets that raised anything else)."""
+    outcomes, wrong, untyped = set(), [], []
+    for offset in offsets:
+        flip_byte(path, offset, mask)
+        try:
+            got, last, got_labels = _read_all(path)
+            same = set(got) == set(truth) and all(np.array_equal(got[k], truth[k]) for k in truth) \
+                and all(np.array_equal(last[k], truth[k][-1]) for k in truth)
+            if same and np.array_equal(got_labels, labels):
+                outcomes.add("identical")
+            else:
+                wrong.append(offset)
+        except fmcache.errors.FmcacheError as exc:
+            outcomes.add(type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - what the sweeps are for
+            untyped.append((offset, f"{type(exc).__name__}: {exc}"[:120]))
+        finally:
+            flip_byte(path, offset, mask)
+    conn.send((sorted(outcomes), wrong, untyped))
+
+
 def _in_child(fn):
     """Run ``fn(conn)`` in a forked child; its answer, or the signal that killed it."""
     parent, child = mp.get_context("fork").Pipe()
@@ -388,27 +420,10 @@ def test_hdf5_damaged_chunk_index_never_serves_wrong_values(tmp_path, codec):
     nodes = find_all(blob, b"TREE")
     assert len(nodes) >= 3, "expected B-tree nodes for the groups and the chunked datasets"
 
-    def sweep(conn):
-        outcomes, wrong = set(), []
-        for node in nodes:
-            for offset in range(node, min(node + 120, len(blob))):
-                flip_byte(path, offset, 0x04)
-                try:
-                    with fmcache.open_cache(path) as cache:
-                        got = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}
-                        same = set(got) == set(truth) and all(np.array_equal(got[k], truth[k]) for k in truth)
-                        if same and np.array_equal(cache.labels, labels):
-                            outcomes.add("identical")
-                        else:
-                            wrong.append(offset)
-                except fmcache.errors.FmcacheError as exc:
-                    outcomes.add(type(exc).__name__)
-                finally:
-                    flip_byte(path, offset, 0x04)
-        conn.send((sorted(outcomes), wrong))
-
-    outcomes, wrong = _in_child(sweep)
+    offsets = [at for node in nodes for at in range(node, min(node + 120, len(blob)))]
+    outcomes, wrong, untyped = _in_child(lambda conn: _flip_sweep(path, offsets, 0x04, truth, labels, conn))
     assert wrong == [], f"damaged index bytes served wrong values: offsets {wrong[:10]}"
+    assert untyped == [], f"untyped errors: {untyped[:5]}"
     assert "CorruptionError" in outcomes and "identical" in outcomes, outcomes
     key = nodes[-1] + 24 + 8 + 1  # node header, then the first key: size, filter mask, first-axis offset
     flip_byte(path, key, 0x04)  # that chunk's offset + 1024: HDF5 finds no chunk at its rows
@@ -433,30 +448,8 @@ def test_hdf5_damaged_object_headers_never_serve_wrong_values(tmp_path, codec):
                       if isinstance(obj, h5py.Dataset) else None)
     assert len(headers) >= 3
 
-    def sweep(conn):
-        outcomes, wrong, untyped = set(), [], []
-        for header in headers:
-            for offset in range(header, header + 200):
-                flip_byte(path, offset, 0x10)
-                try:
-                    with fmcache.open_cache(path) as cache:
-                        got = {name: cache.read_batch(name, np.arange(len(cache))) for name in cache.layers}
-                        one = {name: cache.read(name, len(cache) - 1) for name in cache.layers}
-                        same = set(got) == set(truth) and all(np.array_equal(got[k], truth[k]) for k in truth) \
-                            and all(np.array_equal(one[k], truth[k][-1]) for k in truth)
-                        if same and np.array_equal(cache.labels, labels):
-                            outcomes.add("identical")
-                        else:
-                            wrong.append(offset)
-                except fmcache.errors.FmcacheError as exc:
-                    outcomes.add(type(exc).__name__)
-                except Exception as exc:  # noqa: BLE001 - what the test is for
-                    untyped.append((offset, f"{type(exc).__name__}: {exc}"[:120]))
-                finally:
-                    flip_byte(path, offset, 0x10)
-        conn.send((sorted(outcomes), wrong, untyped))
-
-    outcomes, wrong, untyped = _in_child(sweep)
+    offsets = [at for header in headers for at in range(header, header + 200)]
+    outcomes, wrong, untyped = _in_child(lambda conn: _flip_sweep(path, offsets, 0x10, truth, labels, conn))
     assert wrong == [], f"damaged object header bytes served wrong values: offsets {wrong[:10]}"
     assert untyped == [], f"untyped errors: {untyped[:5]}"
     assert "CorruptionError" in outcomes and "identical" in outcomes, outcomes
