@@ -458,7 +458,7 @@ def test_hdf5_damaged_object_headers_never_serve_wrong_values(tmp_path, codec):
 def test_hdf5_zeroed_chunk_of_an_unfiltered_dataset_is_damage_but_written_zeros_are_not(tmp_path):
     """fletcher32 of zeros is 0: a block zeroed over a small unfiltered chunk and its
     checksum (an ``int8`` layer's per-sample scales) read as zeros, and the maps decoded
-    from them as all zero, with no error (tools/sweep_hdf5_damage.py --codec int8 --zero
+    from them as all zero, with no error (tools/sweep_damage.py --codec int8 --zero
     512). Chunks that held only zeros at commit are recorded and still read."""
     rng = np.random.default_rng(3)
     maps = rng.random((48, 6, 4, 4)).astype(np.float32)

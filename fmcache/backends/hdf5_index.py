@@ -86,7 +86,7 @@ def check_zero_chunks(ds: h5py.Dataset, samples: np.ndarray, values: np.ndarray,
     a chunk that is all zeros now but was not at commit (``recorded``: :func:`zero_chunks`).
     fletcher32 of zeros is 0, so a block zeroed over a whole small chunk and its checksum
     (a crash, a bad sector) read as zeros with no error: an ``int8`` layer's scales, and
-    so its maps, came back all zero (a damage sweep, tools/sweep_hdf5_damage.py). The
+    so its maps, came back all zero (a damage sweep, tools/sweep_damage.py). The
     common case costs one pass over the rows read; only a chunk whose rows read here are
     all zero is read whole."""
     if not len(samples):
