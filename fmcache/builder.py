@@ -306,6 +306,18 @@ class SacaConfig:
     seed: int = 0
     photometric_in_calibration: bool = True
 
+    def __post_init__(self) -> None:
+        # checked when made: a bad value failed after calibration, or (``fmcache train``)
+        # after a whole epoch of training, with a hint about map shapes
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0 <= self.rho <= 1:
+            raise BuildError(f"SACA: rho={self.rho!r} must be a fraction in [0, 1]",
+                             hint="the share of channels kept as true augmented variants (--rho)")
+        for name, least in (("max_variants", 1), ("n_samples", 1), ("shifts_per_sample", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise BuildError(f"SACA: {name}={value!r} must be a whole number >= {least}",
+                                 hint="--max-variants, --calib-samples: positive whole numbers")
+
     def get_config(self) -> dict[str, Any]:
         return {"family": self.family.get_config(), "rho": self.rho,
                 "variants": list(self.variants) if self.variants is not None else None,
@@ -348,7 +360,8 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
     pixels = pixels or PixelSpace()
     policy = policy or CompressionPolicy.default()
     if frozen is None:
-        frozen = frozen_fraction(model, layer) if layer in dict(model.named_children()) else 1.0
+        top = layer.split(".")[0]
+        frozen = frozen_fraction(model, layer) if top in dict(model.named_children()) else 1.0
     calib_family = replace(saca.family, photometric=True) if saca.photometric_in_calibration else saca.family
     t0 = time.perf_counter()
     cal = calibrate(model, layer, dataset, calib_family, n_samples=saca.n_samples, seed=saca.seed,
@@ -358,7 +371,9 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
     bulk, sensitive = policy.codecs_for(frozen)
     chosen = select_sensitive(scores, saca.rho)
     plan = TierPlan.two_tier(len(scores), chosen.tolist(), sensitive, bulk)
-    names = saca.variant_names(cal.stride)
+    # rho = 0 (or a rounding to no channel): no sensitive tier, so no variants to keep;
+    # the Dataset's "saca" is then feature mode, as docs/saca.md defines it
+    names = saca.variant_names(cal.stride) if len(chosen) else []
     transforms = {name: input_transform(parse_variant(name), pixels) for name in names}
     extra = cal.layer_extra(saca.rho, selection=scores)
     info = {"augment_family": saca.family.get_config(), "saca": saca.get_config(), "pixels": pixels.get_config(),

@@ -50,7 +50,8 @@ class PixelSpace:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
-            raise SensitivityError(f"PixelSpace needs a finite mean and std > 0, got {self.mean}, {self.std}")
+            raise SensitivityError(f"PixelSpace needs a finite mean and std > 0, got {self.mean}, {self.std}",
+                                   hint="--pixels MEAN,STD[,LO,HI]: the inputs' normalisation, STD > 0")
 
     def get_config(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std,
@@ -105,7 +106,9 @@ def calibration_draws(family: AugFamily, sample: int, *, seed: int = 0,
         c = 1.0 + family.contrast * float(rng.uniform(-1, 1))
         out.append(("photometric", AugDraw(False, 0, 0, brightness=b, contrast=c)))
     if not out:
-        raise SensitivityError("the augmentation family draws nothing (no flip, shift or photometric)")
+        raise SensitivityError("the augmentation family draws nothing (no flip, shift or photometric)",
+                               hint="SACA measures how channels react to the training augmentation: give the "
+                                    "family a flip, a max_shift > 0 or photometric jitter")
     return out
 
 

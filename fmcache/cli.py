@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -132,7 +133,7 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
         space = PixelSpace(nums[0], nums[1], (nums[2], nums[3]) if len(nums) == 4 else None)
         family = AugFamily(flip=not no_flip, max_shift=max_shift, photometric=photometric)
         config = SacaConfig(family=family, rho=rho, n_samples=calib_samples, max_variants=max_variants,
-                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None)
+                            variants=_variant_list(variants) if variants else None)
         policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
         build_saca_cache(model, dataset, layers[0], out, saca=config, policy=policy, frozen=frozen_fraction,
                          pixels=space, **common)
@@ -201,6 +202,11 @@ def merge(out: str, shards: tuple[str, ...]) -> None:
     click.echo(render_table(inspect_cache(out)))
 
 
+def _variant_list(text: str) -> tuple[str, ...]:
+    """``--variants`` split at the commas between names, not those inside ``shift(DY,DX)``."""
+    return tuple(v.strip() for v in re.split(r",(?![^()]*\))", text) if v.strip())
+
+
 @main.command()
 def codecs() -> None:
     """List the registered codecs and their default configs."""
@@ -261,7 +267,9 @@ def train(arm: str, schedule: str, adaptive: bool, epochs: int, samples: int, te
     policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
     result = run_arm(arm, seed=seed, width=width, train_samples=samples, test_samples=test_samples, epochs=epochs,
                      schedule=schedule, adaptive=adaptive, work_dir=work_dir, rho=rho, max_variants=max_variants,
-                     policy=policy, num_workers=num_workers, log=click.echo)
+                     policy=policy, num_workers=num_workers,
+                     # with --json, stdout is the JSON alone: the progress lines go to stderr
+                     log=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(result, indent=1, default=str))
     else:

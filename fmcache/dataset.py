@@ -132,7 +132,9 @@ class FeatureMapDataset(Dataset):
         self.stride = int(stride or 1)
         self.sensitive: np.ndarray | None = None
         self.variant_parts: dict[str, str] = {}
-        if augment == "saca":
+        if augment == "saca" and "sensitive" not in info.plan.names and (build.get("saca") or {}).get("rho") == 0:
+            self.augment = "feature"  # SACA with no sensitive channel (rho = 0) is feature mode
+        if self.augment == "saca":
             if "sensitive" not in info.plan.names:
                 raise CacheError(f"{self.path}: layer {layer!r} has no 'sensitive' tier; augment='saca' needs one",
                                  hint="build with SACA (fmcache build --saca) or use augment='feature'")

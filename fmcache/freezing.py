@@ -57,6 +57,9 @@ class FreezeSchedule:
             epoch, sep, boundary = item.partition(":")
             if not sep or not epoch.strip().isdigit() or not boundary.strip():
                 raise FreezeError(f"bad schedule item {item!r}", hint="write EPOCH:BOUNDARY[,EPOCH:BOUNDARY...]")
+            if int(epoch) in points:  # a dict would keep the last one silently
+                raise FreezeError(f"epoch {int(epoch)} appears twice in the schedule {text!r}",
+                                  hint="give each epoch one boundary; freeze deeper at a later epoch")
             points[int(epoch)] = boundary.strip()
         return cls(points)
 

@@ -147,9 +147,13 @@ class CompressionPolicy:
 
 def frozen_fraction(model: nn.Module, boundary: str) -> float:
     """How much of ``model`` a freeze at top-level child ``boundary`` freezes: the share of
-    top-level children *with parameters* up to and including it."""
+    top-level children *with parameters* up to and including it. A nested module
+    (``"layer2.0.conv1"``) counts as its top-level child (``"layer2"``): a SACA build at a
+    nested name took the deepest stage (1.0, the most lossy codecs) before."""
     names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
     order = [n for n, _ in model.named_children()]
+    if boundary not in order and boundary.split(".")[0] in order:
+        boundary = boundary.split(".")[0]
     if boundary not in order:
         raise PolicyError(f"{boundary!r} is not a top-level child of {type(model).__name__}",
                           hint=f"choose one of {', '.join(order)}")

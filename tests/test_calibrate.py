@@ -21,6 +21,7 @@ from fmcache.calibrate import (
     calibration_draws,
     measure_sensitivity,
 )
+from fmcache.codecs import codec_from_spec
 from fmcache.dataset import FeatureMapDataset
 from fmcache.policy import CompressionPolicy
 from fmcache.report import inspect_cache
@@ -212,3 +213,60 @@ def test_cli_build_saca_needs_one_layer(tmp_path):
             "--layer", "block2", "--out", str(tmp_path / "x.lmdb"), "--saca", "--no-progress"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "one --layer" in result.output
+
+
+def test_a_saca_build_with_rho_0_is_feature_mode(tmp_path):
+    """rho = 0 selects no channel: the build refused it ("no tier named 'sensitive'").
+    It now stores no variants, and augment="saca" serves feature mode, as SACA with no
+    sensitive channel is defined."""
+    torch.manual_seed(0)
+    model = small_cnn(in_channels=1, width=4).eval()
+    out = tmp_path / "c.lmdb"
+    build_saca_cache(model, FashionMNIST("train", limit=32), "block2", out,
+                     saca=SacaConfig(family=AugFamily(photometric=False), rho=0.0, n_samples=8),
+                     policy=CompressionPolicy.constant("raw"), pixels=FMNIST, progress=False, batch_size=16)
+    with open_cache(out) as cache:
+        layer = cache.layer("block2")
+        assert layer.plan.names == ("bulk",) and layer.variants == ()
+    saca, feature = FeatureMapDataset(out, augment="saca", seed=3), FeatureMapDataset(out, augment="feature", seed=3)
+    for ds in (saca, feature):
+        ds.set_epoch(2)
+    rows = list(range(0, 32, 3))
+    assert torch.equal(saca.get_batch(rows)[0], feature.get_batch(rows)[0])
+    assert not torch.equal(saca.get_batch(rows)[0], FeatureMapDataset(out).get_batch(rows)[0])
+
+
+def test_a_nested_saca_layer_takes_the_freeze_depth_of_its_block(tmp_path):
+    """A SACA build at a nested name ("block2.2", the ReLU inside block2) took the policy's
+    deepest stage (frozen fraction 1.0: its most lossy codecs) instead of block2's."""
+    from fmcache.policy import frozen_fraction
+    torch.manual_seed(0)
+    model = small_cnn(in_channels=1, width=4).eval()
+    out = tmp_path / "c.lmdb"
+    build_saca_cache(model, FashionMNIST("train", limit=32), "block2.2", out,
+                     saca=SacaConfig(family=AugFamily(photometric=False), rho=0.25, n_samples=8, max_variants=1),
+                     pixels=FMNIST, progress=False, batch_size=16)
+    depth = frozen_fraction(model, "block2")
+    assert 0 < depth < 1 and frozen_fraction(model, "block2.2") == depth
+    with open_cache(out) as cache:
+        assert cache.manifest.build["frozen_fraction"] == depth
+        bulk, _ = CompressionPolicy.default().codecs_for(depth)
+        assert cache.layer("block2.2").plan.tier("bulk").codec.spec == codec_from_spec(bulk).spec
+
+
+def test_cli_variants_take_shifts_with_their_comma(tmp_path):
+    """`--variants flip,shift(0,+2)` was split inside shift(0,+2): no shift variant could
+    be given (the error's own example was refused)."""
+    from click.testing import CliRunner
+
+    from fmcache.cli import _variant_list, main
+
+    assert _variant_list("flip, shift(0,+2),flip+shift(-2,0)") == ("flip", "shift(0,+2)", "flip+shift(-2,0)")
+    out = tmp_path / "s.lmdb"
+    args = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block2",
+            "--out", str(out), "--saca", "--rho", "0.5", "--calib-samples", "16", "--variants", "flip,shift(0,+2)",
+            "--pixels", f"{MEAN},{STD},0,1", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with open_cache(out) as cache:
+        assert set(cache.layer("block2").variants) == {"flip", "shift(0,+2)"}

@@ -216,6 +216,11 @@ def test_full_arm_has_no_recipe_and_unknown_arms_are_refused():
     ({"train_samples": 10}, "TrainingError", "10 training samples are fewer than one batch of 128"),
     ({"epochs": 0}, "TrainingError", "epochs=0: train at least one epoch"),
     ({"epochs": 2, "schedule": "5:layer2"}, "FreezeError", "schedule epoch 5 is past the last epoch"),
+    # a dict kept the last entry of a repeated epoch: layer2 was dropped silently
+    ({"epochs": 3, "schedule": "1:layer2,1:layer3"}, "FreezeError", "epoch 1 appears twice"),
+    # checked when the recipe is made, not after an epoch of training
+    ({"rho": 1.5}, "BuildError", r"rho=1.5 must be a fraction in \[0, 1\]"),
+    ({"max_variants": -1}, "BuildError", "max_variants=-1 must be a whole number >= 1"),
 ])
 def test_run_arm_refuses_settings_that_would_train_nothing_or_never_freeze(tmp_path, kwargs, error, message):
     """`fmcache train --samples 10` trained on no batch (drop_last, batch 128) and reported
@@ -264,3 +269,21 @@ def test_train_epoch_trains_inside_a_no_grad_context(context):
     assert loss_in == loss_out
     assert all(torch.equal(a, b) for a, b in zip(outside, inside))
     assert not all(torch.equal(a, b) for a, b in zip(initial, inside))
+
+
+def test_train_json_prints_only_the_json_on_stdout(tmp_path):
+    """`fmcache train --json` printed its per-epoch lines before the JSON on stdout, so
+    json.loads of the output failed; they go to stderr with --json."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fmcache_cli = Path(sys.executable).parent / "fmcache"
+    done = subprocess.run([str(fmcache_cli), "train", "--samples", "128", "--epochs", "2", "--test-samples", "200",
+                           "--width", "4", "--schedule", "1:layer2", "--work-dir", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["arm"] == "fmcache" and 0 <= result["acc"] <= 1
+    assert "froze up to layer2" in done.stderr and "epoch 1:" in done.stderr
