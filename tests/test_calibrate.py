@@ -186,16 +186,20 @@ def test_saca_items_are_deterministic_and_differ_from_feature_only_on_sensitive_
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
+def _saca_build_args(out, *extra: str) -> list[str]:
+    """`fmcache build --saca` of the test CNN's block2 (rho 0.5, 16 calibration samples)."""
+    return ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block2",
+            "--out", str(out), "--saca", "--rho", "0.5", "--calib-samples", "16", *extra,
+            "--pixels", f"{MEAN},{STD},0,1", "--no-progress"]
+
+
 def test_cli_build_saca_writes_scores_tiers_and_variants(tmp_path):
     from click.testing import CliRunner
 
     from fmcache.cli import main
 
     out = tmp_path / "s.lmdb"
-    args = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block2",
-            "--out", str(out), "--saca", "--rho", "0.5", "--calib-samples", "16", "--max-variants", "1",
-            "--pixels", f"{MEAN},{STD},0,1", "--no-progress"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, _saca_build_args(out, "--max-variants", "1"))
     assert result.exit_code == 0, result.output
     assert "sensitivity" in result.output
     with open_cache(out) as cache:
@@ -263,10 +267,7 @@ def test_cli_variants_take_shifts_with_their_comma(tmp_path):
 
     assert _variant_list("flip, shift(0,+2),flip+shift(-2,0)") == ("flip", "shift(0,+2)", "flip+shift(-2,0)")
     out = tmp_path / "s.lmdb"
-    args = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block2",
-            "--out", str(out), "--saca", "--rho", "0.5", "--calib-samples", "16", "--variants", "flip,shift(0,+2)",
-            "--pixels", f"{MEAN},{STD},0,1", "--no-progress"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, _saca_build_args(out, "--variants", "flip,shift(0,+2)"))
     assert result.exit_code == 0, result.output
     with open_cache(out) as cache:
         assert set(cache.layer("block2").variants) == {"flip", "shift(0,+2)"}
