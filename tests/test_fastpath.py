@@ -609,3 +609,28 @@ def test_hdf5_row_reader_equals_from_hdf5_into(x: np.ndarray, spec: str, layout:
     if spec.startswith(("bf16", "fp16")) and layout == "plain":  # the casts' own reader checks the shape
         with pytest.raises(ValueError):
             read(0, np.empty((1, *x.shape), np.float32))
+
+
+@pytest.mark.parametrize("shape, plan", [
+    ((1,), TierPlan.single(1, "zfp:accuracy=0.01")),
+    ((1, 1, 1), TierPlan.single(1, "zfp:rate=8")),
+    ((8, 1, 1), TierPlan.two_tier(8, [7], "zfp:accuracy=0.01", "int8")),  # a one-channel ZFP tier
+], ids=["1", "1x1x1", "8x1x1-two-tier"])
+def test_hdf5_zfp_chunks_hdf5_stored_unfiltered_read_back(tmp_path: Path, shape, plan) -> None:
+    """HDF5 skips its optional ZFP filter on a chunk the filter cannot shrink (one value a
+    sample) and marks the chunk's filter mask; the chunk-index check took every such mask
+    for damage, so the committed cache could never be read (a new-user sweep). With the
+    index digest recorded at commit, masks as committed are accepted."""
+    rng = np.random.default_rng(11)
+    maps = rng.random((10, *shape)).astype(np.float32)
+    path = tmp_path / "c.h5"
+    with fmcache.create_cache(path, backend="hdf5") as writer:
+        writer.add_layer("l", shape, plan=plan, samples_per_chunk=4)
+        writer.append({"l": maps}, np.arange(10))
+        writer.commit()
+    with fmcache.open_cache(path) as cache:
+        got = cache.read_batch("l", range(10))
+        assert np.abs(got - maps).max() <= 0.01  # zfp:accuracy=0.01 (a one-value chunk is stored as is)
+        assert np.array_equal(cache.read("l", 9), got[9])
+    from fmcache.verify import verify_cache
+    assert verify_cache(path).samples == 10
