@@ -15,7 +15,7 @@ Maps: the zoo's CIFAR ResNet-18 of width 16 (as ``bench_train.py``) on Fashion-M
 layers 2 and 3; a ``bf16`` SACA cache (every fourth channel sensitive, five variants,
 rolled stand-ins). Prints JSON; ``--json`` keeps it, ``--docs`` writes the table between
 ``<!-- bench_handover:start -->`` and ``<!-- bench_handover:end -->`` in
-``docs/benchmarks.md``::
+``docs/benchmarks_history.md``::
 
     python tools/bench_handover.py --json docs/bench_handover.json --docs   # ~2 min
 """
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--step-ms", type=float, default=20.0)
     parser.add_argument("--json", default="", help="also write the result here")
-    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks_history.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     maps = capture_maps(16, 50, args.layers, args.samples)
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     if args.docs:
-        write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END, render(result))
+        write_region(REPO / "docs" / "benchmarks_history.md", MARK_BEGIN, MARK_END, render(result))
     return 0
 
 

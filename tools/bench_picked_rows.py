@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--json", default="")
-    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks_history.md")
     args = parser.parse_args(argv)
     saved = hdf5_backend.PICKED_CHUNK_ROWS
     rows: dict[str, Any] = {}
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.docs:
-        write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END, table)
+        write_region(REPO / "docs" / "benchmarks_history.md", MARK_BEGIN, MARK_END, table)
     if args.json:
         settings = {"samples": args.samples, "epochs": args.epochs, "threshold": saved,
                     "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}

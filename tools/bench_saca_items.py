@@ -16,7 +16,7 @@ the numbers differ only by the code under test.
 
 It prints JSON and (unless ``--json ''``) writes it to ``docs/bench_saca_items.json`` and
 its table between ``<!-- bench_saca_items:start -->`` and ``<!-- bench_saca_items:end -->``
-in ``docs/benchmarks.md``; ``--table-only`` rewrites that table from the JSON file.
+in ``docs/benchmarks_history.md``; ``--table-only`` rewrites that table from the JSON file.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = tuple(args.shape)
     if args.table_only:
         from bench_read import write_region
-        write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END,
+        write_region(REPO / "docs" / "benchmarks_history.md", MARK_BEGIN, MARK_END,
                      markdown(json.loads(Path(args.json).read_text())))
         return 0
     if args.child is not None:
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         from bench_read import write_region
         Path(args.json).write_text(text + "\n")
-        write_region(REPO / "docs" / "benchmarks.md", MARK_BEGIN, MARK_END, markdown(result))
+        write_region(REPO / "docs" / "benchmarks_history.md", MARK_BEGIN, MARK_END, markdown(result))
     return 0
 
 

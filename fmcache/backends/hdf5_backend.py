@@ -336,7 +336,7 @@ class Hdf5Backend(Backend):
         h5py read per row (tens of µs each); with fewer samples per chunk (larger maps)
         copying its chunks whole cost more than the rows it served, and the rows come
         through HDF5's own reads (its chunk cache keeps the decoded chunks). Measured by
-        tools/bench_picked_rows.py (docs/benchmarks.md, "What session 7 changed")."""
+        tools/bench_picked_rows.py (docs/benchmarks_history.md, "What session 7 changed")."""
         gather = self._layers[layer][2] >= PICKED_CHUNK_ROWS
         return self._read(layer, samples, (name,), None, gather=gather)[name]
 
@@ -454,7 +454,7 @@ class Hdf5Backend(Backend):
         """:meth:`read_one` of a part stored a chunk per sample: one h5py slice per field,
         then the codec's decode into ``out``. The batch path's bookkeeping (sorting,
         de-duplicating, grouping the rows) cost as much per sample as a small map's filter
-        decode (docs/benchmarks.md, "What session 10 changed")."""
+        decode (docs/benchmarks_history.md, "What session 10 changed")."""
         rows: dict[str, np.ndarray] = {}
         for name, path in fields:
             try:

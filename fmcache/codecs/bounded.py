@@ -140,7 +140,7 @@ class BoundedCodec(Codec):
         """The filter's decoded values copied once into ``out``, then clamped there in
         place. (The base class's path made a new batch, copied it, gathered and scattered
         the clamped rows and copied the result into ``out``: four passes over the batch
-        where one does; docs/benchmarks.md, "What session 10 changed".)"""
+        where one does; docs/benchmarks_history.md, "What session 10 changed".)"""
         values, nonneg = fields["values"], fields["nonneg"]
         if len(values) != len(out) or len(nonneg) != len(out) \
                 or math.prod(np.shape(values)[1:]) != math.prod(out.shape[1:]):
