@@ -359,7 +359,7 @@ class FreezingTrainer:
             stats.update(epoch=epoch, boundary=self.boundary)
             self.history.append(stats)
             self.log(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['samples']} samples, "
-                     f"{stats['seconds']:.1f} s, frozen to {self.boundary})")
+                     f"{stats['seconds']:.1f} s, " + (f"frozen to {self.boundary})" if self.boundary else "nothing frozen yet)"))
             if self.freezer is not None and epoch + 1 < self.epochs:
                 new = self.freezer.end_epoch(self.model, epoch)
                 if new is not None:

@@ -287,3 +287,7 @@ def test_train_json_prints_only_the_json_on_stdout(tmp_path):
     result = json.loads(done.stdout)
     assert result["arm"] == "fmcache" and 0 <= result["acc"] <= 1
     assert "froze up to layer2" in done.stderr and "epoch 1:" in done.stderr
+    # before the first freeze the log said "frozen to None"
+    first = next(line for line in done.stderr.splitlines() if line.startswith("epoch 0:"))
+    assert first.endswith("nothing frozen yet)") and "None" not in first
+    assert next(line for line in done.stderr.splitlines() if line.startswith("epoch 1:")).endswith("frozen to layer2)")
