@@ -115,7 +115,8 @@ class ShardedCache:
 
     @property
     def backend_id(self) -> str:
-        return self.shards[0].backend_id
+        """The shards' backend; ``"lmdb+hdf5"`` (in shard order) for shards of both."""
+        return "+".join(dict.fromkeys(shard.backend_id for shard in self.shards))
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

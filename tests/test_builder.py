@@ -20,6 +20,7 @@ import fmcache
 from fmcache import FeatureMapDataset
 from fmcache.builder import build_cache, shard_range
 from fmcache.errors import BuildError, LayerNotFoundError, StaleCacheError
+from fmcache.report import inspect_cache
 from fmcache.shards import merge_shards
 
 HERE = Path(__file__).parent
@@ -182,6 +183,20 @@ def test_shards_merge_into_one_cache(tmp_path, data):
     np.testing.assert_array_equal(cache.labels, [data[i][1] for i in range(N_SAMPLES)])
     ds = FeatureMapDataset(merged, "block2")
     np.testing.assert_array_equal(ds[95][0].numpy(), truth[95])
+
+
+def test_shards_of_both_backends_merge_and_inspect_names_both(tmp_path, data):
+    """A merge of an LMDB and an HDF5 shard reads as one cache; inspect named only the
+    first shard's backend."""
+    model = tiny_model()
+    parts = [tmp_path / "s0.lmdb", tmp_path / "s1.h5"]
+    for i, p in enumerate(parts):
+        build_cache(model, data, ["block2"], p, codec="raw", shard=(i, 2), progress=False)
+    cache = fmcache.open_cache(merge_shards(parts, tmp_path / "merged"))
+    np.testing.assert_array_equal(cache.read_batch("block2", range(N_SAMPLES)),
+                                  prefix_outputs(model, data, ["block2"])["block2"])
+    assert cache.backend_id == "lmdb+hdf5"
+    assert inspect_cache(tmp_path / "merged")["backend"] == "lmdb+hdf5"
 
 
 def test_merge_refuses_missing_shards(tmp_path, data):
