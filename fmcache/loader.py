@@ -19,9 +19,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from .dataset import FeatureMapDataset
+from .errors import SamplerConfigError
 from .handover import BatchKeys, OrdinalBatches, SharedRing, Ticket, ring_slots
 from .sampler import EpochSampler, SampleKey
 
@@ -47,20 +48,37 @@ class PermutationSampler(Sampler[int]):
         return self.num_samples
 
 
-class EpochKeyed(Dataset):
-    """A data set with ``set_epoch`` served by :class:`~fmcache.sampler.SampleKey`: each
-    fetch first selects the key's epoch in this process's copy (a worker's included)."""
+def epoch_targets(dataset: Dataset) -> list[Any]:
+    """The data sets whose items depend on the epoch in ``dataset``: itself when it has a
+    ``set_epoch``, else those inside torch's ``Subset`` (``random_split``'s parts) and
+    ``ConcatDataset`` wrappers, which have none and so never passed the epoch on: a
+    wrapped ``FeatureMapDataset`` served epoch 0's augmentations every epoch."""
+    if hasattr(dataset, "set_epoch"):
+        return [dataset]
+    if isinstance(dataset, Subset):
+        return epoch_targets(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return [target for inner in dataset.datasets for target in epoch_targets(inner)]
+    return []
 
-    def __init__(self, dataset: Dataset) -> None:
+
+class EpochKeyed(Dataset):
+    """A data set served by :class:`~fmcache.sampler.SampleKey`: each fetch first selects
+    the key's epoch in this process's copy (a worker's included) of the data set, or of
+    the data sets with a ``set_epoch`` inside it (``targets``, :func:`epoch_targets`)."""
+
+    def __init__(self, dataset: Dataset, targets: Sequence[Any] | None = None) -> None:
         self.dataset = dataset
+        self.targets = list(targets) if targets is not None else [dataset]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def _select(self, key: Any) -> Any:
         if isinstance(key, SampleKey):
-            if getattr(self.dataset, "epoch", None) != key.epoch:
-                self.dataset.set_epoch(key.epoch)  # type: ignore[attr-defined]
+            for target in self.targets:
+                if getattr(target, "epoch", None) != key.epoch:
+                    target.set_epoch(key.epoch)
             return key.sample
         return key
 
@@ -126,7 +144,10 @@ class EpochLoader:
     :class:`~fmcache.dataset.FeatureMapDataset` gets its chunk-aware sampler and is served
     a batch at a time (:class:`BatchServed`: the batch tensor and the labels ``collate``
     would make, without an item per sample); any other data set a seeded permutation per
-    epoch.
+    epoch; data sets with a ``set_epoch`` inside torch's ``Subset`` / ``ConcatDataset``
+    (a ``FeatureMapDataset`` among them) are told each epoch, in the workers too.
+    ``seed`` is that permutation's; a ``FeatureMapDataset``'s order comes from its own
+    ``seed`` (another one here is refused).
     With ``num_workers > 0`` the workers persist across epochs (``close()`` or dropping the
     loader stops them).
 
@@ -138,7 +159,7 @@ class EpochLoader:
     nothing to hand over.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0,
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int | None = None, num_workers: int = 0,
                  persistent: bool = True, handover: str = "ring") -> None:
         if handover not in ("ring", "torch"):
             raise ValueError(f"handover={handover!r}: use 'ring' or 'torch'")
@@ -147,14 +168,27 @@ class EpochLoader:
         served: Dataset = dataset
         collate_fn = None
         ring: SharedRing | None = None
+        self.targets = epoch_targets(dataset)
         if isinstance(dataset, FeatureMapDataset):  # reads SampleKeys itself, makes whole batches
+            if seed is not None and seed != dataset.seed:
+                raise SamplerConfigError(f"seed={seed}, but the FeatureMapDataset's seed is {dataset.seed}: its "
+                                         "order and draws come from its own seed",
+                                         hint="set the seed on the data set (FeatureMapDataset(..., seed=...)) and "
+                                              "leave EpochLoader's out")
             if handover == "ring" and num_workers > 0:
                 ring = SharedRing(ring_slots(num_workers, PREFETCH_FACTOR), batch_size, dataset.shape, dataset.dtype)
             base, collate_fn, served = dataset.sampler(drop_last=False), as_batch, BatchServed(dataset, ring)
         else:
-            base = PermutationSampler(len(dataset), seed)  # type: ignore[arg-type]
-            if hasattr(dataset, "set_epoch"):
-                served = EpochKeyed(dataset)
+            base = PermutationSampler(len(dataset), seed or 0)  # type: ignore[arg-type]
+            if self.targets:
+                served = EpochKeyed(dataset, self.targets)
+        per_epoch = len(base)  # type: ignore[arg-type]
+        if batch_size < 1 or per_epoch < batch_size:
+            raise SamplerConfigError(f"batch_size={batch_size} for {per_epoch} samples an epoch: the loader drops the "
+                                     "last partial batch, so every epoch would be empty" if batch_size >= 1 else
+                                     f"batch_size={batch_size}: must be >= 1",
+                                     hint=f"use a batch_size of at most {per_epoch}" if per_epoch else
+                                     "the data set is empty")
         keyed = served is not dataset
         self.sampler = EpochSampler(base) if keyed else base
         workers: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": persistent and num_workers > 0,
@@ -171,8 +205,8 @@ class EpochLoader:
         if self.loader is None:
             raise RuntimeError("this EpochLoader is closed")
         self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        if hasattr(self.dataset, "set_epoch"):  # the main process's copy, for whoever reads it
-            self.dataset.set_epoch(epoch)
+        for target in self.targets:  # the main process's copies, for whoever reads them
+            target.set_epoch(epoch)
         return self.loader
 
     def close(self) -> None:
@@ -183,4 +217,4 @@ class EpochLoader:
             iterator._shutdown_workers()
 
 
-__all__ = ["BatchServed", "EpochKeyed", "EpochLoader", "PermutationSampler", "RingLoader", "as_batch"]
+__all__ = ["BatchServed", "EpochKeyed", "EpochLoader", "PermutationSampler", "RingLoader", "as_batch", "epoch_targets"]

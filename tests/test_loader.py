@@ -137,3 +137,43 @@ def test_hand_wired_batch_loader_gives_the_epoch_loaders_batches(tmp_path):
         maps, labels = collate(ds.__getitems__(keys))
         assert torch.equal(hand[0][0], maps) and torch.equal(hand[0][1], labels)
 
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("wrap", ["subset", "random_split", "concat"])
+def test_a_wrapped_feature_map_dataset_draws_each_epochs_augmentations(tmp_path, wrap, workers):
+    """EpochLoader over torch's Subset / random_split / ConcatDataset of an augmenting
+    FeatureMapDataset served epoch 0's draws every epoch (the wrappers have no set_epoch)."""
+    from torch.utils.data import ConcatDataset, Subset, random_split
+
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=3)
+    if wrap == "subset":
+        data, inner = Subset(ds, range(5, 37)), list(range(5, 37))
+    elif wrap == "random_split":
+        data = random_split(ds, [32, 8], generator=torch.Generator().manual_seed(0))[0]
+        inner = list(data.indices)
+    else:
+        data, inner = ConcatDataset([ds, ds]), list(range(40)) * 2
+    loader = EpochLoader(data, 8, seed=5, num_workers=workers)
+    for epoch in (0, 2):
+        got = torch.cat([m for m, _ in loader(epoch)])
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(5 * 100_003 + epoch)).tolist()
+        rows = [inner[i] for i in order[:len(got)]]
+        want = ds.get_batch([SampleKey(epoch, r) for r in rows])[0]
+        assert torch.equal(got, want), epoch
+        assert not torch.equal(got, ds.get_batch([SampleKey(1 - epoch // 2, r) for r in rows])[0])
+    loader.close()
+
+
+def test_epoch_loader_refuses_a_seed_the_data_set_would_ignore_and_empty_epochs(tmp_path):
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=3)
+    with pytest.raises(fmcache.errors.SamplerConfigError, match="seed=4.*own seed"):
+        EpochLoader(ds, 8, seed=4)
+    assert len(list(EpochLoader(ds, 8, seed=3)(0))) == 5  # the data set's own seed is taken
+    for batch in (41, 0):  # every epoch would be empty (drop_last) / no batch at all
+        with pytest.raises(fmcache.errors.SamplerConfigError, match="batch_size"):
+            EpochLoader(ds, batch)
+    with pytest.raises(fmcache.errors.SamplerConfigError, match="at most 12"):
+        EpochLoader(torch.utils.data.TensorDataset(torch.arange(12)), 13)
