@@ -9,6 +9,7 @@ and can build one shard ``(index, count)`` of the data set (see :mod:`fmcache.sh
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,11 +26,11 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from .augment import AugFamily, default_variants, parse_variant, variant_name
 from .cache import create_cache
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
-from .capture import Capture
+from .capture import Capture, eval_mode
 from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
-from .errors import BuildError, DataError, NonFiniteError
-from .fingerprint import data_fingerprint, weights_fingerprint
+from .errors import BuildError, DataError, FmcacheError, NonFiniteError
+from .fingerprint import UsedTensors, data_fingerprint, weights_fingerprint
 from .manifest import Manifest
 from .policy import CompressionPolicy, frozen_fraction
 from .sensitivity import select_sensitive
@@ -67,17 +68,63 @@ def check_model_and_data(model: Any, dataset: Any) -> int:
 
 
 def prefix_fingerprint(model: nn.Module, layers: Sequence[str], example: torch.Tensor) -> str:
-    """Fingerprint of the modules that run before the last boundary, found by running
-    ``example`` (a batch) through the model once."""
-    return _probe(model, Capture(model, layers), example)[0]
+    """Fingerprint of the modules that run before the last boundary (and of any parameter
+    or buffer the forward uses directly), found by running ``example`` (a batch) through
+    the model once, in eval mode as the build does (a BatchNorm in training mode would
+    otherwise update its statistics, and the fingerprint with them)."""
+    with eval_mode(model):
+        return _probe(model, Capture(model, layers), example)[0]
 
 
-def _probe(model: nn.Module, capture: Capture, example: torch.Tensor) -> tuple[str, dict[str, tuple[int, ...]]]:
+def _probe(model: nn.Module, capture: Capture, example: torch.Tensor
+           ) -> tuple[str, dict[str, tuple[int, ...]], Callable[[], Any]]:
     """One small forward of ``example``: the prefix's weights fingerprint (the modules that
-    ran) and each boundary's per-sample map shape."""
-    with torch.inference_mode():
-        outputs = capture(example, record_prefix=True)
-    return weights_fingerprint(model, capture.ran), {name: tuple(t.shape[1:]) for name, t in outputs.items()}
+    ran, and any parameter or buffer the forward used directly), each boundary's
+    per-sample map shape (checked to be a map fmcache can store) and the no-grad context
+    the prefix runs in: ``torch.inference_mode`` (the faster), or ``torch.no_grad`` for a
+    model whose forward needs autograd inside (a gradient taken under
+    ``torch.enable_grad()``, which inference mode's tensors refuse)."""
+    grad_mode: Callable[[], Any] = torch.inference_mode
+    with UsedTensors(model) as used:
+        try:
+            with grad_mode():
+                outputs = capture(example, record_prefix=True)
+        except FmcacheError:
+            raise
+        except Exception:  # noqa: BLE001 - once more without inference mode; a second failure is named
+            grad_mode = torch.no_grad
+            used.names.clear()
+            with grad_mode():
+                outputs = _forward(model, capture, example, record_prefix=True)
+    for name, tensor in outputs.items():
+        if tensor.is_complex():
+            raise BuildError(f"module {name!r} outputs complex values ({tensor.dtype}); fmcache stores real maps",
+                             hint="wrap the module to return torch.view_as_real(output) (real and imaginary "
+                                  "parts as a last axis), or choose a module with a real output")
+        if tensor.dim() < 2:
+            raise BuildError(f"module {name!r} outputs one value per sample (batch shape {tuple(tensor.shape)}); "
+                             "fmcache caches maps of at least one axis per sample",
+                             hint="choose another module, or wrap this one to return shape (N, 1)")
+    return (weights_fingerprint(model, capture.ran, used.names),
+            {name: tuple(t.shape[1:]) for name, t in outputs.items()}, grad_mode)
+
+
+def _forward(model: nn.Module, capture: Capture, inputs: Any, *, record_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """``capture(inputs)``; the model's own failure as a BuildError that says which inputs
+    (shape, dtype, device) met which parameters."""
+    try:
+        return capture(inputs, record_prefix=record_prefix)
+    except FmcacheError:
+        raise
+    except Exception as exc:
+        param = next(itertools.chain(model.parameters(), model.buffers()), None)
+        got = (f"inputs {tuple(inputs.shape)} {inputs.dtype} on {inputs.device}" if isinstance(inputs, torch.Tensor)
+               else f"inputs of type {type(inputs).__name__}")
+        has = f"; its parameters are {param.dtype} on {param.device}" if param is not None else ""
+        raise BuildError(f"the model's forward failed on {got}{has}: {type(exc).__name__}: {exc}",
+                         hint="give the data set inputs of the dtype and device the model takes (numpy arrays "
+                              "are float64 unless made float32), and check that the model runs on one batch"
+                         ) from exc
 
 
 def _collate(items: Sequence[Any]) -> Any:
@@ -108,13 +155,18 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
                 variant_tiers: Sequence[str] | None = None, allow_stale: bool = False,
                 allow_nonfinite: bool = False, progress: bool = True, build_info: Mapping[str, Any] | None = None,
                 layer_extra: Mapping[str, Mapping[str, Any]] | None = None,
-                device: str | torch.device = "cpu") -> Manifest:
+                device: str | torch.device | None = None) -> Manifest:
     """Build (or resume) a cache of ``layers`` of ``model`` over ``dataset``.
 
     Parameters
     ----------
     model
-        Any ``nn.Module``; put in eval mode for the build and restored afterwards.
+        Any ``nn.Module``; put in eval mode for the build (every submodule's own mode is
+        restored afterwards) and run under ``torch.inference_mode`` (``torch.no_grad`` if
+        its forward needs autograd inside).
+    device
+        Where the prefix runs: the model is moved there (and left there). Default: the
+        device of the model's first parameter (CPU for a model without any), not moved.
     dataset
         A map-style data set of ``(input, label)``; inputs batch with the default collate.
     layers
@@ -144,16 +196,18 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         raise BuildError(f"shard {shard[0]}/{shard[1]} of a data set of {n_total} items is empty",
                          hint="use fewer shards than items")
     subset = Subset(dataset, range(lo, hi))
-    was_training = model.training
-    model.eval().to(device)
-    try:
+    if device is None:
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    else:
+        model.to(device)
+    with eval_mode(model):
         # A probe of two samples, not a batch: the build runs its own forward over every
         # sample anyway (a whole-batch probe added one batch of forward to each build), and
         # two samples, unlike one, keep a squeeze of the batch axis out of the shapes.
         _check_item(subset[0], lo)
         first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo), collate_fn=_collate)))
         first_inputs = first_inputs.to(device)
-        weights, shapes = _probe(model, capture, first_inputs)
+        weights, shapes, grad_mode = _probe(model, capture, first_inputs)
         fingerprints = {"weights": weights, "data": data_fingerprint(dataset)}
         info = {"layers": layers, "batch_size": batch_size, "samples_total": n_total,
                 "input_shape": list(first_inputs.shape[1:]),
@@ -167,10 +221,9 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
                 plan = _plan_for(plans, name, shapes[name], codec)
                 writer.add_layer(name, shapes[name], plan=plan, variants=sorted(variants or {}),
                                  variant_tiers=variant_tiers, extra=dict((layer_extra or {}).get(name, {})))
-            _run(model, capture, subset, writer, lo, batch_size, num_workers, variants or {}, progress, device)
+            _run(model, capture, subset, writer, lo, batch_size, num_workers, variants or {}, progress, device,
+                 grad_mode)
             return writer.commit()
-    finally:
-        model.train(was_training)
 
 
 def _plan_for(plans: Mapping[str, TierPlan] | PlanFor | None, name: str, shape: tuple[int, ...],
@@ -217,7 +270,7 @@ def _check_item(item: Any, index: int) -> None:
 
 def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: int, batch_size: int,
          num_workers: int, variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], progress: bool,
-         device: str | torch.device) -> None:
+         device: str | torch.device, grad_mode: Callable[[], Any] = torch.inference_mode) -> None:
     start = writer.samples
     remaining = Subset(subset.dataset, range(lo + start, lo + len(subset)))
     if len(remaining) == 0:
@@ -249,7 +302,7 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     pending: Future[None] | None = None
     with blosc2_releasing_gil(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
         try:
-            with torch.inference_mode():
+            with grad_mode():
                 for inputs, labels in loader:
                     inputs = inputs.to(device)
                     maps = {k: v.float().cpu().numpy() for k, v in capture(inputs).items()}

@@ -10,7 +10,8 @@ output.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,8 +20,24 @@ from torch import nn
 from .errors import BuildError, LayerNotFoundError
 
 
-class _StopForward(Exception):
-    """Raised inside a hook once every boundary has fired."""
+class _StopForward(BaseException):
+    """Raised inside a hook once every boundary has fired. A BaseException, so that a
+    model whose forward catches ``Exception`` (a fallback path) does not swallow it and
+    run on past the prefix."""
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside, and afterwards every submodule's own ``training`` flag
+    as it was: ``model.train(was_training)`` would also switch a frozen BatchNorm or
+    Dropout that the user had put in eval mode back to training."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -71,18 +88,26 @@ class Capture:
         def make_hook(name: str) -> Callable[..., None]:
             def hook(_module: nn.Module, _args: Any, output: Any) -> None:
                 if name not in outputs:
-                    tensor = _as_tensor(name, output).detach()
-                    # Until the last boundary fires the forward goes on, and a later in-place
-                    # op (ReLU(inplace=True), a residual's `out += x`) would overwrite this
-                    # output's storage: keep a copy. The last one ends the forward as it is.
-                    outputs[name] = tensor if len(outputs) + 1 == len(self.names) else tensor.clone()
+                    # A copy, of every boundary: until the last one fires the forward goes
+                    # on, and a later in-place op (ReLU(inplace=True), a residual's
+                    # `out += x`) would overwrite an earlier output's storage; and a module
+                    # may return a buffer it reuses (static output buffers, `out=` kernels),
+                    # which the next forward (the next batch, a SACA variant) overwrites while
+                    # the builder still encodes this one.
+                    outputs[name] = _as_tensor(name, output).detach().clone()
                 if len(outputs) == len(self.names):
                     raise _StopForward
 
             return hook
 
         for name, module in self.modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+            try:
+                handles.append(module.register_forward_hook(make_hook(name)))
+            except RuntimeError as exc:  # torch.jit.script modules take no hooks
+                for handle in handles:
+                    handle.remove()
+                raise BuildError(f"cannot watch module {name!r} of {type(self.model).__name__}: {exc}",
+                                 hint="pass the eager nn.Module, not its torch.jit.script version") from None
         if record_prefix:
             self.ran = []
             for mname, module in self.model.named_modules():
@@ -97,6 +122,10 @@ class Capture:
                 handle.remove()
         missing = [n for n in self.names if n not in outputs]
         if missing:
-            raise BuildError(f"modules {missing} never ran in the model's forward pass",
-                             hint="choose modules that the forward of this model calls")
+            traced = isinstance(self.model, torch.jit.ScriptModule)
+            raise BuildError(f"modules {missing} never ran in the model's forward pass"
+                             + (" (a traced model: torch.jit.trace runs its graph, not the modules' "
+                                "forward)" if traced else ""),
+                             hint="pass the eager nn.Module the trace was made from" if traced else
+                             "choose modules that the forward of this model calls")
         return outputs

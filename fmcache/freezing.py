@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from .builder import SacaConfig, build_cache, build_saca_cache
 from .calibrate import PixelSpace
+from .capture import eval_mode
 from .dataset import FeatureMapDataset
 from .errors import FreezeError
 from .loader import EpochLoader
@@ -294,6 +295,8 @@ class FreezingTrainer:
         if self.boundary is not None and self.order.index(boundary) <= self.order.index(self.boundary):
             return
         self.prefix, self.suffix = split_at(self.model, boundary)
+        if self.boundary is None:
+            self._check_splits(self.prefix, self.suffix, boundary)
         self.prefix.eval()
         for p in self.prefix.parameters():
             p.requires_grad_(False)
@@ -314,6 +317,24 @@ class FreezingTrainer:
             _remove(old["path"])
         self.log(f"froze up to {boundary}: cache {path.name} {built['stored_bytes']:,} B "
                  f"in {built['build_s']:.1f} s ({built['codecs']})")
+
+    def _check_splits(self, prefix: nn.Module, suffix: nn.Module, boundary: str) -> None:
+        """The trainer splits the model at top-level children, which is only the model when
+        its forward applies them one after another (split_at): with a reshape or a skip
+        between them the split trains another network (or fails mid-training). One small
+        batch through both, before anything is built; a difference is a FreezeError."""
+        x = torch.stack([torch.as_tensor(self.plain_data[i][0]) for i in range(min(4, len(self.plain_data)))])  # type: ignore[arg-type]
+        with torch.no_grad(), eval_mode(self.model):
+            try:
+                whole, split = self.model(x), suffix(prefix(x))
+                same = whole.shape == split.shape and bool(torch.allclose(whole, split, rtol=1e-4, atol=1e-5))
+            except RuntimeError:
+                same = False
+        if not same:
+            raise FreezeError(f"{type(self.model).__name__}'s forward is not its top-level children applied in order "
+                              f"(split at {boundary!r}, the halves compute something else than the model)",
+                              hint="freezing splits a model at its top-level children: make it an nn.Sequential of "
+                                   "its blocks, with reshapes as modules (nn.Flatten()) and skips inside blocks")
 
     def on_epoch_start(self, epoch: int) -> None:
         """Apply the schedule for ``epoch`` (for users driving their own loop)."""

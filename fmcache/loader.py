@@ -69,7 +69,7 @@ class EpochKeyed(Dataset):
 
     def __init__(self, dataset: Dataset, targets: Sequence[Any] | None = None) -> None:
         self.dataset = dataset
-        self.targets = list(targets) if targets is not None else [dataset]
+        self.targets: list[Any] = list(targets) if targets is not None else [dataset]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -78,7 +78,7 @@ class EpochKeyed(Dataset):
         if isinstance(key, SampleKey):
             for target in self.targets:
                 if getattr(target, "epoch", None) != key.epoch:
-                    target.set_epoch(key.epoch)
+                    target.set_epoch(key.epoch)  # type: ignore[union-attr]
             return key.sample
         return key
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .capture import eval_mode
 from .loader import EpochLoader
 from .zoo import native_bf16
 
@@ -97,20 +98,17 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: torch.optim.Optimi
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 500, bf16: bool | None = None) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (eval mode)."""
-    was = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with eval_mode(model):  # afterwards each module's own mode: a frozen prefix stays in eval
         for x, y in DataLoader(dataset, batch_size=batch_size):
             with _autocast(bf16):
                 correct += int((model(_cl(x.float())).float().argmax(1) == y).sum())
             total += len(y)
-    finally:
-        model.train(was)
     return correct / max(total, 1)
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int = 0, num_workers: int = 0) -> DataLoader:
+def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int | None = None,
+                 num_workers: int = 0) -> DataLoader:
     """A shuffled, ``drop_last`` loader whose order depends on (seed, epoch), for one epoch.
 
     ``num_workers`` > 0 reads, decodes and augments in worker processes, overlapping the

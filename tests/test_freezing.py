@@ -182,6 +182,56 @@ def test_trainer_refuses_a_schedule_and_a_freezer_together(tmp_path, data):
                         schedule=FreezeSchedule({}), freezer=AdaptiveFreezer(["block1"]))
 
 
+class _FlattenInForward(nn.Module):
+    """Top-level children that are not the forward: a reshape between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(1, 2, 3, stride=4), nn.ReLU())
+        self.fc = nn.Linear(2 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.block1(x), 1))
+
+
+class _SkipInForward(nn.Module):
+    """A skip across top-level children: split at block1, the halves drop it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Conv2d(1, 1, 3, padding=1)
+        self.block2 = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Flatten(), nn.Linear(32 * 32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(x) + x)
+
+
+@pytest.mark.parametrize("model", [_FlattenInForward, _SkipInForward])
+def test_trainer_refuses_a_model_its_split_would_not_reproduce(tmp_path, data, model):
+    """A reshape between children failed mid-training (torch's shape error) after the cache
+    was built; a skip across them trained another network, silently."""
+    trainer = FreezingTrainer(model(), *data, epochs=2, work_dir=tmp_path, schedule=FreezeSchedule.parse("1:block1"),
+                              batch_size=32, recipe=CacheRecipe(kind="plain", augment="none", codec="raw"))
+    with pytest.raises(FreezeError, match="not its top-level children applied in order"):
+        trainer.fit()
+    assert not list(Path(tmp_path).iterdir())  # refused before any cache was built
+
+
+def test_the_frozen_prefix_stays_in_eval_mode_after_its_build_and_an_evaluation(tmp_path, data):
+    """The build's and evaluate's model.train(was) put the frozen BatchNorms back in training
+    mode: a forward through trainer.prefix then moved their statistics."""
+    torch.manual_seed(0)
+    trainer = FreezingTrainer(small_cnn(in_channels=1, width=4), *data, epochs=2, work_dir=tmp_path,
+                              schedule=FreezeSchedule.parse("1:block1"), batch_size=32,
+                              recipe=CacheRecipe(kind="plain", augment="none", codec="raw"))
+    trainer.model.train()
+    trainer.freeze_to("block1")
+    trainer.evaluate(FashionMNIST("test", limit=32))
+    assert trainer.prefix is not None and not any(m.training for m in trainer.prefix.modules())
+    assert all(m.training for m in trainer.suffix.modules())
+    trainer.close()
+
+
 def test_recipe_refuses_saca_reading_without_a_saca_cache():
     with pytest.raises(FreezeError, match="saca"):
         CacheRecipe(kind="plain", augment="saca")

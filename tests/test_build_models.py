@@ -1,0 +1,237 @@
+"""Building from models a new user brings (session 13's sweep): modules that reuse their
+output buffer, frozen submodules in eval mode, weights used without calling their module,
+bf16 inputs, forwards that need autograd, scripted and traced models, outputs fmcache
+cannot store. Each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import fmcache
+from fmcache.augment import AugFamily
+from fmcache.builder import SacaConfig, build_cache, build_saca_cache, prefix_fingerprint
+from fmcache.errors import BuildError, StaleCacheError
+from fmcache.policy import CompressionPolicy
+
+N = 24
+
+
+def _data(shape=(3, 8, 8), dtype=torch.float32, n=N):
+    torch.manual_seed(1)
+    return TensorDataset(torch.randn(n, *shape).to(dtype), torch.arange(n))
+
+
+def _truth(model, data, layer, batch=8):
+    """The layer's output for every sample, in the build's batches (the same numerics),
+    each batch's copied before the next runs (no buffer shared)."""
+    outs = []
+    for lo in range(0, len(data), batch):
+        x = torch.stack([data[i][0] for i in range(lo, min(lo + batch, len(data)))])
+        with torch.no_grad():
+            outs.append(fmcache.capture.Capture(model, [layer])(x)[layer].float().numpy().copy())
+    return np.concatenate(outs)
+
+
+class StaticBuffer(nn.Module):
+    """Writes its output into one buffer it keeps and returns that buffer (static output
+    buffers, ``out=`` kernels): the next forward overwrites what it returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.out is None or self.out.shape != y.shape:
+            self.out = torch.empty_like(y)
+        self.out.copy_(y)
+        return self.out
+
+
+@pytest.mark.parametrize("suffix", [".lmdb", ".h5"])
+def test_a_module_returning_a_reused_buffer_is_cached_per_sample(tmp_path, suffix):
+    torch.manual_seed(0)
+    model = nn.Sequential(StaticBuffer(), nn.ReLU()).eval()
+    data = _data()
+    build_cache(model, data, ["0"], tmp_path / f"c{suffix}", codec="raw", batch_size=8, progress=False)
+    model[0].out = None  # made under the build's inference mode
+    np.testing.assert_array_equal(fmcache.open_cache(tmp_path / f"c{suffix}").read_batch("0", range(N)),
+                                  _truth(model, data, "0"))
+
+
+def test_a_saca_build_of_a_reused_buffer_keeps_the_base_maps(tmp_path):
+    """The variants' forward overwrote the base batch's buffer: every base map was the flip."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StaticBuffer(), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    data = _data()
+    build_saca_cache(model, data, "0", tmp_path / "s.lmdb", policy=CompressionPolicy.constant("raw"),
+                     progress=False, batch_size=8,
+                     saca=SacaConfig(family=AugFamily(photometric=False), n_samples=8, variants=["flip"]))
+    cache = fmcache.open_cache(tmp_path / "s.lmdb")
+    model[0].out = None
+    np.testing.assert_array_equal(cache.read_batch("0", range(N)), _truth(model, data, "0"))
+
+
+def test_the_build_restores_each_submodules_own_mode_and_the_fingerprint_moves_no_statistics(tmp_path):
+    """model.train(was_training) after the build switched a frozen BatchNorm back to training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 2, 3))
+    model.train()
+    model[1].eval()
+    build_cache(model, _data(), ["3"], tmp_path / "c.lmdb", codec="raw", progress=False)
+    assert [m.training for m in model] == [True, False, True, True] and model.training
+    model.train()  # a BatchNorm in training mode: the probe must not update its statistics
+    before = model[1].running_mean.clone()
+    prefix_fingerprint(model, ["3"], _data()[:4][0])
+    assert torch.equal(model[1].running_mean, before) and model[1].training
+
+
+class TiedDecoder(nn.Module):
+    """A prefix that takes a weight straight from a module it never calls (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Linear(6, 5)
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.embedding.weight)  # (N, 5), self.embedding itself never runs
+        return self.proj(torch.cat([h, x[:, :1]], 1))
+
+
+def test_weights_the_forward_uses_directly_are_in_the_fingerprint(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(TiedDecoder(), nn.Linear(6, 2)).eval()
+    data = _data(shape=(6,))
+    build_cache(model, data, ["0"], tmp_path / "c.lmdb", codec="raw", progress=False)
+    example = data[:2][0]
+    assert fmcache.open_cache(tmp_path / "c.lmdb").manifest.fingerprints["weights"] == \
+        prefix_fingerprint(model, ["0"], example)
+    with torch.no_grad():
+        model[0].embedding.weight.add_(0.5)  # the maps change; the modules that ran do not
+    with pytest.raises(StaleCacheError, match="weights changed"):
+        fmcache.FeatureMapDataset(tmp_path / "c.lmdb", "0", weights_fingerprint=prefix_fingerprint(model, ["0"], example))
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # after the boundary: no part of the prefix
+    fresh = nn.Sequential(TiedDecoder(), nn.Linear(6, 2)).eval()
+    fresh.load_state_dict(model.state_dict())
+    fresh[1].weight.data.zero_()
+    assert prefix_fingerprint(fresh, ["0"], example) == prefix_fingerprint(model, ["0"], example)
+
+
+def test_bf16_models_fed_bf16_inputs_build(tmp_path):
+    """The data fingerprint called .numpy() on the inputs, which numpy has no dtype for."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3)).to(torch.bfloat16).eval()
+    data = _data(dtype=torch.bfloat16)
+    build_cache(model, data, ["1"], tmp_path / "c.lmdb", codec="raw", batch_size=8, progress=False)
+    np.testing.assert_array_equal(fmcache.open_cache(tmp_path / "c.lmdb").read_batch("1", range(N)),
+                                  _truth(model, data, "1"))
+
+
+class Forces(nn.Module):
+    """A prefix that computes a gradient inside its forward (forces of an energy model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            return -torch.autograd.grad(self.energy(x).sum(), x)[0]
+
+
+def test_a_forward_that_needs_autograd_builds_under_no_grad(tmp_path):
+    """The build ran the prefix under torch.inference_mode, where no forward can take a gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Forces(), nn.Linear(6, 2)).eval()
+    data = _data(shape=(6,))
+    build_cache(model, data, ["0"], tmp_path / "c.lmdb", codec="raw", batch_size=8, progress=False)
+    np.testing.assert_allclose(fmcache.open_cache(tmp_path / "c.lmdb").read_batch("0", range(N)),
+                               _truth(model, data, "0"), rtol=1e-6, atol=1e-7)
+
+
+class Spectral(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft2(x)
+
+
+class Score(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("module,match", [(Spectral(), "complex values"), (Score(), "one value per sample")])
+def test_outputs_fmcache_cannot_store_are_refused_before_anything_is_written(tmp_path, module, match):
+    """A complex output was stored as its real part (a torch warning only); a scalar per
+    sample failed with an IndexError."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), module)
+    with pytest.raises(BuildError, match=match):
+        build_cache(model, _data(), ["1"], tmp_path / "c.lmdb", codec="raw", progress=False)
+    assert not (tmp_path / "c.lmdb").exists()
+
+
+def test_a_model_that_fails_on_the_inputs_is_a_build_error_naming_both_dtypes(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())
+    with pytest.raises(BuildError, match=r"inputs \(2, 3, 8, 8\) torch.float64 .* parameters are torch.float32"):
+        build_cache(model, _data(dtype=torch.float64), ["1"], tmp_path / "c.lmdb", progress=False)
+
+
+@pytest.mark.parametrize("kind,match", [("script", "torch.jit.script"), ("trace", "traced model")])
+def test_scripted_and_traced_models_are_named_as_such(tmp_path, kind, match):
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    model = torch.jit.script(eager) if kind == "script" else torch.jit.trace(eager, torch.randn(2, 3, 8, 8))
+    with pytest.raises(BuildError, match=match):
+        build_cache(model, _data(), ["0"], tmp_path / "c.lmdb", progress=False)
+
+
+class Fallback(nn.Module):
+    """A forward that catches Exception (a fallback path) around its blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.b_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            h = self.a(x)
+        except Exception:  # noqa: BLE001 - the model's own fallback
+            h = torch.zeros(len(x), 4, *x.shape[2:])
+        self.b_calls += 1
+        return self.b(h)
+
+
+def test_a_forward_that_catches_exception_still_stops_at_the_boundary(tmp_path):
+    torch.manual_seed(0)
+    model = Fallback().eval()
+    data = _data()
+    build_cache(model, data, ["a"], tmp_path / "c.lmdb", codec="raw", batch_size=8, progress=False)
+    assert model.b_calls == 0  # nothing after the boundary ran
+    with torch.no_grad():
+        truth = model.a(torch.stack([data[i][0] for i in range(N)])).numpy()
+    np.testing.assert_allclose(fmcache.open_cache(tmp_path / "c.lmdb").read_batch("a", range(N)), truth,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_h5dump_reads_a_cache_built_from_a_bf16_model(tmp_path):
+    """The HDF5 face of such a cache: float32 values h5dump can print."""
+    if shutil.which("h5dump") is None:
+        pytest.skip("h5dump is not installed (make setup installs hdf5-tools)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3)).to(torch.bfloat16).eval()
+    build_cache(model, _data(dtype=torch.bfloat16, n=4), ["0"], tmp_path / "c.h5", codec="raw", progress=False)
+    out = subprocess.run(["h5dump", "-d", "/layers/0/all/values", "-s", "0,0,0,0", "-c", "1,1,1,1", str(tmp_path / "c.h5")],
+                         capture_output=True, text=True, check=True).stdout
+    first = float(fmcache.open_cache(tmp_path / "c.h5").read("0", 0)[0, 0, 0])
+    assert f"{first:.4g}"[:4] in out.replace(" ", "")
