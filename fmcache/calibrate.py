@@ -145,7 +145,8 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
     Parameters
     ----------
     prefix
-        Batch of inputs ``(N, C, H, W)`` -> batch of maps ``(N, C', H', W')``.
+        Batch of inputs ``(N, C, H, W)`` -> batch of maps ``(N, C', H', W')``, or of token
+        maps ``(N, T, D)`` / vectors ``(N, D)`` (channels ``D``; ``T_a`` is the identity).
     inputs
         Normalised calibration inputs.
     family
@@ -166,23 +167,30 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
         for lo in range(0, len(inputs), batch_size):
             x = inputs[lo:lo + batch_size]
             base = prefix(x).float()
-            if stride is None:
+            # token maps (N, T, D) and vectors (N, D): no spatial axes, T_a is the identity,
+            # channels on the last axis (the codecs' convention)
+            tokens = base.ndim <= 3
+            if stride is None and not tokens:
                 stride = infer_stride((int(x.shape[-2]), int(x.shape[-1])), (int(base.shape[-2]), int(base.shape[-1])))
             base_np = base.cpu().numpy()
+            if base_np.ndim == 2:  # vectors: one token each
+                base_np = base_np[:, None, :]
             per_sample = [calibration_draws(family, ids[lo + i], seed=seed, shifts_per_sample=shifts_per_sample)
                           for i in range(len(x))]
             for j in range(len(per_sample[0])):
                 draws = [d[j][1] for d in per_sample]
                 kind = per_sample[0][j][0]
-                aug = prefix(augment_inputs(x, draws, pixels)).float().cpu().numpy()
-                target = np.stack([apply_feature(base_np[i], draws[i], stride) for i in range(len(x))])
+                aug = prefix(augment_inputs(x, draws, pixels)).float().cpu().numpy().reshape(base_np.shape)
+                target = base_np if tokens else np.stack([apply_feature(base_np[i], draws[i], stride)
+                                                          for i in range(len(x))])
+                channels = base_np.shape[-1] if tokens else base_np.shape[1]
                 if total is None:
-                    total = SensitivityAccumulator(base_np.shape[1])
+                    total = SensitivityAccumulator(channels, tokens=tokens)
                 total.update(aug, target)
-                kinds.setdefault(kind, SensitivityAccumulator(base_np.shape[1])).update(aug, target)
-    assert total is not None and stride is not None
+                kinds.setdefault(kind, SensitivityAccumulator(channels, tokens=tokens)).update(aug, target)
+    assert total is not None
     return Calibration(total.scores(), {k: acc.scores() for k, acc in kinds.items()},
-                       n_samples=len(inputs), n_pairs=total.n_pairs, stride=int(stride),
+                       n_samples=len(inputs), n_pairs=total.n_pairs, stride=int(stride or 1),
                        kind_pairs={k: acc.n_pairs for k, acc in kinds.items()})
 
 

@@ -123,6 +123,12 @@ class FeatureMapDataset(Dataset):
             if not input_shape:
                 raise CacheError(f"{self.path}: no recorded input shape to infer the stride from",
                                  hint="pass stride= (input pixels per map pixel)")
+            if len(input_shape) != 3:  # a 1-D signal (C, L), tokens (T, D): not an image to flip or shift
+                raise StrideError(f"{self.path}: augment={augment!r} flips and shifts layer {layer!r}'s maps "
+                                  f"{tuple(info.shape)} as the image they came from, but the model's inputs are "
+                                  f"{tuple(input_shape)}, not images (C, H, W)",
+                                  hint="use augment='none' (or pass stride=, input pixels per map pixel, if the "
+                                       "maps are an image's after all)")
             stride = infer_stride((int(input_shape[-2]), int(input_shape[-1])), (int(info.shape[-2]), int(info.shape[-1])))
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
                                    or stride < 1):

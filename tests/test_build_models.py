@@ -235,3 +235,73 @@ def test_h5dump_reads_a_cache_built_from_a_bf16_model(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     first = float(fmcache.open_cache(tmp_path / "c.h5").read("0", 0)[0, 0, 0])
     assert f"{first:.4g}"[:4] in out.replace(" ", "")
+
+
+class Tokens(nn.Module):
+    """An image model's token boundary ``(N, 16, 8)``: channels 0-3 are the image's mean on
+    every token (a flip or a zero-filled shift leaves them a constant vector: sensitivity
+    0), channels 4-7 a patch embedding (the tokens move with the image: sensitive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 4, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.patch(x).flatten(2).transpose(1, 2)  # (N, 16, 4)
+        mean = x.mean((1, 2, 3))[:, None, None].expand(-1, 16, 4)
+        return torch.cat([mean + 1.0, patches], -1)
+
+
+@pytest.mark.parametrize("n_samples", [16, 12])  # 16 = T: the batch was taken for the channel axis
+def test_saca_calibrates_token_maps_over_their_channels(tmp_path, n_samples):
+    """Calibration took a token map's T axis for channels (or failed on the stride)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Tokens(), nn.Flatten(), nn.Linear(128, 3)).eval()
+    data = _data(shape=(1, 16, 16), n=32)
+    build_saca_cache(model, data, "0", tmp_path / "t.lmdb", progress=False, policy=CompressionPolicy.constant("raw"),
+                     saca=SacaConfig(family=AugFamily(photometric=False), n_samples=n_samples, rho=0.5, variants=["flip"]))
+    cache = fmcache.open_cache(tmp_path / "t.lmdb")
+    layer = cache.layer("0")
+    assert layer.plan.tier("sensitive").channels == (4, 5, 6, 7)
+    scores = cache.manifest.layers["0"].extra["sensitivity"]
+    assert len(scores) == 8 and max(scores[:4]) < 1e-6 < min(scores[4:])
+    ds = fmcache.FeatureMapDataset(tmp_path / "t.lmdb", "0", augment="saca", seed=0)
+    maps = ds.get_batch(list(range(8)))[0]
+    np.testing.assert_array_equal(maps[:, :, :4].numpy(), cache.read_batch("0", range(8))[:, :, :4])  # T_a = identity
+
+
+def test_pooled_maps_are_not_shifted_out_of_existence(tmp_path):
+    """A (C, 1, 1) boundary (global pooling) at stride 8: a shift of 4 input pixels rounded
+    to one map pixel and zero-filled the whole map (a third of the served maps were 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 2)).eval()
+    data = _data()
+    build_cache(model, data, ["2"], tmp_path / "p.lmdb", codec="raw", progress=False)
+    ds = fmcache.FeatureMapDataset(tmp_path / "p.lmdb", "2", augment="feature",
+                                   family=AugFamily(max_shift=4, photometric=False), seed=0)
+    assert ds.stride == 8
+    stored = fmcache.open_cache(tmp_path / "p.lmdb").read_batch("2", range(N))
+    np.testing.assert_array_equal(ds.get_batch(list(range(N)))[0].numpy(), stored)  # flip and shift: identity
+    np.testing.assert_array_equal(np.stack([ds[i][0].numpy() for i in range(N)]), stored)
+
+
+class Heads(nn.Module):
+    """A token model's 3-axis boundary (heads, T, d): not an image's map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x).reshape(len(x), 12, 2, 4).transpose(1, 2)  # (N, 2 heads, 12 tokens, 4)
+
+
+def test_spatial_augmentation_of_maps_whose_inputs_are_not_images_is_refused(tmp_path):
+    """Inputs (T, D) = (12, 8) were taken for a 12x8 image: the heads' maps were flipped along d."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Heads(), nn.Flatten(), nn.Linear(96, 2)).eval()
+    build_cache(model, _data(shape=(12, 8)), ["0"], tmp_path / "h.lmdb", codec="raw", progress=False)
+    with pytest.raises(fmcache.errors.StrideError, match=r"inputs are \(12, 8\), not images"):
+        fmcache.FeatureMapDataset(tmp_path / "h.lmdb", "0", augment="feature")
+    assert len(fmcache.FeatureMapDataset(tmp_path / "h.lmdb", "0")) == N  # no augmentation: served

@@ -47,8 +47,9 @@ def shift_flip_batch(x: np.ndarray, flip: np.ndarray, oy: np.ndarray, ox: np.nda
         return shift_flip_batch(x.reshape(len(x), -1, *x.shape[-2:]), flip, oy, ox).reshape(x.shape)
     n, _, h, w = x.shape
     flips = np.asarray(flip, dtype=bool).tolist()
-    oys = np.clip(np.asarray(oy, dtype=np.int64), -h, h).tolist()
-    oxs = np.clip(np.asarray(ox, dtype=np.int64), -w, w).tolist()
+    # an axis of one pixel does not shift (apply_feature: a pooled map would be zeroed)
+    oys = np.clip(np.asarray(oy, dtype=np.int64), -h, h).tolist() if h > 1 else [0] * n
+    oxs = np.clip(np.asarray(ox, dtype=np.int64), -w, w).tolist() if w > 1 else [0] * n
     # zero-filled once (calloc: pages the kernel hands over zeroed), then one slice copy
     # per row: the strips a shift uncovers are already zero
     out = np.zeros_like(x)

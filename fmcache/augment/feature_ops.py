@@ -5,7 +5,8 @@ For a spatial map ``(..., H, W)`` at stride ``s`` (input pixels per map pixel):
 - flip -> mirror the W axis;
 - shift by ``(dy, dx)`` input pixels -> shift by ``(feature_offset(dy, s),
   feature_offset(dx, s))`` map pixels, zero fill, in the same order as the input op
-  (flip first, then shift);
+  (flip first, then shift); an axis of one map pixel does not shift (that pixel sums up
+  the input's whole extent, as after global pooling: a shift would zero the map);
 - photometric -> identity (no feature-space counterpart; the sensitivity measures it).
 
 Token maps ``(T, D)`` and vectors ``(D,)`` have no spatial axes: ``T_a`` is the identity.
@@ -128,7 +129,8 @@ def apply_feature(
     numpy.ndarray or torch.Tensor
         A new array (or ``out``): ``out[..., i, j] = F[..., i - oy, j - ox]``, zero where
         that falls outside, with ``F`` the map flipped along W when ``draw.flip`` and
-        ``oy, ox = feature_offset(draw.dy, stride), feature_offset(draw.dx, stride)``.
+        ``oy, ox = feature_offset(draw.dy, stride), feature_offset(draw.dx, stride)``
+        (0 along an axis of length 1).
         Token maps are copied unchanged.
     """
     stride = _check_stride(stride)
@@ -149,8 +151,8 @@ def apply_feature(
     if out is None:
         out = np.empty(fmap.shape, fmap.dtype) if isinstance(fmap, np.ndarray) else torch.empty_like(fmap)
     h, w = fmap.shape[-2], fmap.shape[-1]
-    dst_h, src_h = shift_slices(h, feature_offset(draw.dy, stride))
-    dst_w, src_w = shift_slices(w, feature_offset(draw.dx, stride))
+    dst_h, src_h = shift_slices(h, feature_offset(draw.dy, stride) if h > 1 else 0)
+    dst_w, src_w = shift_slices(w, feature_offset(draw.dx, stride) if w > 1 else 0)
     out[..., dst_h, dst_w] = src[..., src_h, src_w]
     # Zero only the uncovered border strips: rows outside dst_h, then columns outside dst_w.
     out[..., : dst_h.start, :] = 0
