@@ -27,9 +27,12 @@ class VerifyReport:
     labels_ok: bool = True
 
 
-def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None, *,
+def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] | bool | None = None, *,
                  isolated: bool = False) -> VerifyReport:
     """Decode every part of every sample of every layer (and the labels).
+
+    ``progress``: called with the number of samples each step verified; ``True`` shows a
+    progress bar (as ``build_cache(progress=True)`` does), ``False`` / ``None`` nothing.
 
     ``isolated``: read in a child process, so that
     damage which makes a storage library crash the reader is reported rather than
@@ -42,6 +45,8 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
         Naming the first bad layer and sample (or, isolated, the layer and the samples
         verified when the reader crashed).
     """
+    if isinstance(progress, bool):
+        return _verify_with_bar(path, isolated) if progress else verify_cache(path, None, isolated=isolated)
     try:
         if isolated:
             return _verify_in_child(path, progress)
@@ -50,6 +55,19 @@ def verify_cache(path: str | os.PathLike[str], progress: Callable[[int], None] |
         if exc.hint == CorruptionError.default_hint:  # "run `fmcache verify`": what is running
             exc.hint = REBUILD_HINT
         raise
+
+
+def _verify_with_bar(path: str | os.PathLike[str], isolated: bool) -> VerifyReport:
+    """:func:`verify_cache` with a tqdm bar over the samples of every layer."""
+    from tqdm.auto import tqdm
+
+    cache = open_cache(path)
+    try:  # how many steps: every layer's samples
+        total = len(cache) * len(cache.layers)
+    finally:
+        cache.close()
+    with tqdm(total=total, unit="sample", desc=f"verify {Path(path).name}", leave=False) as bar:
+        return verify_cache(path, bar.update, isolated=isolated)
 
 
 #: An isolated verify whose child sends nothing (no progress, no result) for this long is

@@ -140,3 +140,21 @@ class BackendTests:
         assert sizes["a"] >= 9 * 3 * 4 * 5 * 4  # raw float32 cannot be smaller
         assert 0 < sizes["b"]
         backend.close()
+
+    def test_layer_names_with_nul_slash_and_percent_stay_apart(self, tmp_path: Path) -> None:
+        """HDF5 ends a link name at NUL: layers "x\\x00y" and "x" shared one group (an
+        AttributeError on read, or h5py's ValueError)."""
+        from fmcache import create_cache, open_cache
+
+        names = ["x\x00y", "x", "x%00y", "x/y", "x%2Fy"]
+        maps = {name: np.full((3, 2, 2, 2), k, dtype=np.float32) for k, name in enumerate(names)}
+        path = tmp_path / f"names{self.suffix}"
+        with create_cache(path, backend=self.backend_cls.backend_id) as writer:
+            for name in names:
+                writer.add_layer(name, (2, 2, 2), codec="raw")
+            writer.append(maps, np.arange(3))
+            writer.commit()
+        cache = open_cache(path)
+        assert list(cache.layers) == names
+        for name in names:
+            np.testing.assert_array_equal(cache.read_batch(name, range(3)), maps[name])

@@ -423,3 +423,18 @@ def test_builds_and_reads_with_hdf5_plugin_path_exported(tmp_path):
         dump = subprocess.run(["h5dump", "-d", "/layers/l0/all/values", "-c", "1,1,2", str(out)], env=env,
                               capture_output=True, timeout=60, check=False)
         assert dump.returncode == 0 and b"DATA" in dump.stdout, dump.stderr.decode()[-1000:]
+
+
+@pytest.mark.parametrize("progress", [False, True, None])
+def test_verify_takes_progress_as_build_cache_does(tmp_path, progress, capsys):
+    """verify_cache(path, progress=False) failed with "'bool' object is not callable"."""
+    from fmcache.verify import verify_cache
+
+    path = tmp_path / "v.lmdb"
+    with fmcache.create_cache(path) as writer:
+        writer.add_layer("l", (2, 3, 3), codec="raw")
+        writer.append({"l": np.ones((5, 2, 3, 3), np.float32)}, np.arange(5))
+        writer.commit()
+    report = verify_cache(path, progress=progress)
+    assert report.samples == 5 and report.layers == {"l": 5}
+    assert ("verify v.lmdb" in capsys.readouterr().err) == bool(progress)

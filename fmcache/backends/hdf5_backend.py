@@ -69,7 +69,7 @@ _VLEN = h5py.vlen_dtype(np.uint8)
 
 
 def escape_name(name: str) -> str:
-    return name.replace("%", "%25").replace("/", "%2F")
+    return name.replace("%", "%25").replace("/", "%2F").replace("\x00", "%00")  # HDF5 names end at NUL
 
 
 def dataset_path(layer: str, part: str, field: str) -> str:
