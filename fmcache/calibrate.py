@@ -181,7 +181,7 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
                 draws = [d[j][1] for d in per_sample]
                 kind = per_sample[0][j][0]
                 aug = prefix(augment_inputs(x, draws, pixels)).float().cpu().numpy().reshape(base_np.shape)
-                target = base_np if tokens else np.stack([apply_feature(base_np[i], draws[i], stride)
+                target = base_np if tokens else np.stack([apply_feature(base_np[i], draws[i], stride or 1)
                                                           for i in range(len(x))])
                 channels = base_np.shape[-1] if tokens else base_np.shape[1]
                 if total is None:
