@@ -156,11 +156,12 @@ class EpochLoader:
     (:mod:`fmcache.handover`; ``2 x num_workers + 2`` batches of memory), each batch
     copied out of it: no shared storage and file descriptor per tensor and batch.
     ``"torch"``: as the DataLoader hands over any tensor. Without workers there is
-    nothing to hand over.
+    nothing to hand over. ``multiprocessing_context`` (``"spawn"``, ``"forkserver"``, a
+    context) starts the workers another way than the platform's default, as in a DataLoader.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int | None = None, num_workers: int = 0,
-                 persistent: bool = True, handover: str = "ring") -> None:
+                 persistent: bool = True, handover: str = "ring", multiprocessing_context: Any = None) -> None:
         if handover not in ("ring", "torch"):
             raise ValueError(f"handover={handover!r}: use 'ring' or 'torch'")
         self.dataset = dataset
@@ -192,7 +193,8 @@ class EpochLoader:
         keyed = served is not dataset
         self.sampler = EpochSampler(base) if keyed else base
         workers: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": persistent and num_workers > 0,
-                   **({"prefetch_factor": PREFETCH_FACTOR} if num_workers > 0 else {})}
+                   **({"prefetch_factor": PREFETCH_FACTOR,
+                       "multiprocessing_context": multiprocessing_context} if num_workers > 0 else {})}
         self.loader: DataLoader | None
         if ring is not None:  # batches with ordinals: the ring's slot of each
             self.loader = RingLoader(served, batch_sampler=OrdinalBatches(self.sampler, batch_size),

@@ -177,3 +177,12 @@ def test_epoch_loader_refuses_a_seed_the_data_set_would_ignore_and_empty_epochs(
             EpochLoader(ds, batch)
     with pytest.raises(fmcache.errors.SamplerConfigError, match="at most 12"):
         EpochLoader(torch.utils.data.TensorDataset(torch.arange(12)), 13)
+
+
+def test_epoch_loader_starts_workers_with_the_context_asked_for(tmp_path):
+    path, _ = _cache(tmp_path)
+    ds = FeatureMapDataset(path, augment="feature", seed=3)
+    spawned = EpochLoader(ds, 8, num_workers=1, multiprocessing_context="spawn")
+    assert spawned.loader.multiprocessing_context.get_start_method() == "spawn"
+    _same(_epochs(spawned, [1]), _epochs(EpochLoader(FeatureMapDataset(path, augment="feature", seed=3), 8), [1]))
+    spawned.close()
