@@ -37,7 +37,7 @@ from .errors import (
 )
 from .indices import checked_indices
 from .manifest import WHOLE_PART, LayerInfo, Manifest, check_fingerprints, part_name, utc_now
-from .paths import install, partial_path, remove_path
+from .paths import BuildLock, check_replaceable, install, partial_path, remove_path
 from .tiers import TierPlan
 
 if TYPE_CHECKING:
@@ -72,8 +72,20 @@ class CacheWriter:
         self.allow_nonfinite = allow_nonfinite
         self._dtypes: dict[str, np.dtype] = {}  # first dtype seen per layer (and variant)
         self._committed = False
+        self._lock = BuildLock(self.path)  # first: one writer per path
+        try:
+            self._start(backend, overwrite, resume, fingerprints, build, allow_stale, allow_nonfinite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self, backend: str | None, overwrite: bool, resume: bool,
+               fingerprints: Mapping[str, str | None] | None, build: Mapping[str, Any] | None,
+               allow_stale: bool, allow_nonfinite: bool) -> None:
         if self.path.exists() and not overwrite:
             raise CacheExistsError(f"{self.path} already exists")
+        if overwrite:
+            check_replaceable(self.path)
         backend_id = backend or (detect_backend(self.partial) if resume and self.partial.exists() else None) \
             or backend_for_suffix(self.path)
         cls = backend_class(backend_id)
@@ -101,6 +113,7 @@ class CacheWriter:
                 raise CacheExistsError(f"{self.partial} holds an interrupted build",
                                        hint="finish it with --resume (resume=True), or start over with --overwrite "
                                             "(overwrite=True)")
+            check_replaceable(self.partial)
             remove_path(self.partial)
         if draft is None:
             self.backend = cls.create(self.partial)
@@ -314,6 +327,7 @@ class CacheWriter:
         self.backend.close()
         install(self.partial, self.path)
         self._committed = True
+        self._lock.release()
         return manifest
 
     def close(self) -> None:
@@ -325,6 +339,7 @@ class CacheWriter:
             self.backend.close()
             if self.samples == 0 and self.partial.exists():
                 remove_path(self.partial)
+        self._lock.release()
 
     def __enter__(self) -> Self:
         return self

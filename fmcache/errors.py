@@ -21,6 +21,7 @@ the familiar types too::
     │   ├── SampleIndexError (IndexError)
     │   ├── ShapeMismatchError (ValueError)   a batch that does not match its layer
     │   ├── CacheExistsError (FileExistsError)
+    │   ├── CacheBusyError                    another process is writing the same path
     │   ├── ReadOnlyError (PermissionError)   read-only cache, file system or directory
     │   ├── DiskFullError (OSError)           no room for the next batch; committed ones kept
     │   └── ResumeError                       an interrupted build that cannot be continued
@@ -138,6 +139,11 @@ class ShapeMismatchError(CacheError, ValueError):
 
 class CacheExistsError(CacheError, FileExistsError):
     default_hint = "replace it with --overwrite (overwrite=True), or choose another path"
+
+
+class CacheBusyError(CacheError):
+    default_hint = ("wait for the other build, compact or resume of this path to finish (or stop it): two "
+                    "writers of one path destroy each other's work")
 
 
 class ReadOnlyError(CacheError, PermissionError):
@@ -278,6 +284,7 @@ __all__ = [
     "BoundaryError",
     "BuildError",
     "CacheError",
+    "CacheBusyError",
     "CacheExistsError",
     "CacheReplacedError",
     "CodecError",

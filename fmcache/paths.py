@@ -2,14 +2,22 @@
 
 A cache is written at ``PATH.partial`` (a directory for LMDB, a file for HDF5) and moved
 to ``PATH`` by its commit, so ``PATH`` only ever holds a committed cache; an interrupted
-build leaves the partial for ``--resume``.
+build leaves the partial for ``--resume``. While a writer works on ``PATH`` it holds a
+lock (:class:`BuildLock`), so a second build, resume or compact of the same path is
+refused instead of deleting the first one's partial; ``--overwrite`` replaces caches
+only (:func:`check_replaceable`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
+
+from .errors import CacheBusyError, CacheExistsError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -28,13 +36,102 @@ def remove_path(path: Path) -> None:
 
 
 def install(partial: Path, final: Path) -> None:
-    """Move a committed partial cache to its final path, replacing an old one last."""
+    """Move a committed partial cache to its final path, replacing an old one last.
+
+    A file over a file (HDF5) is one atomic rename. A directory (LMDB) replacing a cache
+    is swapped with it in one step where the kernel can (``renameat2(RENAME_EXCHANGE)``:
+    ``PATH`` always holds a whole cache, the old one until the swap) and the old one,
+    now at the partial's name, removed; elsewhere the old one is moved aside under a name
+    of this process's (never a user's ``PATH.old``), the new one moved in, the old removed.
+    """
     if partial.is_file() and final.is_file():  # one file (HDF5): an atomic swap
         os.replace(partial, final)
         return
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        remove_path(old)
-        os.replace(final, old)
+    if not (final.exists() or final.is_symlink()):
+        os.replace(partial, final)
+        return
+    if _exchange(partial, final):  # PATH: the new cache; the partial's name: the old one
+        remove_path(partial)
+        return
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
     os.replace(partial, final)
     remove_path(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2``); False where the C
+    library or the file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def check_replaceable(path: Path, *, what: str = "--overwrite (overwrite=True)") -> None:
+    """Refuse to replace ``path`` unless it is a cache (or a partial one) or an empty
+    directory: ``--out mydata --overwrite`` (a typo) deleted the user's folder, and
+    ``--out .`` the current directory."""
+    from .backends import detect_backend
+
+    if not (path.exists() or path.is_symlink()) or path.is_symlink():
+        return  # nothing there, or a link (replaced by the cache, its target untouched)
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise CacheExistsError(f"{path} is the current directory or holds it: {what} would delete it",
+                               hint="give the cache a path of its own (e.g. --out runs/mydata.lmdb)")
+    if detect_backend(path) is None and not (path.is_dir() and not any(path.iterdir())):
+        raise CacheExistsError(f"{path} exists and is not an fmcache cache: {what} replaces caches only",
+                               hint="choose another path, or remove it yourself if it should go")
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of the writer of ``path`` (hidden, beside it; removed on release)."""
+    return path.with_name(f".{path.name}.fmcache-lock")
+
+
+class BuildLock:
+    """An exclusive ``flock`` on ``PATH``'s lock file, held by the writer of ``PATH`` from
+    its start to its commit or close. A second writer of the same path is refused with
+    :class:`~fmcache.errors.CacheBusyError` (two builds of one path destroyed each other's
+    partial: session 13's sweep). The kernel drops the lock with the process, a killed
+    one included, so a stale lock file never blocks a resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = lock_path(path)
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise CacheBusyError(f"{path} is being written by another process"
+                                     + (f" (pid {holder})" if holder else "")) from None
+            try:  # the file may have been released and removed between open and flock
+                same = os.stat(self.file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.file)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None

@@ -172,9 +172,11 @@ def test_hdf5_partial_damaged_by_a_crash_refuses_resume_with_a_rebuild_hint(tmp_
 
 
 def _kill_between_renames(path):
-    """Overwrite a committed LMDB cache and die after the old one was moved aside, before
-    the new one is moved in (a directory cannot be swapped in one rename)."""
+    """Overwrite a committed LMDB cache where the kernel cannot swap two directories in
+    one step, and die after the old one was moved aside, before the new one is moved in."""
     import os
+
+    import fmcache.paths as paths_mod
 
     original = os.replace
     calls = []
@@ -185,20 +187,48 @@ def _kill_between_renames(path):
             die()
         return original(src, dst)
 
-    cache_mod.os.replace = replace
+    paths_mod._exchange = lambda a, b: False
+    paths_mod.os.replace = replace
     write(path, "lmdb", overwrite=True)
 
 
-def test_sigkill_between_the_renames_of_an_lmdb_overwrite(tmp_path, clean):
+def _kill_after_the_swap(path):
+    """Overwrite a committed LMDB cache and die right after the atomic swap, before the
+    old cache (now at the partial's name) is removed."""
+    import fmcache.paths as paths_mod
+
+    paths_mod.remove_path = lambda p: die()
+    write(path, "lmdb", overwrite=True)
+
+
+def test_sigkill_during_an_lmdb_overwrite_leaves_a_whole_cache_at_the_path(tmp_path, clean):
+    """Directories are swapped in one step (renameat2): no moment without a cache at PATH,
+    and no user's PATH.old touched (the two-rename install deleted it)."""
     path = tmp_path / "c.lmdb"
     write(path, "lmdb", seed=1)  # an older cache of other data at the path
+    users = path.with_name("c.lmdb.old")
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    assert run_killed(_kill_after_the_swap, path) == KILLED
+    assert_same_cache(path, clean["lmdb"])  # the new cache, whole
+    assert fmcache.open_cache(cache_mod.partial_path(path)).manifest.complete  # the old one, left over
+    write(path, "lmdb", overwrite=True)  # the next overwrite takes the leftover away
+    assert not cache_mod.partial_path(path).exists() and (users / "notes.txt").read_text() == "mine"
+
+
+def test_sigkill_between_the_renames_of_an_lmdb_overwrite(tmp_path, clean):
+    """Where the kernel cannot swap: the old cache is moved aside under this process's name,
+    never a user's PATH.old, and an interrupted overwrite is finished by a resume."""
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb", seed=1)
     assert run_killed(_kill_between_renames, path) == KILLED
-    assert not path.exists() and path.with_name("c.lmdb.old").exists()
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("c.lmdb.old-")]
+    assert not path.exists() and len(aside) == 1 and aside[0][len("c.lmdb.old-"):].isdigit()
     with pytest.raises(IncompleteCacheError):
         fmcache.open_cache(path)
     write(path, "lmdb", resume=True, overwrite=True)
     assert_same_cache(path, clean["lmdb"])
-    assert not path.with_name("c.lmdb.old").exists() and not cache_mod.partial_path(path).exists()
+    assert not cache_mod.partial_path(path).exists()
 
 
 def _kill_compaction(src, dst, when):

@@ -438,3 +438,63 @@ def test_verify_takes_progress_as_build_cache_does(tmp_path, progress, capsys):
     report = verify_cache(path, progress=progress)
     assert report.samples == 5 and report.layers == {"l": 5}
     assert ("verify v.lmdb" in capsys.readouterr().err) == bool(progress)
+
+
+def test_overwrite_replaces_caches_only(tmp_path, monkeypatch):
+    """`--out mydata --overwrite` (meant: mydata.lmdb) deleted the user's folder, and
+    `--out . --overwrite` the current directory."""
+    from fmcache.errors import CacheExistsError
+
+    folder = tmp_path / "project" / "mydata"
+    folder.mkdir(parents=True)
+    (folder / "precious.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path / "project")
+    for out in (folder, Path("."), tmp_path, Path("mydata")):
+        with pytest.raises(CacheExistsError, match="not an fmcache cache|current directory"):
+            fmcache.create_cache(out, overwrite=True)
+    assert (folder / "precious.txt").read_text() == "keep" and Path("mydata").is_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (empty, tmp_path / "c.lmdb", tmp_path / "c.lmdb"):  # an empty folder, nothing, a cache: replaced
+        with fmcache.create_cache(out, overwrite=True) as writer:
+            writer.add_layer("l", (2,), codec="raw")
+            writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+            writer.commit()
+        assert len(fmcache.open_cache(out)) == 3
+    assert runner_out(["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset",
+                       "--layer", "block1", "--out", str(folder), "--overwrite"]).count("not an fmcache cache") == 1
+
+
+def runner_out(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    return result.output
+
+
+def test_a_second_writer_of_a_path_is_refused_while_the_first_works(tmp_path):
+    """A build, then a second one of the same path with --resume or --overwrite: the second
+    deleted or took over the first's partial, and neither left a cache."""
+    from fmcache.errors import CacheBusyError
+
+    path = tmp_path / "c.lmdb"
+    first = fmcache.create_cache(path)
+    first.add_layer("l", (2,), codec="raw")
+    first.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+    for kwargs in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(CacheBusyError, match=f"{path} is being written by another process \\(pid \\d+\\)"):
+            fmcache.create_cache(path, **kwargs)
+    assert fmcache.paths.partial_path(path).exists()
+    first.commit()
+    assert len(fmcache.open_cache(path)) == 3 and not fmcache.paths.lock_path(path).exists()
+    with fmcache.create_cache(path, overwrite=True) as again:  # the lock went with the commit
+        again.add_layer("l", (2,), codec="raw")
+        again.append({"l": np.zeros((4, 2), np.float32)}, np.arange(4))
+        again.commit()
+    assert len(fmcache.open_cache(path)) == 4
+    script = f"import fmcache; w = fmcache.create_cache({str(path)!r}, overwrite=True); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", script], check=True)  # a writer that died holding it
+    with fmcache.create_cache(path, overwrite=True) as after:  # the kernel dropped its lock
+        after.add_layer("l", (2,), codec="raw")
+        after.append({"l": np.zeros((5, 2), np.float32)}, np.arange(5))
+        after.commit()
+    assert len(fmcache.open_cache(path)) == 5
