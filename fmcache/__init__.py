@@ -10,11 +10,12 @@ Public API (everything else is private and may change)::
 
 __version__ = "0.1.0"
 
-from .cache import Cache, CacheWriter, create_cache, open_cache
+from .cache import Cache, open_cache
 from .codecs import Codec, codec_from_config, codec_from_spec, registered_codecs
 from .dataset import FeatureMapDataset
 from .manifest import FORMAT_VERSION, LayerInfo, Manifest
 from .tiers import Tier, TierPlan
+from .writer import CacheWriter, create_cache
 
 __all__ = [
     "FORMAT_VERSION",

@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .augment import AugFamily, default_variants, parse_variant, variant_name
-from .cache import create_cache
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture, eval_mode
 from .codecs import Codec, codec_from_spec
@@ -35,6 +34,7 @@ from .manifest import Manifest
 from .policy import CompressionPolicy, frozen_fraction
 from .sensitivity import select_sensitive
 from .tiers import TierPlan
+from .writer import create_cache
 
 DEFAULT_CODEC = "bf16"
 PlanFor = Callable[[str, tuple[int, ...]], TierPlan]

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .cache import create_cache, open_cache, partial_path
+from .cache import open_cache
 from .codecs import Codec, codec_from_spec
 from .errors import CacheError, CacheExistsError, DiskFullError
 from .manifest import WHOLE_PART, Manifest, part_name
-from .paths import remove_path
+from .paths import partial_path, remove_path
 from .tiers import Tier, TierPlan
+from .writer import create_cache
 
 
 def compact_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, codec: Codec | str | None = None,

@@ -108,7 +108,7 @@ class BuildLock:
     def __init__(self, path: Path) -> None:
         self.file = lock_path(path)
         while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -126,6 +126,15 @@ class BuildLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd: int | None = fd
+
+    def _open(self, path: Path) -> int:
+        from .backends.base import os_write_failure
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only or full file system: the typed errors of a write
+            raise os_write_failure(path, exc, "cannot start writing the cache") from None
 
     def release(self) -> None:
         if self.fd is not None:

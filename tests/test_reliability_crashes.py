@@ -25,6 +25,7 @@ from reliability_support import (
 
 import fmcache
 import fmcache.cache as cache_mod
+import fmcache.writer as writer_mod
 from fmcache.backends import hdf5_backend
 from fmcache.backends.lmdb_backend import LmdbBackend
 from fmcache.compact import compact_cache
@@ -120,7 +121,7 @@ def _kill_inside_manifest(path, backend):
 
 def _kill_before_rename(path, backend):
     """Die after the manifest is durable, before ``<path>.partial`` becomes ``path``."""
-    cache_mod.install = lambda partial, final: die()  # the name cache.py calls (from fmcache.paths)
+    writer_mod.install = lambda partial, final: die()  # the name writer.py calls (from fmcache.paths)
     write(path, backend)
 
 
@@ -243,7 +244,7 @@ def _kill_compaction(src, dst, when):
 
         cache_mod.CacheWriter.append = append
     else:
-        cache_mod.install = lambda partial, final: die()  # the name cache.py calls (from fmcache.paths)
+        writer_mod.install = lambda partial, final: die()  # the name writer.py calls (from fmcache.paths)
     compact_cache(src, dst, codec="fp16", batch_size=8)
 
 

@@ -31,6 +31,7 @@ from reliability_support import (
 
 import fmcache
 import fmcache.cache as cache_mod
+import fmcache.writer as writer_mod
 from fmcache import FeatureMapDataset, TierPlan
 from fmcache.backends import backend_class
 from fmcache.builder import build_cache, prefix_fingerprint
@@ -291,7 +292,7 @@ def test_full_disk_stops_before_the_batch_and_resume_finishes(tmp_path, tmpfs, b
     filler = tmpfs / "filler"
     free = shutil.disk_usage(tmpfs).free
     # leave room for the environment/file and a few batches beyond the 1 MiB margin
-    filler.write_bytes(b"\0" * (free - cache_mod.FREE_SPACE_MARGIN_BYTES - 96 * 1024))
+    filler.write_bytes(b"\0" * (free - writer_mod.FREE_SPACE_MARGIN_BYTES - 96 * 1024))
     path = tmpfs / f"c{suffix(backend)}"
     with pytest.raises(DiskFullError, match="nothing of it was written") as info:
         write(path, backend, codec="raw")
@@ -315,7 +316,7 @@ def test_full_disk_during_compact_says_what_compact_can_do_and_frees_its_space(t
     write(src, "lmdb", codec="raw")
     filler = tmpfs / "filler"
     free = shutil.disk_usage(tmpfs).free
-    filler.write_bytes(b"\0" * (free - cache_mod.FREE_SPACE_MARGIN_BYTES - 96 * 1024))
+    filler.write_bytes(b"\0" * (free - writer_mod.FREE_SPACE_MARGIN_BYTES - 96 * 1024))
     dst = tmpfs / f"dst{suffix(backend)}"
     with pytest.raises(DiskFullError) as info:
         compact_cache(src, dst, backend=backend, batch_size=8)
