@@ -458,6 +458,18 @@ def test_int4_packs_two_codes_per_byte() -> None:
     assert q4 - params == (q8 - params) // 2
 
 
+@pytest.mark.parametrize("spec", ["int8", "int4", "int8:cname=none"])
+@pytest.mark.parametrize("values", [[-3e38, 3e38, 0.0, 1.0], [-2e38, 1.5e38], [3.4e38, -1e37, 1.0]])
+def test_quantisers_refuse_a_channel_whose_range_overflows_float32(spec: str, values: list[float]) -> None:
+    """codecs.md promised an EncodeError; the range divided by the levels stayed finite, so
+    [-3e38, 3e38] encoded with RuntimeWarnings and decoded to inf and 1.2e36."""
+    x = np.array(values, dtype=np.float32).reshape(1, 1, -1)
+    with pytest.raises(EncodeError, match="overflows float32"):
+        _codec(spec).encode(x)
+    near = np.array([-1.6e38, 1.6e38, 0.0], dtype=np.float32).reshape(1, 1, -1)  # a range float32 holds
+    assert np.isfinite(_codec(spec).decode(_codec(spec).encode(near))).all()
+
+
 @pytest.mark.parametrize("spec", ["zfp", "zfp:rate=8", "zfp:precision=16"])
 def test_zfp_refuses_huge_values(spec: str) -> None:
     x = np.full((4, 4), 2.0**110, dtype=np.float32)

@@ -59,9 +59,11 @@ def quantize(x: np.ndarray, bits: int, codec_id: str) -> tuple[np.ndarray, np.nd
     lo = x2.min(axis=reduce_axis)
     hi = x2.max(axis=reduce_axis)
     # The range in float64: hi - lo of two float32 is exact there, and cannot overflow.
-    scale64 = (hi.astype(np.float64) - lo) / levels
-    scale = scale64.astype(np.float32)
-    if not np.isfinite(scale).all():
+    range64 = hi.astype(np.float64) - lo
+    scale = (range64 / levels).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # the float32 steps of encode and decode
+        top = lo + np.float32(levels) * scale  # what the largest code decodes to
+    if not (np.isfinite(scale).all() and (range64 <= _F32_MAX).all() and np.isfinite(top).all()):
         raise EncodeError(f"codec {codec_id!r}: a channel's value range overflows float32",
                           hint="such values cannot be quantised; use bf16 or a lossless codec")
     # 1/scale, capped so that subnormal scales do not make inf (and then 0 * inf = NaN).
