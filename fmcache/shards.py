@@ -33,6 +33,31 @@ def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / SHARDS_FILE).is_file()
 
 
+def check_shards(caches: Sequence[Cache]) -> int:
+    """That ``caches`` (in data order) are every shard of one build, each once: their
+    recorded ranges follow on, their fingerprints, layers and tier plans agree, and
+    together they cover the build's data set. Returns the number of samples."""
+    first = caches[0].manifest
+    expected = 0
+    for cache in caches:
+        m = cache.manifest
+        shard = m.build.get("shard") or {"start": 0, "stop": len(cache)}
+        if shard["start"] != expected or shard["stop"] - shard["start"] != len(cache):
+            raise CacheError(f"{cache.path}: shard starts at sample {shard['start']}, expected {expected}",
+                             hint="pass every shard of the build; none may be missing or repeated")
+        expected = shard["stop"]
+        if m.fingerprints != first.fingerprints:
+            raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only")
+        if [(layer.to_dict()["plan"], layer.packed) for layer in m.layers.values()] != \
+                [(layer.to_dict()["plan"], layer.packed) for layer in first.layers.values()] \
+                or list(m.layers) != list(first.layers):
+            raise CacheError(f"{cache.path}: layers, tier plans or their packing differ from {caches[0].path}'s")
+    total = first.build.get("samples_total", expected)
+    if expected != total:
+        raise CacheError(f"the shards cover samples 0..{expected - 1} of {total}", hint="pass every shard")
+    return expected
+
+
 def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
     """Move complete shard caches (in data order) into ``out`` and commit the merge."""
     out = Path(out)
@@ -51,25 +76,9 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     if not caches:
         raise CacheError("merge_shards needs at least one shard")
     caches.sort(key=lambda c: (c.manifest.build.get("shard") or {}).get("start", 0))
-    first = caches[0].manifest
-    expected = 0
+    expected = check_shards(caches)
     for cache in caches:
-        m = cache.manifest
-        shard = m.build.get("shard") or {"start": 0, "stop": len(cache)}
-        if shard["start"] != expected:
-            raise CacheError(f"{cache.path}: shard starts at sample {shard['start']}, expected {expected}",
-                             hint="pass every shard of the build; none may be missing or repeated")
-        expected = shard["stop"]
-        if m.fingerprints != first.fingerprints:
-            raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only")
-        if [(layer.to_dict()["plan"], layer.packed) for layer in m.layers.values()] != \
-                [(layer.to_dict()["plan"], layer.packed) for layer in first.layers.values()] \
-                or list(m.layers) != list(first.layers):
-            raise CacheError(f"{cache.path}: layers, tier plans or their packing differ from {caches[0].path}'s")
         cache.close()
-    total = first.build.get("samples_total", expected)
-    if expected != total:
-        raise CacheError(f"the shards cover samples 0..{expected - 1} of {total}", hint="pass every shard")
     staging.mkdir(parents=True)
     names = []
     for i, cache in enumerate(caches):
@@ -96,6 +105,13 @@ class ShardedCache:
         if not doc.get("shards"):
             raise IncompleteCacheError(f"{self.path}: no shards listed")
         self.shards = [Cache(self.path / name) for name in doc["shards"]]
+        try:  # what the merge checked, again: a shard file replaced since was served as if nothing changed
+            if check_shards(self.shards) != doc.get("samples"):
+                raise CacheError(f"the shards hold other samples than the {doc.get('samples')} the merge recorded")
+        except CacheError as exc:
+            raise CorruptionError(f"{self.path}: {exc.message}",
+                                  hint="a shard file was replaced or changed after the merge: restore it, or "
+                                       "merge the build's shards again") from None
         sizes = [len(c) for c in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         base = self.shards[0].manifest

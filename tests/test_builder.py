@@ -199,6 +199,32 @@ def test_shards_of_both_backends_merge_and_inspect_names_both(tmp_path, data):
     assert inspect_cache(tmp_path / "merged")["backend"] == "lmdb+hdf5"
 
 
+def test_a_shard_replaced_after_the_merge_is_refused(tmp_path, data):
+    """A shard file swapped for another build's (other data, another shard range) was
+    served as part of the merge; verify passed."""
+    import shutil
+
+    model = tiny_model()
+    parts = [tmp_path / f"s{i}.lmdb" for i in range(2)]
+    for i, p in enumerate(parts):
+        build_cache(model, data, ["block2"], p, codec="raw", shard=(i, 2), progress=False)
+    merged = merge_shards(parts, tmp_path / "merged")
+    other = fmcache.zoo.FashionMNIST("test", limit=N_SAMPLES)
+    for index, why in ((1, "fingerprints differ"), (0, "shard starts at sample 0, expected 48")):
+        swap = tmp_path / f"other{index}.lmdb"
+        build_cache(model, other if index == 1 else data, ["block2"], swap, codec="raw", shard=(index, 2),
+                    progress=False)
+        target = merged / "shard-00001-of-00002.lmdb"
+        backup = tmp_path / "backup.lmdb"
+        shutil.move(target, backup)
+        shutil.copytree(swap, target)
+        with pytest.raises(fmcache.errors.CorruptionError, match=f"{why}.*|replaced"):
+            fmcache.open_cache(merged)
+        shutil.rmtree(target)
+        shutil.move(backup, target)
+    assert len(fmcache.open_cache(merged)) == N_SAMPLES
+
+
 def test_merge_refuses_missing_shards(tmp_path, data):
     model = tiny_model()
     parts = []
