@@ -130,15 +130,21 @@ def _forward(model: nn.Module, capture: Capture, inputs: Any, *, record_prefix: 
 def _collate(items: Sequence[Any]) -> Any:
     """``default_collate`` of ``(input, label)`` items, a list or tuple label (multi-label
     targets) taken as one tensor first: ``default_collate`` turns a batch of lists into a
-    list of per-position tensors, which stored each batch's labels transposed. Inputs of
-    different shapes are a DataError (torch's own: "stack expects each tensor to be equal
-    size")."""
+    list of per-position tensors, which stored each batch's labels transposed. Inputs or
+    labels of different shapes are a DataError (torch's own: "stack expects each tensor to
+    be equal size")."""
     shapes = {tuple(np.shape(x)) for x, _ in items}
     if len(shapes) > 1:
         raise DataError(f"the inputs of one batch have different shapes {sorted(shapes)[:4]}",
                         hint="give every input one shape (resize or crop in the data set): the cache "
                              "stores one map shape per layer")
-    return default_collate([(x, torch.as_tensor(y)) if isinstance(y, (list, tuple)) else (x, y) for x, y in items])
+    items = [(x, torch.as_tensor(y)) if isinstance(y, (list, tuple)) else (x, y) for x, y in items]
+    label_shapes = {tuple(np.shape(y)) for _, y in items}
+    if len(label_shapes) > 1:  # torch's stack would say "stack expects each tensor to be equal size"
+        raise DataError(f"the labels of one batch have different shapes {sorted(label_shapes)[:4]}",
+                        hint="give every item a label of one shape (pad multi-label targets to one length); "
+                             "then build again with --overwrite")
+    return default_collate(items)
 
 
 def _labels(label: Any) -> np.ndarray:

@@ -104,15 +104,14 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
           variants: str | None, max_variants: int | None, calib_samples: int, max_shift: int, no_flip: bool,
           photometric: bool, policy_path: str | None, frozen_fraction: float | None, pixels: str) -> None:
     """Run the frozen prefix over a data set and cache LAYER outputs."""
-    import torch
 
     from .builder import build_cache
-    from .refs import call_factory
+    from .refs import call_factory, load_weights
     from .report import inspect_cache, render_table
 
     model = call_factory(model_ref)
     if weights:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        load_weights(model, weights)
     dataset = call_factory(data_ref, **({"data_dir": data_dir} if data_dir else {}))
     info = {"model": model_ref, "data": data_ref, "weights": weights}
     common: dict[str, Any] = {"backend": backend, "batch_size": batch_size, "num_workers": num_workers,

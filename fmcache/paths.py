@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CacheBusyError, CacheExistsError
+from .errors import CacheBusyError, CacheError, CacheExistsError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -134,7 +134,11 @@ class BuildLock:
             path.parent.mkdir(parents=True, exist_ok=True)
             return os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a read-only or full file system: the typed errors of a write
-            raise os_write_failure(path, exc, "cannot start writing the cache") from None
+            failure = os_write_failure(path, exc, "cannot start writing the cache")
+            if type(failure) is CacheError:  # not a full or read-only disk: the path itself
+                failure = CacheError(f"{path}: cannot write there ({exc})",
+                                     hint="give a path whose parent is a folder you can write to")
+            raise failure from None
 
     def release(self) -> None:
         if self.fd is not None:

@@ -55,3 +55,26 @@ def call_factory(ref: str, **kwargs: Any) -> Any:
     except ValueError:  # no signature to check (some builtins): let the call say
         pass
     return factory(**kwargs)
+
+
+def load_weights(model: Any, path: str) -> None:
+    """``model.load_state_dict(torch.load(path))`` (``--weights``), its failures BuildErrors
+    that name the file: a file that is no state dict was torch's unpickling traceback, a
+    state dict of another model its "Missing key(s)" RuntimeError."""
+    import torch
+
+    from .errors import BuildError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise BuildError(f"{path}: not a state dict torch.load can read ({type(exc).__name__}: {first})",
+                         hint="pass a file saved with torch.save(model.state_dict(), PATH)") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise BuildError(f"{path}: its weights do not fit the model {type(model).__name__}: {first}",
+                         hint="pass the state dict saved from this --model (the same factory and arguments)"
+                         ) from None

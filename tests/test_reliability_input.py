@@ -499,3 +499,40 @@ def test_a_second_writer_of_a_path_is_refused_while_the_first_works(tmp_path):
         after.append({"l": np.zeros((5, 2), np.float32)}, np.arange(5))
         after.commit()
     assert len(fmcache.open_cache(path)) == 5
+
+
+class _LabelsChangeLength(torch.utils.data.Dataset):
+    """Multi-label targets whose length changes part-way (item 10 on)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int):
+        return torch.ones(1, 32, 32) * i / 24, ([1, 0] if i >= 10 else [1, 0, 1])
+
+
+def test_labels_changing_shape_in_a_batch_are_a_data_error(tmp_path):
+    """torch's collate said "stack expects each tensor to be equal size" (untyped)."""
+    from fmcache.errors import DataError
+
+    with pytest.raises(DataError, match=r"labels of one batch have different shapes \[\(2,\), \(3,\)\]"):
+        build_cache(tiny_model(), _LabelsChangeLength(), ["block1"], tmp_path / "l.lmdb", batch_size=8,
+                    progress=False)
+
+
+def test_cli_weights_and_out_a_new_user_gets_wrong_are_named(tmp_path):
+    """A file that is no state dict (torch's unpickling traceback), a state dict of another
+    model ("Missing key(s)"), an --out under a regular file (NotADirectoryError)."""
+    garbage = tmp_path / "g.pt"
+    garbage.write_text("garbage")
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), other)
+    (tmp_path / "file").write_text("x")
+    common = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset",
+              "--layer", "block1", "--no-progress"]
+    for extra, message in (
+            (["--weights", str(garbage), "--out", str(tmp_path / "a.lmdb")], "not a state dict torch.load can read"),
+            (["--weights", str(other), "--out", str(tmp_path / "b.lmdb")], "do not fit the model"),
+            (["--out", str(tmp_path / "file" / "sub.lmdb")], "cannot write there")):
+        out = runner_out(common + extra)
+        assert out.startswith("error: ") and message in out and "Traceback" not in out, out
