@@ -341,3 +341,14 @@ def test_train_json_prints_only_the_json_on_stdout(tmp_path):
     first = next(line for line in done.stderr.splitlines() if line.startswith("epoch 0:"))
     assert first.endswith("nothing frozen yet)") and "None" not in first
     assert next(line for line in done.stderr.splitlines() if line.startswith("epoch 1:")).endswith("frozen to layer2)")
+
+
+def test_train_refuses_adaptive_and_a_schedule_together(tmp_path):
+    """`fmcache train --adaptive --schedule 1:layer2` ignored the schedule silently."""
+    from click.testing import CliRunner
+
+    from fmcache.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--adaptive", "--schedule", "1:layer2", "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "give one of them" in result.output
+    assert not list(Path(tmp_path).iterdir())
