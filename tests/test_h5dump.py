@@ -67,3 +67,21 @@ def test_h5dump_shows_the_manifest(tmp_path):
     assert manifest["format_version"] == fmcache.FORMAT_VERSION and manifest["samples"] == 1
     labels = printed_values(h5dump("-y", "-d", "/labels", str(path)))
     assert labels.tolist() == [4.0]
+
+
+def test_a_cache_h5repack_rewrote_is_refused_with_what_to_use_instead(tmp_path):
+    """h5repack moves every chunk: fmcache's recorded chunk index no longer matches, and the
+    refusal said only "HDF5's B-tree is damaged ... rebuild"."""
+    repack = shutil.which("h5repack")
+    if repack is None:
+        pytest.skip("h5repack missing: `make setup` installs hdf5-tools")
+    path, copy = tmp_path / "c.h5", tmp_path / "repacked.h5"
+    with fmcache.create_cache(path) as w:
+        w.add_layer("l", (2, 4, 4), codec="bf16")
+        w.append({"l": np.ones((40, 2, 4, 4), np.float32)}, np.arange(40))
+        w.commit()
+    subprocess.run([repack, str(path), str(copy)], check=True, timeout=120,
+                   env={**os.environ, "HDF5_PLUGIN_PATH": hdf5plugin.PLUGIN_PATH})
+    with pytest.raises(fmcache.errors.CorruptionError, match="h5repack") as info:
+        fmcache.open_cache(copy).read_batch("l", range(40))
+    assert "fmcache compact" in info.value.hint

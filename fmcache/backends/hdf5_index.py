@@ -120,7 +120,10 @@ def check_header(ds: h5py.Dataset, where: str, rows: int | None, digest: int | N
                                   "(its dataspace is damaged)")
         if digest is not None and header_digest(ds) != digest:
             raise CorruptionError(f"{where}: the object header of {ds.name} differs from the one the cache was "
-                                  "committed with (datatype, shape, chunks or filters damaged)")
+                                  "committed with (datatype, shape, chunks or filters damaged, or the file "
+                                  "rewritten by a tool such as h5repack)",
+                                  hint="copy or convert caches with `fmcache compact SRC DST`; a file no tool "
+                                       "rewrote is damaged: rebuild it")
     except (KeyError, RuntimeError, OSError, ValueError, TypeError, AttributeError) as exc:
         raise CorruptionError(f"{where}: HDF5 cannot read the header of {ds.name} ({exc})") from None
 
@@ -144,7 +147,10 @@ def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -
     entries = chunk_entries(ds, where)
     if digest is not None and index_digest(entries) != digest:
         raise CorruptionError(f"{where}: the chunk index of {ds.name} differs from the one the cache was "
-                              f"committed with (HDF5's B-tree is damaged)")
+                              f"committed with (HDF5's B-tree is damaged, or the file was rewritten by a tool "
+                              f"such as h5repack, which moves every chunk)",
+                              hint="copy or convert caches with `fmcache compact SRC DST` (its index is "
+                                   "recorded anew); a file no tool rewrote is damaged: rebuild it")
     if not rows:
         return
     per = chunks[0]
