@@ -148,3 +148,19 @@ class BuildLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+def writer_pid(path: Path) -> int | None:
+    """The pid of the process writing ``path`` now (holding its :class:`BuildLock`), or None."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)  # a lock taken here goes with the descriptor
+    return None

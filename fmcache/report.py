@@ -9,9 +9,9 @@ from typing import Any
 
 from .backends import backend_class, detect_backend
 from .cache import open_cache, partial_path
-from .errors import IncompleteCacheError, NotACacheError
+from .errors import CacheError, IncompleteCacheError, NotACacheError
 from .manifest import Manifest
-from .paths import PARTIAL_SUFFIX
+from .paths import PARTIAL_SUFFIX, writer_pid
 
 
 def _layer_summary(manifest: Manifest) -> dict[str, Any]:
@@ -56,12 +56,21 @@ def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
         backend_id = detect_backend(partial)
         if backend_id is None:
             raise
-        backend = backend_class(backend_id)(partial, writable=False)
+        pid = writer_pid(path)
         try:
-            draft = Manifest.from_json(backend.get_meta("draft") or b"{}", f"{partial}: draft")
-            progress = json.loads(backend.get_meta("progress") or b'{"samples": 0}')
-        finally:
-            backend.close()
+            backend = backend_class(backend_id)(partial, writable=False)
+            try:
+                draft = Manifest.from_json(backend.get_meta("draft") or b"{}", f"{partial}: draft")
+                progress = json.loads(backend.get_meta("progress") or b'{"samples": 0}')
+            finally:
+                backend.close()
+        except CacheError:
+            if pid is None:
+                raise
+            # HDF5 locks a file it writes: nothing to read until the writer is done
+            return {"path": str(path), "complete": False, "samples": None, "backend": backend_id,
+                    "format_version": None, "layers": {}, "fingerprints": {},
+                    "hint": f"being written now (process {pid}): inspect it when that is done"}
         layers = _layer_summary(draft)
         for entry in layers.values():  # counted at commit
             entry["raw_bytes"] = entry["stored_bytes"] = None
@@ -71,7 +80,9 @@ def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {"path": str(path), "complete": False, "samples": int(progress["samples"]),
                 "backend": backend_id, "format_version": draft.format_version,
                 "layers": layers, "fingerprints": draft.fingerprints,
-                "hint": "an interrupted build: finish it with `fmcache build ... --resume`"}
+                "hint": f"being written now (process {pid})" if pid is not None else
+                "an interrupted compact (compact cannot resume): run `fmcache compact SRC DST --overwrite` again"
+                if "compacted_from" in draft.build else "an interrupted build: finish it with `fmcache build ... --resume`"}
     with cache:
         m = cache.manifest
         total_raw = sum(sum(layer.raw_bytes.values()) for layer in m.layers.values())
@@ -94,8 +105,9 @@ def _size(n: int) -> str:
 
 def render_table(summary: dict[str, Any]) -> str:
     """The human form of :func:`inspect_cache`."""
-    lines = [(f"{summary['path']}  ({summary['backend']}, format v{summary['format_version']}, "
-              f"{summary['samples']} samples, {'complete' if summary['complete'] else 'INCOMPLETE'})")]
+    version, samples = summary["format_version"], summary["samples"]
+    lines = [(f"{summary['path']}  ({summary['backend']}, format v{'?' if version is None else version}, "
+              f"{'?' if samples is None else samples} samples, {'complete' if summary['complete'] else 'INCOMPLETE'})")]
     if not summary["complete"]:
         lines.append(f"  {summary['hint']}")
     header = f"  {'layer':<16} {'shape':<14} {'tier':<10} {'ch':>4}  {'codec':<34} {'raw':>10} {'stored':>10} {'ratio':>6}"

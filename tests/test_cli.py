@@ -256,3 +256,28 @@ def test_installed_command_runs_in_a_subprocess(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["samples"] == N_SAMPLES
     proc = subprocess.run([str(exe), "verify", "/nonexistent"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("suffix", [".lmdb", ".h5"])
+def test_inspect_names_a_build_in_progress_and_an_interrupted_compact(tmp_path, suffix):
+    """inspect during an HDF5 build said HDF5 cannot open it (run verify, rebuild); a
+    compact's leftover DST.partial said to finish it with `fmcache build --resume`."""
+    import os
+
+    from fmcache.report import inspect_cache, render_table
+
+    path = tmp_path / f"c{suffix}"
+    writer = fmcache.create_cache(path)
+    writer.add_layer("l", (2,), codec="raw")
+    writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+    summary = inspect_cache(path)
+    assert not summary["complete"] and f"being written now (process {os.getpid()})" in summary["hint"]
+    assert "INCOMPLETE" in render_table(summary)
+    writer.close()  # interrupted: the partial stays, nobody writes it
+    assert "fmcache build ... --resume" in inspect_cache(path)["hint"]
+    dst = tmp_path / f"d{suffix}"
+    with fmcache.create_cache(dst, build={"compacted_from": str(path)}) as compacting:
+        compacting.add_layer("l", (2,), codec="raw")
+        compacting.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+    hint = inspect_cache(dst)["hint"]
+    assert "interrupted compact" in hint and "--resume" not in hint
