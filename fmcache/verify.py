@@ -103,7 +103,7 @@ def _collect(path: str, receive: Connection, proc: BaseProcess, progress: Callab
     """The child's report: progress (passed on), then its result or its error. A child
     that dies without either (a signal) is a CorruptionError naming where it was; one
     that sends nothing for ``stall_seconds`` is stopped (SIGKILL) and reported likewise."""
-    layer, done, stalled = None, 0, False
+    layer, done, stalled, heard = None, 0, False, False
     try:
         while True:
             if not receive.poll(stall_seconds):
@@ -114,6 +114,7 @@ def _collect(path: str, receive: Connection, proc: BaseProcess, progress: Callab
                 message = receive.recv()
             except EOFError:  # the child is gone without a last word
                 break
+            heard = True
             if message[0] == "progress":
                 done += message[1]
                 if progress is not None:
@@ -136,6 +137,11 @@ def _collect(path: str, receive: Connection, proc: BaseProcess, progress: Callab
                               "process was stopped: the storage library is stuck on damage it cannot report "
                               "(HDF5's metadata has no checksums)")
     code = proc.exitcode if proc.exitcode is not None else 0
+    if code > 0 and not heard:  # a Python error before the child ran (_child reports its own)
+        raise CacheError(f"{path}: the verifying process could not start (exit code {code}); nothing was read",
+                         hint="from a script, call verify_cache(..., isolated=True) under "
+                              "`if __name__ == \"__main__\":` (multiprocessing imports the script again in "
+                              "its new process), or verify without isolated=True")
     died = signal.Signals(-code).name if code < 0 else f"exit code {code}"
     raise CorruptionError(f"{path}: reading it crashed the verifying process ({died}) {at}: the storage library "
                           "met damage it cannot report (LMDB has no page checksums)")

@@ -536,3 +536,18 @@ def test_cli_weights_and_out_a_new_user_gets_wrong_are_named(tmp_path):
             (["--out", str(tmp_path / "file" / "sub.lmdb")], "cannot write there")):
         out = runner_out(common + extra)
         assert out.startswith("error: ") and message in out and "Traceback" not in out, out
+
+
+def test_an_isolated_verify_from_an_unguarded_script_says_why_it_could_not_start(tmp_path):
+    """Without `if __name__ == "__main__":` multiprocessing's new process imports the script
+    again and fails; a healthy cache was reported as crashing its reader (damage)."""
+    path = tmp_path / "c.lmdb"
+    with fmcache.create_cache(path) as writer:
+        writer.add_layer("l", (2,), codec="raw")
+        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+        writer.commit()
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from fmcache.verify import verify_cache\nprint(verify_cache({str(path)!r}, isolated=True))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    assert "could not start" in done.stderr and "__main__" in done.stderr and "crashed" not in done.stderr
