@@ -551,3 +551,21 @@ def test_an_isolated_verify_from_an_unguarded_script_says_why_it_could_not_start
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0
     assert "could not start" in done.stderr and "__main__" in done.stderr and "crashed" not in done.stderr
+
+
+def test_a_cache_whose_lmdb_environment_the_user_opened_is_not_called_damaged(tmp_path):
+    import lmdb
+
+    path = tmp_path / "c.lmdb"
+    with fmcache.create_cache(path) as writer:
+        writer.add_layer("l", (2,), codec="raw")
+        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+        writer.commit()
+    own = lmdb.open(str(path), readonly=True)
+    try:
+        with pytest.raises(fmcache.errors.CacheError, match="already open in this process") as info:
+            fmcache.open_cache(path).read("l", 0)
+        assert not isinstance(info.value, fmcache.errors.CorruptionError) and "close your own" in info.value.hint
+    finally:
+        own.close()
+    assert fmcache.open_cache(path).read("l", 0).tolist() == [1.0, 1.0]

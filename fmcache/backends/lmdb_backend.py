@@ -94,6 +94,9 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
                                      hint="point the reader at where the cache is now") from None
             if writable and _is_read_only(path):
                 raise ReadOnlyError(f"{path}: cannot open the LMDB environment for writing ({exc})") from None
+            if "already open" in str(exc):  # py-lmdb refuses a second Environment of a path per process
+                raise CacheError(f"{path}: its LMDB environment is already open in this process outside "
+                                 f"fmcache ({exc})", hint="close your own lmdb.Environment on it first") from None
             raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
         _check_not_truncated(path, env)
         ident = _identity(path)
