@@ -45,7 +45,9 @@ def compact_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, c
             what = f"{dst} already exists" if dst.exists() else f"{partial_path(dst)} holds an unfinished cache"
             raise CacheExistsError(what, hint="compact cannot resume: start over with --overwrite (overwrite=True), "
                                               "or choose another DST")
-        writer = create_cache(dst, backend=backend, overwrite=overwrite, fingerprints=m.fingerprints, build=build)
+        # a cache built with allow_nonfinite holds NaN/Inf on purpose: its copy takes them too
+        writer = create_cache(dst, backend=backend, overwrite=overwrite, fingerprints=m.fingerprints, build=build,
+                              allow_nonfinite=bool(m.build.get("allow_nonfinite", False)))
         try:
             return _copy(cache, writer, keep, new_codec, batch_size, progress)
         except BaseException as exc:

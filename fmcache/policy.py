@@ -31,7 +31,8 @@ class PolicyStage:
     sensitive: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.up_to, (int, float)) or not 0.0 < float(self.up_to) <= 1.0:
+        if isinstance(self.up_to, bool) or not isinstance(self.up_to, (int, float)) \
+                or not 0.0 < float(self.up_to) <= 1.0:
             raise PolicyError(f"stage up_to must lie in (0, 1], got {self.up_to!r}")
         for what in ("bulk", "sensitive"):
             spec = getattr(self, what)
@@ -55,6 +56,8 @@ class CompressionPolicy:
     """
 
     def __init__(self, stages: Sequence[PolicyStage | Mapping[str, Any]]) -> None:
+        if not isinstance(stages, (list, tuple)):
+            raise PolicyError(f"stages must be a list of stages, got {type(stages).__name__}")
         built = []
         for s in stages:
             if isinstance(s, PolicyStage):
@@ -122,8 +125,9 @@ class CompressionPolicy:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CompressionPolicy:
-        if not isinstance(config, Mapping) or "stages" not in config:
-            raise PolicyError(f"a policy config is {{'stages': [...]}}, got {config!r:.80}")
+        if not isinstance(config, Mapping) or set(config) != {"stages"} \
+                or not isinstance(config["stages"], (list, tuple)):
+            raise PolicyError(f"a policy config is {{'stages': [...]}} and nothing else, got {config!r:.80}")
         return cls(config["stages"])
 
     def to_json(self) -> str:

@@ -281,3 +281,21 @@ def test_inspect_names_a_build_in_progress_and_an_interrupted_compact(tmp_path, 
         compacting.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
     hint = inspect_cache(dst)["hint"]
     assert "interrupted compact" in hint and "--resume" not in hint
+
+
+
+def test_compact_copies_a_cache_built_with_allow_nonfinite(tmp_path):
+    """compact refused such a cache (NonFiniteError, with a hint to pass --allow-nonfinite,
+    which compact has not): it could never be converted or re-encoded."""
+    from fmcache.compact import compact_cache
+
+    x = np.ones((4, 2, 3, 3), np.float32)
+    x[0, 0, 0, 0], x[1, 1, 2, 2], x[2, 0, 1, 1] = np.nan, np.inf, -np.inf
+    src = tmp_path / "s.lmdb"
+    with fmcache.create_cache(src, allow_nonfinite=True) as writer:
+        writer.add_layer("l", (2, 3, 3), codec="bf16")
+        writer.append({"l": x}, np.arange(4))
+        writer.commit()
+    for dst, codec in ((tmp_path / "d.h5", "raw"), (tmp_path / "d.lmdb", None)):
+        compact_cache(src, dst, codec=codec)
+        np.testing.assert_array_equal(fmcache.open_cache(dst).read_batch("l", range(4)), x)

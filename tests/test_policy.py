@@ -63,7 +63,11 @@ def test_the_chosen_stage_is_the_first_whose_bound_holds_the_fraction(policy, fr
     {"stages": [{"up_to": 1.0, "bulk": "raw", "sensitive": "raw", "extra": 1}]},
     {"stages": [{"up_to": 0.0, "bulk": "raw", "sensitive": "raw"}, {"up_to": 1.0, "bulk": "raw", "sensitive": "raw"}]},
     {"levels": []},
-], ids=["empty", "not-to-1", "not-increasing", "bad-codec", "missing-key", "unknown-key", "zero-bound", "no-stages"])
+    {"stages": None}, {"stages": 5}, {"stages": "raw"},
+    {"stages": [{"up_to": True, "bulk": "raw", "sensitive": "raw"}]},
+    {"stages": [{"up_to": 1.0, "bulk": "raw", "sensitive": "raw"}], "extra": 1},
+], ids=["empty", "not-to-1", "not-increasing", "bad-codec", "missing-key", "unknown-key", "zero-bound", "no-stages",
+        "stages-null", "stages-int", "stages-str", "bool-bound", "unknown-top-key"])
 def test_bad_configs_are_typed_errors(config):
     with pytest.raises(PolicyError):
         CompressionPolicy.from_config(config)

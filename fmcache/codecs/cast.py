@@ -104,8 +104,8 @@ def _check_range(codec_id: str, x: np.ndarray, limit: float, hint: str) -> None:
     finite = x[np.isfinite(x)]
     if finite.size and float(np.max(np.abs(finite))) > limit:
         worst = float(np.max(np.abs(finite)))
-        raise EncodeError(f"codec {codec_id!r}: |x| up to {worst:.6g} exceeds its range {limit:.6g}",
-                          hint=hint)
+        raise EncodeError(f"codec {codec_id!r}: |x| up to {worst!r} exceeds its largest encodable value "
+                          f"{limit!r}", hint=hint)
 
 
 class _Cast16(Codec):
@@ -256,7 +256,7 @@ class Bf16(_Cast16):
         |x - x'| <= 2**-8 * |x|     for |x| >= 2**-126  (float32 normal range)
         |x - x'| <= 2**-126         for |x| < 2**-126   (float32 subnormals)
 
-    Finite values so large that they round to Inf (``|x| > 3.3961e38``, the top half
+    Finite values so large that they round to Inf (``|x| > 3.3961773e38``, the top half
     ulp of float32) raise EncodeError. Zeros (and their sign) are exact; +-Inf are
     exact; NaN decodes to NaN (its payload bits are not kept).
 
