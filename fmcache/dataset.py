@@ -114,6 +114,10 @@ class FeatureMapDataset(Dataset):
         info = cache.layer(layer)
         self.shape = info.shape
         self.samples_per_chunk = info.samples_per_chunk
+        #: the sampler's chunk: the largest of the cache's layers, so that the Datasets of two
+        #: layers of one cache with one seed visit the samples in one order (zipped loaders
+        #: of a U-Net's skip layers paired different samples when each took its own)
+        self.order_chunk = max(layer_info.samples_per_chunk for layer_info in cache.layers.values())
         self._len = len(cache)
         build = cache.manifest.build
         self.family = family or AugFamily.from_config(build.get("augment_family") or {})
@@ -181,8 +185,9 @@ class FeatureMapDataset(Dataset):
 
     def sampler(self, *, shuffle: str = "chunks", buffer_chunks: int = 8, rank: int | None = None,
                 world_size: int | None = None, drop_last: bool = False) -> ChunkShuffleSampler:
-        """A chunk-aware sampler matched to this layer's storage chunks."""
-        return ChunkShuffleSampler(len(self), self.samples_per_chunk, buffer_chunks=buffer_chunks, seed=self.seed,
+        """A chunk-aware sampler matched to the cache's storage chunks (:attr:`order_chunk`:
+        one order for every layer of the cache at one seed)."""
+        return ChunkShuffleSampler(len(self), self.order_chunk, buffer_chunks=buffer_chunks, seed=self.seed,
                                    shuffle=shuffle, rank=rank, world_size=world_size,  # type: ignore[arg-type]
                                    drop_last=drop_last)
 

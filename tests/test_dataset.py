@@ -212,3 +212,28 @@ def test_a_relative_path_survives_a_change_of_directory_before_workers_start(tmp
     got = torch.cat([maps for maps, _ in loader]).numpy()
     np.testing.assert_array_equal(got, x)
     assert fmcache.open_cache("../c.lmdb").path == path
+
+
+def test_two_layers_of_one_cache_are_visited_in_one_order(tmp_path):
+    """Layers with other chunk sizes got other chunk-shuffled orders at one seed: zipped
+    loaders (a U-Net's skip layers) paired different samples."""
+    from fmcache.loader import EpochLoader
+
+    path = tmp_path / "two.lmdb"
+    rng = np.random.default_rng(0)
+    with fmcache.create_cache(path) as w:
+        w.add_layer("enc1", (4, 4, 4), codec="raw", samples_per_chunk=8)
+        w.add_layer("enc2", (2, 2, 2), codec="raw", samples_per_chunk=32)
+        enc1 = rng.random((96, 4, 4, 4)).astype(np.float32)
+        w.append({"enc1": enc1, "enc2": enc1[:, :2, ::2, ::2].copy()}, np.arange(96))
+        w.commit()
+    a = FeatureMapDataset(path, "enc1", seed=5)
+    b = FeatureMapDataset(path, "enc2", seed=5)
+    for epoch in (0, 3):
+        sa, sb = a.sampler(), b.sampler()
+        sa.set_epoch(epoch)
+        sb.set_epoch(epoch)
+        assert list(sa) == list(sb)
+    pairs = zip(EpochLoader(a, 16)(1), EpochLoader(b, 16)(1))
+    for (m1, y1), (m2, y2) in pairs:
+        assert torch.equal(y1, y2) and torch.equal(m1[:, :2, ::2, ::2], m2)
