@@ -152,6 +152,9 @@ class AdaptiveFreezer:
             self.history.setdefault(b, []).append(value)
         nxt = self.frozen_upto + 1
         limit = self.blocks.index(self.max_boundary) if self.max_boundary else len(self.blocks) - 1
+        while nxt <= limit and next(mods[self.blocks[nxt]].parameters(), None) is None:
+            nxt += 1  # a block without parameters (pooling, a reshape) has nothing to converge: it goes
+            # with the next one (its signal stayed 0, and freezing stopped at it for good)
         if epoch + 1 < self.min_epoch or nxt > limit:
             return None
         if self.is_flat(self.history[self.blocks[nxt]]):
@@ -268,6 +271,7 @@ class FreezingTrainer:
         self.order = [n for n, _ in model.named_children()]
         if schedule is not None:
             schedule.validate(self.order)
+        self._check_plan(model, schedule, freezer, recipe or CacheRecipe(), plain_data)
         self.train_data, self.plain_data = train_data, plain_data
         self.epochs, self.batch_size, self.seed, self.bf16 = int(epochs), int(batch_size), int(seed), bf16
         self.num_workers = int(num_workers)
@@ -317,6 +321,32 @@ class FreezingTrainer:
             _remove(old["path"])
         self.log(f"froze up to {boundary}: cache {path.name} {built['stored_bytes']:,} B "
                  f"in {built['build_s']:.1f} s ({built['codecs']})")
+
+    def _check_plan(self, model: nn.Module, schedule: FreezeSchedule | None, freezer: AdaptiveFreezer | None,
+                    recipe: CacheRecipe, plain_data: Dataset) -> None:
+        """What would fail only at a freeze point, after epochs of training, refused now:
+        a freezer's unknown block (a KeyError at epoch 0), a boundary that leaves no
+        parameter to train (torch's "does not require grad"), mask labels with a
+        spatially augmenting recipe (refused by the Dataset after the cache was built)."""
+        children = dict(model.named_children())
+        if freezer is not None:
+            unknown = [b for b in freezer.blocks if b not in children]
+            if unknown:
+                raise FreezeError(f"the freezer's blocks {unknown} are not top-level children of the model",
+                                  hint=f"choose from {', '.join(self.order)}")
+        last = (list(schedule.points.values()) if schedule is not None else []) + \
+               ([freezer.max_boundary or freezer.blocks[-1]] if freezer is not None and freezer.blocks else [])
+        for boundary in last:
+            after = self.order[self.order.index(boundary) + 1:]
+            if not any(next(children[name].parameters(), None) is not None for name in after):
+                raise FreezeError(f"freezing up to {boundary!r} leaves no parameter to train",
+                                  hint="freeze at an earlier block (a schedule point, or the freezer's "
+                                       "max_boundary) so that the head stays trainable")
+        label = plain_data[0][1] if recipe.kind != "classic" and recipe.augment != "none" else None  # type: ignore[index]
+        if label is not None and np.ndim(label) >= 2:
+            raise FreezeError(f"the labels have shape {tuple(np.shape(label))} per sample (masks?); augment="
+                              f"{recipe.augment!r} flips and shifts the cached maps but not the labels",
+                              hint="use a recipe with augment='none'")
 
     def _check_splits(self, prefix: nn.Module, suffix: nn.Module, boundary: str) -> None:
         """The trainer splits the model at top-level children, which is only the model when

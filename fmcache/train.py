@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 500, bf16: bo
         for x, y in DataLoader(dataset, batch_size=batch_size):
             with _autocast(bf16):
                 correct += int((model(_cl(x.float())).float().argmax(1) == y).sum())
-            total += len(y)
+            total += y.numel()  # per pixel for masks (it was per sample: "accuracies" of 500)
     return correct / max(total, 1)
 
 

@@ -91,6 +91,16 @@ def test_freezes_the_next_block_once_its_change_has_flattened_and_never_skips():
     assert freezer.history["0"] == pytest.approx([0.10, 0.08, 0.02, 0.0, 0.0], abs=1e-6)
 
 
+def test_a_block_without_parameters_is_frozen_with_the_next_one():
+    """A pooling / reshape child's signal is 0 for good: freezing stopped at it silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Linear(2, 2))
+    freezer = AdaptiveFreezer(["0", "1", "2", "3"], threshold=0.3, min_epoch=1, max_boundary="2")
+    steps = {0: [0.10, 0, 0.10, 0.1], 1: [0.02, 0, 0.10, 0.1], 2: [0.0, 0, 0.02, 0.1]}
+    got = [_epoch(freezer, model, e, s) for e, s in steps.items()]
+    assert got == [None, "0", "2"]  # block "1" (no parameters) went with block "2"
+
+
 def test_grad_norm_metric_reads_recorded_gradients():
     model = _three_blocks()
     freezer = AdaptiveFreezer(["0", "1", "2"], metric="grad_norm", threshold=0.5, min_epoch=0)
@@ -174,6 +184,46 @@ def test_training_with_dataloader_workers_matches_training_without(tmp_path, dat
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     assert all(c > 0 for c in cpu)
+
+
+def test_trainer_refuses_up_front_what_would_fail_at_a_freeze_point(tmp_path, data):
+    """An unknown freezer block (KeyError at epoch 0), a freeze that leaves no parameter to
+    train (torch's error after the cache was built), mask labels with a spatially augmenting
+    recipe (refused by the Dataset after training up to the freeze)."""
+    model = small_cnn(in_channels=1, width=2)
+    last = [n for n, _ in model.named_children()][-1]
+    cases = [({"freezer": AdaptiveFreezer(["block1", "blockX"])}, "not top-level children"),
+             ({"schedule": FreezeSchedule.parse(f"1:block1,2:{last}")}, "leaves no parameter to train"),
+             ({"freezer": AdaptiveFreezer([n for n, _ in model.named_children()])}, "leaves no parameter to train")]
+    for kwargs, message in cases:
+        with pytest.raises(FreezeError, match=message):
+            FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path, **kwargs)
+
+    class Masks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return data[0][i][0], torch.zeros(32, 32, dtype=torch.long)
+
+    with pytest.raises(FreezeError, match="masks"):
+        FreezingTrainer(model, Masks(), Masks(), epochs=3, work_dir=tmp_path, schedule=FreezeSchedule.parse("1:block1"),
+                        recipe=CacheRecipe(kind="plain", augment="feature", codec="raw"))
+    assert not list(Path(tmp_path).iterdir())
+
+
+def test_evaluate_counts_pixels_for_mask_labels():
+    """Segmentation masks: correct pixels were divided by the number of samples."""
+    from fmcache.train import evaluate
+
+    class Perfect(nn.Module):
+        def forward(self, x):
+            return torch.stack([x[:, 0] <= 0.5, x[:, 0] > 0.5], 1).float()
+
+    x = torch.rand(6, 1, 4, 4)
+    y = (x[:, 0] > 0.5).long()
+    y[0, 0, 0] = 1 - y[0, 0, 0]  # one wrong pixel of 96
+    assert evaluate(Perfect(), torch.utils.data.TensorDataset(x, y)) == pytest.approx(95 / 96)
 
 
 def test_trainer_refuses_a_schedule_and_a_freezer_together(tmp_path, data):
