@@ -157,7 +157,11 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
         Input pixels per map pixel; default inferred from the shapes.
     """
     if inputs.ndim != 4 or len(inputs) == 0:
-        raise SensitivityError(f"calibration inputs must be a non-empty (N, C, H, W) batch, got {tuple(inputs.shape)}")
+        raise SensitivityError(f"SACA and tier calibration measure how channels react to flips and shifts of "
+                               f"image inputs, a non-empty (N, C, H, W) batch; these inputs are "
+                               f"{tuple(inputs.shape)}",
+                               hint="for inputs that are not images, build a plain cache (one codec: no --saca; "
+                                    "CacheRecipe(kind='plain'))")
     ids = list(range(len(inputs))) if sample_ids is None else [int(i) for i in sample_ids]
     if len(ids) != len(inputs):
         raise SensitivityError(f"{len(ids)} sample ids for {len(inputs)} inputs")

@@ -342,7 +342,11 @@ class FreezingTrainer:
                 raise FreezeError(f"freezing up to {boundary!r} leaves no parameter to train",
                                   hint="freeze at an earlier block (a schedule point, or the freezer's "
                                        "max_boundary) so that the head stays trainable")
-        label = plain_data[0][1] if recipe.kind != "classic" and recipe.augment != "none" else None  # type: ignore[index]
+        first = plain_data[0] if recipe.kind != "classic" else None  # type: ignore[index]
+        if recipe.kind in ("tiers", "saca") and first is not None and np.ndim(first[0]) != 3:
+            raise FreezeError(f"recipe kind {recipe.kind!r} calibrates on image inputs (C, H, W); these are "
+                              f"{tuple(np.shape(first[0]))}", hint="use CacheRecipe(kind='plain')")
+        label = first[1] if first is not None and recipe.augment != "none" else None
         if label is not None and np.ndim(label) >= 2:
             raise FreezeError(f"the labels have shape {tuple(np.shape(label))} per sample (masks?); augment="
                               f"{recipe.augment!r} flips and shifts the cached maps but not the labels",

@@ -305,3 +305,14 @@ def test_spatial_augmentation_of_maps_whose_inputs_are_not_images_is_refused(tmp
     with pytest.raises(fmcache.errors.StrideError, match=r"inputs are \(12, 8\), not images"):
         fmcache.FeatureMapDataset(tmp_path / "h.lmdb", "0", augment="feature")
     assert len(fmcache.FeatureMapDataset(tmp_path / "h.lmdb", "0")) == N  # no augmentation: served
+
+
+def test_saca_on_inputs_that_are_not_images_says_to_build_a_plain_cache(tmp_path):
+    """1-D signals and tabular rows: "calibration inputs must be a non-empty (N, C, H, W)
+    batch (hint: ... rho in [0, 1])" meant nothing to their users."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14, 2)).eval()
+    with pytest.raises(fmcache.errors.SensitivityError, match=r"image inputs.*\(8, 2, 16\)") as info:
+        build_saca_cache(model, _data(shape=(2, 16)), "1", tmp_path / "s.lmdb", progress=False,
+                         saca=SacaConfig(n_samples=8))
+    assert "plain cache" in info.value.hint

@@ -206,6 +206,11 @@ def test_trainer_refuses_up_front_what_would_fail_at_a_freeze_point(tmp_path, da
         def __getitem__(self, i):
             return data[0][i][0], torch.zeros(32, 32, dtype=torch.long)
 
+    rows = torch.utils.data.TensorDataset(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
+    mlp = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    with pytest.raises(FreezeError, match=r"calibrates on image inputs \(C, H, W\); these are \(6,\)"):
+        FreezingTrainer(mlp, rows, rows, epochs=3, work_dir=tmp_path, schedule=FreezeSchedule.parse("1:0"),
+                        recipe=CacheRecipe(kind="tiers", augment="feature"))
     with pytest.raises(FreezeError, match="masks"):
         FreezingTrainer(model, Masks(), Masks(), epochs=3, work_dir=tmp_path, schedule=FreezeSchedule.parse("1:block1"),
                         recipe=CacheRecipe(kind="plain", augment="feature", codec="raw"))
