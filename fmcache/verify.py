@@ -199,7 +199,10 @@ def _verify(path: str | os.PathLike[str], progress: Callable[[int], None] | None
                         try:
                             cache.read_parts(name, [int(s)])
                         except CorruptionError as exc:
-                            raise CorruptionError(f"layer {name!r} sample {int(s)}: {exc.message}") from exc
+                            where = f"layer {name!r} sample {int(s)}"
+                            # the readers' own messages mostly name the layer and sample already
+                            raise CorruptionError(exc.message if where in exc.message else f"{where}: {exc.message}",
+                                                  hint=exc.hint) from exc
                     raise
                 for part, values in parts.items():
                     if not nonfinite_ok and not np.isfinite(values).all():

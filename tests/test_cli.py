@@ -93,6 +93,7 @@ def test_verify_names_the_first_bad_layer_and_sample(runner, built):
     result = runner.invoke(main, ["verify", str(built), "--no-progress"])
     assert result.exit_code == 1
     assert "layer 'block2' sample 17" in result.output and "checksum" in result.output
+    assert result.output.count("layer 'block2' sample 17") == 1  # said once (it was repeated)
     assert "Traceback" not in result.output
     # the hint says what to do next, not to run the command that is running
     assert "hint: rebuild the cache" in result.output and "run `fmcache verify" not in result.output
