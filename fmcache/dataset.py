@@ -178,6 +178,19 @@ class FeatureMapDataset(Dataset):
             self._cache = cache
         return self._cache
 
+    def close(self) -> None:
+        """Close this process's handles on the cache now (a later read opens them again).
+        Dropping the Dataset releases them too; close() is for a cache about to be deleted."""
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()
+
+    def __enter__(self) -> FeatureMapDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Use the draws of ``epoch`` (call before creating each epoch's iterator)."""

@@ -313,11 +313,13 @@ class FreezingTrainer:
         path = self.work_dir / f"cache-{boundary}.{'h5' if self.recipe.backend == 'hdf5' else 'lmdb'}"
         built = self.recipe.build(self.model, self.plain_data, boundary, path, fraction)
         self.builds.append(built)
-        old = self.cache
+        old, old_data = self.cache, self.cache_data
         self.cache = built
         self.cache_data = self.recipe.dataset(path, self.seed)
         if old is not None and old["path"] != built["path"]:
             self._close_loader()  # its workers hold the old cache open
+            if old_data is not None:
+                old_data.close()  # and so does this process: a deleted cache kept its disk space
             _remove(old["path"])
         self.log(f"froze up to {boundary}: cache {path.name} {built['stored_bytes']:,} B "
                  f"in {built['build_s']:.1f} s ({built['codecs']})")
@@ -430,6 +432,8 @@ class FreezingTrainer:
         """Delete the current cache."""
         self._close_loader()
         if self.cache is not None:
+            if self.cache_data is not None:
+                self.cache_data.close()
             self.cache_data = None
             _remove(self.cache["path"])
             self.cache = None

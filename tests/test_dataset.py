@@ -237,3 +237,48 @@ def test_two_layers_of_one_cache_are_visited_in_one_order(tmp_path):
     pairs = zip(EpochLoader(a, 16)(1), EpochLoader(b, 16)(1))
     for (m1, y1), (m2, y2) in pairs:
         assert torch.equal(y1, y2) and torch.equal(m1[:, :2, ::2, ::2], m2)
+
+
+def _deleted_lmdb_files_held() -> list[str]:
+    import os
+
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "data.mdb" in target and target.endswith("(deleted)"):
+            held.append(target)
+    return held
+
+
+def test_a_dropped_or_closed_dataset_lets_go_of_its_lmdb_cache(tmp_path):
+    """An LMDB environment stayed open (descriptor, mapping, a deleted cache's disk space)
+    for every Dataset or Cache dropped without close(): 20 rebuilds held 643 MiB."""
+    import gc
+    import shutil
+
+    from fmcache.backends import lmdb_backend
+
+    before = len(lmdb_backend._envs)
+    for round_ in range(3):
+        path = tmp_path / f"r{round_}.lmdb"
+        with fmcache.create_cache(path) as w:
+            w.add_layer("l", (2, 4, 4), codec="raw")
+            w.append({"l": np.full((8, 2, 4, 4), round_, np.float32)}, np.arange(8))
+            w.commit()
+        ds = FeatureMapDataset(path, "l")
+        assert float(ds[3][0][0, 0, 0]) == round_
+        if round_ == 0:
+            del ds
+            gc.collect()
+        elif round_ == 1:
+            ds.close()
+            assert float(ds[3][0][0, 0, 0]) == round_  # reopens on the next read
+            ds.close()
+        else:
+            with ds:
+                assert float(ds[5][0][0, 0, 0]) == round_
+        shutil.rmtree(path)
+        assert len(lmdb_backend._envs) == before and not _deleted_lmdb_files_held()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,9 @@ def test_frozen_prefix_stays_fixed_and_old_caches_are_deleted(tmp_path, data, ki
     else:
         assert [b["boundary"] for b in out["builds"]] == ["block1", "block2"]
         assert not Path(out["builds"][0]["path"]).exists()  # the previous cache is gone
+        held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.islink(f"/proc/self/fd/{fd}")]
+        assert not [h for h in held if "cache-block1" in h]  # and its disk space with it (no open handle)
         assert Path(out["builds"][1]["path"]).exists()
         trainer.close()
         assert not Path(out["builds"][1]["path"]).exists()

@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,10 @@ class LmdbBackend(Backend):
         env: lmdb.Environment | None = getattr(self, "_h_env", None)
         if new_process or env is None:
             env = self._h_env = _shared_env(self.path, self.writable)
+            # a backend dropped without close() (a Dataset or Cache garbage collected) gives its
+            # reference back: the registry kept the environment, its descriptor and its mapping
+            # for good (a deleted cache's disk space too)
+            self._h_release = weakref.finalize(self, _release_env, env)
             self._check_reopened()
         return env
 
@@ -274,8 +279,13 @@ class LmdbBackend(Backend):
                     env.sync(True)
             except lmdb.Error:
                 pass  # already closed because the path was replaced
-            _release_env(env)
+            release = getattr(self, "_h_release", None)
+            if release is not None:
+                release()  # once: _release_env(env), and the finaliser is done
+            else:
+                _release_env(env)
         self._h_env = None
+        self._h_release = None
 
     def flush(self) -> None:
         if self.writable:
