@@ -27,7 +27,7 @@ from .errors import (
 )
 from .indices import checked_indices
 from .manifest import WHOLE_PART, LayerInfo, Manifest, check_fingerprints
-from .paths import partial_path
+from .paths import partial_path, writer_pid
 from .writer import CacheWriter, _part_specs, create_cache, default_samples_per_chunk
 
 if TYPE_CHECKING:
@@ -45,8 +45,13 @@ class Cache:
         backend_id = detect_backend(self.path)
         if backend_id is None:
             if partial_path(self.path).exists():
-                raise IncompleteCacheError(f"{self.path} was never committed; {partial_path(self.path)} holds "
-                                           "an interrupted build")
+                pid = writer_pid(self.path)
+                raise IncompleteCacheError(
+                    f"{self.path} was never committed; {partial_path(self.path)} holds "
+                    + (f"a cache process {pid} is writing now" if pid is not None else "an interrupted build or compact"),
+                    hint="open it when that is done" if pid is not None else
+                    "finish a build with `fmcache build ... --resume`; run an interrupted compact again with "
+                    "--overwrite (compact cannot resume)")
             if not self.path.exists():
                 raise NotACacheError(f"{self.path} does not exist")
             raise NotACacheError(f"{self.path} is not an fmcache cache (neither an LMDB directory nor an HDF5 file)")

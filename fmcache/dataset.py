@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from .errors import CacheError, CacheReplacedError, StrideError
 from .indices import checked_indices
 from .manifest import VARIANT_SEP
 from .sampler import ChunkShuffleSampler, SampleKey
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 _DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -185,7 +188,7 @@ class FeatureMapDataset(Dataset):
         if cache is not None:
             cache.close()
 
-    def __enter__(self) -> FeatureMapDataset:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -282,6 +282,9 @@ def test_inspect_names_a_build_in_progress_and_an_interrupted_compact(tmp_path, 
         compacting.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
     hint = inspect_cache(dst)["hint"]
     assert "interrupted compact" in hint and "--resume" not in hint
+    with pytest.raises(fmcache.errors.IncompleteCacheError, match="interrupted build or compact") as info:
+        fmcache.open_cache(dst)  # reading it: both ways out (it said to resume a build)
+    assert "compact cannot resume" in info.value.hint
 
 
 

@@ -267,7 +267,7 @@ class LmdbBackend(Backend):
             # a backend dropped without close() (a Dataset or Cache garbage collected) gives its
             # reference back: the registry kept the environment, its descriptor and its mapping
             # for good (a deleted cache's disk space too)
-            self._h_release = weakref.finalize(self, _release_env, env)
+            self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, _release_env, env)
             self._check_reopened()
         return env
 
