@@ -29,6 +29,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
+        except KeyboardInterrupt:  # click's own handler said only "Aborted!"
+            then = {"build": "the batches already written are kept: run the same command with --resume to "
+                             "continue"}.get(ctx.invoked_subcommand or "", "nothing was committed")
+            click.echo(f"interrupted: {then}", err=True)
+            ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()

@@ -303,3 +303,37 @@ def test_compact_copies_a_cache_built_with_allow_nonfinite(tmp_path):
     for dst, codec in ((tmp_path / "d.h5", "raw"), (tmp_path / "d.lmdb", None)):
         compact_cache(src, dst, codec=codec)
         np.testing.assert_array_equal(fmcache.open_cache(dst).read_batch("l", range(4)), x)
+
+
+def test_ctrl_c_during_a_build_says_how_to_continue(tmp_path):
+    """Ctrl-C printed only click's "Aborted!"; the partial is kept and --resume finishes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "c.lmdb"
+    (tmp_path / "slowdata.py").write_text(
+        "import time\nimport torch\nfrom fmnist_small import train_subset\n\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __init__(self):\n        self.base = train_subset()\n"
+        "    def __len__(self):\n        return len(self.base)\n"
+        "    def __getitem__(self, i):\n        time.sleep(0.03)\n        return self.base[i]\n\n"
+        "def data():\n    return Slow()\n")
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}:{tmp_path}"}
+    cmd = [sys.executable, "-c", "from fmcache.cli import main; main()", "build", "--model", "fmnist_small:tiny_model",
+           "--data", "slowdata:data", "--layer", "block1", "--out", str(out), "--no-progress", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    partial = Path(f"{out}.partial")
+    deadline = time.time() + 120
+    while not (partial / "data.mdb").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the build finished before the interrupt")
+    assert proc.returncode == 130 and "interrupted: the batches already written are kept" in err and "--resume" in err
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(fmcache.open_cache(out)) == 96
