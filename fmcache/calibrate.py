@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .augment import AugDraw, AugFamily, apply_feature, apply_input, draw_for, infer_stride
 from .augment.errors import SensitivityError
-from .capture import Capture
+from .capture import Capture, eval_mode
 from .sensitivity import SensitivityAccumulator, score_summary, select_sensitive
 
 #: Draw-stream tag of calibration (kept apart from training draws of the same seed).
@@ -213,14 +213,10 @@ def calibrate(model: nn.Module, layer: str, dataset: Dataset, family: AugFamily,
               batch_size: int = 64) -> Calibration:
     """:func:`measure_sensitivity` of ``model`` up to the module ``layer`` (eval mode, no grad)."""
     capture = Capture(model, [layer])
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # afterwards every submodule's own mode, a frozen BatchNorm's included
         x, ids = calibration_batch(dataset, n_samples, seed=seed)
         return measure_sensitivity(lambda b: capture(b)[layer], x, family, sample_ids=ids, seed=seed,
                                    shifts_per_sample=shifts_per_sample, pixels=pixels, batch_size=batch_size)
-    finally:
-        model.train(was_training)
 
 
 __all__ = ["KINDS", "Calibration", "PixelSpace", "augment_inputs", "calibrate", "calibration_batch",

@@ -77,12 +77,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def check_replaceable(path: Path, *, what: str = "--overwrite (overwrite=True)") -> None:
-    """Refuse to replace ``path`` unless it is a cache (or a partial one) or an empty
-    directory: ``--out mydata --overwrite`` (a typo) deleted the user's folder, and
+    """Refuse to replace ``path`` unless it is a cache or an empty directory: ``--out mydata --overwrite`` (a typo) deleted the user's folder, and
     ``--out .`` the current directory."""
     from .backends import detect_backend
 
-    if not (path.exists() or path.is_symlink()) or path.is_symlink():
+    if path.is_symlink() or not path.exists():
         return  # nothing there, or a link (replaced by the cache, its target untouched)
     here = Path.cwd().resolve()
     if path.resolve() == here or path.resolve() in here.parents:
