@@ -63,10 +63,10 @@ def _shard(value: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(f"{value!r} is not i/n", param_hint="--shard") from None
 
 
-def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Any]:
+def _progress(total: int, desc: str, unit: str = "sample") -> tuple[Callable[[int], None], Any]:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="sample", desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, unit=unit, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     return bar.update, bar
 
 
@@ -168,7 +168,8 @@ def verify(path: str, no_progress: bool) -> None:
 
     with open_cache(path) as cache:
         total = len(cache) * len(cache.layers)
-    update, bar = (None, None) if no_progress else _progress(total, "verify")
+    # one step per sample and layer: "maps" (samples would count a 2-layer cache twice)
+    update, bar = (None, None) if no_progress else _progress(total, "verify", unit="map")
     try:
         report = verify_cache(path, progress=update, isolated=True)  # a crashing reader is reported, not fatal
     finally:

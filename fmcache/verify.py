@@ -66,7 +66,7 @@ def _verify_with_bar(path: str | os.PathLike[str], isolated: bool) -> VerifyRepo
         total = len(cache) * len(cache.layers)
     finally:
         cache.close()
-    with tqdm(total=total, unit="sample", desc=f"verify {Path(path).name}", leave=False) as bar:
+    with tqdm(total=total, unit="map", desc=f"verify {Path(path).name}", leave=False) as bar:
         return verify_cache(path, bar.update, isolated=isolated)
 
 
