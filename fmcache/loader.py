@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 from .dataset import FeatureMapDataset
 from .errors import SamplerConfigError
 from .handover import BatchKeys, OrdinalBatches, SharedRing, Ticket, ring_slots
-from .sampler import EpochSampler, SampleKey
+from .sampler import EpochSampler, SampleKey, _default_rank_and_world, rank_share, samples_per_rank
 
 #: batches each worker works ahead (the DataLoader's default), which sizes the ring
 PREFETCH_FACTOR = 2
@@ -32,20 +32,30 @@ PREFETCH_FACTOR = 2
 
 class PermutationSampler(Sampler[int]):
     """``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))``'s
-    order for each epoch, as a sampler with ``set_epoch``."""
+    order for each epoch, as a sampler with ``set_epoch``; under ``torch.distributed`` (or
+    with ``rank`` / ``world_size``) this rank's contiguous share of it, padded as
+    ``DistributedSampler`` pads (:func:`~fmcache.sampler.rank_share`): every rank read the
+    whole data set when a ``Subset`` or ``ConcatDataset`` of a cache went through here."""
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
+    def __init__(self, num_samples: int, seed: int = 0, *, rank: int | None = None,
+                 world_size: int | None = None) -> None:
         self.num_samples, self.seed, self.epoch = int(num_samples), int(seed), 0
+        default_rank, default_world = _default_rank_and_world()
+        self.rank = default_rank if rank is None else int(rank)
+        self.world_size = default_world if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise SamplerConfigError(f"rank {self.rank} is out of range for world_size {self.world_size}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+        order = torch.randperm(self.num_samples, generator=gen).numpy()
+        return iter(rank_share(order, self.rank, self.world_size, drop_last=False).tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return samples_per_rank(self.num_samples, self.world_size, False)
 
 
 def epoch_targets(dataset: Dataset) -> list[Any]:

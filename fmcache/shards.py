@@ -48,14 +48,38 @@ def check_shards(caches: Sequence[Cache]) -> int:
         expected = shard["stop"]
         if m.fingerprints != first.fingerprints:
             raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only")
+        if list(m.layers) != list(first.layers):
+            raise CacheError(f"{cache.path}: layers {list(m.layers)} differ from {caches[0].path}'s "
+                             f"{list(first.layers)}", hint="build every shard with the same --layer options, "
+                                                           "in the same order")
         if [(layer.to_dict()["plan"], layer.packed) for layer in m.layers.values()] != \
-                [(layer.to_dict()["plan"], layer.packed) for layer in first.layers.values()] \
-                or list(m.layers) != list(first.layers):
-            raise CacheError(f"{cache.path}: layers, tier plans or their packing differ from {caches[0].path}'s")
+                [(layer.to_dict()["plan"], layer.packed) for layer in first.layers.values()]:
+            raise CacheError(f"{cache.path}: tier plans (codecs, channels) or their packing differ from "
+                             f"{caches[0].path}'s", hint="build every shard with the same codec options")
     total = first.build.get("samples_total", expected)
     if expected != total:
         raise CacheError(f"the shards cover samples 0..{expected - 1} of {total}", hint="pass every shard")
     return expected
+
+
+def _check_movable(shards: Sequence[str | os.PathLike[str]], out: Path) -> None:
+    """What would make the merge fail part-way, after it moved some shards: a shard that
+    is itself a merge, OUT inside a shard, a shard on another file system than OUT (a
+    move there is a copy, which os.replace refuses)."""
+    target = out.resolve()
+    device = os.stat(target.parent if target.parent.exists() else Path.cwd()).st_dev
+    for shard in map(Path, shards):
+        if is_sharded(shard):
+            raise CacheError(f"{shard} is a merged cache, not a shard",
+                             hint="merge the original shards together, or `fmcache compact` this merge into one "
+                                  "cache first")
+        here = shard.resolve()
+        if here == target or here in target.parents:
+            raise CacheError(f"OUT {out} is inside the shard {shard}", hint="put OUT beside the shards")
+        if here.exists() and os.stat(here).st_dev != device:
+            raise CacheError(f"{shard} is on another file system than OUT {out}: merge moves the shards",
+                             hint="put the shards and OUT on one file system (or `fmcache compact` a shard "
+                                  "across first)")
 
 
 def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
@@ -72,6 +96,7 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
         raise CacheExistsError(f"{staging} exists: left by an interrupted merge",
                                hint="the shards it had moved are inside it (shard-*): move them back, then "
                                     "remove it and merge again")
+    _check_movable(shards, out)
     caches = [Cache(p) for p in shards]
     if not caches:
         raise CacheError("merge_shards needs at least one shard")

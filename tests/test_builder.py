@@ -418,3 +418,37 @@ def test_resume_as_another_shard_or_layers_is_refused_and_the_same_one_finishes(
     assert manifest.samples == 20
     with fmcache.open_cache(out) as cache:
         assert cache.labels.tolist() == list(range(20))
+
+
+def test_merge_refuses_up_front_what_would_fail_after_moving_shards(tmp_path, data):
+    """OUT inside a shard, or a shard on another file system, failed with an OSError after
+    some shards were moved; a merged cache passed as a shard was "not an fmcache cache";
+    shards of other layer orders were "layers, tier plans or their packing differ"."""
+    import os
+    import shutil
+    import tempfile
+
+    model = tiny_model()
+    parts = [tmp_path / f"s{i}.lmdb" for i in range(2)]
+    for i, p in enumerate(parts):
+        build_cache(model, data, ["block2"], p, codec="raw", shard=(i, 2), progress=False)
+    with pytest.raises(fmcache.errors.CacheError, match="inside the shard"):
+        merge_shards(parts, parts[0] / "merged")
+    if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+        elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm")) / "s1.lmdb"
+        try:
+            shutil.copytree(parts[1], elsewhere)
+            with pytest.raises(fmcache.errors.CacheError, match="another file system"):
+                merge_shards([parts[0], elsewhere], tmp_path / "m")
+        finally:
+            shutil.rmtree(elsewhere.parent)
+    assert all(p.exists() for p in parts) and not (tmp_path / "m.partial").exists()
+    merged = merge_shards(parts, tmp_path / "m")
+    with pytest.raises(fmcache.errors.CacheError, match="is a merged cache, not a shard"):
+        merge_shards([merged], tmp_path / "again")
+    other = [tmp_path / f"o{i}.lmdb" for i in range(2)]
+    for i, p in enumerate(other):
+        build_cache(model, data, ["block1", "block2"] if i == 0 else ["block2", "block1"], p, codec="raw",
+                    shard=(i, 2), progress=False)
+    with pytest.raises(fmcache.errors.CacheError, match=r"layers \['block2', 'block1'\] differ"):
+        merge_shards(other, tmp_path / "o")

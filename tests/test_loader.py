@@ -186,3 +186,53 @@ def test_epoch_loader_starts_workers_with_the_context_asked_for(tmp_path):
     assert spawned.loader.multiprocessing_context.get_start_method() == "spawn"
     _same(_epochs(spawned, [1]), _epochs(EpochLoader(FeatureMapDataset(path, augment="feature", seed=3), 8), [1]))
     spawned.close()
+
+
+_RANKS_SCRIPT = """
+import os, sys, json, torch, torch.distributed as dist
+from torch.utils.data import ConcatDataset, Subset
+from fmcache import FeatureMapDataset
+from fmcache.loader import EpochLoader
+
+def run(rank, world, path, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ds = FeatureMapDataset(path, augment="feature", seed=1)
+    seen = {}
+    for name, data in (("subset", Subset(ds, range(3, 33))), ("concat", ConcatDataset([ds, ds]))):
+        loader = EpochLoader(data, 5, seed=4)
+        seen[name] = [int(y) for _, labels in loader(0) for y in labels]
+        loader.close()
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(seen, fh)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_wrapped_data_sets_are_split_between_distributed_ranks(tmp_path):
+    """Under torch.distributed, EpochLoader over a Subset or ConcatDataset of a cache gave
+    every rank the whole data set (both ranks trained on the same batches)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.lmdb"
+    with fmcache.create_cache(path, build={"input_shape": [1, 16, 16]}) as w:
+        w.add_layer("l", (3, 8, 8), codec="raw", samples_per_chunk=4)
+        w.append({"l": np.zeros((40, 3, 8, 8), np.float32)}, np.arange(40))
+        w.commit()
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "seen"), str(port)], check=True, timeout=300)
+    seen = [json.loads((tmp_path / f"seen.{rank}").read_text()) for rank in (0, 1)]
+    a, b = seen[0]["subset"], seen[1]["subset"]
+    assert len(a) == len(b) == 15 and sorted(a + b) == list(range(3, 33))  # disjoint halves, all covered
+    a, b = seen[0]["concat"], sorted(seen[1]["concat"])
+    assert len(a) == len(b) == 40 and sorted(a + b) == sorted(list(range(40)) * 2)
