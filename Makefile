@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := hdf5-tools dataset-fashion-mnist
+APT_PACKAGES := hdf5-tools dataset-fashion-mnist python3-venv
 
 .PHONY: setup system-deps demo test lint clean
 
@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 system-deps:
-	@if ! command -v h5dump >/dev/null || [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	@if ! command -v h5dump >/dev/null || [ ! -d /usr/share/datasets/fashion-mnist ] \
+	    || ! $(PY) -c 'import ensurepip, venv' 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
 	fi

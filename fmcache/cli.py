@@ -124,6 +124,7 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
                               "resume": resume, "overwrite": overwrite, "shard": _shard(shard),
                               "allow_stale": allow_stale, "allow_nonfinite": allow_nonfinite,
                               "progress": not no_progress, "build_info": info}
+    _check_saca_options(saca)
     if saca:
         from .augment import AugFamily
         from .builder import SacaConfig, build_saca_cache
@@ -132,7 +133,10 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
 
         if len(layers) != 1:
             raise click.UsageError("--saca builds one layer: give exactly one --layer")
-        nums = [float(v) for v in pixels.split(",")]
+        try:
+            nums = [float(v) for v in pixels.split(",")]
+        except ValueError:
+            nums = []
         if len(nums) not in (2, 4):
             raise click.BadParameter(f"{pixels!r} is not MEAN,STD[,LO,HI]", param_hint="--pixels")
         space = PixelSpace(nums[0], nums[1], (nums[2], nums[3]) if len(nums) == 4 else None)
@@ -208,6 +212,26 @@ def merge(out: str, shards: tuple[str, ...]) -> None:
     click.echo(render_table(inspect_cache(out)))
 
 
+#: build options that only a SACA build reads, and the one it does not
+_SACA_ONLY = ("rho", "variants", "max_variants", "calib_samples", "max_shift", "no_flip", "photometric",
+              "policy_path", "frozen_fraction", "pixels")
+
+
+def _check_saca_options(saca: bool) -> None:
+    """Options given on the command line that this build would ignore, refused: a plain
+    build took --rho or --policy silently, a SACA build --codec (its codecs come from the
+    policy)."""
+    ctx = click.get_current_context()
+    given = [name for name in (*_SACA_ONLY, "codec")
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    ignored = [name for name in given if (name == "codec") == saca]
+    if ignored:
+        flags = ", ".join("--" + name.removesuffix("_path").replace("_", "-") for name in ignored)
+        raise click.UsageError(f"{flags} {'is' if len(ignored) == 1 else 'are'} not read by "
+                               + ("a --saca build (its codecs come from --policy)" if saca else
+                                  "a build without --saca"))
+
+
 def _variant_list(text: str) -> tuple[str, ...]:
     """``--variants`` split at the commas between names, not those inside ``shift(DY,DX)``."""
     return tuple(v.strip() for v in re.split(r",(?![^()]*\))", text) if v.strip())
@@ -253,13 +277,13 @@ def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec:
 @click.option("--adaptive", is_flag=True, help="Freeze when a block's parameter change flattens (no schedule).")
 @click.option("--epochs", default=6, show_default=True)
 @click.option("--samples", default=3000, show_default=True, help="Fashion-MNIST training samples.")
-@click.option("--test-samples", default=10000, show_default=True)
+@click.option("--test-samples", default=10000, show_default=True, type=click.IntRange(min=1))
 @click.option("--width", default=8, show_default=True, help="ResNet-18 base width.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rho", default=0.25, show_default=True)
 @click.option("--max-variants", type=int, help="Keep only the first N default SACA variants.")
 @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), help="Policy JSON.")
-@click.option("--num-workers", default=0, show_default=True,
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader workers (reading, decoding and augmenting beside the training step).")
 @click.option("--work-dir", default="runs/train", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

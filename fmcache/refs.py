@@ -74,7 +74,7 @@ def load_weights(model: Any, path: str) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
+        first = " ".join(line.strip() for line in str(exc).strip().splitlines())[:400]  # the key names too
         raise BuildError(f"{path}: its weights do not fit the model {type(model).__name__}: {first}",
                          hint="pass the state dict saved from this --model (the same factory and arguments)"
                          ) from None

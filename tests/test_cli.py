@@ -337,3 +337,20 @@ def test_ctrl_c_during_a_build_says_how_to_continue(tmp_path):
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert len(fmcache.open_cache(out)) == 96
+
+
+def test_build_and_train_options_a_build_would_ignore_or_misread_are_usage_errors(runner, tmp_path):
+    """--codec with --saca (the policy's codecs were used), --rho / --policy without --saca
+    (accepted, unused), --pixels a,b (a ValueError), train --test-samples 0 ("accuracy
+    0.00 %") and --num-workers -1 (torch's ValueError)."""
+    base = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block1",
+            "--out", str(tmp_path / "c.lmdb"), "--no-progress"]
+    for extra, message in ((["--saca", "--codec", "int8"], "--codec is not read by a --saca build"),
+                           (["--rho", "0.5", "--pixels", "0,1"], "--rho, --pixels are not read by a build without --saca"),
+                           (["--saca", "--pixels", "a,b"], "is not MEAN,STD")):
+        result = runner.invoke(main, base + extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    for extra in (["--test-samples", "0"], ["--num-workers", "-1"]):
+        result = runner.invoke(main, ["train", "--work-dir", str(tmp_path / "t"), *extra])
+        assert result.exit_code == 2 and "Invalid value" in result.output
+    assert not (tmp_path / "c.lmdb").exists() and not (tmp_path / "t").exists()
