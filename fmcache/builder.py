@@ -376,6 +376,11 @@ class SacaConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise BuildError(f"SACA: {name}={value!r} must be a whole number >= {least}",
                                  hint="--max-variants, --calib-samples: positive whole numbers")
+        if self.variants is not None and not self.family.flip:
+            flipped = [v for v in self.variants if parse_variant(v).flip]
+            if flipped:  # the Dataset never draws a flip: the stored variant would never be served
+                raise BuildError(f"SACA: variants {flipped} flip, but the augmentation family has no flip (--no-flip)",
+                                 hint="drop the flip variants, or the family's no-flip")
 
     def get_config(self) -> dict[str, Any]:
         return {"family": self.family.get_config(), "rho": self.rho,

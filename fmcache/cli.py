@@ -58,9 +58,12 @@ def _shard(value: str | None) -> tuple[int, int] | None:
         return None
     index, _, count = value.partition("/")
     try:
-        return int(index), int(count)
+        i, n = int(index), int(count)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not i/n", param_hint="--shard") from None
+    if not 0 <= i < n:
+        raise click.BadParameter(f"{value!r}: shard i of n needs 0 <= i < n", param_hint="--shard")
+    return i, n
 
 
 def _progress(total: int, desc: str, unit: str = "sample") -> tuple[Callable[[int], None], Any]:

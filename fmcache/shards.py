@@ -47,7 +47,8 @@ def check_shards(caches: Sequence[Cache]) -> int:
                              hint="pass every shard of the build; none may be missing or repeated")
         expected = shard["stop"]
         if m.fingerprints != first.fingerprints:
-            raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only")
+            raise CacheError(f"{cache.path}: fingerprints differ from {caches[0].path}'s; shards of one build only",
+                             hint="build every shard from the same model weights and data set")
         if list(m.layers) != list(first.layers):
             raise CacheError(f"{cache.path}: layers {list(m.layers)} differ from {caches[0].path}'s "
                              f"{list(first.layers)}", hint="build every shard with the same --layer options, "
@@ -85,9 +86,8 @@ def _check_movable(shards: Sequence[str | os.PathLike[str]], out: Path) -> None:
 def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
     """Move complete shard caches (in data order) into ``out`` and commit the merge."""
     out = Path(out)
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        out.rmdir()  # an empty folder made for OUT holds nothing to lose
-    if out.exists():
+    empty_folder = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    if out.exists() and not empty_folder:
         raise CacheExistsError(f"{out} already exists",
                                hint="merge moves the shards into a new OUT and never replaces one: choose "
                                     "another path, or remove OUT first")
@@ -104,6 +104,8 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     expected = check_shards(caches)
     for cache in caches:
         cache.close()
+    if empty_folder:
+        out.rmdir()  # an empty folder made for OUT: taken once the shards are known good (kept otherwise)
     staging.mkdir(parents=True)
     names = []
     for i, cache in enumerate(caches):

@@ -319,3 +319,10 @@ def test_saca_on_inputs_that_are_not_images_says_to_build_a_plain_cache(tmp_path
         build_saca_cache(model, _data(shape=(2, 16)), "1", tmp_path / "s.lmdb", progress=False,
                          saca=SacaConfig(n_samples=8))
     assert "plain cache" in info.value.hint
+
+
+def test_a_flip_variant_for_a_family_without_flips_is_refused():
+    """`--saca --no-flip --variants flip,...` stored a variant no draw would ever serve."""
+    with pytest.raises(BuildError, match=r"variants \['flip'\] flip, but the augmentation family has no flip"):
+        SacaConfig(family=AugFamily(flip=False), variants=["flip", "shift(0,+2)"])
+    assert SacaConfig(family=AugFamily(flip=False), variants=["shift(0,+2)"]).variants == ["shift(0,+2)"]

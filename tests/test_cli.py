@@ -125,6 +125,11 @@ def test_shards_build_and_merge(runner, tmp_path):
     assert refused.exit_code == 1 and "already exists" in refused.output, refused.output
     assert "--overwrite" not in refused.output and "remove OUT first" in refused.output  # merge has no --overwrite
     (tmp_path / "all").mkdir()  # an empty folder made for OUT is taken
+    failed = runner.invoke(main, ["merge", str(tmp_path / "all"), parts[0]])  # a shard missing: refused
+    assert failed.exit_code == 1 and (tmp_path / "all").is_dir()  # and the user's folder kept (it was removed)
+    for bad in ("2/2", "-1/2", "1/0"):
+        result = runner.invoke(main, [*BUILD, "--out", str(tmp_path / "x.lmdb"), "--shard", bad])
+        assert result.exit_code == 2 and "0 <= i < n" in result.output, (bad, result.output)
     result = runner.invoke(main, ["merge", str(tmp_path / "all"), *parts])
     assert result.exit_code == 0, result.output
     assert len(fmcache.open_cache(tmp_path / "all")) == N_SAMPLES

@@ -55,6 +55,16 @@ MARK_BEGIN, MARK_END = "<!-- bench_compact:start -->", "<!-- bench_compact:end -
 hdf5plugin.register(force=True)
 
 
+def _package_version(name: str) -> str:
+    """A distribution's version from its metadata (pysz has no ``__version__``)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def rate(run: Callable[[], Any], nbytes: int, repeats: int) -> float:
     """Median float32 MB/s of ``run`` (one pass over ``nbytes``) in this thread's CPU time."""
     run()
@@ -163,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "settings": {"width": width, "samples": samples, "repeats": repeats, "cpu": cpu_name(),
                      "cores": os.cpu_count(), "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                     "pysz": getattr(pysz, "__version__", "?"), "hdf5plugin": hdf5plugin.version},
+                     "pysz": _package_version("pysz"), "hdf5plugin": hdf5plugin.version},
         "layers": {layer: measure(maps[layer], repeats) for layer in args.layers},
     }
     print(json.dumps(results, indent=1))

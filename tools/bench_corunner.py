@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         proc.wait()
     alone = statistics.median(ms["alone"])
     results: dict[str, Any] = {
-        "settings": {"boundary": args.boundary, "repeats": args.repeats, "steps": args.steps, "cpu": cpu_name(),
+        "settings": {"boundary": args.boundary, "repeats": 1 if args.quick else args.repeats, "steps": args.steps, "cpu": cpu_name(),
                      "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")},
         "step_ms": {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in ms.items()},
         "slowdown": {name: statistics.median(v) / alone for name, v in ms.items()},
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick:
         update_json(REPO / "docs" / "bench_corunner.json", "corunner", results)
         lines = [(f"Training step of the suffix after {args.boundary} (batch 64, one torch thread), "
-                  f"{args.repeats} rounds of {args.steps} steps; {results['settings']['cpu']}.\n"),
+                  f"{1 if args.quick else args.repeats} rounds of {args.steps} steps; {results['settings']['cpu']}.\n"),
                  "| beside it on the other core | step ms, median (min–max) | slowdown |", "|---|---|---:|"]
         for name, s in results["step_ms"].items():
             lines.append(f"| {name} | {s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) | {results['slowdown'][name]:.2f} |")

@@ -8,7 +8,7 @@ Each finished (arm, seed) is saved as JSON under ``runs/reproduce/<setting hash>
 skipped when the script runs again (resume). After each one the aggregate is written:
 ``docs/results.json``, the table in ``docs/results.md`` (between markers) and two PNG plots.
 
-    .venv/bin/python tools/reproduce.py --quick          # a few minutes, writes runs/quick/
+    .venv/bin/python tools/reproduce.py --quick          # under a minute here, writes runs/quick/
     .venv/bin/python tools/reproduce.py                  # the full setting, writes docs/
     .venv/bin/python tools/reproduce.py --render-only    # redraw docs from saved results
 """
@@ -319,7 +319,7 @@ def bytes_ablation(samples: int = 500) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a small version (a few minutes)")
+    ap.add_argument("--quick", action="store_true", help="a small version (under a minute here)")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the setting's)")
     ap.add_argument("--set", action="append", default=[], help="override a setting: KEY=JSON (repeatable)")

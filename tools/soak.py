@@ -163,7 +163,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-growth", type=float, default=0.05,
                         help="exit 1 if VmRSS of all processes grows more than this after epoch 1")
-    parser.add_argument("--out", type=Path, default=Path("docs/reliability_soak"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "reliability_soak")
     args = parser.parse_args()
     torch.set_num_threads(1)
     backends = ["lmdb", "hdf5"] if args.backend == "both" else [args.backend]
