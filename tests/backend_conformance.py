@@ -146,7 +146,7 @@ class BackendTests:
         AttributeError on read, or h5py's ValueError)."""
         from fmcache import create_cache, open_cache
 
-        names = ["x\x00y", "x", "x%00y", "x/y", "x%2Fy"]
+        names = ["x\x00y", "x", "x%00y", "x/y", "x%2Fy", ".", "..", "%2E"]
         maps = {name: np.full((3, 2, 2, 2), k, dtype=np.float32) for k, name in enumerate(names)}
         path = tmp_path / f"names{self.suffix}"
         with create_cache(path, backend=self.backend_cls.backend_id) as writer:
@@ -158,3 +158,8 @@ class BackendTests:
         assert list(cache.layers) == names
         for name in names:
             np.testing.assert_array_equal(cache.read_batch(name, range(3)), maps[name])
+        if self.suffix == ".h5":  # "." was stored at /layers/all, ".." at /layers/../all
+            import h5py
+
+            with h5py.File(path, "r") as fh:
+                assert {"%2E", "%2E%2E", "%252E"} <= set(fh["layers"])

@@ -265,3 +265,30 @@ def test_empty_batches_read_as_empty_arrays_and_indices_must_be_integers(tmp_pat
         with pytest.raises(SampleIndexError, match=r"got 1\.5"):
             cache.read_batch("l", [0, 1.5])
         assert np.array_equal(cache.read("l", np.int32(2)), cache.read_batch("l", [2])[0])
+
+
+@pytest.mark.parametrize("suffix", [".lmdb", ".h5"])
+def test_indices_of_every_kind_are_read_or_refused_by_name(tmp_path, suffix):
+    """np.uint64(2**64 - 1) wrapped to -1 and read the last sample; a generator, a 2-D or an
+    object index array failed with AttributeError / struct.error / TypeError."""
+    from fmcache.errors import SampleIndexError
+
+    path = tmp_path / f"i{suffix}"
+    x = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)
+    with fmcache.create_cache(path) as w:
+        w.add_layer("l", (2,), codec="raw")
+        w.append({"l": x}, np.arange(6))
+        w.commit()
+    cache = fmcache.open_cache(path)
+    np.testing.assert_array_equal(cache.read_batch("l", (i for i in (4, 1, 4))), x[[4, 1, 4]])  # a generator
+    np.testing.assert_array_equal(cache.read_batch("l", np.array([5, -6], dtype=object)), x[[5, 0]])
+    np.testing.assert_array_equal(cache.read_batch("l", np.array([5, 0], dtype=np.uint64)), x[[5, 0]])
+    for bad, message in ((np.array([np.uint64(2**64 - 1)]), "18446744073709551615 is out of range"),
+                         (np.array([np.uint64(2**63)]), "9223372036854775808 is out of range"),
+                         ([2**70], f"{2**70} is out of range"),
+                         (np.zeros((2, 2), np.int64), r"one flat sequence, got shape \(2, 2\)"),
+                         (np.array(["a"], dtype=object), "must be integers, got 'a'")):
+        with pytest.raises(SampleIndexError, match=message):
+            cache.read_batch("l", bad)
+    with pytest.raises(SampleIndexError, match="18446744073709551615 is out of range"):
+        cache.read("l", np.uint64(2**64 - 1))

@@ -569,3 +569,28 @@ def test_a_cache_whose_lmdb_environment_the_user_opened_is_not_called_damaged(tm
     finally:
         own.close()
     assert fmcache.open_cache(path).read("l", 0).tolist() == [1.0, 1.0]
+
+
+def test_an_hdf5_cache_another_process_writes_is_busy_not_damaged(tmp_path):
+    """h5py 'r+' in another process: open_cache said "HDF5 cannot open it … rebuild"."""
+    import time
+
+    from fmcache.errors import CacheBusyError
+
+    path = tmp_path / "c.h5"
+    with fmcache.create_cache(path) as writer:
+        writer.add_layer("l", (2,), codec="raw")
+        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+        writer.commit()
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'r+'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(CacheBusyError, match="another process has it open for writing") as info:
+            fmcache.open_cache(path).read("l", 0)
+        assert "wait" in info.value.hint
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert fmcache.open_cache(path).read("l", 0).tolist() == [1.0, 1.0]

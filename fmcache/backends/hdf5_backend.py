@@ -34,7 +34,7 @@ import hdf5plugin
 import numpy as np
 
 from ..codecs import Hdf5Field
-from ..errors import CorruptionError, NotACacheError, ReadOnlyError
+from ..errors import CacheBusyError, CorruptionError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec, os_write_failure
 from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
 from .hdf5_reads import (
@@ -69,7 +69,10 @@ _VLEN = h5py.vlen_dtype(np.uint8)
 
 
 def escape_name(name: str) -> str:
-    return name.replace("%", "%25").replace("/", "%2F").replace("\x00", "%00")  # HDF5 names end at NUL
+    """A layer or part name as one HDF5 link name: ``%`` ``/`` and NUL (where HDF5 ends a
+    name) escaped, and the names ``.`` and ``..`` (which a path would resolve away)."""
+    escaped = name.replace("%", "%25").replace("/", "%2F").replace("\x00", "%00")
+    return escaped.replace(".", "%2E") if escaped in (".", "..") else escaped
 
 
 def dataset_path(layer: str, part: str, field: str) -> str:
@@ -120,6 +123,11 @@ class Hdf5Backend(Backend):
                 if self.writable and (not os.access(self.path, os.W_OK)
                                       or os.statvfs(self.path.parent).f_flag & os.ST_RDONLY):
                     raise ReadOnlyError(f"{self.path}: cannot open it for writing ({exc})") from None
+                if "unable to lock file" in str(exc):  # HDF5's own lock: a writer elsewhere, not damage
+                    raise CacheBusyError(f"{self.path}: another process has it open for writing (HDF5's file "
+                                         f"lock: {exc})", hint="wait for that process to close it (an h5py 'r+' "
+                                         "or 'a' handle, or a build); HDF5_USE_FILE_LOCKING=FALSE lets readers "
+                                         "in at their own risk") from None
                 raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
             self._h_datasets: dict[str, h5py.Dataset] = {}
             self._check_reopened()
