@@ -29,9 +29,9 @@ def checked_indices(indices: Iterable[Any] | int, n: int, where: str, noun: str,
         raise SampleIndexError(f"{where}: {noun} indices must be one flat sequence, got shape {given.shape}")
     if given.dtype == object:  # Python ints beyond int64, or anything else
         values = given.tolist()
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            bad = next(v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
-            raise SampleIndexError(f"{where}: {noun} indices must be integers, got {bad!r}")
+        wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+        if wrong:
+            raise SampleIndexError(f"{where}: {noun} indices must be integers, got {wrong[0]!r}")
         big = next((int(v) for v in values if not -n <= int(v) < n), None)
         if big is not None:
             raise SampleIndexError(f"{where}: {noun} {big} is out of range ({holder} has {n} {noun}s)")

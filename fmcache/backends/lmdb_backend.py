@@ -71,6 +71,7 @@ def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
     file, even under another path after a rename), shared by reference count."""
     with _envs_lock:
         _forget_inherited()
+        _drain_pending()
         ident = _identity(path)
         entry = _envs.get((os.getpid(), *ident)) if ident else None
         if entry is not None:
@@ -147,13 +148,42 @@ def _forget_inherited() -> None:
 
 def _release_env(env: lmdb.Environment) -> None:
     with _envs_lock:
-        for key, entry in list(_envs.items()):
-            if entry[0] is env and key[0] == os.getpid():
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _envs[key]
-                    env.close()
-                return
+        _release_locked(env)
+        _drain_pending()
+
+
+def _release_locked(env: lmdb.Environment) -> None:
+    for key, entry in list(_envs.items()):
+        if entry[0] is env and key[0] == os.getpid():
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _envs[key]
+                env.close()
+            return
+
+
+#: releases of backends the garbage collector finalised while ``_envs_lock`` was taken
+_pending: list[lmdb.Environment] = []
+
+
+def _drain_pending() -> None:
+    while _pending:
+        _release_locked(_pending.pop())
+
+
+def _release_dropped(env: lmdb.Environment) -> None:
+    """The finaliser of a backend dropped without close(). The garbage collector can run
+    it anywhere, inside a section of this thread that holds ``_envs_lock`` too (waiting for
+    the lock there hung a test run): it releases now only if the lock is free, else queues
+    the release for the next open or close."""
+    if _envs_lock.acquire(blocking=False):
+        try:
+            _release_locked(env)
+            _drain_pending()
+        finally:
+            _envs_lock.release()
+    else:
+        _pending.append(env)
 
 
 def _out_array(out: Mapping[str, np.ndarray] | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -267,7 +297,7 @@ class LmdbBackend(Backend):
             # a backend dropped without close() (a Dataset or Cache garbage collected) gives its
             # reference back: the registry kept the environment, its descriptor and its mapping
             # for good (a deleted cache's disk space too)
-            self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, _release_env, env)
+            self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, _release_dropped, env)
             self._check_reopened()
         return env
 
