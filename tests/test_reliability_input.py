@@ -542,10 +542,7 @@ def test_an_isolated_verify_from_an_unguarded_script_says_why_it_could_not_start
     """Without `if __name__ == "__main__":` multiprocessing's new process imports the script
     again and fails; a healthy cache was reported as crashing its reader (damage)."""
     path = tmp_path / "c.lmdb"
-    with fmcache.create_cache(path) as writer:
-        writer.add_layer("l", (2,), codec="raw")
-        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
-        writer.commit()
+    _ones_cache(path)
     script = tmp_path / "unguarded.py"
     script.write_text(f"from fmcache.verify import verify_cache\nprint(verify_cache({str(path)!r}, isolated=True))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
@@ -557,10 +554,7 @@ def test_a_cache_whose_lmdb_environment_the_user_opened_is_not_called_damaged(tm
     import lmdb
 
     path = tmp_path / "c.lmdb"
-    with fmcache.create_cache(path) as writer:
-        writer.add_layer("l", (2,), codec="raw")
-        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
-        writer.commit()
+    _ones_cache(path)
     own = lmdb.open(str(path), readonly=True)
     try:
         with pytest.raises(fmcache.errors.CacheError, match="already open in this process") as info:
@@ -578,12 +572,10 @@ def test_an_hdf5_cache_another_process_writes_is_busy_not_damaged(tmp_path):
     from fmcache.errors import CacheBusyError
 
     path = tmp_path / "c.h5"
-    with fmcache.create_cache(path) as writer:
-        writer.add_layer("l", (2,), codec="raw")
-        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
-        writer.commit()
-    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'r+'); "
-                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    _ones_cache(path)
+    hold = (f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'r+'); "
+            "print('open', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
         with pytest.raises(CacheBusyError, match="another process has it open for writing") as info:
@@ -594,3 +586,11 @@ def test_an_hdf5_cache_another_process_writes_is_busy_not_damaged(tmp_path):
         holder.wait()
     time.sleep(0.1)
     assert fmcache.open_cache(path).read("l", 0).tolist() == [1.0, 1.0]
+
+
+def _ones_cache(path):
+    """A committed cache of three samples of ones, layer "l" of shape (2,)."""
+    with fmcache.create_cache(path) as writer:
+        writer.add_layer("l", (2,), codec="raw")
+        writer.append({"l": np.ones((3, 2), np.float32)}, np.arange(3))
+        writer.commit()
