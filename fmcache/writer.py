@@ -2,7 +2,8 @@
 
 Writing goes to ``<path>.partial`` (a directory for LMDB, a file for HDF5) while the
 writer holds the path's lock. Each appended batch is stored atomically with a progress
-blob, so an interrupted build can resume from its last batch. :meth:`CacheWriter.commit`
+blob, so an interrupted build can resume from its last batch (HDF5: from its last whole
+chunks, :mod:`fmcache.backends.hdf5_rows`). :meth:`CacheWriter.commit`
 writes the manifest *last* and then moves the partial location to ``path``: a cache at
 ``path`` is always complete.
 """
@@ -26,6 +27,7 @@ from .errors import (
     CacheExistsError,
     CorruptionError,
     DiskFullError,
+    FmcacheError,
     LayerNotFoundError,
     NonFiniteError,
     ResumeError,
@@ -68,6 +70,7 @@ class CacheWriter:
         self.allow_nonfinite = allow_nonfinite
         self._dtypes: dict[str, np.dtype] = {}  # first dtype seen per layer (and variant)
         self._committed = False
+        self._write_failed = False
         self._lock = BuildLock(self.path)  # first: one writer per path
         try:
             self._start(backend, overwrite, resume, fingerprints, build, allow_stale, allow_nonfinite)
@@ -247,7 +250,11 @@ class CacheWriter:
             parts[name] = layer_parts
         self._check_free_space(parts, labels_arr)
         progress = json.dumps({"samples": self.samples + n}).encode()
-        self.backend.write_batch(self.samples, parts, labels_arr, progress)
+        try:
+            self.backend.write_batch(self.samples, parts, labels_arr, progress)
+        except BaseException:
+            self._write_failed = True  # the backend may hold part of this batch: close() adds nothing
+            raise
         self.samples += n
         return self.samples
 
@@ -308,6 +315,7 @@ class CacheWriter:
         """Write the manifest (last), close, and move the cache to its final path."""
         if self.samples == 0:
             raise CacheError(f"{self.path}: nothing to commit, no samples were appended")
+        self.backend.finish()  # rows held back for chunks still filling (HDF5)
         manifest = self.manifest
         manifest.samples = self.samples
         manifest.extra.update(extra or {})
@@ -331,6 +339,11 @@ class CacheWriter:
         was written: a bad codec spec, NaN in the first maps, bad labels) is removed: there
         is nothing in it to resume, and left behind it would refuse the next build."""
         if not self._committed:
+            if self.samples and not self._write_failed and self.backend.writable:
+                try:  # rows held back for chunks still filling (HDF5): a resume goes on from here
+                    self.backend.finish(json.dumps({"samples": self.samples}).encode())
+                except (FmcacheError, OSError):
+                    pass  # the last progress mark stands: the resume recomputes from there
             self.backend.close()
             if self.samples == 0 and self.partial.exists():
                 remove_path(self.partial)

@@ -12,8 +12,12 @@ import signal
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reliability_support import (
     BACKENDS,
+    N_SAMPLES,
+    SHAPES,
     assert_same_cache,
     die,
     flip_byte,
@@ -22,11 +26,12 @@ from reliability_support import (
     suffix,
     write,
 )
+from reliability_support import synthetic as reliability_synthetic
 
 import fmcache
 import fmcache.cache as cache_mod
 import fmcache.writer as writer_mod
-from fmcache.backends import hdf5_backend
+from fmcache.backends import hdf5_backend, hdf5_rows
 from fmcache.backends.lmdb_backend import LmdbBackend
 from fmcache.compact import compact_cache
 from fmcache.errors import IncompleteCacheError, ResumeError
@@ -65,7 +70,7 @@ def _kill_inside_batch(path, backend, batch):
 
         LmdbBackend._write_txn = write_txn
     else:
-        original_rows = hdf5_backend._write_rows
+        original_rows = hdf5_rows.write_rows
         calls = []
 
         def write_rows(ds, start, rows):
@@ -77,7 +82,7 @@ def _kill_inside_batch(path, backend, batch):
                     die()
             return original_rows(ds, start, rows)
 
-        hdf5_backend._write_rows = write_rows
+        hdf5_rows.write_rows = write_rows
     write(path, backend)
 
 
@@ -268,3 +273,85 @@ def test_sigkill_during_compaction_leaves_source_intact(tmp_path, clean, backend
         np.testing.assert_allclose(out.read_batch("conv", range(64)), ref.read_batch("conv", range(64)),
                                    rtol=1e-3, atol=1e-4)
 
+
+
+def _chunks_below(ds, rows):
+    """{chunk index: (file offset, stored bytes)} of the chunks of ``ds`` holding rows below ``rows``."""
+    per = ds.chunks[0]
+    found = {}
+    for index in range(-(-rows // per)):
+        coord = (index * per, *(0,) * (ds.ndim - 1))
+        info = ds.id.get_chunk_info_by_coord(coord)
+        found[index] = (info.byte_offset, bytes(ds.id.read_direct_chunk(coord)[1]))
+    return found
+
+
+@pytest.mark.parametrize("codec", ["raw", "bf16", "int8", "zfp:accuracy=0.01"])
+@pytest.mark.parametrize("batch", [3, 6, 10])
+def test_hdf5_build_never_rewrites_a_chunk_the_progress_mark_counts(tmp_path, codec, batch):
+    """Batches that end inside a chunk: a chunk holding committed samples is written
+    once, whole, and never again (a kill inside a rewrite would damage committed
+    samples); the progress mark only counts rows every dataset has on disk."""
+    import json
+
+    maps, labels = reliability_synthetic()
+    path = tmp_path / "c.h5"
+    seen: dict[str, dict[int, tuple[int, bytes]]] = {}
+    with fmcache.create_cache(path, backend="hdf5", fingerprints={"weights": "w", "data": "d"}) as w:
+        for name, shape in SHAPES.items():
+            w.add_layer(name, shape, codec=codec, samples_per_chunk=4)
+        marks = []
+        for start in range(0, N_SAMPLES, batch):
+            w.append({k: v[start:start + batch] for k, v in maps.items()}, labels[start:start + batch])
+            fh = w.backend._file()
+            committed = json.loads(w.backend.get_meta("progress"))["samples"]
+            assert committed <= w.samples
+            marks.append(committed)
+            datasets: list = []
+            fh.visititems(lambda _n, obj, found=datasets: found.append(obj) if hasattr(obj, "chunks") else None)
+            for ds in datasets:
+                assert ds.shape[0] >= committed, ds.name
+                now = _chunks_below(ds, committed)
+                before = seen.setdefault(ds.name, {})
+                for index, stored in before.items():
+                    assert now[index] == stored, f"{ds.name} chunk {index} rewritten after it was committed"
+                before.update(now)
+        w.commit()
+    assert marks[-1] > 0 and marks == sorted(marks)
+    clean = tmp_path / "clean.h5"
+    write(clean, "hdf5", codec=codec)
+    assert_same_cache(path, clean)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=st.lists(st.integers(1, 13), min_size=1, max_size=8),
+       then=st.lists(st.integers(1, 13), min_size=1, max_size=4),
+       chunks=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_hdf5_stopped_anywhere_resumes_to_the_clean_cache(tmp_path_factory, first, then, chunks):
+    """Any batch sizes, any chunk lengths: a build closed without commit (Ctrl-C) after
+    any batch resumes — with other batch sizes — to exactly the uninterrupted cache, and
+    the resume starts at or before the samples appended (never skips one)."""
+    root = tmp_path_factory.mktemp("stopped")
+    maps, labels = reliability_synthetic()
+    spc = dict(zip(SHAPES, chunks))
+
+    def build(path, sizes, resume=False, commit=True):
+        with fmcache.create_cache(path, backend="hdf5", resume=resume,
+                                  fingerprints={"weights": "w", "data": "d"}) as w:
+            for name, shape in SHAPES.items():
+                w.add_layer(name, shape, codec="bf16", samples_per_chunk=spc[name])
+            start = resumed_from = w.samples
+            for size in list(sizes) + [N_SAMPLES] * (N_SAMPLES if commit else 0):
+                if start >= N_SAMPLES:
+                    break
+                w.append({k: v[start:start + size] for k, v in maps.items()}, labels[start:start + size])
+                start += size
+            if commit:
+                w.commit()
+            return resumed_from, start
+
+    _, appended = build(root / "c.h5", first, commit=False)
+    resumed_from, _ = build(root / "c.h5", then, resume=True)
+    assert resumed_from <= appended
+    build(root / "clean.h5", [N_SAMPLES])
+    assert_same_cache(root / "c.h5", root / "clean.h5")

@@ -100,6 +100,16 @@ class Backend(ABC):
     def _write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
                      progress: bytes) -> dict[str, dict[str, int]]: ...
 
+    def finish(self, progress: bytes | None = None) -> None:
+        """Write what the backend held back for a chunk still filling (HDF5), then
+        ``progress`` (where given): the build is being committed (called before
+        :meth:`stored_bytes` and the manifest) or closed to be resumed later."""
+        self._check_writable("finish writing")
+        self._finish(progress)
+
+    def _finish(self, progress: bytes | None) -> None:
+        """Nothing held back: every batch was written whole, with its progress (LMDB)."""
+
     def put_meta(self, key: str, data: bytes) -> None:
         """Store a small checksummed blob (manifest, draft, progress)."""
         self._check_writable(f"write {key}")

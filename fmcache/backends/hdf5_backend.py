@@ -45,6 +45,7 @@ from .hdf5_reads import (
     _touch,
     open_dataset,
 )
+from .hdf5_rows import HeldRows
 
 hdf5plugin.register(force=True)
 
@@ -65,6 +66,8 @@ ROW_CACHE_BYTES = 32 << 20
 ROWS_OPEN_CHUNKS = 12
 #: ... and for a picked part (a SACA variant) only where a chunk holds this many samples.
 PICKED_CHUNK_ROWS = 32
+#: The labels' chunk rows at least (a multiple of the longest chunk of a layer).
+LABEL_CHUNK_MIN = 16
 _VLEN = h5py.vlen_dtype(np.uint8)
 
 
@@ -221,31 +224,61 @@ class Hdf5Backend(Backend):
             # between the two flushes leaves data past the progress mark (truncated on resume).
             fh = self._file()
             fh.flush()
-            self._set_attr_blob(fh, "progress", progress)
+            self._set_attr_blob(fh, "progress", self._durable_progress(progress))
             fh.flush()
         except (OSError, RuntimeError) as exc:
             raise os_write_failure(self.path, exc, f"writing samples from {start} failed") from exc
         return {}
 
+    def _held(self) -> HeldRows:
+        held: HeldRows | None = self.__dict__.get("_h_held")
+        if held is None:
+            held = self._h_held = HeldRows()
+        return held
+
+    def _durable_progress(self, progress: bytes) -> bytes:
+        """The writer's progress with ``samples`` moved back to what every dataset has on
+        disk (rows held back for a chunk still filling are not committed), and the rows of
+        datasets that have more, which a resume keeps (``_truncate``)."""
+        held = self._held()
+        record = json.loads(progress)
+        record["samples"] = durable = held.durable()
+        record["hdf5_rows"] = {path: rows for path, rows in held.on_disk.items() if rows != durable}
+        return json.dumps(record, sort_keys=True).encode()
+
     def _write_rows_of_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]],
                              labels: np.ndarray) -> None:
-        fh = self._file()
+        fh, held = self._file(), self._held()
         for layer, parts in maps.items():
             _, specs, _ = self._layers[layer]
             for spec in specs:
                 arrays = spec.codec.to_hdf5(parts[spec.name])
                 for field in spec.codec.hdf5_fields(spec.shape):
                     path = dataset_path(layer, spec.name, field.name)
-                    _write_rows(fh[path], start, arrays[field.name])
+                    held.add(fh[path], start, arrays[field.name])
                     if field.dtype is None:
                         crcs = np.array([zlib.crc32(np.ascontiguousarray(r, np.uint8).data)
                                          for r in arrays[field.name]], "<u4")
-                        _write_rows(fh[path + ".crc32"], start, crcs)
+                        held.add(fh[path + ".crc32"], start, crcs)
         labels = np.ascontiguousarray(labels)
         if "labels" not in fh:
+            # a multiple of the layers' longest chunks: the labels held back wait no longer
+            longest = max(spc for _, _, spc in self._layers.values())
+            rows = -(-LABEL_CHUNK_MIN // longest) * longest
             fh.create_dataset("labels", shape=(0, *labels.shape[1:]), maxshape=(None, *labels.shape[1:]),
-                              dtype=labels.dtype, chunks=(4096, *labels.shape[1:]), fletcher32=True)
-        _write_rows(fh["labels"], start, labels)
+                              dtype=labels.dtype, chunks=(rows, *labels.shape[1:]), fletcher32=True)
+        held.add(fh["labels"], start, labels)
+
+    def _finish(self, progress: bytes | None) -> None:
+        try:
+            fh = self._file()
+            self._held().drain(fh)
+            fh.flush()
+            if progress is not None:  # every dataset now holds every sample: no hdf5_rows
+                self._set_attr_blob(fh, "progress", progress)
+                fh.flush()
+        except (OSError, RuntimeError) as exc:
+            raise os_write_failure(self.path, exc, "writing the last, partly filled chunks failed") from exc
 
     def _put_meta(self, key: str, data: bytes) -> None:
         fh = self._file()
@@ -268,13 +301,25 @@ class Hdf5Backend(Backend):
         fh.attrs[f"fmcache_{key}_crc32"] = np.uint32(zlib.crc32(data))
 
     def _truncate(self, samples: int) -> None:
-        fh = self._file()
-
-        def shrink(_name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and obj.shape[0] > samples:
-                obj.resize(samples, axis=0)
-
-        fh.visititems(shrink)
+        """Forget rows from ``samples`` on. A resume (``samples`` is the progress mark)
+        keeps the whole chunks a dataset had on disk beyond it (the mark's ``hdf5_rows``:
+        the same samples, recomputed and skipped), as cutting them would leave a partly
+        filled chunk for the next batch to rewrite; kept rows that no longer read are cut."""
+        fh, held = self._file(), self._held()
+        progress = json.loads(self.get_meta("progress") or b"{}")
+        kept = progress.get("hdf5_rows", {}) if progress.get("samples") == samples else {}
+        datasets: list[h5py.Dataset] = []
+        fh.visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        for ds in datasets:
+            keep = max(samples, min(int(kept.get(ds.name, samples)), ds.shape[0]))
+            if keep > samples and ds.dtype != _VLEN:
+                try:
+                    ds[samples:keep]  # fletcher32 and the filters: rows past the mark read whole
+                except (OSError, RuntimeError):
+                    keep = samples
+            if ds.shape[0] > keep:
+                ds.resize(keep, axis=0)
+            held.track(ds)
         fh.flush()
 
     # ---- reading -------------------------------------------------------------------------
@@ -583,9 +628,3 @@ class Hdf5Backend(Backend):
             sizes[part] = total
         return sizes
 
-
-def _write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
-    end = start + len(rows)
-    if ds.shape[0] < end:
-        ds.resize(end, axis=0)
-    ds[start:end] = rows
