@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .augment import AugFamily, default_variants, parse_variant, variant_name
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
-from .capture import Capture, eval_mode
+from .capture import Capture, eval_mode, plain_module
 from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
 from .errors import BuildError, DataError, FmcacheError, NonFiniteError
@@ -72,6 +72,7 @@ def prefix_fingerprint(model: nn.Module, layers: Sequence[str], example: torch.T
     or buffer the forward uses directly), found by running ``example`` (a batch) through
     the model once, in eval mode as the build does (a BatchNorm in training mode would
     otherwise update its statistics, and the fingerprint with them)."""
+    model = plain_module(model)
     with eval_mode(model):
         return _probe(model, Capture(model, layers), example)[0]
 
@@ -135,16 +136,43 @@ def _collate(items: Sequence[Any]) -> Any:
     be equal size")."""
     shapes = {tuple(np.shape(x)) for x, _ in items}
     if len(shapes) > 1:
-        raise DataError(f"the inputs of one batch have different shapes {sorted(shapes)[:4]}",
+        raise DataError(f"inputs of different shapes {sorted(shapes)[:4]} in one batch",
                         hint="give every input one shape (resize or crop in the data set): the cache "
                              "stores one map shape per layer")
-    items = [(x, torch.as_tensor(y)) if isinstance(y, (list, tuple)) else (x, y) for x, y in items]
+    for _, y in items:
+        _check_label(y)
+    items = [(x, _label_value(y)) for x, y in items]
     label_shapes = {tuple(np.shape(y)) for _, y in items}
     if len(label_shapes) > 1:  # torch's stack would say "stack expects each tensor to be equal size"
-        raise DataError(f"the labels of one batch have different shapes {sorted(label_shapes)[:4]}",
+        raise DataError(f"labels of different shapes {sorted(label_shapes)[:4]} in one batch",
                         hint="give every item a label of one shape (pad multi-label targets to one length); "
                              "then build again with --overwrite")
     return default_collate(items)
+
+
+def _check_label(label: Any) -> None:
+    if label is None or isinstance(label, (str, bytes, Mapping)):
+        raise DataError(f"a label is {label!r:.80}: labels must be numeric (int, float or a numeric tensor)",
+                        hint="map class names to integers; without labels, return (input, 0); then build again "
+                             "(--resume keeps the batches before it)")
+
+
+def _label_value(label: Any) -> Any:
+    """A list or tuple label as one tensor, a numpy uint64 as a Python int (torch has no
+    uint64 collate), anything else as it is."""
+    if isinstance(label, (list, tuple)):
+        return torch.as_tensor(label)
+    if isinstance(label, np.unsignedinteger) and label.dtype.itemsize == 8:
+        return int(label)
+    return label
+
+
+def _stored(tensor: torch.Tensor) -> np.ndarray:
+    """A boundary output as the writer takes it: floats as float32, integers as they are
+    (the writer refuses those float32 cannot hold exactly), booleans as 0/1 floats."""
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
 
 
 def _labels(label: Any) -> np.ndarray:
@@ -192,6 +220,7 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         than stop at the first one; recorded in the manifest, so ``verify`` accepts them.
     """
     layers = list(dict.fromkeys(layers))
+    model = plain_module(model)  # a torch.compile wrapper: the eager model's names and weights
     if not isinstance(codec, Codec):  # a bad spec fails here, before the prefix runs or anything is written
         codec = codec_from_spec(codec)
     n_total = check_model_and_data(model, dataset)
@@ -228,7 +257,7 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
                 writer.add_layer(name, shapes[name], plan=plan, variants=sorted(variants or {}),
                                  variant_tiers=variant_tiers, extra=dict((layer_extra or {}).get(name, {})))
             _run(model, capture, subset, writer, lo, batch_size, num_workers, variants or {}, progress, device,
-                 grad_mode)
+                 tuple(first_inputs.shape[1:]), grad_mode)
             return writer.commit()
 
 
@@ -262,9 +291,9 @@ def _check_item(item: Any, index: int) -> None:
     if not isinstance(inputs, (torch.Tensor, np.ndarray)):
         raise DataError(f"{where}: the input is a {type(inputs).__name__}, not a tensor",
                         hint="return the model's input as a torch.Tensor (or a numpy array)")
-    if label is None or isinstance(label, (str, bytes)):
-        raise DataError(f"{where}: the label is {label!r}; labels must be numeric (int, float or a numeric tensor)",
-                        hint="map class names to integers; without labels, return (input, 0)")
+    if label is None or isinstance(label, (str, bytes, Mapping)):
+        raise DataError(f"{where}: the label is {label!r:.80}; labels must be numeric (int, float or a "
+                        "numeric tensor)", hint="map class names to integers; without labels, return (input, 0)")
     if isinstance(label, (list, tuple)):
         try:
             torch.as_tensor(label)
@@ -274,9 +303,32 @@ def _check_item(item: Any, index: int) -> None:
                                  "(a torch tensor, or a list of numbers)") from None
 
 
+def _batches(loader: DataLoader, first: int, batch_size: int, input_shape: tuple[int, ...]) -> Iterator[Any]:
+    """The loader's ``(inputs, labels)`` batches; a DataError names the data set items of
+    its batch, and inputs of another shape than the first batch's are one (the stride of
+    feature-space augmentation and the variants' transforms are those of one input shape)."""
+    where = first
+    batches = iter(loader)
+    while True:
+        items = f"data set items {where}-{where + batch_size - 1}"
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataError as exc:
+            raise DataError(f"{items}: {exc.message}", hint=exc.hint) from None
+        if tuple(batch[0].shape[1:]) != input_shape:
+            raise DataError(f"{items}: inputs of shape {tuple(batch[0].shape[1:])}, the first items' are "
+                            f"{input_shape}", hint="give every input one shape (resize or crop in the data set): "
+                                                   "a cache holds one map shape per layer, from one input shape")
+        yield batch
+        where += len(batch[1])
+
+
 def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: int, batch_size: int,
          num_workers: int, variants: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], progress: bool,
-         device: str | torch.device, grad_mode: Callable[[], Any] = torch.inference_mode) -> None:
+         device: str | torch.device, input_shape: tuple[int, ...],
+         grad_mode: Callable[[], Any] = torch.inference_mode) -> None:
     start = writer.samples
     remaining = Subset(subset.dataset, range(lo + start, lo + len(subset)))
     if len(remaining) == 0:
@@ -309,15 +361,17 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     with blosc2_releasing_gil(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
         try:
             with grad_mode():
-                for inputs, labels in loader:
+                for inputs, labels in _batches(loader, lo + start, batch_size, input_shape):
                     inputs = inputs.to(device)
-                    maps = {k: v.float().cpu().numpy() for k, v in capture(inputs).items()}
+                    # a forward that changes its input in place (x.sub_(mean)) must not
+                    # change what the variants' transforms see
+                    maps = {k: _stored(v) for k, v in capture(inputs.clone() if variants else inputs).items()}
                     extra: dict[str, dict[str, np.ndarray]] = {}
                     if variants:
                         for vname, transform in variants.items():
                             vmaps = capture(transform(inputs))
                             for layer, tensor in vmaps.items():
-                                extra.setdefault(layer, {})[vname] = tensor.float().cpu().numpy()
+                                extra.setdefault(layer, {})[vname] = _stored(tensor)
                     if pending is not None:
                         pending.result()
                     pending = pool.submit(append, maps, _labels(labels), extra)
@@ -419,6 +473,7 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
     its build info the augmentation family, the SACA config and the policy stage.
     Other keyword arguments go to :func:`build_cache`.
     """
+    model = plain_module(model)
     check_model_and_data(model, dataset)
     saca = saca or SacaConfig()
     pixels = pixels or PixelSpace()

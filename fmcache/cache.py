@@ -27,7 +27,7 @@ from .errors import (
 )
 from .indices import checked_indices
 from .manifest import WHOLE_PART, LayerInfo, Manifest, check_fingerprints
-from .paths import partial_path, writer_pid
+from .paths import interrupted_merge, partial_path, writer_pid
 from .writer import CacheWriter, _part_specs, create_cache, default_samples_per_chunk
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ class Cache:
         self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
         backend_id = detect_backend(self.path)
         if backend_id is None:
+            if interrupted_merge(partial_path(self.path)) is not None:
+                raise IncompleteCacheError(f"{self.path} was never committed: {partial_path(self.path)} holds the "
+                                           "shards of an interrupted merge",
+                                           hint="run the same `fmcache merge` again: it moves them back, then merges")
             if partial_path(self.path).exists():
                 pid = writer_pid(self.path)
                 raise IncompleteCacheError(

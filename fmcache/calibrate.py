@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .augment import AugDraw, AugFamily, apply_feature, apply_input, draw_for, infer_stride
 from .augment.errors import SensitivityError
-from .capture import Capture, eval_mode
+from .capture import Capture, eval_mode, plain_module
 from .sensitivity import SensitivityAccumulator, score_summary, select_sensitive
 
 #: Draw-stream tag of calibration (kept apart from training draws of the same seed).
@@ -41,35 +41,100 @@ KINDS = ("flip", "shift", "photometric")
 class PixelSpace:
     """``normalised = (raw - mean) / std``; raw pixels lie in ``value_range``.
 
-    The default (mean 0, std 1, no clamp) treats the inputs as raw already.
+    ``mean`` and ``std`` are one number, or one per input channel (ImageNet's
+    ``(0.485, 0.456, 0.406)``, ``(0.229, 0.224, 0.225)``). The default (mean 0, std 1, no
+    clamp) treats the inputs as raw already; integer inputs (uint8 images) are raw pixels.
     """
 
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
     value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
-            raise SensitivityError(f"PixelSpace needs a finite mean and std > 0, got {self.mean}, {self.std}",
-                                   hint="--pixels MEAN,STD[,LO,HI]: the inputs' normalisation, STD > 0")
+        means, stds = _values(self.mean), _values(self.std)
+        if not (means and stds and all(math.isfinite(m) for m in means)
+                and all(math.isfinite(v) and v > 0 for v in stds)):
+            raise SensitivityError(f"PixelSpace needs finite means and stds > 0, got {self.mean}, {self.std}",
+                                   hint="--pixels MEAN,STD[,LO,HI]: the inputs' normalisation, STD > 0; per "
+                                        "channel as M1/M2/M3,S1/S2/S3")
+        if len(means) > 1 and len(stds) > 1 and len(means) != len(stds):
+            raise SensitivityError(f"PixelSpace has {len(means)} means and {len(stds)} stds",
+                                   hint="give one mean and std per input channel, or one for all")
+        if self.value_range is not None and not (len(self.value_range) == 2
+                                                 and self.value_range[0] <= self.value_range[1]):
+            raise SensitivityError(f"PixelSpace value_range must be (low, high) with low <= high, "
+                                   f"got {self.value_range}")
+
+    @property
+    def is_identity(self) -> bool:
+        return set(_values(self.mean)) == {0.0} and set(_values(self.std)) == {1.0}
+
+    def tensors(self, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """``(mean, std)`` to broadcast against ``x`` (``(N, C, H, W)`` or ``(C, H, W)``)."""
+        out: list[torch.Tensor | float] = []
+        for name, value in (("means", self.mean), ("stds", self.std)):
+            values = _values(value)
+            if len(values) == 1:
+                out.append(values[0])
+                continue
+            if x.ndim < 3 or x.shape[-3] != len(values):
+                raise SensitivityError(f"PixelSpace has {len(values)} {name}, the inputs {tuple(x.shape)} have "
+                                       f"{x.shape[-3] if x.ndim >= 3 else 'no'} channels")
+            out.append(torch.tensor(values, dtype=x.dtype, device=x.device).view(-1, 1, 1))
+        return out[0], out[1]
 
     def get_config(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std,
+        return {"mean": _plain(self.mean), "std": _plain(self.std),
                 "value_range": list(self.value_range) if self.value_range else None}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> PixelSpace:
         vr = config.get("value_range")
-        return cls(float(config.get("mean", 0.0)), float(config.get("std", 1.0)), tuple(vr) if vr else None)
+        return cls(_number(config.get("mean", 0.0)), _number(config.get("std", 1.0)), tuple(vr) if vr else None)
+
+
+def _values(value: Any) -> tuple[float, ...]:
+    """One float per channel (one for all); () for what is not numbers."""
+    try:
+        return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _plain(value: float | tuple[float, ...]) -> float | list[float]:
+    values = _values(value)
+    return list(values) if isinstance(value, (list, tuple)) else values[0]
+
+
+def _number(value: Any) -> float | tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
 
 
 def augment_inputs(x: torch.Tensor, draws: AugDraw | Sequence[AugDraw], pixels: PixelSpace | None = None
                    ) -> torch.Tensor:
-    """``a(x)`` for a batch of *normalised* inputs: to raw pixels, augment, normalise again."""
+    """``a(x)`` for a batch of *normalised* inputs: to raw pixels, augment, normalise again.
+
+    Integer inputs (uint8 images, which the model scales itself) are raw pixels: they are
+    augmented in their own units, clamped to their dtype's range (and ``value_range``),
+    rounded, and returned in their dtype, so the model sees the inputs it was built for.
+    """
     pixels = pixels or PixelSpace()
-    raw = x * pixels.std + pixels.mean
+    if not x.is_floating_point():
+        if not pixels.is_identity:
+            raise SensitivityError(f"the inputs are {x.dtype}: integer inputs are raw pixels, but PixelSpace "
+                                   f"gives a normalisation (mean {pixels.mean}, std {pixels.std})",
+                                   hint="for integer inputs give only the raw range: --pixels 0,1,LO,HI "
+                                        "(PixelSpace(value_range=(LO, HI)))")
+        info = torch.iinfo(x.dtype)
+        lo, hi = float(info.min), float(info.max)
+        if pixels.value_range is not None:
+            lo, hi = max(lo, pixels.value_range[0]), min(hi, pixels.value_range[1])
+        out = apply_input(x.float(), draws, value_range=(lo, hi))
+        return out.round_().to(x.dtype)
+    mean, std = pixels.tensors(x)
+    raw = x * std + mean
     out = apply_input(raw, draws, value_range=pixels.value_range)
-    return (out - pixels.mean) / pixels.std
+    return (out - mean) / std
 
 
 def input_transform(draw: AugDraw, pixels: PixelSpace | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -170,7 +235,7 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
     with torch.inference_mode():
         for lo in range(0, len(inputs), batch_size):
             x = inputs[lo:lo + batch_size]
-            base = prefix(x).float()
+            base = prefix(x.clone()).float()  # a forward may change its input in place
             # token maps (N, T, D) and vectors (N, D): no spatial axes, T_a is the identity,
             # channels on the last axis (the codecs' convention)
             tokens = base.ndim <= 3
@@ -212,6 +277,7 @@ def calibrate(model: nn.Module, layer: str, dataset: Dataset, family: AugFamily,
               seed: int = 0, shifts_per_sample: int = 2, pixels: PixelSpace | None = None,
               batch_size: int = 64) -> Calibration:
     """:func:`measure_sensitivity` of ``model`` up to the module ``layer`` (eval mode, no grad)."""
+    model = plain_module(model)
     capture = Capture(model, [layer])
     with eval_mode(model):  # afterwards every submodule's own mode, a frozen BatchNorm's included
         x, ids = calibration_batch(dataset, n_samples, seed=seed)

@@ -40,6 +40,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def plain_module(model: Any) -> Any:
+    """The module a ``torch.compile`` wrapper holds (layer names, weights and fingerprint are
+    the eager model's, without the wrapper's ``_orig_mod.`` prefix); anything else as is."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
+
+
 def resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
     """name -> module for each requested boundary; a typed error suggests near names."""
     if not names:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -25,15 +27,24 @@ class _Group(click.Group):
     """Turns library errors into one line and exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        stopped: list[int] = []
+
+        def terminate(signum: int, _frame: Any) -> None:  # kill, timeout, a scheduler's preemption
+            stopped.append(signum)
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:  # click's own handler said only "Aborted!"
-            then = {"build": "the batches already written are kept: run the same command with --resume to "
-                             "continue"}.get(ctx.invoked_subcommand or "", "nothing was committed")
-            click.echo(f"interrupted: {then}", err=True)
-            ctx.exit(130)
+            then = {"build": ": the batches already written are kept: run the same command with --resume to "
+                             "continue", "compact": ": nothing was committed", "merge": ": nothing was committed",
+                    "train": ": nothing was committed"}.get(ctx.invoked_subcommand or "", "")
+            click.echo(f"interrupted{then}", err=True)
+            ctx.exit(128 + (stopped[0] if stopped else signal.SIGINT))
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
@@ -42,6 +53,9 @@ class _Group(click.Group):
             else:
                 click.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
             ctx.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group)
@@ -51,6 +65,24 @@ class _Group(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """fmcache: cache the feature maps of frozen layers, train from them."""
     ctx.obj = {"debug": debug}
+
+
+def _pixel_space(text: str) -> Any:
+    """``--pixels MEAN,STD[,LO,HI]``, MEAN and STD one number or one per channel (``a/b/c``)."""
+    from .calibrate import PixelSpace
+    from .errors import SensitivityError
+
+    fields = text.split(",")
+    try:
+        values = [tuple(float(v) for v in f.split("/")) for f in fields]
+        if len(values) not in (2, 4) or (len(values) == 4 and (len(values[2]) > 1 or len(values[3]) > 1)):
+            raise ValueError(text)
+        mean, std = (v[0] if len(v) == 1 else v for v in values[:2])
+        return PixelSpace(mean, std, (values[2][0], values[3][0]) if len(values) == 4 else None)
+    except (ValueError, SensitivityError) as exc:
+        detail = f": {exc.message}" if isinstance(exc, SensitivityError) else ""
+        raise click.BadParameter(f"{text!r} is not MEAN,STD[,LO,HI] (MEAN and STD one number, or one per channel "
+                                 f"as M1/M2/M3){detail}", param_hint="--pixels") from None
 
 
 def _shard(value: str | None) -> tuple[int, int] | None:
@@ -105,7 +137,8 @@ def _progress(total: int, desc: str, unit: str = "sample") -> tuple[Callable[[in
 @click.option("--frozen-fraction", type=float, help="SACA: freeze depth for the policy (default: from the model).")
 @click.option("--pixels", default="0,1", show_default=True,
               help="SACA: MEAN,STD[,LO,HI] of the inputs' normalisation and raw range (Fashion-MNIST: "
-                   "0.286,0.353,0,1).")
+                   "0.286,0.353,0,1); per channel M1/M2/M3,S1/S2/S3[,LO,HI] (ImageNet: "
+                   "0.485/0.456/0.406,0.229/0.224/0.225,0,1).")
 def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | None, layers: tuple[str, ...],
           out: str, backend: str | None, codec: str, batch_size: int, num_workers: int, resume: bool,
           overwrite: bool, shard: str | None, allow_stale: bool, allow_nonfinite: bool, no_progress: bool,
@@ -118,6 +151,8 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
     from .refs import call_factory, load_weights
     from .report import inspect_cache, render_table
 
+    _check_saca_options(saca)
+    space = _pixel_space(pixels) if saca else None  # usage errors before the model is loaded
     model = call_factory(model_ref)
     if weights:
         load_weights(model, weights)
@@ -127,22 +162,13 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
                               "resume": resume, "overwrite": overwrite, "shard": _shard(shard),
                               "allow_stale": allow_stale, "allow_nonfinite": allow_nonfinite,
                               "progress": not no_progress, "build_info": info}
-    _check_saca_options(saca)
     if saca:
         from .augment import AugFamily
         from .builder import SacaConfig, build_saca_cache
-        from .calibrate import PixelSpace
         from .policy import CompressionPolicy
 
         if len(layers) != 1:
             raise click.UsageError("--saca builds one layer: give exactly one --layer")
-        try:
-            nums = [float(v) for v in pixels.split(",")]
-        except ValueError:
-            nums = []
-        if len(nums) not in (2, 4):
-            raise click.BadParameter(f"{pixels!r} is not MEAN,STD[,LO,HI]", param_hint="--pixels")
-        space = PixelSpace(nums[0], nums[1], (nums[2], nums[3]) if len(nums) == 4 else None)
         family = AugFamily(flip=not no_flip, max_shift=max_shift, photometric=photometric)
         config = SacaConfig(family=family, rho=rho, n_samples=calib_samples, max_variants=max_variants,
                             variants=_variant_list(variants) if variants else None)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import DataError
+
 
 def weights_fingerprint(model: nn.Module, module_names: Sequence[str], used: Sequence[str] = ()) -> str:
     """sha256 over the own parameters and buffers of the named modules, then over the
@@ -93,5 +95,10 @@ def data_fingerprint(dataset: Any, probes: int = 64) -> str:
     digest = hashlib.sha256(f"n={n}|".encode())
     for index in sorted(set(np.linspace(0, n - 1, num=min(probes, n), dtype=np.int64).tolist())):
         digest.update(f"{index}:".encode())
-        digest.update(_to_bytes(dataset[index]))
+        try:
+            item = dataset[index]
+        except IndexError as exc:
+            raise DataError(f"the data set says it has {n} items (len()), but item {index} raises IndexError: {exc}",
+                            hint="make __len__ return the number of items __getitem__ serves") from None
+        digest.update(_to_bytes(item))
     return digest.hexdigest()

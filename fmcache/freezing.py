@@ -28,11 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .augment import infer_stride
 from .builder import SacaConfig, build_cache, build_saca_cache
 from .calibrate import PixelSpace
 from .capture import eval_mode
 from .dataset import FeatureMapDataset
-from .errors import FreezeError
+from .errors import FreezeError, StrideError
 from .loader import EpochLoader
 from .policy import CompressionPolicy, frozen_fraction
 from .train import StepCounter, evaluate, sgd, train_epoch
@@ -353,6 +354,35 @@ class FreezingTrainer:
             raise FreezeError(f"the labels have shape {tuple(np.shape(label))} per sample (masks?); augment="
                               f"{recipe.augment!r} flips and shifts the cached maps but not the labels",
                               hint="use a recipe with augment='none'")
+        labels = torch.as_tensor(plain_data[0][1]).numpy()  # type: ignore[index]
+        if labels.dtype.kind not in "iub":
+            raise FreezeError(f"the labels are {labels.dtype} (regression targets?); FreezingTrainer trains "
+                              "with cross-entropy over integer classes",
+                              hint="give class indices as int labels, or train the suffix with your own loop "
+                                   "over a FeatureMapDataset")
+        if first is not None and recipe.augment != "none" and np.ndim(first[0]) == 3:
+            self._check_strides(model, [b for b in self.order[:-1] if b in last or freezer is not None],
+                                torch.as_tensor(first[0]), recipe.augment)
+
+    @staticmethod
+    def _check_strides(model: nn.Module, boundaries: Sequence[str], x: torch.Tensor, augment: str) -> None:
+        """A spatially augmenting recipe needs each boundary's map to be the input scaled by
+        a whole stride (StrideError at the freeze point, after epochs of training)."""
+        for boundary in boundaries:
+            prefix, _ = split_at(model, boundary)
+            try:
+                with torch.no_grad(), eval_mode(model):
+                    out = prefix(x[None])
+            except Exception:  # noqa: BLE001 - a model the split does not fit: _check_splits names it
+                out = None
+            if out is not None and out.ndim == 4:
+                try:
+                    infer_stride((x.shape[-2], x.shape[-1]), (out.shape[-2], out.shape[-1]))
+                except StrideError as exc:
+                    raise FreezeError(f"freezing up to {boundary!r}: {exc.message}; the recipe's augment="
+                                      f"{augment!r} shifts maps by whole strides",
+                                      hint="use inputs whose size the boundary divides evenly, or "
+                                           "augment='none'") from None
 
     def _check_splits(self, prefix: nn.Module, suffix: nn.Module, boundary: str) -> None:
         """The trainer splits the model at top-level children, which is only the model when

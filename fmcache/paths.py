@@ -5,7 +5,8 @@ to ``PATH`` by its commit, so ``PATH`` only ever holds a committed cache; an int
 build leaves the partial for ``--resume``. While a writer works on ``PATH`` it holds a
 lock (:class:`BuildLock`), so a second build, resume or compact of the same path is
 refused instead of deleting the first one's partial; ``--overwrite`` replaces caches
-only (:func:`check_replaceable`).
+only (:func:`check_replaceable`). A shard merge moves the shards into ``OUT.partial``
+with a journal of the moves, so an interrupted one can be undone (:func:`undo_merge`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CacheBusyError, CacheError, CacheExistsError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -139,6 +145,12 @@ class BuildLock:
                                      hint="give a path whose parent is a folder you can write to")
             raise failure from None
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         if self.fd is not None:
             try:
@@ -163,3 +175,33 @@ def writer_pid(path: Path) -> int | None:
     finally:
         os.close(fd)  # a lock taken here goes with the descriptor
     return None
+
+
+#: In ``OUT.partial`` while a shard merge moves shards there: ``{"moves": [[from, name], ...]}``.
+MERGE_JOURNAL = "fmcache-merge.json"
+
+
+def interrupted_merge(staging: Path) -> list[tuple[str, str]] | None:
+    """The moves ``(original path, name in staging)`` of the interrupted merge whose
+    staging folder ``staging`` is; None if it is none (no journal)."""
+    journal = staging / MERGE_JOURNAL
+    if staging.is_symlink() or not journal.is_file():
+        return None
+    try:
+        return [(str(src), str(name)) for src, name in json.loads(journal.read_text())["moves"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a journal cut short by the kill: a merge's, with nothing it can tell
+
+
+def undo_merge(staging: Path, moves: list[tuple[str, str]]) -> list[str]:
+    """Move the shards an interrupted merge moved into ``staging`` back where they were;
+    removes ``staging`` once nothing of the user's is left in it. Returns the paths restored."""
+    restored = []
+    for src, name in reversed(moves):
+        moved = staging / name
+        if (moved.exists() or moved.is_symlink()) and not os.path.lexists(src):
+            os.replace(moved, src)
+            restored.append(src)
+    if not any(entry.name.startswith("shard-") for entry in staging.iterdir()):
+        remove_path(staging)
+    return restored[::-1]

@@ -22,6 +22,7 @@ import numpy as np
 from .cache import Cache, partial_path
 from .errors import CacheError, CacheExistsError, CorruptionError, IncompleteCacheError, SampleIndexError
 from .manifest import LayerInfo, Manifest, json_crc32
+from .paths import MERGE_JOURNAL, BuildLock, interrupted_merge, undo_merge
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -92,10 +93,18 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
                                hint="merge moves the shards into a new OUT and never replaces one: choose "
                                     "another path, or remove OUT first")
     staging = partial_path(out)
-    if staging.exists():
-        raise CacheExistsError(f"{staging} exists: left by an interrupted merge",
-                               hint="the shards it had moved are inside it (shard-*): move them back, then "
-                                    "remove it and merge again")
+    with BuildLock(out):
+        moves = interrupted_merge(staging) if staging.exists() else None
+        if moves is not None:  # a merge killed part-way: its shards go back first
+            undo_merge(staging, moves)
+        if staging.exists():
+            raise CacheExistsError(f"{staging} exists: left by an interrupted build or merge",
+                                   hint="if it holds shard-* caches, move them back to where they were; then "
+                                        "remove it and merge again")
+        return _merge(shards, out, staging, empty_folder)
+
+
+def _merge(shards: Sequence[str | os.PathLike[str]], out: Path, staging: Path, empty_folder: bool) -> Path:
     _check_movable(shards, out)
     caches = [Cache(p) for p in shards]
     if not caches:
@@ -107,15 +116,25 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     if empty_folder:
         out.rmdir()  # an empty folder made for OUT: taken once the shards are known good (kept otherwise)
     staging.mkdir(parents=True)
-    names = []
-    for i, cache in enumerate(caches):
-        name = f"shard-{i:05d}-of-{len(caches):05d}{cache.path.suffix}"
-        os.replace(cache.path, staging / name)
-        names.append(name)
-    doc = json.dumps({"format_version": 1, "shards": names, "samples": expected}).encode()
-    (staging / SHARDS_FILE).write_bytes(doc)
-    (staging / (SHARDS_FILE + ".crc32")).write_text(str(json_crc32(doc)))
-    os.replace(staging, out)
+    moves = [(str(c.path), f"shard-{i:05d}-of-{len(caches):05d}{c.path.suffix}") for i, c in enumerate(caches)]
+    # the journal first: a merge killed while it moves shards is undone by the next one
+    (staging / MERGE_JOURNAL).write_text(json.dumps({"moves": moves}))
+    try:
+        for src, name in moves:
+            os.replace(src, staging / name)
+        doc = json.dumps({"format_version": 1, "shards": [name for _, name in moves], "samples": expected}).encode()
+        (staging / SHARDS_FILE).write_bytes(doc)
+        (staging / (SHARDS_FILE + ".crc32")).write_text(str(json_crc32(doc)))
+        os.replace(staging, out)
+    except BaseException as exc:  # a full disk, Ctrl-C: every shard back where it was
+        try:
+            undo_merge(staging, moves)
+        except OSError as undo:
+            raise CacheError(f"the merge into {out} failed ({exc}) and moving the shards back failed too ({undo})",
+                             hint=f"the shards are in {staging} (shard-*, in the order of "
+                                  f"{staging / MERGE_JOURNAL}): move them back by hand") from exc
+        raise
+    (out / MERGE_JOURNAL).unlink()
     return out
 
 

@@ -3,7 +3,7 @@
 Writing goes to ``<path>.partial`` (a directory for LMDB, a file for HDF5) while the
 writer holds the path's lock. Each appended batch is stored atomically with a progress
 blob, so an interrupted build can resume from its last batch (HDF5: from its last whole
-chunks, :mod:`fmcache.backends.hdf5_rows`). :meth:`CacheWriter.commit`
+chunks, :mod:`fmcache.backends.hdf5_writes`). :meth:`CacheWriter.commit`
 writes the manifest *last* and then moves the partial location to ``path``: a cache at
 ``path`` is always complete.
 """
@@ -22,6 +22,7 @@ import numpy as np
 from . import __version__
 from .backends import Backend, PartSpec, backend_class, backend_for_suffix, detect_backend
 from .codecs import Codec, channel_axis, codec_from_spec
+from .codecs.base import as_float32, as_numpy
 from .errors import (
     CacheError,
     CacheExistsError,
@@ -35,7 +36,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .manifest import WHOLE_PART, LayerInfo, Manifest, check_fingerprints, part_name, utc_now
-from .paths import BuildLock, check_replaceable, install, partial_path, remove_path
+from .paths import BuildLock, check_replaceable, install, interrupted_merge, partial_path, remove_path
 from .tiers import TierPlan
 
 if TYPE_CHECKING:
@@ -108,6 +109,9 @@ class CacheWriter:
                 self.backend.close()
                 remove_path(self.partial)
         elif self.partial.exists():
+            if interrupted_merge(self.partial) is not None:  # never deleted: it holds the user's shards
+                raise CacheExistsError(f"{self.partial} holds the shards of an interrupted merge",
+                                       hint="run the same `fmcache merge` again: it moves them back, then merges")
             if not overwrite:
                 raise CacheExistsError(f"{self.partial} holds an interrupted build",
                                        hint="finish it with --resume (resume=True), or start over with --overwrite "
@@ -259,7 +263,7 @@ class CacheWriter:
         return self.samples
 
     def _checked(self, name: str, layer: LayerInfo, batch: np.ndarray, n: int, what: str) -> np.ndarray:
-        arr = np.asarray(batch)
+        arr = as_numpy(batch)
         if arr.shape != (n, *layer.shape):
             raise ShapeMismatchError(
                 f"layer {name!r}{what}: batch of shape {arr.shape} at sample {self.samples}, "
@@ -272,18 +276,23 @@ class CacheWriter:
             raise ShapeMismatchError(f"layer {name!r}{what}: dtype changed from {first} to {arr.dtype} "
                                      f"at sample {self.samples}",
                                      hint="cast every batch to one dtype (the builder uses float32)")
-        arr = np.asarray(arr, dtype=np.float32)
-        refusing = None if not self.allow_nonfinite else next(
-            (t.codec.codec_id for t in layer.plan.tiers if not t.codec.stores_nonfinite), None)
-        if not self.allow_nonfinite or refusing is not None:
+        arr = as_float32(arr, f"{self.partial}: layer {name!r}{what}, the batch at sample {self.samples}")
+        if self.allow_nonfinite:  # allowed, but only in tiers whose codec holds them
+            for tier in layer.plan.tiers:
+                if tier.codec.stores_nonfinite:
+                    continue
+                finite = np.isfinite(layer.plan.select(arr, tier.name, batched=True).reshape(n, -1)).all(axis=1)
+                if not finite.all():
+                    bad = self.samples + int(np.argmin(finite))
+                    raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad}, in channels "
+                                         f"of tier {tier.name!r}, whose codec {tier.codec.codec_id!r} cannot "
+                                         "store them", sample=bad,
+                                         hint="--allow-nonfinite needs codecs that keep NaN/Inf: raw, blosc2, "
+                                              "fp16 or bf16")
+        else:
             finite = np.isfinite(arr.reshape(n, -1)).all(axis=1)
             if not finite.all():
                 bad = self.samples + int(np.argmin(finite))
-                if refusing is not None:  # allowed, but a tier's codec cannot hold them
-                    raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad}, and codec "
-                                         f"{refusing!r} of its tiers cannot store them", sample=bad,
-                                         hint="--allow-nonfinite needs codecs that keep NaN/Inf: raw, blosc2, "
-                                              "fp16 or bf16")
                 raise NonFiniteError(f"layer {name!r}{what}: NaN/Inf in the map of sample {bad} "
                                      f"({int((~finite).sum())} samples in this batch)", sample=bad)
         return arr

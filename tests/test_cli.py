@@ -205,7 +205,7 @@ def test_allow_nonfinite_builds_keep_nan_and_inf_and_verify(runner, tmp_path, co
     (["--model", "fmnist_small:not_a_model"], "the model is a int, not a torch.nn.Module"),
     (["--data", "fmnist_small:empty_data"], "the data set has no items"),
     (["--data", "fmnist_small:streamed_data"], "the data set is a _Stream, not a map-style data set"),
-    (["--data", "fmnist_small:ragged_inputs"], "the inputs of one batch have different shapes"),
+    (["--data", "fmnist_small:ragged_inputs"], "inputs of different shapes"),
     (["--data-dir", "/tmp"], "'fmnist_small:train_subset' cannot be called with data_dir="),
     (["--codec", "raw:level=1"], "codec 'raw' has no parameter 'level' (hint: its parameters: none"),
     (["--batch-size", "0"], "Invalid value for '--batch-size'"),
@@ -310,8 +310,11 @@ def test_compact_copies_a_cache_built_with_allow_nonfinite(tmp_path):
         np.testing.assert_array_equal(fmcache.open_cache(dst).read_batch("l", range(4)), x)
 
 
-def test_ctrl_c_during_a_build_says_how_to_continue(tmp_path):
-    """Ctrl-C printed only click's "Aborted!"; the partial is kept and --resume finishes it."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_build_says_how_to_continue(tmp_path, sig):
+    """Ctrl-C printed only click's "Aborted!"; SIGTERM (kill, timeout, a scheduler's
+    preemption) killed the build on the spot. Either way the partial is kept, the rows
+    held back are written, and --resume finishes it."""
     import signal
     import subprocess
     import sys
@@ -334,11 +337,12 @@ def test_ctrl_c_during_a_build_says_how_to_continue(tmp_path):
     while not (partial / "data.mdb").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the build finished before the interrupt")
-    assert proc.returncode == 130 and "interrupted: the batches already written are kept" in err and "--resume" in err
+    assert proc.returncode == 128 + getattr(signal, sig)
+    assert "interrupted: the batches already written are kept" in err and "--resume" in err
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert len(fmcache.open_cache(out)) == 96

@@ -259,10 +259,10 @@ def test_a_dropped_or_closed_dataset_lets_go_of_its_lmdb_cache(tmp_path):
     import gc
     import shutil
 
-    from fmcache.backends import lmdb_backend
+    from fmcache.backends import lmdb_envs
 
     def ours() -> list[str]:
-        return [entry[0].path() for entry in lmdb_backend._envs.values() if str(tmp_path) in entry[0].path()]
+        return [entry[0].path() for entry in lmdb_envs._envs.values() if str(tmp_path) in entry[0].path()]
 
     for round_ in range(3):
         path = tmp_path / f"r{round_}.lmdb"

@@ -9,6 +9,7 @@ source intact and its destination unopenable as complete.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from reliability_support import synthetic as reliability_synthetic
 import fmcache
 import fmcache.cache as cache_mod
 import fmcache.writer as writer_mod
-from fmcache.backends import hdf5_backend, hdf5_rows
+from fmcache.backends import hdf5_backend, hdf5_writes
 from fmcache.backends.lmdb_backend import LmdbBackend
 from fmcache.compact import compact_cache
 from fmcache.errors import IncompleteCacheError, ResumeError
@@ -70,7 +71,7 @@ def _kill_inside_batch(path, backend, batch):
 
         LmdbBackend._write_txn = write_txn
     else:
-        original_rows = hdf5_rows.write_rows
+        original_rows = hdf5_writes.write_rows
         calls = []
 
         def write_rows(ds, start, rows):
@@ -82,7 +83,7 @@ def _kill_inside_batch(path, backend, batch):
                     die()
             return original_rows(ds, start, rows)
 
-        hdf5_rows.write_rows = write_rows
+        hdf5_writes.write_rows = write_rows
     write(path, backend)
 
 
@@ -355,3 +356,79 @@ def test_hdf5_stopped_anywhere_resumes_to_the_clean_cache(tmp_path_factory, firs
     assert resumed_from <= appended
     build(root / "clean.h5", [N_SAMPLES])
     assert_same_cache(root / "c.h5", root / "clean.h5")
+
+
+def _shards(root):
+    """Two shard caches of the synthetic data (built as the two halves of one build)."""
+    maps, labels = reliability_synthetic()
+    paths = []
+    for i in range(2):
+        path = root / f"s{i}.lmdb"
+        lo, hi = i * N_SAMPLES // 2, (i + 1) * N_SAMPLES // 2
+        build = {"shard": {"index": i, "count": 2, "start": lo, "stop": hi}, "samples_total": N_SAMPLES}
+        with fmcache.create_cache(path, fingerprints={"weights": "w", "data": "d"}, build=build) as w:
+            for name, shape in SHAPES.items():
+                w.add_layer(name, shape, codec="raw")
+            w.append({k: v[lo:hi] for k, v in maps.items()}, labels[lo:hi])
+            w.commit()
+        paths.append(path)
+    return paths
+
+
+def _merge_killed_after_one_move(shards, out):
+    import fmcache.shards as shards_mod
+
+    original, calls = shards_mod.os.replace, []
+
+    def replace(src, dst):
+        calls.append(1)
+        if len(calls) == 2:
+            die()  # the first shard moved, the second not
+        return original(src, dst)
+
+    shards_mod.os.replace = replace
+    shards_mod.merge_shards(shards, out)
+
+
+def test_a_merge_killed_part_way_is_undone_by_the_next_and_never_overwritten(tmp_path):
+    """A killed merge left a shard in OUT.partial, and the hints (build or compact
+    --overwrite) deleted it with the folder."""
+    from fmcache.errors import CacheExistsError
+    from fmcache.shards import merge_shards
+
+    shards, out = _shards(tmp_path), tmp_path / "m"
+    assert run_killed(_merge_killed_after_one_move, shards, out) == KILLED
+    assert not shards[0].exists() and shards[1].exists()
+    with pytest.raises(IncompleteCacheError, match="shards of an interrupted merge") as info:
+        fmcache.open_cache(out)
+    assert "fmcache merge` again" in info.value.hint
+    with pytest.raises(CacheExistsError, match="shards of an interrupted merge"):
+        fmcache.create_cache(out, backend="lmdb", overwrite=True)  # never deletes them
+    merged = merge_shards(shards, out)  # the same merge again: the shard goes back, then the merge
+    with fmcache.open_cache(merged) as cache:
+        assert len(cache) == N_SAMPLES
+        np.testing.assert_array_equal(cache.read_batch("conv", range(N_SAMPLES)), reliability_synthetic()[0]["conv"])
+    assert not cache_mod.partial_path(out).exists()
+
+
+def test_a_merge_that_fails_part_way_moves_every_shard_back(tmp_path, monkeypatch):
+    """A full disk after the moves left both shards inside OUT.partial, unsaid."""
+    import fmcache.shards as shards_mod
+
+    shards, out = _shards(tmp_path), tmp_path / "m"
+    before = [sorted(p.rglob("*")) for p in shards]
+    original = shards_mod.os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out:
+            raise OSError(28, "No space left on device")
+        return original(src, dst)
+
+    monkeypatch.setattr(shards_mod.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        shards_mod.merge_shards(shards, out)
+    monkeypatch.undo()
+    assert [sorted(p.rglob("*")) for p in shards] == before
+    assert not cache_mod.partial_path(out).exists() and not out.exists()
+    with fmcache.open_cache(shards[1]) as cache:
+        assert len(cache) == N_SAMPLES // 2

@@ -203,10 +203,17 @@ def test_allowed_non_finite_maps_for_a_codec_that_cannot_hold_them_name_layer_sa
         w.append({"conv": x[:4]}, np.zeros(4, np.int64))
         bad = x[4:].copy()
         bad[2, 3, 1, 1] = np.nan
-        with pytest.raises(NonFiniteError, match=r"layer 'conv': NaN/Inf in the map of sample 6, and codec "
-                                                 r"'int8' of its tiers cannot store them") as info:
+        with pytest.raises(NonFiniteError, match=r"layer 'conv': NaN/Inf in the map of sample 6, in channels "
+                                                 r"of tier 'bulk', whose codec 'int8' cannot store them") as info:
             w.append({"conv": bad}, np.zeros(4, np.int64))
         assert "raw, blosc2, fp16 or bf16" in info.value.hint
+        bad = x[4:].copy()
+        bad[2, 0, 1, 1] = np.nan  # in the bf16 tier: stored, not refused
+        w.append({"conv": bad}, np.zeros(4, np.int64))
+        w.commit()
+    got = fmcache.open_cache(path).read_batch("conv", range(8))
+    nan = np.isnan(got)
+    assert nan[6, 0, 1, 1] and nan.sum() == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -515,7 +522,7 @@ def test_labels_changing_shape_in_a_batch_are_a_data_error(tmp_path):
     """torch's collate said "stack expects each tensor to be equal size" (untyped)."""
     from fmcache.errors import DataError
 
-    with pytest.raises(DataError, match=r"labels of one batch have different shapes \[\(2,\), \(3,\)\]"):
+    with pytest.raises(DataError, match=r"labels of different shapes \[\(2,\), \(3,\)\] in one batch"):
         build_cache(tiny_model(), _LabelsChangeLength(), ["block1"], tmp_path / "l.lmdb", batch_size=8,
                     progress=False)
 

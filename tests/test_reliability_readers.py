@@ -210,3 +210,52 @@ def test_dataset_indices_wrap_once_and_must_be_integers(caches):
                          (1.5, "item indices must be integers, got 1.5"), (True, "got True")):
         with pytest.raises(SampleIndexError, match=message):
             ds[bad]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forks_while_another_thread_reads_do_not_hang(caches, backend):
+    """A child forked while a parent thread was inside an LMDB read inherited py-lmdb's
+    count of operations in flight, and closing the inherited environment waited for it
+    forever (DataLoader workers hung; 16 of 20 forks in the sweep)."""
+    import os
+    import signal
+    import threading
+
+    path = caches[backend]
+    cache = fmcache.open_cache(path)
+    want = cache.read_batch("conv", range(N_SAMPLES))
+    stop = threading.Event()
+
+    def read_on() -> None:
+        while not stop.is_set():
+            cache.read_batch("conv", range(0, N_SAMPLES, 3))
+
+    reader = threading.Thread(target=read_on)
+    reader.start()
+    outcomes = []
+    try:
+        for _ in range(12):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                try:
+                    with fmcache.open_cache(path) as again:
+                        os._exit(0 if np.array_equal(again.read_batch("conv", range(N_SAMPLES)), want) else 3)
+                finally:
+                    os._exit(4)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    outcomes.append(os.waitstatus_to_exitcode(status))
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    outcomes.append("hung")
+                    break
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        reader.join()
+        cache.close()
+    assert outcomes == [0] * 12

@@ -15,9 +15,12 @@ build. Each trial ends as one of:
 ``--baseline COMMIT`` runs the same trials (same seeds, same kill times) against that
 commit's code as well, each in its own driver process, so the two are comparable::
 
-    python tools/sweep_kill.py                                # HDF5, 40 trials (~3 min here)
-    python tools/sweep_kill.py --baseline de2d0aa --json docs/sweep_kill.json
+    python tools/sweep_kill.py                                # HDF5, 40 trials (~1 min here)
+    python tools/sweep_kill.py --baseline de2d0aa --json docs/sweep_kill.json --docs   # and its table
+    python tools/sweep_kill.py --render docs/sweep_kill.json --docs                    # the table only
     python tools/sweep_kill.py --backend lmdb --trials 20
+
+``--docs`` writes the table into docs/reliability.md (between the ``sweep_kill`` markers).
 
 Prints JSON: per code (``current``, ``baseline``): the counts and each trial's kill time,
 the samples the resume started from, and its outcome.
@@ -139,6 +142,23 @@ def run_driver(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+MARK_BEGIN, MARK_END = "<!-- sweep_kill:start -->", "<!-- sweep_kill:end -->"
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["| code | killed builds | resumed, equal to a clean build | refused (`ResumeError`) | wrong | other error |",
+             "|---|---|---|---|---|---|"]
+    for key in ("baseline", "current"):
+        if key not in result:
+            continue
+        counts = result[key]["counts"]
+        killed = sum(n for outcome, n in counts.items() if outcome != "complete")
+        name = f"before (`{result[key]['commit']}`)" if key == "baseline" else "now"
+        lines.append(f"| {name} | {killed} | {counts.get('resumed', 0)} | {counts.get('refused', 0)} | "
+                     f"{counts.get('wrong', 0)} | {counts.get('error', 0)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=["hdf5", "lmdb"], default="hdf5")
@@ -147,10 +167,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", help="a commit to run the same trials against")
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/reliability.md")
+    parser.add_argument("--render", help="only render this JSON's table (with --docs: into the page)")
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
         print(json.dumps(drive(args)))
+        return
+    if args.render:
+        table = render(json.loads(Path(args.render).read_text()))
+        print(table)
+        if args.docs:
+            sys.path.insert(0, str(REPO / "tools"))
+            from bench_read import write_region
+
+            write_region(REPO / "docs" / "reliability.md", MARK_BEGIN, MARK_END, table)
         return
     result: dict[str, Any] = {"backend": args.backend, "codec": args.codec, "samples": SAMPLES,
                               "batch": BATCH, "shapes": {k: list(v) for k, v in SHAPES.items()},
@@ -165,6 +196,11 @@ def main() -> None:
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+    if args.docs:
+        sys.path.insert(0, str(REPO / "tools"))
+        from bench_read import write_region
+
+        write_region(REPO / "docs" / "reliability.md", MARK_BEGIN, MARK_END, render(result))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..codecs import Codec
-from ..errors import CacheError, CacheReplacedError, DiskFullError, ReadOnlyError
+from ..errors import CacheError, CacheReplacedError, DiskFullError, EncodeError, ReadOnlyError
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -220,6 +220,12 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def encode_failure(path: Path, layer: str, part: str, where: str, exc: EncodeError) -> EncodeError:
+    """A codec's EncodeError (which knows only the map) naming the cache, layer, part and
+    ``where`` ("sample 5")."""
+    return EncodeError(f"{path}: layer {layer!r} part {part!r}, {where}: {exc.message}", hint=exc.hint)
 
 
 def os_write_failure(path: Path, exc: BaseException, what: str) -> CacheError:

@@ -45,7 +45,7 @@ from .hdf5_reads import (
     _touch,
     open_dataset,
 )
-from .hdf5_rows import HeldRows
+from .hdf5_writes import HeldRows, create_field, create_labels, to_hdf5
 
 hdf5plugin.register(force=True)
 
@@ -66,9 +66,6 @@ ROW_CACHE_BYTES = 32 << 20
 ROWS_OPEN_CHUNKS = 12
 #: ... and for a picked part (a SACA variant) only where a chunk holds this many samples.
 PICKED_CHUNK_ROWS = 32
-#: The labels' chunk rows at least (a multiple of the longest chunk of a layer).
-LABEL_CHUNK_MIN = 16
-_VLEN = h5py.vlen_dtype(np.uint8)
 
 
 def escape_name(name: str) -> str:
@@ -195,25 +192,11 @@ class Hdf5Backend(Backend):
         return [(spec.name, spec.codec.hdf5_fields(spec.shape)) for spec in specs]
 
     def _declare(self, name: str) -> None:
-        fh = self._file()
         _, specs, samples_per_chunk = self._layers[name]
+        fh = self._file()
         for spec in specs:
             for field in spec.codec.hdf5_fields(spec.shape):
-                path = dataset_path(name, spec.name, field.name)
-                if path in fh:
-                    continue
-                per_chunk = 1 if field.per_sample_chunks else samples_per_chunk
-                dtype = _VLEN if field.dtype is None else field.dtype
-                ds = fh.create_dataset(path, shape=(0, *field.shape), maxshape=(None, *field.shape),
-                                       dtype=dtype, chunks=(per_chunk, *field.shape),
-                                       fletcher32=field.dtype is not None, **dict(field.filter))
-                # fixed-length strings: nothing of fmcache's in HDF5's global heap (see _set_attr_blob)
-                ds.attrs["codec"] = np.bytes_(json.dumps(spec.codec.get_config()).encode())
-                for key, value in field.attrs.items():
-                    ds.attrs[key] = np.bytes_(value.encode()) if isinstance(value, str) else value
-                if field.dtype is None:
-                    fh.create_dataset(path + ".crc32", shape=(0,), maxshape=(None,), dtype="<u4",
-                                      chunks=(max(samples_per_chunk, 256),), fletcher32=True)
+                create_field(fh, dataset_path(name, spec.name, field.name), spec, field, samples_per_chunk)
 
     # ---- writing -------------------------------------------------------------------------
     def _write_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray,
@@ -224,7 +207,7 @@ class Hdf5Backend(Backend):
             # between the two flushes leaves data past the progress mark (truncated on resume).
             fh = self._file()
             fh.flush()
-            self._set_attr_blob(fh, "progress", self._durable_progress(progress))
+            self._set_attr_blob(fh, "progress", self._held().progress(progress))
             fh.flush()
         except (OSError, RuntimeError) as exc:
             raise os_write_failure(self.path, exc, f"writing samples from {start} failed") from exc
@@ -236,23 +219,13 @@ class Hdf5Backend(Backend):
             held = self._h_held = HeldRows()
         return held
 
-    def _durable_progress(self, progress: bytes) -> bytes:
-        """The writer's progress with ``samples`` moved back to what every dataset has on
-        disk (rows held back for a chunk still filling are not committed), and the rows of
-        datasets that have more, which a resume keeps (``_truncate``)."""
-        held = self._held()
-        record = json.loads(progress)
-        record["samples"] = durable = held.durable()
-        record["hdf5_rows"] = {path: rows for path, rows in held.on_disk.items() if rows != durable}
-        return json.dumps(record, sort_keys=True).encode()
-
     def _write_rows_of_batch(self, start: int, maps: Mapping[str, Mapping[str, np.ndarray]],
                              labels: np.ndarray) -> None:
         fh, held = self._file(), self._held()
         for layer, parts in maps.items():
             _, specs, _ = self._layers[layer]
             for spec in specs:
-                arrays = spec.codec.to_hdf5(parts[spec.name])
+                arrays = to_hdf5(self.path, layer, spec, parts[spec.name], start)
                 for field in spec.codec.hdf5_fields(spec.shape):
                     path = dataset_path(layer, spec.name, field.name)
                     held.add(fh[path], start, arrays[field.name])
@@ -262,11 +235,7 @@ class Hdf5Backend(Backend):
                         held.add(fh[path + ".crc32"], start, crcs)
         labels = np.ascontiguousarray(labels)
         if "labels" not in fh:
-            # a multiple of the layers' longest chunks: the labels held back wait no longer
-            longest = max(spc for _, _, spc in self._layers.values())
-            rows = -(-LABEL_CHUNK_MIN // longest) * longest
-            fh.create_dataset("labels", shape=(0, *labels.shape[1:]), maxshape=(None, *labels.shape[1:]),
-                              dtype=labels.dtype, chunks=(rows, *labels.shape[1:]), fletcher32=True)
+            create_labels(fh, labels, max(spc for _, _, spc in self._layers.values()))
         held.add(fh["labels"], start, labels)
 
     def _finish(self, progress: bytes | None) -> None:
@@ -301,25 +270,8 @@ class Hdf5Backend(Backend):
         fh.attrs[f"fmcache_{key}_crc32"] = np.uint32(zlib.crc32(data))
 
     def _truncate(self, samples: int) -> None:
-        """Forget rows from ``samples`` on. A resume (``samples`` is the progress mark)
-        keeps the whole chunks a dataset had on disk beyond it (the mark's ``hdf5_rows``:
-        the same samples, recomputed and skipped), as cutting them would leave a partly
-        filled chunk for the next batch to rewrite; kept rows that no longer read are cut."""
-        fh, held = self._file(), self._held()
-        progress = json.loads(self.get_meta("progress") or b"{}")
-        kept = progress.get("hdf5_rows", {}) if progress.get("samples") == samples else {}
-        datasets: list[h5py.Dataset] = []
-        fh.visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
-        for ds in datasets:
-            keep = max(samples, min(int(kept.get(ds.name, samples)), ds.shape[0]))
-            if keep > samples and ds.dtype != _VLEN:
-                try:
-                    ds[samples:keep]  # fletcher32 and the filters: rows past the mark read whole
-                except (OSError, RuntimeError):
-                    keep = samples
-            if ds.shape[0] > keep:
-                ds.resize(keep, axis=0)
-            held.track(ds)
+        fh = self._file()
+        self._held().truncate(fh, samples, json.loads(self.get_meta("progress") or b"{}"))
         fh.flush()
 
     # ---- reading -------------------------------------------------------------------------

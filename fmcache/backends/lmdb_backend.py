@@ -16,7 +16,7 @@ committed cache is immutable (builds write to a separate ``.partial`` location),
 need no reader-lock slots, and any number of processes can read.
 
 py-lmdb refuses two environments for one path in one process, so environments are
-shared per process (:func:`_shared_env`).
+shared per process (:mod:`.lmdb_envs`, which also keeps them safe across ``fork()``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import io
 import os
 import shutil
 import struct
-import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,13 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from ..errors import CacheError, CorruptionError, DiskFullError, NotACacheError, ReadOnlyError
+from ..errors import (
+    CacheError,
+    CorruptionError,
+    DiskFullError,
+    EncodeError,
+    ReadOnlyError,
+)
 from ..record import (
     PartPicker,
     pack_blob,
@@ -42,148 +47,27 @@ from ..record import (
     record_sizes,
     unpack_blob,
 )
-from .base import Backend, PartSpec, os_write_failure
+from .base import Backend, PartSpec, encode_failure, os_write_failure
+from .lmdb_envs import busy_or_out_of_files, is_read_only, reading, release_dropped, release_env, shared_env
 
 _META = b"\x00meta/"
 _REC = struct.Struct(">cHQ")
 _LABELS = struct.Struct(">cQ")
-INITIAL_MAP_SIZE_BYTES = 64 << 20
 #: Record part holding the record's own key. LMDB has no page checksums: one flipped bit
 #: in a B-tree key (sample 5 -> 4) would serve an intact record, CRC and all, for the
 #: wrong sample. Readers compare it with the key they asked for (records without it,
 #: written before it existed, are read as before).
 KEY_PART = "#key"
 
-_envs: dict[tuple[int, int, int], list[Any]] = {}  # (pid, dev, inode of data.mdb) -> [env, refcount, writable]
-_envs_lock = threading.Lock()
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path / "data.mdb")
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _shared_env(path: Path, writable: bool) -> lmdb.Environment:
-    """One environment per LMDB file per process (py-lmdb refuses a second one for the same
-    file, even under another path after a rename), shared by reference count."""
-    with _envs_lock:
-        _forget_inherited()
-        _drain_pending()
-        ident = _identity(path)
-        entry = _envs.get((os.getpid(), *ident)) if ident else None
-        if entry is not None:
-            if entry[2] != writable:
-                raise ReadOnlyError(f"{path} is open {'for writing' if entry[2] else 'read-only'} in this process",
-                                    hint="close the other handle first")
-            entry[1] += 1
-            return entry[0]
-        try:
-            if writable:
-                env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE_BYTES, subdir=True, max_dbs=0,
-                                readahead=False, meminit=False)
-            else:
-                env = lmdb.open(str(path), readonly=True, lock=False, subdir=True, max_dbs=0,
-                                readahead=False, max_spare_txns=4)
-        except lmdb.Error as exc:
-            if not (path / "data.mdb").exists():
-                if path.exists():  # replaced by a concurrent commit since detected
-                    raise NotACacheError(f"{path} disappeared while it was being opened",
-                                         hint="a build committed over it: open it again") from None
-                raise NotACacheError(f"{path} does not exist: it was moved or deleted after it was opened",
-                                     hint="point the reader at where the cache is now") from None
-            if writable and _is_read_only(path):
-                raise ReadOnlyError(f"{path}: cannot open the LMDB environment for writing ({exc})") from None
-            if "already open" in str(exc):  # py-lmdb refuses a second Environment of a path per process
-                raise CacheError(f"{path}: its LMDB environment is already open in this process outside "
-                                 f"fmcache ({exc})", hint="close your own lmdb.Environment on it first") from None
-            raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
-        _check_not_truncated(path, env)
-        ident = _identity(path)
-        if ident is not None:
-            _envs[(os.getpid(), *ident)] = [env, 1, writable]
-        return env
-
-
-def _check_not_truncated(path: Path, env: lmdb.Environment) -> None:
-    """CorruptionError if data.mdb ends before its last used page: LMDB maps the file and
-    would touch the missing pages, and the process would die of SIGBUS instead."""
-    try:
-        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        size = os.stat(path / "data.mdb").st_size
-    except (lmdb.Error, OSError) as exc:
-        env.close()
-        raise CorruptionError(f"{path}: LMDB cannot read its header ({exc})") from None
-    if size < needed:
-        env.close()
-        raise CorruptionError(f"{path}: data.mdb is truncated ({size} bytes, its pages need {needed})")
-
-
-def _is_read_only(path: Path) -> bool:
-    return not os.access(path, os.W_OK) or bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-
-
 def _write_failure(path: Path, exc: lmdb.Error) -> CacheError:
     """The typed error for a failed write transaction (LMDB rolled it back)."""
-    if isinstance(exc, lmdb.ReadonlyError) or _is_read_only(path):
+    if isinstance(exc, lmdb.ReadonlyError) or is_read_only(path):
         return ReadOnlyError(f"{path}: LMDB write failed, the location is read-only ({exc})")
     if isinstance(exc, lmdb.DiskError) or "No space" in str(exc) or shutil.disk_usage(path).free < (4 << 20):
         return DiskFullError(f"{path}: LMDB write failed, the disk is full ({exc}); the batch was rolled back")
     return CacheError(f"{path}: LMDB write failed ({exc}); the batch was rolled back",
                       hint="the batches before it are kept: fix the cause and resume (--resume)")
 
-
-def _forget_inherited() -> None:
-    """Drop environments inherited through fork(): LMDB handles must not be used in a
-    child, and py-lmdb would refuse to open the same file again while they are open.
-    Closing a read-only, lock-free environment only unmaps the child's copy."""
-    pid = os.getpid()
-    for key in [k for k in _envs if k[0] != pid]:
-        env, _count, writable = _envs.pop(key)
-        if not writable:
-            env.close()
-
-
-def _release_env(env: lmdb.Environment) -> None:
-    with _envs_lock:
-        _release_locked(env)
-        _drain_pending()
-
-
-def _release_locked(env: lmdb.Environment) -> None:
-    for key, entry in list(_envs.items()):
-        if entry[0] is env and key[0] == os.getpid():
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del _envs[key]
-                env.close()
-            return
-
-
-#: releases of backends the garbage collector finalised while ``_envs_lock`` was taken
-_pending: list[lmdb.Environment] = []
-
-
-def _drain_pending() -> None:
-    while _pending:
-        _release_locked(_pending.pop())
-
-
-def _release_dropped(env: lmdb.Environment) -> None:
-    """The finaliser of a backend dropped without close(). The garbage collector can run
-    it anywhere, inside a section of this thread that holds ``_envs_lock`` too (waiting for
-    the lock there hung a test run): it releases now only if the lock is free, else queues
-    the release for the next open or close."""
-    if _envs_lock.acquire(blocking=False):
-        try:
-            _release_locked(env)
-            _drain_pending()
-        finally:
-            _envs_lock.release()
-    else:
-        _pending.append(env)
 
 
 def _out_array(out: Mapping[str, np.ndarray] | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -196,10 +80,13 @@ def _out_array(out: Mapping[str, np.ndarray] | None, name: str, shape: tuple[int
     return given
 
 
-def _damaged(where: str, exc: lmdb.Error) -> CorruptionError:
+def _damaged(where: str, exc: lmdb.Error) -> CacheError:
     """A read's LMDB failure (a damaged B-tree page: MDB_PAGE_NOTFOUND, MDB_CORRUPTED, ...)
     as the CorruptionError that names the file, layer and sample; lmdb's own exceptions
     are not fmcache's, so ``except FmcacheError`` would miss them."""
+    busy = busy_or_out_of_files(where, exc)
+    if busy is not None:
+        return busy
     return CorruptionError(f"{where}: LMDB cannot read it, the database is damaged ({type(exc).__name__}: {exc})")
 
 
@@ -293,11 +180,11 @@ class LmdbBackend(Backend):
         new_process = self._in_new_process()
         env: lmdb.Environment | None = getattr(self, "_h_env", None)
         if new_process or env is None:
-            env = self._h_env = _shared_env(self.path, self.writable)
+            env = self._h_env = shared_env(self.path, self.writable)
             # a backend dropped without close() (a Dataset or Cache garbage collected) gives its
             # reference back: the registry kept the environment, its descriptor and its mapping
             # for good (a deleted cache's disk space too)
-            self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, _release_dropped, env)
+            self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, release_dropped, env)
             self._check_reopened()
         return env
 
@@ -311,9 +198,9 @@ class LmdbBackend(Backend):
                 pass  # already closed because the path was replaced
             release = getattr(self, "_h_release", None)
             if release is not None:
-                release()  # once: _release_env(env), and the finaliser is done
+                release()  # once: release_env(env), and the finaliser is done
             else:
-                _release_env(env)
+                release_env(env)
         self._h_env = None
         self._h_release = None
 
@@ -350,7 +237,10 @@ class LmdbBackend(Backend):
             for i in range(n):
                 encoded = {}
                 for name, codec, batch in codecs:
-                    payload = codec.encode(batch[i])
+                    try:
+                        payload = codec.encode(batch[i])
+                    except EncodeError as exc:
+                        raise encode_failure(self.path, layer, name, f"sample {start + i}", exc) from None
                     sizes[name] += len(payload)
                     encoded[name] = payload
                 key = record_key(index, start + i)
@@ -368,7 +258,7 @@ class LmdbBackend(Backend):
 
     def _truncate(self, samples: int) -> None:
         doomed: list[bytes] = []
-        with self._env().begin() as txn:
+        with reading(self._env()) as txn:
             cursor = txn.cursor()
             for index, _specs, _ in self._layers.values():
                 if cursor.set_range(record_key(index, samples)):
@@ -388,7 +278,7 @@ class LmdbBackend(Backend):
     # ---- reading -------------------------------------------------------------------------
     def get_meta(self, key: str) -> bytes | None:
         try:
-            with self._env().begin(buffers=False) as txn:
+            with reading(self._env(), buffers=False) as txn:
                 value = txn.get(_META + key.encode())
         except lmdb.Error as exc:
             raise _damaged(f"{self.path}: the {key}", exc) from None
@@ -433,7 +323,7 @@ class LmdbBackend(Backend):
         pack = _REC.pack
         sample = None  # names the record an LMDB failure hit
         try:
-            with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
+            with reading(self._env(), buffers=True) as txn:  # the views below live as long as txn
                 get = txn.get
                 for row, sample in enumerate(np.asarray(samples).tolist()):
                     key = pack(b"L", index, sample)
@@ -497,7 +387,7 @@ class LmdbBackend(Backend):
         index, pick, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
         try:
-            with self._env().begin(buffers=True) as txn:
+            with reading(self._env(), buffers=True) as txn:
                 value = txn.get(key)
                 if value is None:
                     raise CorruptionError(f"{prefix}{sample}: no record")
@@ -532,7 +422,7 @@ class LmdbBackend(Backend):
     def _read_labels(self, samples: int) -> np.ndarray | None:
         blocks: list[np.ndarray] = []
         expected = 0
-        with self._env().begin() as txn:
+        with reading(self._env()) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(b"Y"):
                 return None
@@ -567,7 +457,7 @@ class LmdbBackend(Backend):
     def _stored_bytes(self, layer: str) -> dict[str, int]:
         index, specs, _ = self._layers[layer]
         sizes = {s.name: 0 for s in specs}
-        with self._env().begin(buffers=True) as txn:
+        with reading(self._env(), buffers=True) as txn:
             cursor = txn.cursor()
             prefix = record_key(index, 0)[:3]
             if cursor.set_range(prefix):

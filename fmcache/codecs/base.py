@@ -96,6 +96,41 @@ class Hdf5Field:
     attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: Integers up to this magnitude are exact in float32 (its 24-bit significand).
+FLOAT32_EXACT_INT = 1 << 24
+
+
+def as_numpy(array: Any) -> np.ndarray:
+    """``array`` as a numpy array; a torch tensor of a dtype numpy lacks (bfloat16) as float32."""
+    if hasattr(array, "detach") and hasattr(array, "is_floating_point"):  # a torch tensor
+        tensor = array.detach().cpu()
+        return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    return np.asarray(array)
+
+
+def as_float32(x: np.ndarray, what: str) -> np.ndarray:
+    """C-contiguous float32 of ``x``; EncodeError (naming ``what``) where that would change
+    a value beyond float32's rounding: finite values past its range (which would become
+    ±Inf) and integers past 2**24 (which would round to another integer)."""
+    with np.errstate(over="ignore"):  # found below, with the values' names
+        y = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        overflow = np.isinf(y) & np.isfinite(x)
+        if overflow.any():
+            raise EncodeError(f"{what}: finite {x.dtype} values beyond float32's range (|x| up to "
+                              f"{float(np.abs(x[overflow]).max()):.6g}) would be stored as ±Inf",
+                              hint="fmcache stores float32 maps: scale the outputs into float32's range "
+                                   "(about 3.4e38), or cast them in the model")
+    elif x.dtype.kind in "iu" and x.dtype.itemsize > 2 and x.size:
+        lo, hi = int(x.min()), int(x.max())
+        if max(hi, -lo) > FLOAT32_EXACT_INT:
+            raise EncodeError(f"{what}: {x.dtype} values up to {max(hi, -lo)} are not exact in float32 "
+                              f"(integers beyond 2**24 round)",
+                              hint="fmcache stores float32 maps: cache a float module's output, or split large "
+                                   "ids into smaller parts")
+    return y
+
+
 class Codec(ABC):
     """Base class of every codec: one sample's map <-> bytes.
 
@@ -241,14 +276,14 @@ class Codec(ABC):
         return self._decode(payload, shape, out)
 
     def _validate(self, array: np.ndarray) -> np.ndarray:
-        x = np.asarray(array)
+        x = as_numpy(array)
         if x.dtype.kind not in "fiub":
             raise EncodeError(f"codec {self.codec_id!r} takes numeric arrays, got dtype {x.dtype}")
         if not 1 <= x.ndim <= MAX_NDIM:
             raise EncodeError(f"codec {self.codec_id!r} takes 1..{MAX_NDIM}-D maps, got shape {x.shape}")
         if x.size == 0:
             raise EncodeError(f"codec {self.codec_id!r} got an empty map of shape {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = as_float32(x, f"codec {self.codec_id!r}")
         if not self.stores_nonfinite and not np.isfinite(x).all():
             bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
             raise EncodeError(

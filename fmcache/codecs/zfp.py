@@ -157,8 +157,8 @@ class Zfp(BoundedCodec):
         self._check_magnitude(max_abs)
         if self.mode == "accuracy" and not self._accuracy_fast_path(max_abs):
             raise EncodeError(
-                f"codec {self.codec_id!r}: accuracy={self.value} is too tight for sample {index} "
-                f"(|x| up to {max_abs:.6g}) in the HDF5 ZFP filter",
+                f"codec {self.codec_id!r}: accuracy={self.value} is too tight for a map with "
+                f"|x| up to {max_abs:.6g} in the HDF5 ZFP filter",
                 hint=f"use accuracy >= {max(max_abs * 2.0**-ACCURACY_HEADROOM_BITS, MIN_FAST_TOLERANCE):.3g}, "
                      "or the LMDB backend, which stores such samples raw",
             )
