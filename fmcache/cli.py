@@ -282,10 +282,11 @@ def codecs() -> None:
 
 @main.command()
 @click.option("--out-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--samples", default=4000, show_default=True, help="Training samples of Fashion-MNIST.")
-@click.option("--epochs", default=2, show_default=True)
+@click.option("--samples", default=4000, show_default=True, type=click.IntRange(min=256),
+              help="Training samples of Fashion-MNIST.")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--layer", default="layer2", show_default=True, help="Freeze boundary.")
-@click.option("--width", default=8, show_default=True, help="ResNet-18 base width.")
+@click.option("--width", default=8, show_default=True, type=click.IntRange(min=1), help="ResNet-18 base width.")
 @click.option("--codec", default="bf16", show_default=True)
 @click.option("--data-dir", type=click.Path(), help="Fashion-MNIST IDX folder.")
 def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec: str,
@@ -307,7 +308,7 @@ def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec:
 @click.option("--epochs", default=6, show_default=True)
 @click.option("--samples", default=3000, show_default=True, help="Fashion-MNIST training samples.")
 @click.option("--test-samples", default=10000, show_default=True, type=click.IntRange(min=1))
-@click.option("--width", default=8, show_default=True, help="ResNet-18 base width.")
+@click.option("--width", default=8, show_default=True, type=click.IntRange(min=1), help="ResNet-18 base width.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rho", default=0.25, show_default=True)
 @click.option("--max-variants", type=int, help="Keep only the first N default SACA variants.")

@@ -26,7 +26,7 @@ from .builder import build_cache
 from .dataset import FeatureMapDataset, collate
 from .report import inspect_cache, render_table
 from .train import StepCounter, evaluate, sgd, train_epoch
-from .zoo import FashionMNIST, pretrained_resnet, split_at
+from .zoo import FashionMNIST, default_cache_dir, pretrained_resnet, split_at
 
 
 def _reset(module: nn.Module, seed: int) -> nn.Module:
@@ -65,7 +65,7 @@ def run_demo(out_dir: Path, *, samples: int = 4000, epochs: int = 2, layer: str 
          f"frozen up to {layer!r}")
     t0 = time.perf_counter()
     model = pretrained_resnet(width=width, steps=pretrain_steps, data_dir=data_dir)
-    echo(f"  ready in {time.perf_counter() - t0:.1f} s (trained once, then loaded from ~/.cache/fmcache/zoo)")
+    echo(f"  ready in {time.perf_counter() - t0:.1f} s (trained once, then loaded from {default_cache_dir()})")
     prefix, suffix0 = split_at(model, layer)
     for p in prefix.parameters():
         p.requires_grad_(False)

@@ -49,9 +49,11 @@ def call_factory(ref: str, **kwargs: Any) -> Any:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
         given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
-        raise SpecImportError(f"{ref!r} cannot be called with {given} ({exc})",
-                              hint="give it a parameter of that name, or leave out the option that passes it "
-                                   "(--data-dir passes data_dir=)") from None
+        missing = "missing" in str(exc)
+        hint = ("the CLI calls factories with no arguments (--data-dir passes data_dir=): give the missing "
+                "ones defaults, or pass --data-dir where it is data_dir") if missing else \
+            "give it a parameter of that name, or leave out the option that passes it (--data-dir passes data_dir=)"
+        raise SpecImportError(f"{ref!r} cannot be called with {given} ({exc})", hint=hint) from None
     except ValueError:  # no signature to check (some builtins): let the call say
         pass
     return factory(**kwargs)

@@ -302,3 +302,14 @@ def test_cli_takes_per_channel_pixels(tmp_path):
     result = CliRunner().invoke(main, ["build", "--model", "x:y", "--data", "x:y", "--layer", "l", "--out",
                                        str(tmp_path / "c.lmdb"), "--saca", "--pixels", "1/2,3/4/5"])
     assert result.exit_code == 2 and "is not MEAN,STD" in result.output
+
+
+def test_a_small_raw_hdf5_cache_is_not_a_whole_chunk_larger_than_its_maps(tmp_path):
+    """50 samples of raw maps took 1 MiB: HDF5 allocates an unfiltered chunk (1,024
+    samples of a small map) whole."""
+    data = Items(n=50)
+    build_cache(_pool_model(), data, ["1"], tmp_path / "c.h5", codec="raw", progress=False)
+    with fmcache.open_cache(tmp_path / "c.h5") as cache:
+        info = cache.layers["1"]
+        assert info.samples_per_chunk == 50
+        assert sum(info.stored_bytes.values()) <= 1.1 * sum(info.raw_bytes.values())

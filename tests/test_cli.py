@@ -202,7 +202,7 @@ def test_allow_nonfinite_builds_keep_nan_and_inf_and_verify(runner, tmp_path, co
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "fmnist_small:not_a_model"], "the model is a int, not a torch.nn.Module"),
+    (["--model", "fmnist_small:not_a_model"], "the model is an int, not a torch.nn.Module"),
     (["--data", "fmnist_small:empty_data"], "the data set has no items"),
     (["--data", "fmnist_small:streamed_data"], "the data set is a _Stream, not a map-style data set"),
     (["--data", "fmnist_small:ragged_inputs"], "inputs of different shapes"),
@@ -363,3 +363,25 @@ def test_build_and_train_options_a_build_would_ignore_or_misread_are_usage_error
         result = runner.invoke(main, ["train", "--work-dir", str(tmp_path / "t"), *extra])
         assert result.exit_code == 2 and "Invalid value" in result.output
     assert not (tmp_path / "c.lmdb").exists() and not (tmp_path / "t").exists()
+
+
+def test_first_contact_details_from_the_packaging_sweep(runner, tmp_path):
+    """demo ran a whole pre-training for --epochs 0; `python -m fmcache` did not exist; a
+    factory with a required argument got the hint for an extra one."""
+    import subprocess
+    import sys
+
+    for option in (["--epochs", "0"], ["--samples", "0"], ["--width", "0"]):
+        result = runner.invoke(main, ["demo", *option])
+        assert result.exit_code == 2 and "is not in the range" in result.output
+    done = subprocess.run([sys.executable, "-m", "fmcache", "--version"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == f"fmcache, version {fmcache.__version__}"
+    (tmp_path / "needs_args.py").write_text("def make(width):\n    raise AssertionError('not called')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        result = runner.invoke(main, ["build", "--model", "needs_args:make", "--data", "needs_args:make",
+                                      "--layer", "x", "--out", str(tmp_path / "c.lmdb")])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.exit_code == 1 and "missing a required argument: 'width'" in result.output
+    assert "give the missing ones defaults" in result.output

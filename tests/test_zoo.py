@@ -396,3 +396,16 @@ def test_unreadable_cached_model_is_trained_again(tmp_path):
         model = pretrained_resnet(width=8, steps=1, cache_dir=tmp_path / "zoo", data_dir=tmp_path / "data")
     loaded = torch.load(tmp_path / "zoo" / "cifar_resnet18-fmnist-w8-s1-seed0-r1.pt", weights_only=True)
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_that_cannot_be_kept_still_serve_the_run(tmp_path, caplog):
+    """A read-only cache folder threw the trained model away after minutes of training
+    (an OSError with no hint); the first use said nothing while it trained."""
+    import logging
+
+    fake_split(tmp_path / "data", n=130)
+    (tmp_path / "file").write_text("not a folder")
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="could not be kept .*XDG_CACHE_HOME"):
+        model = pretrained_resnet(width=8, steps=1, cache_dir=tmp_path / "file" / "zoo", data_dir=tmp_path / "data")
+    assert not model.training and "first use: training" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]

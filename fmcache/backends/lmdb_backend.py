@@ -48,7 +48,17 @@ from ..record import (
     unpack_blob,
 )
 from .base import Backend, PartSpec, encode_failure, os_write_failure
-from .lmdb_envs import busy_or_out_of_files, is_read_only, reading, release_dropped, release_env, shared_env
+from .lmdb_envs import (
+    FORKING,
+    READS_IN_FLIGHT,
+    busy_or_out_of_files,
+    is_read_only,
+    reading,
+    release_dropped,
+    release_env,
+    shared_env,
+    wait_for_fork,
+)
 
 _META = b"\x00meta/"
 _REC = struct.Struct(">cHQ")
@@ -322,8 +332,11 @@ class LmdbBackend(Backend):
         picked: dict[str, tuple[list[int], list[memoryview]]] = {}  # name -> its rows and payloads
         pack = _REC.pack
         sample = None  # names the record an LMDB failure hit
+        READS_IN_FLIGHT.append(None)  # lmdb_envs.reading, inline: no fork while this reads
         try:
-            with reading(self._env(), buffers=True) as txn:  # the views below live as long as txn
+            if FORKING[0]:
+                wait_for_fork()
+            with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
                 get = txn.get
                 for row, sample in enumerate(np.asarray(samples).tolist()):
                     key = pack(b"L", index, sample)
@@ -373,6 +386,8 @@ class LmdbBackend(Backend):
                         picked_out[picked_rows] = dst
         except lmdb.Error as exc:
             raise _damaged(f"{prefix}{sample}" if sample is not None else f"{self.path}: layer {layer!r}", exc) from None
+        finally:
+            READS_IN_FLIGHT.pop()
         return result
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
@@ -386,8 +401,11 @@ class LmdbBackend(Backend):
             entry = self._read_one_of[(layer, part)] = self._read_one_entry(layer, sample, part)
         index, pick, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
+        READS_IN_FLIGHT.append(None)  # lmdb_envs.reading, inline: no fork while this reads
         try:
-            with reading(self._env(), buffers=True) as txn:
+            if FORKING[0]:
+                wait_for_fork()
+            with self._env().begin(buffers=True) as txn:
                 value = txn.get(key)
                 if value is None:
                     raise CorruptionError(f"{prefix}{sample}: no record")
@@ -402,6 +420,8 @@ class LmdbBackend(Backend):
                 return _decode_one(decode, payload, out, prefix, sample, part)
         except lmdb.Error as exc:
             raise _damaged(f"{prefix}{sample}", exc) from None
+        finally:
+            READS_IN_FLIGHT.pop()
 
     def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, PartPicker, Any, str]:
         """read_one's per-(layer, part) state: the layer's index, a record reader for the

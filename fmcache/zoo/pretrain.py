@@ -288,10 +288,18 @@ def pretrained_resnet(
                 torch.manual_seed(seed)
                 model = cifar_resnet18(num_classes=10, in_channels=1, width=width)
     data = FashionMNIST("train", data_dir=data_dir, augment=True, seed=seed)
-    logger.info("pre-training %s for %d steps (cached at %s)", path.name, steps, path)
+    logger.warning("first use: training %s for %d steps (a few minutes on a CPU), kept at %s for the next runs",
+                   path.name, steps, path)
     pretrain(model, data, steps, seed=seed, num_threads=num_threads)
-    folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(model.state_dict(), partial)
-    os.replace(partial, path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), partial)
+        os.replace(partial, path)
+    except OSError as exc:  # a read-only or full cache folder: minutes of training are not thrown away
+        if partial.parent.is_dir():
+            partial.unlink(missing_ok=True)
+        warnings.warn(f"the trained weights could not be kept at {path} ({exc}); they serve this run only and "
+                      "the next run trains again: set XDG_CACHE_HOME to a writable folder to keep them",
+                      stacklevel=2)
     return model.eval()
