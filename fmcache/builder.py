@@ -260,7 +260,9 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
                 plan = _plan_for(plans, name, shapes[name], codec)
                 # no chunk longer than the data set: HDF5 allocates an unfiltered chunk whole
                 # (a raw cache of 50 samples took 1 MiB for 50 KiB of maps)
-                spc = min(default_samples_per_chunk(shapes[name]), hi - lo)
+                declared = writer.manifest.layers.get(name)  # a resume keeps what the build began with
+                spc = declared.samples_per_chunk if declared is not None else \
+                    min(default_samples_per_chunk(shapes[name]), hi - lo)
                 writer.add_layer(name, shapes[name], plan=plan, variants=sorted(variants or {}),
                                  variant_tiers=variant_tiers, extra=dict((layer_extra or {}).get(name, {})),
                                  samples_per_chunk=spc)

@@ -97,6 +97,8 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
         moves = interrupted_merge(staging) if staging.exists() else None
         if moves is not None:  # a merge killed part-way: its shards go back first
             undo_merge(staging, moves)
+        elif staging.is_dir() and not staging.is_symlink() and not any(staging.iterdir()):
+            staging.rmdir()  # a merge killed before it wrote its journal: nothing moved
         if staging.exists():
             raise CacheExistsError(f"{staging} exists: left by an interrupted build or merge",
                                    hint="if it holds shard-* caches, move them back to where they were; then "

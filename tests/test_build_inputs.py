@@ -313,3 +313,20 @@ def test_a_small_raw_hdf5_cache_is_not_a_whole_chunk_larger_than_its_maps(tmp_pa
         info = cache.layers["1"]
         assert info.samples_per_chunk == 50
         assert sum(info.stored_bytes.values()) <= 1.1 * sum(info.raw_bytes.values())
+
+
+def test_a_resume_keeps_the_chunk_length_the_build_began_with(tmp_path, monkeypatch):
+    """A partial begun with other chunk lengths (an older fmcache chose them otherwise)
+    must resume, not fail on "another layout"."""
+    import fmcache.builder as builder_mod
+
+    model = _pool_model()
+    with monkeypatch.context() as patch:
+        patch.setattr(builder_mod, "default_samples_per_chunk", lambda shape: 4)
+        with pytest.raises(DataError, match="data set items 8-11"):
+            build_cache(model, Items(label_at=9, bad_label=None), ["1"], tmp_path / "c.h5", codec="raw",
+                        progress=False, batch_size=4)
+    build_cache(model, Items(), ["1"], tmp_path / "c.h5", codec="raw", progress=False, batch_size=4,
+                resume=True, allow_stale=True)  # the data's fingerprint saw the label fixed
+    with fmcache.open_cache(tmp_path / "c.h5") as cache:
+        assert cache.layers["1"].samples_per_chunk == 4 and len(cache) == N

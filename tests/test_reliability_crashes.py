@@ -432,3 +432,12 @@ def test_a_merge_that_fails_part_way_moves_every_shard_back(tmp_path, monkeypatc
     assert not cache_mod.partial_path(out).exists() and not out.exists()
     with fmcache.open_cache(shards[1]) as cache:
         assert len(cache) == N_SAMPLES // 2
+
+
+def test_a_merge_killed_before_its_journal_leaves_nothing_in_the_way(tmp_path):
+    from fmcache.shards import merge_shards
+
+    shards, out = _shards(tmp_path), tmp_path / "m"
+    cache_mod.partial_path(out).mkdir()  # made, then killed before the journal: nothing moved
+    with fmcache.open_cache(merge_shards(shards, out)) as cache:
+        assert len(cache) == N_SAMPLES

@@ -121,8 +121,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     row["resumed_from"] = build(fmcache, path, args.codec, args.backend, data, resume=True)
                     row["outcome"] = "resumed" if same(fmcache, path, clean) else "wrong"
-                except ResumeError:
-                    row["outcome"] = "refused"
+                except ResumeError as exc:
+                    row["outcome"], row["error"] = "refused", str(exc)[:300]
                 except Exception as exc:  # noqa: BLE001 - recorded, not raised
                     row["outcome"], row["error"] = "error", f"{type(exc).__name__}: {exc}"[:300]
             trials.append(row)

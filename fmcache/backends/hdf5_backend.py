@@ -243,8 +243,8 @@ class Hdf5Backend(Backend):
             fh = self._file()
             self._held().drain(fh)
             fh.flush()
-            if progress is not None:  # every dataset now holds every sample: no hdf5_rows
-                self._set_attr_blob(fh, "progress", progress)
+            if progress is not None:  # every appended sample is on disk now (and whole chunks kept beyond)
+                self._set_attr_blob(fh, "progress", self._held().progress(progress))
                 fh.flush()
         except (OSError, RuntimeError) as exc:
             raise os_write_failure(self.path, exc, "writing the last, partly filled chunks failed") from exc
