@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
 from bench_read import cpu_name  # tools/ is on sys.path when a tool runs as a script
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
 
 from fmcache.codecs import Codec, codec_from_spec
 from fmcache.errors import CodecError, CodecSpecError, UnknownCodecError
@@ -342,10 +343,9 @@ def write_markdown_region(path: Path, table: str) -> None:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Ratio against decode speed, one panel per layer, one colour per codec."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     layers = list(results["layers"])

@@ -94,6 +94,7 @@ from bench_read import (
     summary,
     write_region,
 )
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
 
 from fmcache.backends import hdf5_backend
 from fmcache.backends.hdf5_backend import CHUNK_CACHE_BYTES, dataset_path
@@ -440,10 +441,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Per layer, the ``bf16`` chunk read's variants as bars (median, min-max), h5py first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     layers = list(results["layers"])
     names = list(results["layers"][layers[0]]["bf16"]["mb_s"])

@@ -70,6 +70,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
+
 from fmcache import FeatureMapDataset, create_cache, open_cache
 from fmcache.codecs import codec_from_spec
 from fmcache.dataset import collate
@@ -304,10 +306,9 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     layers = list(results["layers"])
     fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 4.5), squeeze=False)

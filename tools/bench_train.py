@@ -79,6 +79,7 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmc
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_read import cpu_name, render_command, update_json, write_region
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
 
 from fmcache import FeatureMapDataset
 from fmcache.builder import SacaConfig, build_cache, build_saca_cache
@@ -487,10 +488,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     boundaries = list(results["boundaries"])
     names = list(results["boundaries"][boundaries[0]]["epoch_s"])

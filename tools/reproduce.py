@@ -29,6 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
+
 from fmcache.experiment import ARMS, run_arm
 from fmcache.policy import CompressionPolicy
 from fmcache.zoo import native_bf16
@@ -154,10 +156,9 @@ def table(agg: dict[str, Any]) -> str:
 
 
 def plots(agg: dict[str, Any], out_dir: Path, stem: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(out_dir)
+    if plt is None:
+        return
 
     arms = agg["arms"]
     fig, ax = plt.subplots(figsize=(6, 4))

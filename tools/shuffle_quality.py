@@ -36,6 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmcache
 
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
+
 from fmcache.sampler import ChunkShuffleSampler, epoch_stream
 
 NUM_SAMPLES = 60_000
@@ -250,10 +252,9 @@ def write_doc_table(doc: Path, table: str) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     rows = result["rows"]
     # Quality against memory: x is the decoded chunks a reader must hold (open_chunks_mean).

@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
+
 import fmcache
 from fmcache import FeatureMapDataset
 
@@ -110,10 +112,9 @@ def growth(rows: list[dict], key: str, who: str) -> float:
 
 
 def plot(results: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(png)
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
     for ax, (backend, result) in zip(axes[0], results.items()):
