@@ -154,11 +154,10 @@ def _collate(items: Sequence[Any]) -> Any:
     return default_collate(items)
 
 
-def _check_label(label: Any) -> None:
+def _check_label(label: Any, what: str = "a label") -> None:
     if label is None or isinstance(label, (str, bytes, Mapping)):
-        raise DataError(f"a label is {label!r:.80}: labels must be numeric (int, float or a numeric tensor)",
-                        hint="map class names to integers; without labels, return (input, 0); then build again "
-                             "(--resume keeps the batches before it)")
+        raise DataError(f"{what} is {label!r:.80}: labels must be numeric (int, float or a numeric tensor)",
+                        hint="map class names to integers; without labels, return (input, 0)")
 
 
 def _label_value(label: Any) -> Any:
@@ -301,9 +300,7 @@ def _check_item(item: Any, index: int) -> None:
     if not isinstance(inputs, (torch.Tensor, np.ndarray)):
         raise DataError(f"{where}: the input is {_a(type(inputs).__name__)}, not a tensor",
                         hint="return the model's input as a torch.Tensor (or a numpy array)")
-    if label is None or isinstance(label, (str, bytes, Mapping)):
-        raise DataError(f"{where}: the label is {label!r:.80}; labels must be numeric (int, float or a "
-                        "numeric tensor)", hint="map class names to integers; without labels, return (input, 0)")
+    _check_label(label, f"{where}: the label")
     if isinstance(label, (list, tuple)):
         try:
             torch.as_tensor(label)
@@ -318,6 +315,7 @@ def _batches(loader: DataLoader, first: int, batch_size: int, input_shape: tuple
     its batch, and inputs of another shape than the first batch's are one (the stride of
     feature-space augmentation and the variants' transforms are those of one input shape)."""
     where = first
+    kept = "the batches before it are kept: fix it and run again with --resume (resume=True)"
     batches = iter(loader)
     while True:
         items = f"data set items {where}-{where + batch_size - 1}"
@@ -326,11 +324,11 @@ def _batches(loader: DataLoader, first: int, batch_size: int, input_shape: tuple
         except StopIteration:
             return
         except DataError as exc:
-            raise DataError(f"{items}: {exc.message}", hint=exc.hint) from None
+            raise DataError(f"{items}: {exc.message}", hint=f"{exc.hint}; {kept}") from None
         if tuple(batch[0].shape[1:]) != input_shape:
             raise DataError(f"{items}: inputs of shape {tuple(batch[0].shape[1:])}, the first items' are "
                             f"{input_shape}", hint="give every input one shape (resize or crop in the data set): "
-                                                   "a cache holds one map shape per layer, from one input shape")
+                                                   f"a cache holds one map shape per layer; {kept}")
         yield batch
         where += len(batch[1])
 

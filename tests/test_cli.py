@@ -224,8 +224,8 @@ def test_build_inputs_a_new_user_gets_wrong_are_named(runner, tmp_path, args, me
     ("dict_items", "data set item 0 is a dict (keys ['image', 'label'])"),
     ("triple_items", "data set item 0 is a tuple of 3; the builder needs (input, label) pairs"),
     ("input_only", "data set item 0 is a Tensor; the builder needs (input, label) pairs"),
-    ("none_labels", "data set item 0: the label is None"),
-    ("string_labels", "data set item 0: the label is 'shirt'"),
+    ("none_labels", "data set item 0: the label is None: labels must be numeric"),
+    ("string_labels", "data set item 0: the label is 'shirt': labels must be numeric"),
 ])
 def test_data_sets_of_other_shapes_get_a_clear_error(runner, tmp_path, data, message):
     result = runner.invoke(main, [*BUILD, "--data", f"fmnist_small:{data}", "--out", str(tmp_path / "c.lmdb")])
