@@ -165,12 +165,15 @@ def _child(path: str, send: Connection) -> None:
     """The isolated verify's child: :func:`_verify`, reporting over ``send``."""
     _die_with_parent()
     try:
-        report = _verify(path, lambda n: send.send(("progress", n)), lambda name: send.send(("layer", name)))
-        send.send(("done", report))
-    except FmcacheError as exc:
-        send.send(("error", type(exc).__name__, exc.message, exc.hint))
-    except Exception as exc:  # noqa: BLE001 - anything else crosses as a CacheError
-        send.send(("error", "CacheError", f"{path}: verify failed: {type(exc).__name__}: {exc}", None))
+        try:
+            report = _verify(path, lambda n: send.send(("progress", n)), lambda name: send.send(("layer", name)))
+            send.send(("done", report))
+        except FmcacheError as exc:
+            send.send(("error", type(exc).__name__, exc.message, exc.hint))
+        except Exception as exc:  # noqa: BLE001 - anything else crosses as a CacheError
+            send.send(("error", "CacheError", f"{path}: verify failed: {type(exc).__name__}: {exc}", None))
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C reaches the whole process group: the parent says it
+        os._exit(130)
 
 
 #: what to do about damage that verify found
