@@ -71,6 +71,9 @@ def _check_movable(shards: Sequence[str | os.PathLike[str]], out: Path) -> None:
     target = out.resolve()
     device = os.stat(target.parent if target.parent.exists() else Path.cwd()).st_dev
     for shard in map(Path, shards):
+        if shard.is_symlink():  # moved into OUT, a relative link would point nowhere
+            raise CacheError(f"{shard} is a symbolic link: merge moves the shards themselves",
+                             hint=f"give the shard's own path ({shard.resolve()})")
         if is_sharded(shard):
             raise CacheError(f"{shard} is a merged cache, not a shard",
                              hint="merge the original shards together, or `fmcache compact` this merge into one "

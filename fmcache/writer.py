@@ -152,9 +152,9 @@ class CacheWriter:
             self.samples = int(json.loads(progress)["samples"]) if progress else 0
             if not self.backend.crash_atomic:
                 self._check_committed()
+            self.backend.truncate(self.samples)
         except (CorruptionError, SampleIndexError) as exc:
             raise ResumeError(f"cannot resume {self.partial}: what it committed is damaged ({exc.message})") from exc
-        self.backend.truncate(self.samples)
 
     def _check_committed(self) -> None:
         """Re-read (checksums, decode) every committed sample and label: HDF5 may have

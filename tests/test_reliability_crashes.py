@@ -34,6 +34,7 @@ import fmcache.cache as cache_mod
 import fmcache.writer as writer_mod
 from fmcache.backends import hdf5_backend, hdf5_writes
 from fmcache.backends.lmdb_backend import LmdbBackend
+from fmcache.codecs import codec_from_spec
 from fmcache.compact import compact_cache
 from fmcache.errors import IncompleteCacheError, ResumeError
 from fmcache.verify import verify_cache
@@ -441,3 +442,100 @@ def test_a_merge_killed_before_its_journal_leaves_nothing_in_the_way(tmp_path):
     cache_mod.partial_path(out).mkdir()  # made, then killed before the journal: nothing moved
     with fmcache.open_cache(merge_shards(shards, out)) as cache:
         assert len(cache) == N_SAMPLES
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("codec", ["raw", "bf16"])
+def test_a_batch_buffer_the_caller_refills_is_stored_as_it_was(tmp_path, backend, codec):
+    """HDF5 held rows (waiting for their chunk) as views of the caller's batch: a writer
+    loop that refilled one buffer stored the next batch's maps and labels there."""
+    maps, labels = reliability_synthetic()
+    path = tmp_path / f"c{suffix(backend)}"
+    buf = {name: np.empty((6, *shape), np.float32) for name, shape in SHAPES.items()}
+    lbuf = np.empty(6, np.int64)
+    with fmcache.create_cache(path, backend=backend) as w:
+        for name, shape in SHAPES.items():
+            w.add_layer(name, shape, codec=codec, samples_per_chunk=4)
+        for start in range(0, N_SAMPLES, 6):
+            n = min(6, N_SAMPLES - start)
+            for name in SHAPES:
+                buf[name][:n] = maps[name][start:start + n]
+            lbuf[:n] = labels[start:start + n]
+            w.append({name: b[:n] for name, b in buf.items()}, lbuf[:n])
+        w.commit()
+    with fmcache.open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.labels, labels)
+        for name in SHAPES:
+            want = maps[name] if codec == "raw" else codec_from_spec("bf16").decode_batch(
+                [codec_from_spec("bf16").encode(m) for m in maps[name]],
+                np.empty_like(maps[name]))
+            np.testing.assert_array_equal(cache.read_batch(name, range(N_SAMPLES)), want, err_msg=name)
+
+
+def test_hdf5_opaque_fields_of_a_plug_in_codec_commit_and_read(tmp_path, monkeypatch):
+    """A codec without an HDF5 face is stored as variable-length bytes (+ .crc32): the
+    commit's zero-chunk record took those for values (ValueError), and h5py broadcast
+    equal-length payloads as a 2-D array (TypeError)."""
+    from fmcache.codecs import registry
+    from fmcache.codecs.base import Codec
+    from fmcache.verify import verify_cache
+
+    class Opaque(Codec):
+        codec_id = "test-opaque"
+        lossless = True
+        stores_nonfinite = True
+        keeps_zeros = True
+        channelwise = True
+
+        def params(self):
+            return {}
+
+        def _encode(self, x):
+            return x.tobytes()
+
+        def _decode(self, payload, shape, out):
+            values = np.frombuffer(payload, np.float32).reshape(shape)
+            if out is None:
+                return values.copy()
+            out[...] = values
+            return out
+
+    monkeypatch.setitem(registry._REGISTRY, "test-opaque", Opaque)
+    maps, labels = reliability_synthetic()
+    for spc, sizes in [(1, [N_SAMPLES]), (4, [3, 5, N_SAMPLES - 8])]:
+        path = tmp_path / f"o{spc}.h5"
+        with fmcache.create_cache(path) as w:
+            w.add_layer("conv", SHAPES["conv"], codec="test-opaque", samples_per_chunk=spc)
+            start = 0
+            for n in sizes:
+                w.append({"conv": maps["conv"][start:start + n]}, labels[start:start + n])
+                start += n
+            w.commit()
+        with fmcache.open_cache(path) as cache:
+            np.testing.assert_array_equal(cache.read_batch("conv", range(N_SAMPLES)), maps["conv"])
+        assert verify_cache(path).layers == {"conv": N_SAMPLES}  # raises on damage
+
+
+def test_a_resume_of_a_build_killed_while_declaring_its_layers_is_a_resume_error(tmp_path):
+    """HDF5's metadata half written (a session-14 sweep's random kill, kept as a fixture):
+    the resume's truncation raised h5py's RuntimeError ("Iteration operator failed")."""
+    import shutil
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "killed_in_declare.h5.partial", tmp_path / "c.h5.partial")
+    with pytest.raises(ResumeError, match="cannot list or cut its datasets") as info:
+        fmcache.create_cache(tmp_path / "c.h5", backend="hdf5", resume=True,
+                             fingerprints={"weights": "w", "data": "d"})
+    assert "--overwrite" in info.value.hint
+
+
+def test_merge_refuses_a_shard_given_as_a_symbolic_link(tmp_path):
+    """A relative link was moved into OUT, where it pointed nowhere: a merge that never opened."""
+    from fmcache.errors import CacheError
+    from fmcache.shards import merge_shards
+
+    shards = _shards(tmp_path)
+    link = tmp_path / "link.lmdb"
+    link.symlink_to(shards[0].name)
+    with pytest.raises(CacheError, match="is a symbolic link") as info:
+        merge_shards([link, shards[1]], tmp_path / "m")
+    assert str(shards[0]) in info.value.hint and link.is_symlink() and shards[0].exists()

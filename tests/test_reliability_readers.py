@@ -259,3 +259,25 @@ def test_forks_while_another_thread_reads_do_not_hang(caches, backend):
         reader.join()
         cache.close()
     assert outcomes == [0] * 12
+
+
+def test_a_read_interrupted_in_the_forking_thread_does_not_stall_its_forks():
+    """A Ctrl-C landing between a read's mark and its try left the count of reads in flight
+    one high (or, with forks racing, one low: IndexError) and every later fork waited its
+    full 10 s. Marks are per thread now, and a fork never waits for its own thread."""
+    import os
+    import threading
+
+    from fmcache.backends import lmdb_envs
+
+    lmdb_envs.READING[threading.get_ident()] = True  # what such an interrupt leaves behind
+    try:
+        began = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if not lmdb_envs.READING else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert time.monotonic() - began < lmdb_envs.FORK_WAIT_S / 2
+    finally:
+        lmdb_envs.READING.pop(threading.get_ident(), None)

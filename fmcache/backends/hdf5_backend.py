@@ -271,8 +271,11 @@ class Hdf5Backend(Backend):
 
     def _truncate(self, samples: int) -> None:
         fh = self._file()
-        self._held().truncate(fh, samples, json.loads(self.get_meta("progress") or b"{}"))
-        fh.flush()
+        try:
+            self._held().truncate(fh, samples, json.loads(self.get_meta("progress") or b"{}"))
+            fh.flush()
+        except (OSError, RuntimeError) as exc:  # a file killed while its layers were declared
+            raise CorruptionError(f"{self.path}: HDF5 cannot list or cut its datasets ({exc})") from None
 
     # ---- reading -------------------------------------------------------------------------
     def get_meta(self, key: str) -> bytes | None:

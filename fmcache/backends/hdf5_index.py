@@ -68,6 +68,8 @@ def header_digest(ds: h5py.Dataset) -> int:
 
 def unfiltered(ds: h5py.Dataset) -> bool:
     """Whether a chunked dataset's only filter is fletcher32: its chunks are the values."""
+    if h5py.check_vlen_dtype(ds.dtype) is not None:  # references into the global heap, not values
+        return False
     dcpl = ds.id.get_create_plist()
     return bool(ds.chunks) and all(dcpl.get_filter(i)[0] == FLETCHER32 for i in range(dcpl.get_nfilters()))
 

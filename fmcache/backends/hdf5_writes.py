@@ -80,16 +80,17 @@ class HeldRows:
             raise RuntimeError(f"{path}: rows from {start} given, but only {have} are stored or held")
         if have - start >= len(rows):
             return
-        held = self._held[path]
-        held.append(rows[have - start:])
-        chunk = ds.chunks[0]
-        full = (have + len(held[-1])) // chunk * chunk
+        held, new = self._held[path], rows[have - start:]
+        full = (have + len(new)) // ds.chunks[0] * ds.chunks[0]
         if full > self.on_disk[path]:
-            stacked = held[0] if len(held) == 1 else np.concatenate(held)
+            stacked = np.concatenate([*held, new]) if held else new
             count = full - self.on_disk[path]
             write_rows(ds, self.on_disk[path], stacked[:count])
             self.on_disk[path] = full
-            self._held[path] = [stacked[count:]] if len(stacked) > count else []
+            rest = stacked[count:]  # a view of the caller's batch where nothing was held: copied
+            self._held[path] = [rest.copy()] if len(rest) else []
+        else:  # copied: the caller may fill its batch buffer again before this chunk is written
+            held.append(new.copy())
 
     def drain(self, fh: h5py.File) -> None:
         """Write every held row (the last, partly filled chunks): the build is ending."""
@@ -136,7 +137,10 @@ def write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
     end = start + len(rows)
     if ds.shape[0] < end:
         ds.resize(end, axis=0)
-    ds[start:end] = rows
+    if h5py.check_vlen_dtype(ds.dtype) is not None:  # h5py broadcasts equal-length rows as 2-D
+        ds.write_direct(np.ascontiguousarray(rows, dtype=object), np.s_[0:len(rows)], np.s_[start:end])
+    else:
+        ds[start:end] = rows
 
 
 def to_hdf5(path: Path, layer: str, spec: PartSpec, batch: np.ndarray, start: int) -> dict[str, np.ndarray]:

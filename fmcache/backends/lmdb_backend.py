@@ -28,6 +28,7 @@ import struct
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from threading import get_ident
 from typing import Any
 
 import lmdb
@@ -50,7 +51,7 @@ from ..record import (
 from .base import Backend, PartSpec, encode_failure, os_write_failure
 from .lmdb_envs import (
     FORKING,
-    READS_IN_FLIGHT,
+    READING,
     busy_or_out_of_files,
     is_read_only,
     reading,
@@ -332,10 +333,11 @@ class LmdbBackend(Backend):
         picked: dict[str, tuple[list[int], list[memoryview]]] = {}  # name -> its rows and payloads
         pack = _REC.pack
         sample = None  # names the record an LMDB failure hit
-        READS_IN_FLIGHT.append(None)  # lmdb_envs.reading, inline: no fork while this reads
+        me = get_ident()  # lmdb_envs.reading, inline: no fork while this reads
+        READING[me] = True
         try:
             if FORKING[0]:
-                wait_for_fork()
+                wait_for_fork(me)
             with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
                 get = txn.get
                 for row, sample in enumerate(np.asarray(samples).tolist()):
@@ -387,7 +389,7 @@ class LmdbBackend(Backend):
         except lmdb.Error as exc:
             raise _damaged(f"{prefix}{sample}" if sample is not None else f"{self.path}: layer {layer!r}", exc) from None
         finally:
-            READS_IN_FLIGHT.pop()
+            READING.pop(me, None)
         return result
 
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
@@ -401,10 +403,11 @@ class LmdbBackend(Backend):
             entry = self._read_one_of[(layer, part)] = self._read_one_entry(layer, sample, part)
         index, pick, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
-        READS_IN_FLIGHT.append(None)  # lmdb_envs.reading, inline: no fork while this reads
+        me = get_ident()  # lmdb_envs.reading, inline: no fork while this reads
+        READING[me] = True
         try:
             if FORKING[0]:
-                wait_for_fork()
+                wait_for_fork(me)
             with self._env().begin(buffers=True) as txn:
                 value = txn.get(key)
                 if value is None:
@@ -421,7 +424,7 @@ class LmdbBackend(Backend):
         except lmdb.Error as exc:
             raise _damaged(f"{prefix}{sample}", exc) from None
         finally:
-            READS_IN_FLIGHT.pop()
+            READING.pop(me, None)
 
     def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, PartPicker, Any, str]:
         """read_one's per-(layer, part) state: the layer's index, a record reader for the

@@ -178,37 +178,42 @@ def busy_or_out_of_files(where: str, exc: lmdb.Error) -> CacheError | None:
 #: The longest a fork waits for the reads in flight in other threads.
 FORK_WAIT_S = 10.0
 
-#: One entry per read transaction in flight (list.append and pop are atomic under the
-#: GIL: no lock on the hot path, where a lock doubled the cost of a small read).
-READS_IN_FLIGHT: list[None] = []
+#: The threads inside a read transaction (thread id -> True). Setting and popping a
+#: thread's own key is atomic under the GIL and idempotent, so an interrupt (Ctrl-C lands
+#: between any two bytecodes) can at worst leave the interrupted thread marked, and the
+#: forking thread never waits for itself (a count of entries leaked on Ctrl-C and made
+#: every later fork wait its full time; no lock on the hot path, where one doubled the
+#: cost of a small read).
+READING: dict[int, bool] = {}
 #: True while a fork waits for the reads in flight: new reads wait for the fork.
 FORKING = [False]
 _gate = threading.Lock()  # held by the forking thread from before to after the fork
 
 
-def wait_for_fork() -> None:
-    """For a read that found :data:`FORKING`: step out of the count until the fork is done."""
+def wait_for_fork(me: int) -> None:
+    """For a read that found :data:`FORKING`: step out until the fork is done."""
     while FORKING[0]:
-        READS_IN_FLIGHT.pop()
+        READING.pop(me, None)
         with _gate:
             pass
-        READS_IN_FLIGHT.append(None)
+        READING[me] = True
 
 
 class reading:
-    """``with reading(env, buffers=True) as txn``: ``env.begin(...)``, counted in flight.
+    """``with reading(env, buffers=True) as txn``: ``env.begin(...)``, marked in flight.
     The per-sample read paths write the same steps out inline (a class costs ~0.5 µs)."""
 
-    __slots__ = ("txn",)
+    __slots__ = ("me", "txn")
 
     def __init__(self, env: lmdb.Environment, **kwargs: Any) -> None:
-        READS_IN_FLIGHT.append(None)
+        self.me = me = threading.get_ident()
+        READING[me] = True
         try:
             if FORKING[0]:
-                wait_for_fork()
+                wait_for_fork(me)
             self.txn = env.begin(**kwargs)
         except BaseException:
-            READS_IN_FLIGHT.pop()
+            READING.pop(me, None)
             raise
 
     def __enter__(self) -> lmdb.Transaction:
@@ -218,14 +223,15 @@ class reading:
         try:
             self.txn.__exit__(*exc)
         finally:
-            READS_IN_FLIGHT.pop()
+            READING.pop(self.me, None)
 
 
 def _before_fork() -> None:
     _gate.acquire()
     FORKING[0] = True
+    me = threading.get_ident()
     deadline = time.monotonic() + FORK_WAIT_S
-    while READS_IN_FLIGHT and time.monotonic() < deadline:
+    while any(thread != me for thread in list(READING)) and time.monotonic() < deadline:
         time.sleep(0.0005)  # the reads in flight finish; new ones wait at the gate
 
 
@@ -237,7 +243,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _gate
     FORKING[0] = False
-    READS_IN_FLIGHT.clear()
+    READING.clear()
     _gate = threading.Lock()
 
 
