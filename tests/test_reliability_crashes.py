@@ -521,7 +521,7 @@ def test_a_resume_of_a_build_killed_while_declaring_its_layers_is_a_resume_error
     the resume's truncation raised h5py's RuntimeError ("Iteration operator failed")."""
     import shutil
 
-    shutil.copy(Path(__file__).parent / "fixtures" / "killed_in_declare.h5.partial", tmp_path / "c.h5.partial")
+    shutil.copy(Path(__file__).parent / "fixtures" / "killed_in_declare_partial.h5", tmp_path / "c.h5.partial")
     with pytest.raises(ResumeError, match="cannot list or cut its datasets") as info:
         fmcache.create_cache(tmp_path / "c.h5", backend="hdf5", resume=True,
                              fingerprints={"weights": "w", "data": "d"})
