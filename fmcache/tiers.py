@@ -9,6 +9,7 @@ methods take the same with a leading sample axis.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -100,10 +101,11 @@ class TierPlan:
                 if c in owner:
                     raise TierPlanError(f"channel {c} is in tier {owner[c]!r} and in tier {tier.name!r}")
                 owner[c] = tier.name
-        missing = sorted(set(range(self.num_channels)) - set(owner))
-        if missing:
-            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise TierPlanError(f"channels {shown} belong to no tier ({len(missing)} of {self.num_channels})")
+        missing = self.num_channels - len(owner)  # counted, not listed: a damaged manifest's
+        if missing:  # num_channels of 2**31 made a set of every channel (gigabytes; OOM in a fuzz run)
+            first = list(itertools.islice((c for c in range(self.num_channels) if c not in owner), 10))
+            shown = ", ".join(map(str, first)) + (" ..." if missing > 10 else "")
+            raise TierPlanError(f"channels {shown} belong to no tier ({missing} of {self.num_channels})")
 
     # ---- split / merge ---------------------------------------------------------------
     def tier(self, name: str) -> Tier:

@@ -173,3 +173,22 @@ def test_manifest_with_a_field_replaced_by_any_json(path, value):
         Manifest.from_dict(data)
     except (CorruptionError, FormatVersionError):
         pass
+
+
+@pytest.mark.parametrize("channels", [2**31, 10**12])
+def test_a_damaged_channel_count_is_refused_without_listing_every_channel(channels):
+    """A manifest whose plan claims 2**31 channels made a set of every channel: a fuzz run
+    of a fresh hypothesis database ran the test process out of memory (24 GiB, OOM-killed)."""
+    import resource
+
+    data = json.loads(MANIFEST)
+    data["layers"][0]["plan"]["num_channels"] = channels
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as status:
+        in_use = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + (2 << 30), hard))  # the old code needs far more
+    try:
+        with pytest.raises((CorruptionError, FormatVersionError)):
+            Manifest.from_dict(data)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
