@@ -99,7 +99,12 @@ def merge_shards(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     with BuildLock(out):
         moves = interrupted_merge(staging) if staging.exists() else None
         if moves is not None:  # a merge killed part-way: its shards go back first
-            undo_merge(staging, moves)
+            try:
+                undo_merge(staging, moves)
+            except OSError as exc:  # their folder moved or gone meanwhile
+                raise CacheError(f"{staging} holds shards an interrupted merge moved there, and they cannot go "
+                                 f"back ({exc})", hint=f"move its shard-* folders back by hand: where each came "
+                                 f"from is in {staging / MERGE_JOURNAL}; then merge again") from None
         elif staging.is_dir() and not staging.is_symlink() and not any(staging.iterdir()):
             staging.rmdir()  # a merge killed before it wrote its journal: nothing moved
         if staging.exists():

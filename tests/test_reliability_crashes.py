@@ -539,3 +539,18 @@ def test_merge_refuses_a_shard_given_as_a_symbolic_link(tmp_path):
     with pytest.raises(CacheError, match="is a symbolic link") as info:
         merge_shards([link, shards[1]], tmp_path / "m")
     assert str(shards[0]) in info.value.hint and link.is_symlink() and shards[0].exists()
+
+
+def test_shards_that_cannot_go_back_after_a_killed_merge_are_named(tmp_path):
+    """The shards' folder moved after a killed merge: the undo's bare FileNotFoundError."""
+    from fmcache.errors import CacheError
+    from fmcache.shards import merge_shards
+
+    (tmp_path / "a").mkdir()
+    shards, out = _shards(tmp_path / "a"), tmp_path / "m"
+    assert run_killed(_merge_killed_after_one_move, shards, out) == KILLED
+    (tmp_path / "a").rename(tmp_path / "b")
+    with pytest.raises(CacheError, match="cannot go back") as info:
+        merge_shards(shards, out)
+    assert "fmcache-merge.json" in info.value.hint
+    assert any(p.name.startswith("shard-") for p in cache_mod.partial_path(out).iterdir())  # kept, not lost
