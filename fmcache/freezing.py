@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from .augment import infer_stride
 from .builder import SacaConfig, build_cache, build_saca_cache
 from .calibrate import PixelSpace
-from .capture import eval_mode
+from .capture import Capture, eval_mode
 from .dataset import FeatureMapDataset
 from .errors import FreezeError, StrideError
 from .loader import EpochLoader
@@ -368,14 +368,15 @@ class FreezingTrainer:
     def _check_strides(model: nn.Module, boundaries: Sequence[str], x: torch.Tensor, augment: str) -> None:
         """A spatially augmenting recipe needs each boundary's map to be the input scaled by
         a whole stride (StrideError at the freeze point, after epochs of training)."""
-        for boundary in boundaries:
-            prefix, _ = split_at(model, boundary)
-            try:
-                with torch.no_grad(), eval_mode(model):
-                    out = prefix(x[None])
-            except Exception:  # noqa: BLE001 - a model the split does not fit: _check_splits names it
-                out = None
-            if out is not None and out.ndim == 4:
+        if not boundaries:
+            return
+        try:  # one forward for every boundary, as the builds will capture them (two samples: no squeeze)
+            with torch.no_grad(), eval_mode(model):
+                maps = Capture(model, boundaries)(x[None].repeat(2, *([1] * x.ndim)))
+        except Exception:  # noqa: BLE001 - a forward that fails here fails the build, which names it
+            return
+        for boundary, out in maps.items():
+            if out.ndim == 4:
                 try:
                     infer_stride((x.shape[-2], x.shape[-1]), (out.shape[-2], out.shape[-1]))
                 except StrideError as exc:

@@ -10,7 +10,7 @@ py-lmdb counts the operations it runs with the GIL released (``active_ops``) and
 ``Environment.close()`` wait until that count is zero. A child forked while another
 thread of the parent was inside such an operation inherits a count that never drops, and
 closing the inherited environment hangs for good: DataLoader workers forked while a
-validation thread read a cache hung this way (session 14's sweep: 16 of 20 forks). So
+validation thread read a cache hung this way (session 14's sweep). So
 every fmcache read transaction passes a gate (:class:`reading`), and a fork waits, in
 ``os.register_at_fork(before=...)``, until no read is in flight and holds the gate shut
 through the fork (at most :data:`FORK_WAIT_S`; reads take micro- to milliseconds). The
