@@ -1,7 +1,10 @@
 """Where an HDF5 chunk read's time goes, and what reading raw chunks would save.
 
-``bench_read`` shows HDF5's cold per-sample ``bf16`` reads at about half LMDB's speed.
-This script takes one chunk read apart, on the same real maps (CIFAR ResNet-18 width
+``bench_read`` showed HDF5's cold per-sample ``bf16`` reads at about half LMDB's speed
+while fmcache wrote its chunks through hdf5plugin's filter and read them through h5py
+(before session 15; since then it writes and reads them itself, docs/format.md). This
+script takes one such chunk read apart (its caches are written through the filter, as
+then), on the same real maps (CIFAR ResNet-18 width
 32 on Fashion-MNIST, ``--samples``), in a process that has run torch and built its
 caches with fmcache, as ``bench_read``'s has (a bare script can sit in another state of
 the allocator, which changed the answer in session 10: docs/benchmarks.md, "What
@@ -33,8 +36,10 @@ chunk once per pass:
                      own chunks would cost per chunk.
 
 ``bf16`` again, a cold pass over every sample, each sample's float32 map into a new
-array (``bench_read``'s ``read cold``): ``Cache.read`` on LMDB and on HDF5 with the
-backend's row LRU at its default size and at 4 MiB, then lower bounds of other HDF5
+array (``bench_read``'s ``read cold``): ``Cache.read`` on LMDB, on HDF5 as fmcache
+writes it now (``hdf5``: its own chunks, read raw against their CRC-32C), and on HDF5
+written through the filter (``hdf5 filter``) with the backend's row LRU at its default
+size and at 4 MiB, then lower bounds of other HDF5
 read paths, lean loops with none of fmcache's bookkeeping (no LRU, no checks but the
 checksum): ``floor h5py`` (whole chunks through h5py, each sample widened), ``floor
 direct`` (the self-written chunks read raw: fletcher32, decode, widen), ``floor direct
@@ -96,8 +101,19 @@ from bench_read import (
 )
 from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
 
-from fmcache.backends import hdf5_backend
+from fmcache.backends import hdf5_backend, hdf5_writes
 from fmcache.backends.hdf5_backend import CHUNK_CACHE_BYTES, dataset_path
+
+
+def build_through_the_filter(path: Path, layer: str, maps: np.ndarray, spec: str) -> None:
+    """A cache as fmcache wrote it before session 15: every chunk through hdf5plugin's
+    filter (B2ND frames), read through h5py (docs/format.md, "Chunks fmcache writes itself")."""
+    writes_frames = hdf5_writes.writes_frames
+    hdf5_writes.writes_frames = lambda field: False
+    try:
+        build(path, "hdf5", layer, maps, spec)
+    finally:
+        hdf5_writes.writes_frames = writes_frames
 
 MARK_BEGIN = "<!-- bench_hdf5_chunks:start -->"
 MARK_END = "<!-- bench_hdf5_chunks:end -->"
@@ -296,7 +312,7 @@ def measure(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
     result: dict[str, Any] = {"shape": list(maps.shape[1:]), "samples": len(maps)}
     for spec, field, make in (("bf16", "bits", None), ("zfp:accuracy=0.05", "values", 0.05)):
         path = workdir / f"{layer}-{field}.h5"
-        build(path, "hdf5", layer, maps, spec)
+        build_through_the_filter(path, layer, maps, spec)
         name = dataset_path(layer, "all", field)
         runs, info = bf16_runs(path, name, fletcher) if make is None else zfp_runs(path, name, fletcher, make)
         seconds = interleaved(runs, repeats)
@@ -310,16 +326,20 @@ def measure(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
 def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
                 fletcher: Callable[[int, int], int]) -> dict[str, Any]:
     """``bench_read``'s ``read cold`` for ``bf16`` (``Cache.read`` of every sample from a
-    freshly opened cache), on LMDB and on HDF5 with the backend's row LRU at its default
-    size and at 4 MiB: a layer that fits the default LRU keeps every chunk's rows, each
-    read into newly allocated memory; a smaller LRU evicts and the allocator hands the
-    freed memory out again."""
+    freshly opened cache), on LMDB, on HDF5 as fmcache writes it (its own chunks, read
+    raw: ``hdf5``) and on HDF5 written through hdf5plugin's filter and read through h5py
+    (``hdf5 filter``, what fmcache did before session 15), the latter with the backend's
+    row LRU at its default size and at 4 MiB: a layer that fits the default LRU keeps
+    every chunk's rows, each read into newly allocated memory; a smaller LRU evicts and
+    the allocator hands the freed memory out again."""
     paths = {backend: workdir / f"cold-{layer}{'.h5' if backend == 'hdf5' else '.lmdb'}" for backend in ("lmdb", "hdf5")}
     for backend, path in paths.items():
         build(path, backend, layer, maps, "bf16")
+    filtered = workdir / f"cold-filter-{layer}.h5"
+    build_through_the_filter(filtered, layer, maps, "bf16")
 
     def with_lru(nbytes: int) -> Callable[[], float]:
-        run = cold_pass(paths["hdf5"], layer, len(maps))
+        run = cold_pass(filtered, layer, len(maps))
 
         def sized() -> float:
             default = hdf5_backend.ROW_CACHE_BYTES
@@ -332,8 +352,9 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
 
     default_mib = hdf5_backend.ROW_CACHE_BYTES >> 20
     runs = {"lmdb": (cold_pass(paths["lmdb"], layer, len(maps)), "cpu"),
-            f"hdf5 LRU {default_mib} MiB": (with_lru(hdf5_backend.ROW_CACHE_BYTES), "cpu"),
-            "hdf5 LRU 4 MiB": (with_lru(4 << 20), "cpu"), **floor_passes(paths["hdf5"], layer, workdir, fletcher)}
+            "hdf5": (cold_pass(paths["hdf5"], layer, len(maps)), "cpu"),
+            f"hdf5 filter LRU {default_mib} MiB": (with_lru(hdf5_backend.ROW_CACHE_BYTES), "cpu"),
+            "hdf5 filter LRU 4 MiB": (with_lru(4 << 20), "cpu"), **floor_passes(filtered, layer, workdir, fletcher)}
     seconds = interleaved(runs, repeats)
     megabytes = maps.nbytes / MB
     return {"megabytes_float32": megabytes, "mb_s": {k: summary([megabytes / x for x in v]) for k, v in seconds.items()},

@@ -36,6 +36,7 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheBusyError, CorruptionError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec, os_write_failure
+from .hdf5_frames import CRC_SUFFIX, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
 from .hdf5_reads import (
     ChunkRows,
@@ -130,6 +131,7 @@ class Hdf5Backend(Backend):
                                          "in at their own risk") from None
                 raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
             self._h_datasets: dict[str, h5py.Dataset] = {}
+            self._h_frames: dict[str, FrameReader | None] = {}
             self._check_reopened()
         return self._h_file
 
@@ -156,6 +158,15 @@ class Hdf5Backend(Backend):
         if found is None:
             found = self._h_committed = parse_commit_record(self.get_meta(CHUNK_INDEX_KEY))
         return found
+
+    def _has_dataset(self, path: str) -> bool:
+        """Whether the commit recorded the dataset at ``path`` or the file has it."""
+        if "/" + path.lstrip("/") in self._committed():
+            return True
+        try:
+            return path in self._file()
+        except (KeyError, RuntimeError, OSError, ValueError):
+            return False
 
     def zero_chunks_of(self, path: str) -> frozenset[int] | None:
         """The chunks of the unfiltered dataset at ``path`` that held only zeros at commit;
@@ -241,7 +252,9 @@ class Hdf5Backend(Backend):
     def _finish(self, progress: bytes | None) -> None:
         try:
             fh = self._file()
-            self._held().drain(fh)
+            held = self._held()
+            held.drain(fh)
+            held.crcs.commit(fh)  # the checksums of the chunks fmcache wrote (hdf5_frames)
             fh.flush()
             if progress is not None:  # every appended sample is on disk now (and whole chunks kept beyond)
                 self._set_attr_blob(fh, "progress", self._held().progress(progress))
@@ -554,11 +567,29 @@ class Hdf5Backend(Backend):
         rows: dict[str, np.ndarray] = {}
         for name, path in fields:
             try:
-                hi = min(lo + count, self._dataset(path).shape[0])
+                ds = self._dataset(path)
             except KeyError:
                 raise CorruptionError(f"{where}: dataset {path} is missing") from None
-            rows[name] = _read_rows(self, path, np.arange(lo, max(hi, lo), dtype=np.int64), where)
+            frames = self._frames_of(path, ds, where)
+            if frames is not None and lo % frames.per == 0 and lo < frames.rows:
+                rows[name] = frames.read(ds, lo, count, where)
+            else:
+                hi = min(lo + count, ds.shape[0])
+                rows[name] = _read_rows(self, path, np.arange(lo, max(hi, lo), dtype=np.int64), where)
         return rows
+
+    def _frames_of(self, path: str, ds: h5py.Dataset, where: str) -> FrameReader | None:
+        """How to read a dataset whose chunks fmcache wrote (:mod:`.hdf5_frames`), found
+        once per handle; None for other datasets (read through h5py)."""
+        known = self._h_frames
+        if path not in known:
+            # the checksums' dataset opened as any other (its header and chunk index checked);
+            # a committed cache recorded it. Without one (a build closed without finishing),
+            # h5py reads the chunks: HDF5's fletcher32 checks them.
+            crc_path = path + CRC_SUFFIX
+            known[path] = (FrameReader(ds, load_crcs(ds, self._dataset(crc_path), where))
+                           if written_as_frames(ds) and self._has_dataset(crc_path) else None)
+        return known[path]
 
     def read_labels(self, samples: int) -> np.ndarray | None:
         fh = self._file()

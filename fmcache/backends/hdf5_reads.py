@@ -111,6 +111,9 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         if int(samples.max()) >= stored:  # a dataset cut short: name the sample, not a shape
             first = int(samples[samples >= stored][0])
             raise CorruptionError(f"{where} sample {first}: the dataset stops at sample {stored}")
+        frames = None if backend.writable else backend._frames_of(path, ds, where)
+        if frames is not None:  # chunks fmcache wrote: read raw against their CRC-32C
+            return frames.gather(ds, samples, where)
         rows = _rows(ds, samples)
         zeros = backend.zero_chunks_of(path)
         if zeros is not None:

@@ -23,6 +23,16 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import EncodeError
 from .base import PartSpec, encode_failure
+from .hdf5_frames import (
+    CRC_SUFFIX,
+    FORMAT,
+    FORMAT_ATTR,
+    ChunkCrcs,
+    frame_settings,
+    write_frame_rows,
+    writes_frames,
+    written_as_frames,
+)
 
 #: The labels' chunk rows at least (a multiple of the longest chunk of a layer).
 LABEL_CHUNK_MIN = 16
@@ -42,6 +52,8 @@ def create_field(fh: h5py.File, path: str, spec: PartSpec, field: Hdf5Field, sam
     ds.attrs["codec"] = np.bytes_(json.dumps(spec.codec.get_config()).encode())
     for key, value in field.attrs.items():
         ds.attrs[key] = np.bytes_(value.encode()) if isinstance(value, str) else value
+    if writes_frames(field):  # fmcache writes its chunks (hdf5_frames)
+        ds.attrs[FORMAT_ATTR] = np.bytes_(FORMAT.encode())
     if field.dtype is None:  # fletcher32 does not cover variable-length data: a CRC per row
         fh.create_dataset(path + ".crc32", shape=(0,), maxshape=(None,), dtype="<u4",
                           chunks=(max(samples_per_chunk, 256),), fletcher32=True)
@@ -60,11 +72,24 @@ class HeldRows:
     def __init__(self) -> None:
         self.on_disk: dict[str, int] = {}
         self._held: dict[str, list[np.ndarray]] = {}
+        #: per dataset whose chunks fmcache writes itself: the frames' blosc2 settings
+        self._frames: dict[str, dict[str, Any] | None] = {}
+        self.crcs = ChunkCrcs()
 
     def track(self, ds: h5py.Dataset) -> None:
         """Count ``ds``'s rows on disk (a new dataset, or one a resume truncated)."""
         self.on_disk[ds.name] = int(ds.shape[0])
         self._held[ds.name] = []
+        self._frames[ds.name] = frame_settings(ds) if written_as_frames(ds) else None
+        if ds.chunks:
+            self.crcs.forget(ds.name, ds.shape[0] // ds.chunks[0])
+
+    def _write(self, ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+        cparams = self._frames.get(ds.name)
+        if cparams is None:
+            write_rows(ds, start, rows)
+        else:
+            write_frame_rows(ds, start, rows, self.crcs, cparams)
 
     def held(self, path: str) -> int:
         return sum(len(rows) for rows in self._held.get(path, ()))
@@ -85,7 +110,7 @@ class HeldRows:
         if full > self.on_disk[path]:
             stacked = np.concatenate([*held, new]) if held else new
             count = full - self.on_disk[path]
-            write_rows(ds, self.on_disk[path], stacked[:count])
+            self._write(ds, self.on_disk[path], stacked[:count])
             self.on_disk[path] = full
             rest = stacked[count:]  # a view of the caller's batch where nothing was held: copied
             self._held[path] = [rest.copy()] if len(rest) else []
@@ -97,7 +122,7 @@ class HeldRows:
         for path, held in self._held.items():
             if held:
                 stacked = held[0] if len(held) == 1 else np.concatenate(held)
-                write_rows(fh[path], self.on_disk[path], stacked)
+                self._write(fh[path], self.on_disk[path], stacked)
                 self.on_disk[path] += len(stacked)
                 self._held[path] = []
 
@@ -122,6 +147,9 @@ class HeldRows:
         datasets: list[h5py.Dataset] = []
         fh.visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
         for ds in datasets:
+            if ds.name.endswith(CRC_SUFFIX):  # a killed commit's chunk checksums: written again at commit
+                del fh[ds.name]
+                continue
             keep = max(samples, min(int(kept.get(ds.name, samples)), ds.shape[0]))
             if keep > samples and ds.dtype.kind != "O":
                 try:

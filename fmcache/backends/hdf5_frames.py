@@ -1,0 +1,265 @@
+"""Chunks fmcache writes and reads itself: Blosc2-filtered HDF5 datasets, raw.
+
+Through h5py, a chunk of a Blosc2-filtered dataset is fletcher32 over the stored bytes,
+then hdf5plugin's filter: a B2ND frame whose blocks cut samples apart, reassembled into
+a buffer HDF5 copies again. That made HDF5's cold ``bf16`` reads 2-3.4x LMDB's time
+(docs/benchmarks.md, "Why HDF5's reads were slower than LMDB's"). So fmcache writes such
+chunks itself (``write_direct_chunk``): one plain blosc2 frame holding the chunk's rows
+(the format hdf5plugin's filter reads, so h5py and ``h5dump`` still decode them), then
+its fletcher32, as HDF5's own filter would append it. Reading, fmcache takes the stored
+bytes (``read_direct_chunk``), checks them against a CRC-32C recorded at commit (ten
+times cheaper than fletcher32 here) and decodes the frame's one blosc2 chunk straight
+into the rows.
+
+* A dataset written so carries the attribute ``fmcache_chunks = "blosc2-frame-1"``
+  (:data:`FORMAT`); one without it (a cache written before session 15) is read through
+  h5py as before.
+* Its chunks' CRC-32Cs (of the stored bytes, fletcher32 included) are the dataset
+  ``<field>.chunk_crc32c`` beside it, ``uint32`` per chunk, written when the writer
+  finishes (at commit, and at a close to be resumed: a resume deletes them) from the
+  CRCs it computed as it wrote each chunk (chunks an earlier, killed process wrote are
+  read back and their fletcher32 checked first): :class:`ChunkCrcs`.
+
+The dataset's filter parameters (hdf5plugin's ``cd_values``: level, shuffle, codec) are
+the frames' settings, so the file describes its chunks whoever reads it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import blosc2
+import h5py
+import hdf5plugin
+import numpy as np
+from crc32c import crc32c
+
+from ..codecs import Hdf5Field
+from ..codecs.lossless import CHUNK_SIZES, blosc2_decompress_into
+from ..errors import CorruptionError
+
+#: ``fmcache_chunks``: the attribute naming how a dataset's chunks were written
+FORMAT_ATTR = "fmcache_chunks"
+FORMAT = "blosc2-frame-1"
+#: the dataset of a field's chunk CRC-32Cs: its path plus this
+CRC_SUFFIX = ".chunk_crc32c"
+_FLETCHER = struct.Struct("<I")
+#: a cframe's header: fixarray marker, "b2frame\0" (str8), then int32 (marker 0xd2) header size
+_FRAME_MAGIC = b"b2frame\x00"
+
+
+def writes_frames(field: Hdf5Field) -> bool:
+    """Whether a field's chunks are written by fmcache: a fixed dtype, Blosc2-filtered,
+    chunks of several samples (ZFP/SZ3 and opaque fields go through HDF5's filters)."""
+    return (field.dtype is not None and field.dtype.itemsize < 8 and not field.per_sample_chunks
+            and dict(field.filter).get("compression") == hdf5plugin.BLOSC2_ID)
+
+
+def written_as_frames(ds: h5py.Dataset) -> bool:
+    value = ds.attrs.get(FORMAT_ATTR)
+    return value is not None and (value if isinstance(value, str) else bytes(value).decode("ascii", "replace")) == FORMAT
+
+
+def fletcher32(data: bytes | bytearray | memoryview) -> int:
+    """HDF5's fletcher32 of ``data`` (``H5_checksum_fletcher32``): 16-bit big-endian words,
+    a trailing odd byte as its high half; sums folded mod 65535, where a non-zero sum
+    whose residue is 0 stays 65535 (the folds never reach 0 from a positive sum)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    words = raw[:len(raw) // 2 * 2].view(">u2").astype(np.int64)
+    if len(raw) % 2:
+        words = np.append(words, np.int64(raw[-1]) << 8)
+    if not len(words):
+        return 0
+    first = int(words.sum())
+    second = len(words) * first - int(np.dot(words, np.arange(len(words), dtype=np.int64)))
+
+    def fold(total: int) -> int:
+        return 0 if total == 0 else (total - 1) % 65535 + 1
+
+    return (fold(second) << 16) | fold(first)
+
+
+def frame_settings(ds: h5py.Dataset) -> dict[str, Any]:
+    """blosc2 ``cparams`` from the dataset's Blosc2 filter (hdf5plugin's ``cd_values``:
+    4 clevel, 5 shuffle, 6 codec)."""
+    values = ds.id.get_create_plist().get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
+    return {"codec": blosc2.Codec(values[6]), "clevel": int(values[4]), "filters": [blosc2.Filter(values[5])],
+            "typesize": ds.dtype.itemsize, "nthreads": 1}
+
+
+def encode_chunk(rows: np.ndarray, cparams: dict[str, Any]) -> bytes:
+    """A whole chunk's rows as the stored bytes: a blosc2 frame, then its fletcher32."""
+    rows = np.ascontiguousarray(rows)
+    frame = blosc2.SChunk(chunksize=rows.nbytes, data=rows, cparams=cparams).to_cframe()
+    return bytes(frame) + _FLETCHER.pack(fletcher32(frame))
+
+
+def decode_chunk(stored: bytes, crc: int, rows: np.ndarray, where: str) -> np.ndarray:
+    """Decode a chunk's stored bytes into ``rows`` (the chunk's C-contiguous rows) after
+    checking their CRC-32C against ``crc``; CorruptionError (naming ``where``) otherwise."""
+    if crc32c(stored) != crc:
+        raise CorruptionError(f"{where}: the chunk fails its CRC-32C (damaged)")
+    try:
+        if stored[2:10] != _FRAME_MAGIC or stored[10] != 0xD2:
+            raise ValueError("not a blosc2 frame")
+        at = struct.unpack_from(">i", stored, 11)[0]
+        nbytes, _, cbytes = CHUNK_SIZES.unpack_from(stored, at + 4)
+        # the typesize too: where an all-zero chunk left no data, the frame's offsets (8-byte) come first
+        if nbytes != rows.nbytes or stored[at + 3] != rows.itemsize or at + cbytes > len(stored) - _FLETCHER.size:
+            raise ValueError(f"its frame holds {nbytes} bytes in {cbytes}, the chunk is {rows.nbytes}")
+        blosc2_decompress_into(memoryview(stored)[at:at + cbytes], rows)
+    except (ValueError, struct.error, RuntimeError):
+        # a frame whose one chunk is not where fmcache's are: blosc2 keeps an all-zero
+        # chunk as a special value in the frame's offsets, with no data (the CRC held)
+        _decode_any_frame(memoryview(stored)[:-_FLETCHER.size], rows, where)
+    return rows
+
+
+def _decode_any_frame(frame: memoryview, rows: np.ndarray, where: str) -> None:
+    try:
+        schunk = blosc2.schunk_from_cframe(frame, copy=True)
+        if schunk.nchunks != 1 or schunk.nbytes != rows.nbytes:
+            raise ValueError(f"it holds {schunk.nchunks} chunks of {schunk.nbytes} bytes, the chunk is {rows.nbytes}")
+        schunk.decompress_chunk(0, dst=rows)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CorruptionError(f"{where}: the chunk is not the frame fmcache writes ({exc})") from None
+
+
+def chunk_offset(ds: h5py.Dataset, chunk: int) -> tuple[int, ...]:
+    return (chunk * ds.chunks[0], *(0,) * (ds.ndim - 1))
+
+
+class ChunkCrcs:
+    """The CRC-32C of every chunk a writer wrote, per dataset, until commit."""
+
+    def __init__(self) -> None:
+        self._crcs: dict[str, dict[int, int]] = {}
+
+    def write(self, ds: h5py.Dataset, chunk: int, rows: np.ndarray, cparams: dict[str, Any]) -> None:
+        """Write chunk ``chunk`` of ``ds`` (its whole rows, padded past the dataset's end)."""
+        stored = encode_chunk(rows, cparams)
+        ds.id.write_direct_chunk(chunk_offset(ds, chunk), stored, 0)
+        self._crcs.setdefault(ds.name, {})[chunk] = crc32c(stored)
+
+    def forget(self, path: str, from_chunk: int) -> None:
+        """Drop the CRCs of chunks from ``from_chunk`` on (a resume cut them)."""
+        kept = self._crcs.get(path, {})
+        for chunk in [c for c in kept if c >= from_chunk]:
+            del kept[chunk]
+
+    def commit(self, fh: h5py.File) -> None:
+        """Write every frame-written dataset's ``<path>.chunk_crc32c`` (replacing one an
+        earlier finish left): CRCs this writer computed, others read back, their
+        fletcher32 checked."""
+        for ds in frame_datasets(fh):
+            per, rows = ds.chunks[0], ds.shape[0]
+            known = self._crcs.get(ds.name, {})
+            crcs = np.empty(-(-rows // per), dtype="<u4")
+            for chunk in range(len(crcs)):
+                crc = known.get(chunk)
+                if crc is None:
+                    crc = stored_crc(ds, chunk)
+                crcs[chunk] = crc
+            path = ds.name + CRC_SUFFIX
+            if path in fh:
+                del fh[path]
+            fh.create_dataset(path, data=crcs, chunks=(max(1, len(crcs)),), maxshape=(None,), fletcher32=True)
+
+
+def stored_crc(ds: h5py.Dataset, chunk: int) -> int:
+    """CRC-32C of a chunk on disk that this process did not write, once its fletcher32 holds."""
+    where = f"{ds.file.filename}: {ds.name} chunk {chunk}"
+    try:
+        mask, stored = ds.id.read_direct_chunk(chunk_offset(ds, chunk))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CorruptionError(f"{where}: HDF5 cannot read it ({exc})") from None
+    body = memoryview(stored)[:-_FLETCHER.size]
+    if mask or len(stored) < _FLETCHER.size or fletcher32(body) != _FLETCHER.unpack_from(stored, len(body))[0]:
+        raise CorruptionError(f"{where}: the chunk fails its fletcher32 (damaged since it was written)",
+                              hint="the build cannot commit it: start it again with --overwrite")
+    return crc32c(stored)
+
+
+def frame_datasets(fh: h5py.File) -> Iterator[h5py.Dataset]:
+    found: list[h5py.Dataset] = []
+    fh.visititems(lambda _n, obj: found.append(obj) if isinstance(obj, h5py.Dataset) and written_as_frames(obj)
+                  else None)
+    return iter(found)
+
+
+def load_crcs(ds: h5py.Dataset, crc_ds: h5py.Dataset, where: str) -> np.ndarray:
+    """The recorded CRC-32Cs of a frame-written dataset's chunks (``crc_ds``: its
+    ``.chunk_crc32c`` dataset, opened and checked as the backend opens any dataset)."""
+    try:
+        crcs = np.asarray(crc_ds[...], dtype=np.uint32)
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise CorruptionError(f"{where}: the chunk checksums of {ds.name} ({crc_ds.name}) are damaged ({exc})") from None
+    chunks = -(-ds.shape[0] // ds.chunks[0])
+    if crcs.ndim != 1 or len(crcs) < chunks:  # more: the dataset was cut short, which its reads name
+        raise CorruptionError(f"{where}: {crc_ds.name} holds {crcs.size} chunk checksums, {ds.name} has {chunks} chunks")
+    return crcs
+
+
+class FrameReader:
+    """Reads whole chunks of one frame-written dataset: the stored bytes, their CRC-32C,
+    the frame decoded straight into the rows (its shape found once, not per chunk)."""
+
+    __slots__ = ("crcs", "dtype", "edge", "per", "row_shape", "rows", "tail")
+
+    def __init__(self, ds: h5py.Dataset, crcs: np.ndarray) -> None:
+        self.crcs, self.per, self.rows = crcs, int(ds.chunks[0]), int(ds.shape[0])
+        self.row_shape, self.dtype, self.tail = tuple(ds.shape[1:]), ds.dtype, (0,) * (ds.ndim - 1)
+        chunks = -(-self.rows // self.per)
+        # A dataset cut short (damage the reads name) within a chunk: HDF5 rewrote that
+        # chunk through its filters when it shrank the dataset, so it is read through them
+        self.edge = chunks - 1 if len(crcs) > chunks and self.rows % self.per else -1
+
+    def read(self, ds: h5py.Dataset, lo: int, count: int, where: str) -> np.ndarray:
+        """Rows ``lo ..`` (the first of a chunk), at most ``count`` and the dataset's end."""
+        per = self.per
+        if lo // per == self.edge:
+            return ds[lo:min(lo + count, self.rows)]
+        place = f"{where} sample {lo} (the chunk of samples {lo}-{min(lo + per, self.rows) - 1})"
+        try:
+            mask, stored = ds.id.read_direct_chunk((lo, *self.tail))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CorruptionError(f"{place}: HDF5 cannot read the chunk of {ds.name} ({exc})") from None
+        if mask:
+            raise CorruptionError(f"{place}: the chunk of {ds.name} says its filters were skipped (damaged)")
+        rows = decode_chunk(stored, int(self.crcs[lo // per]), np.empty((per, *self.row_shape), self.dtype), place)
+        return rows[:min(count, self.rows - lo)]
+
+    def gather(self, ds: h5py.Dataset, samples: np.ndarray, where: str) -> np.ndarray:
+        """Rows ``samples`` (any order, repeats allowed, all below the dataset's end),
+        each chunk read once."""
+        per = self.per
+        chunks = samples // per
+        first = int(chunks[0])
+        if bool(np.all(chunks == first)):
+            return self.read(ds, first * per, per, where)[samples - first * per]
+        out = np.empty((len(samples), *self.row_shape), dtype=self.dtype)
+        for chunk in np.unique(chunks).tolist():
+            picked = chunks == chunk
+            out[picked] = self.read(ds, chunk * per, per, where)[samples[picked] - chunk * per]
+        return out
+
+
+def write_frame_rows(ds: h5py.Dataset, start: int, rows: np.ndarray, crcs: ChunkCrcs,
+                     cparams: dict[str, Any]) -> None:
+    """Rows ``start ..`` of a frame-written dataset, a whole chunk at a time: a first
+    chunk begun on disk (a resume after a partly filled last chunk) is read back and
+    completed; the last is padded with zeros past the rows given."""
+    per, end = ds.chunks[0], start + len(rows)
+    if ds.shape[0] < end:
+        ds.resize(end, axis=0)
+    head = start % per
+    if head:
+        rows = np.concatenate([ds[start - head:start], rows])
+        start -= head
+    for lo in range(0, len(rows), per):
+        block = rows[lo:lo + per]
+        if len(block) < per:
+            block = np.concatenate([block, np.zeros((per - len(block), *rows.shape[1:]), dtype=rows.dtype)])
+        crcs.write(ds, (start + lo) // per, block, cparams)
