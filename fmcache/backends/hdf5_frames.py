@@ -3,7 +3,7 @@
 Through h5py, a chunk of a Blosc2-filtered dataset is fletcher32 over the stored bytes,
 then hdf5plugin's filter: a B2ND frame whose blocks cut samples apart, reassembled into
 a buffer HDF5 copies again. That made HDF5's cold ``bf16`` reads 2-3.4x LMDB's time
-(docs/benchmarks.md, "Why HDF5's reads were slower than LMDB's"). So fmcache writes such
+(docs/benchmarks.md, "Why HDF5's ``bf16`` reads were slower than LMDB's"). So fmcache writes such
 chunks itself (``write_direct_chunk``): one plain blosc2 frame holding the chunk's rows
 (the format hdf5plugin's filter reads, so h5py and ``h5dump`` still decode them), then
 its fletcher32, as HDF5's own filter would append it. Reading, fmcache takes the stored
