@@ -284,3 +284,110 @@ def test_all_zero_chunks_read_as_zeros_everywhere(tmp_path):
     with fmcache.open_cache(tmp_path / "c.h5") as cache:
         assert not cache.read_batch("layer/1", np.arange(8, 16)).any()
         assert not cache.read("layer/1", 9).any() and cache.read("layer/1", 16).any()
+
+
+@pytest.mark.skipif(LIBHDF5_FLETCHER is None, reason="this h5py's libhdf5 does not export H5_checksum_fletcher32")
+def test_fletcher32_of_a_chunk_past_48_mib_is_libhdf5s():
+    """One int64 dot over the weighted words wrapped around from about 48 MiB on (a
+    64 MiB float32 map stored a chunk a sample): h5py then refused the chunk."""
+    data = np.random.default_rng(0).integers(0, 256, size=(56 << 20) + 1, dtype=np.uint8).tobytes()
+    assert fletcher32(data) == LIBHDF5_FLETCHER(data, len(data))
+
+
+def _resume_append_and_die(path: Path, x: np.ndarray, lo: int) -> None:
+    """Resume, append samples ``lo ..``, and die once their chunks are written, before the
+    progress mark moves (as a SIGKILL there would)."""
+    import os
+
+    from fmcache.backends import hdf5_backend
+    w = fmcache.create_cache(path, resume=True)
+    real = hdf5_backend.Hdf5Backend._set_attr_blob
+
+    def die(fh, key, data):
+        if key == "progress":
+            os._exit(9)
+        real(fh, key, data)
+
+    hdf5_backend.Hdf5Backend._set_attr_blob = staticmethod(die)
+    w.append({"layer/1": x[lo:]}, np.arange(lo, len(x)) % 3)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (16, 32, 32), (1024,)])
+def test_a_chunk_hdf5s_filter_rewrote_on_resume_is_written_again_before_commit(tmp_path, shape):
+    """A resume that cuts a dataset inside a chunk makes HDF5 rewrite that chunk through
+    hdf5plugin's filter (a B2ND frame, its blocks cutting samples apart). Committed
+    without appending again, that chunk was recorded and decoded raw as fmcache's own:
+    samples 8-13 came back as other values and verify passed (a helper's sweep). Now the
+    commit writes such a chunk again as fmcache writes chunks."""
+    import multiprocessing as mp
+    per, first = 8, 14
+    x = maps(2 * per + 12, shape=shape, seed=3)
+    path = tmp_path / "c.h5"
+    w = fmcache.create_cache(path)
+    w.add_layer("layer/1", shape, codec="bf16", samples_per_chunk=per)
+    w.append({"layer/1": x[:first]}, np.arange(first) % 3)
+    w.close()
+    child = mp.get_context("fork").Process(target=_resume_append_and_die, args=(path, x, first))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    w = fmcache.create_cache(path, resume=True)
+    assert w.samples == first
+    w.commit()
+    clean = tmp_path / "clean.lmdb"
+    build(clean, x[:first], "bf16", batches=(first,), spc=per)
+    with fmcache.open_cache(path) as got, fmcache.open_cache(clean) as want:
+        for i in range(first):
+            np.testing.assert_array_equal(got.read("layer/1", i), want.read("layer/1", i))
+        np.testing.assert_array_equal(got.read_batch("layer/1", np.arange(first)),
+                                      want.read_batch("layer/1", np.arange(first)))
+    with h5py.File(path, "r") as fh:
+        ds = fh[dataset_path("layer/1", "all", "bits")]
+        for chunk in range(2):
+            assert not b2nd(ds.id.read_direct_chunk((chunk * per, *(0,) * len(shape)))[1])
+
+
+def test_a_b2nd_chunk_with_a_matching_crc_is_refused(tmp_path):
+    """Were a B2ND chunk (hdf5plugin's filter's) ever recorded with its CRC, the raw read
+    refuses it rather than decode its blocks as rows (the chunk index digest would refuse
+    a swapped chunk first: this is the decoder's own check)."""
+    x = maps(8, shape=(16, 32, 32))
+    with h5py.File(tmp_path / "f.h5", "w") as fh:
+        ds = fh.create_dataset("x", data=x, chunks=x.shape, fletcher32=True,
+                               **hdf5plugin.Blosc2(cname="lz4", clevel=5, filters=hdf5plugin.Blosc2.SHUFFLE))
+        foreign = ds.id.read_direct_chunk((0, 0, 0, 0))[1]
+    assert b2nd(foreign) and not hdf5_frames.is_own_frame(foreign)
+    with pytest.raises(CorruptionError, match="not a frame fmcache wrote"):
+        hdf5_frames.decode_chunk(foreign, hdf5_frames.crc32c(foreign), np.empty_like(x), "here")
+    own = hdf5_frames.encode_chunk(x, {"codec": blosc2.Codec.LZ4, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE],
+                                       "typesize": 4, "nthreads": 1})
+    assert hdf5_frames.is_own_frame(own)
+    np.testing.assert_array_equal(hdf5_frames.decode_chunk(own, hdf5_frames.crc32c(own), np.empty_like(x), "here"), x)
+
+
+def test_a_damaged_chunks_attribute_is_a_corruption_error(tmp_path):
+    """Each byte of the ``fmcache_chunks`` attribute's header message flipped in turn: the
+    values read as committed (a damaged name: read through h5py) or a typed error; one
+    flip made h5py raise "Unknown string encoding", a bare TypeError (a helper's sweep)."""
+    x = maps(11, shape=(3, 16))
+    path = tmp_path / "c.h5"
+    build(path, x, "bf16", batches=(6, 5), spc=4)
+    with fmcache.open_cache(path) as cache:
+        truth = cache.read_batch("layer/1", np.arange(11))
+    blob = bytearray(path.read_bytes())
+    at = blob.find(FORMAT_ATTR.encode())
+    assert at > 0
+    outcomes = set()
+    for k in range(at - 24, at + len(FORMAT_ATTR) + 40):
+        damaged = bytearray(blob)
+        damaged[k] ^= 0xFF
+        path.write_bytes(damaged)
+        try:
+            with fmcache.open_cache(path) as cache:
+                got = [cache.read("layer/1", i) for i in range(11)]
+            assert np.array_equal(np.stack(got), truth), f"byte {k}: other values"
+            outcomes.add("same")
+        except fmcache.errors.FmcacheError as exc:
+            outcomes.add(type(exc).__name__)
+    path.write_bytes(blob)
+    assert "CorruptionError" in outcomes, outcomes

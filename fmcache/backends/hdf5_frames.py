@@ -7,8 +7,8 @@ a buffer HDF5 copies again. That made HDF5's cold ``bf16`` reads 2-3.4x LMDB's t
 chunks itself (``write_direct_chunk``): one plain blosc2 frame holding the chunk's rows
 (the format hdf5plugin's filter reads, so h5py and ``h5dump`` still decode them), then
 its fletcher32, as HDF5's own filter would append it. Reading, fmcache takes the stored
-bytes (``read_direct_chunk``), checks them against a CRC-32C recorded at commit (ten
-times cheaper than fletcher32 here) and decodes the frame's one blosc2 chunk straight
+bytes (``read_direct_chunk``), checks them against a CRC-32C recorded when the writer
+finished (hardware CRC-32C, far cheaper than fletcher32 here) and decodes the frame's one blosc2 chunk straight
 into the rows.
 
 * A dataset written so carries the attribute ``fmcache_chunks = "blosc2-frame-1"``
@@ -58,11 +58,20 @@ def writes_frames(field: Hdf5Field) -> bool:
 
 
 def written_as_frames(ds: h5py.Dataset) -> bool:
-    value = ds.attrs.get(FORMAT_ATTR)
-    return value is not None and (value if isinstance(value, str) else bytes(value).decode("ascii", "replace")) == FORMAT
+    """Whether ``ds`` carries ``fmcache_chunks = "blosc2-frame-1"`` (CorruptionError where
+    the attribute cannot be read)."""
+    try:
+        value = ds.attrs.get(FORMAT_ATTR)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError) as exc:
+        raise CorruptionError(f"{ds.file.filename}: the {FORMAT_ATTR} attribute of {ds.name} cannot be read "
+                              f"({type(exc).__name__}: {exc}; its header is damaged)") from None
+    if value is None:
+        return False
+    return (value if isinstance(value, str) else bytes(value).decode("ascii", "replace")) == FORMAT
 
 
 _WEIGHTS: list[np.ndarray] = [np.arange(0, dtype=np.int64)]  # 0, 1, 2, ...: grown as needed
+_BLOCK = 1 << 20
 
 
 def fletcher32(data: bytes | bytearray | memoryview) -> int:
@@ -76,11 +85,16 @@ def fletcher32(data: bytes | bytearray | memoryview) -> int:
     count = len(words)
     if not count:
         return 0
-    if len(_WEIGHTS[0]) < count:
-        _WEIGHTS[0] = np.arange(max(count, 2 * len(_WEIGHTS[0])), dtype=np.int64)
+    if len(_WEIGHTS[0]) < min(count, _BLOCK):
+        _WEIGHTS[0] = np.arange(min(_BLOCK, max(count, 2 * len(_WEIGHTS[0]))), dtype=np.int64)
     first = int(words.sum())
-    # int64 holds the weighted sum up to ~2**63 / 65535 / count words: chunks of 8 GB
-    second = count * first - int(np.dot(words, _WEIGHTS[0][:count]))
+    # sum(i * w_i) in blocks of 2**20 words, each within int64 (2**20 * 2**20 * 65535 < 2**63),
+    # added up as Python ints: one dot over a 48 MiB chunk wrapped around
+    weighted = 0
+    for lo in range(0, count, _BLOCK):
+        block = words[lo:lo + _BLOCK]
+        weighted += lo * int(block.sum()) + int(np.dot(block, _WEIGHTS[0][:len(block)]))
+    second = count * first - weighted
 
     def fold(total: int) -> int:
         return 0 if total == 0 else (total - 1) % 65535 + 1
@@ -144,9 +158,10 @@ def decode_chunk(stored: bytes, crc: int, rows: np.ndarray, where: str) -> np.nd
     checking their CRC-32C against ``crc``; CorruptionError (naming ``where``) otherwise."""
     if crc32c(stored) != crc:
         raise CorruptionError(f"{where}: the chunk fails its CRC-32C (damaged)")
+    if not is_own_frame(stored):  # a commit never records the CRC of any other chunk
+        raise CorruptionError(f"{where}: the chunk is not a frame fmcache wrote (a B2ND frame of hdf5plugin's "
+                              "filter, or other bytes), though its CRC-32C matches")
     try:
-        if stored[2:10] != _FRAME_MAGIC or stored[10] != 0xD2:
-            raise ValueError("not a blosc2 frame")
         at = struct.unpack_from(">i", stored, 11)[0]
         nbytes, _, cbytes = CHUNK_SIZES.unpack_from(stored, at + 4)
         # the typesize too: where an all-zero chunk left no data, the frame's offsets (8-byte) come first
@@ -158,6 +173,16 @@ def decode_chunk(stored: bytes, crc: int, rows: np.ndarray, where: str) -> np.nd
         # chunk as a special value in the frame's offsets, with no data (the CRC held)
         _decode_any_frame(memoryview(stored)[:-_FLETCHER.size], rows, where)
     return rows
+
+
+def is_own_frame(stored: bytes | bytearray | memoryview) -> bool:
+    """Whether stored chunk bytes are a frame as fmcache writes them: a blosc2 frame
+    without the ``b2nd`` metalayer hdf5plugin's filter writes (whose blocks cut samples
+    apart: decoded as one chunk, its bytes are in the blocks' order, not the array's)."""
+    if len(stored) < 16 or bytes(stored[2:10]) != _FRAME_MAGIC or stored[10] != 0xD2:
+        return False
+    at = struct.unpack_from(">i", stored, 11)[0]
+    return 0 < at < len(stored) and b"b2nd" not in bytes(stored[:at])
 
 
 def _decode_any_frame(frame: memoryview, rows: np.ndarray, where: str) -> None:
@@ -194,16 +219,18 @@ class ChunkCrcs:
 
     def commit(self, fh: h5py.File) -> None:
         """Write every frame-written dataset's ``<path>.chunk_crc32c`` (replacing one an
-        earlier finish left): CRCs this writer computed, others read back, their
-        fletcher32 checked."""
+        earlier finish left): CRCs this writer computed, others read back
+        (:func:`stored_crc`)."""
         for ds in frame_datasets(fh):
             per, rows = ds.chunks[0], ds.shape[0]
             known = self._crcs.get(ds.name, {})
             crcs = np.empty(-(-rows // per), dtype="<u4")
+            cparams = None
             for chunk in range(len(crcs)):
                 crc = known.get(chunk)
                 if crc is None:
-                    crc = stored_crc(ds, chunk)
+                    cparams = cparams or frame_settings(ds)
+                    crc = stored_crc(ds, chunk, cparams)
                 crcs[chunk] = crc
             path = ds.name + CRC_SUFFIX
             if path in fh:
@@ -211,8 +238,11 @@ class ChunkCrcs:
             fh.create_dataset(path, data=crcs, chunks=(max(1, len(crcs)),), maxshape=(None,), fletcher32=True)
 
 
-def stored_crc(ds: h5py.Dataset, chunk: int) -> int:
-    """CRC-32C of a chunk on disk that this process did not write, once its fletcher32 holds."""
+def stored_crc(ds: h5py.Dataset, chunk: int, cparams: dict[str, Any]) -> int:
+    """CRC-32C of a chunk on disk that this process did not write, once its fletcher32
+    holds. A chunk HDF5's filter wrote (a resume shrank the dataset inside it: HDF5
+    rewrites that chunk through its filters) is read through them and written again as
+    fmcache writes chunks, so that every chunk a commit records reads raw."""
     where = f"{ds.file.filename}: {ds.name} chunk {chunk}"
     try:
         mask, stored = ds.id.read_direct_chunk(chunk_offset(ds, chunk))
@@ -222,6 +252,17 @@ def stored_crc(ds: h5py.Dataset, chunk: int) -> int:
     if mask or len(stored) < _FLETCHER.size or fletcher32(body) != _FLETCHER.unpack_from(stored, len(body))[0]:
         raise CorruptionError(f"{where}: the chunk fails its fletcher32 (damaged since it was written)",
                               hint="the build cannot commit it: start it again with --overwrite")
+    if is_own_frame(stored):
+        return crc32c(stored)
+    per, lo = ds.chunks[0], chunk * ds.chunks[0]
+    try:
+        rows = ds[lo:min(lo + per, ds.shape[0])]
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CorruptionError(f"{where}: HDF5 cannot read it ({exc})") from None
+    if len(rows) < per:
+        rows = np.concatenate([rows, np.zeros((per - len(rows), *rows.shape[1:]), dtype=rows.dtype)])
+    stored = encode_chunk(rows, cparams)
+    ds.id.write_direct_chunk(chunk_offset(ds, chunk), stored, 0)
     return crc32c(stored)
 
 
