@@ -38,8 +38,8 @@ chunk once per pass:
 ``bf16`` again, a cold pass over every sample, each sample's float32 map into a new
 array (``bench_read``'s ``read cold``): ``Cache.read`` on LMDB, on HDF5 as fmcache
 writes it now (``hdf5``: its own chunks, read raw against their CRC-32C), and on HDF5
-written through the filter (``hdf5 filter``) with the backend's row LRU at its default
-size and at 4 MiB, then lower bounds of other HDF5
+written through the filter (``hdf5 filter``), each with the backend's row LRU at its
+default size and at 4 MiB, then lower bounds of other HDF5
 read paths, lean loops with none of fmcache's bookkeeping (no LRU, no checks but the
 checksum): ``floor h5py`` (whole chunks through h5py, each sample widened), ``floor
 direct`` (the self-written chunks read raw: fletcher32, decode, widen), ``floor direct
@@ -328,7 +328,7 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
     """``bench_read``'s ``read cold`` for ``bf16`` (``Cache.read`` of every sample from a
     freshly opened cache), on LMDB, on HDF5 as fmcache writes it (its own chunks, read
     raw: ``hdf5``) and on HDF5 written through hdf5plugin's filter and read through h5py
-    (``hdf5 filter``, what fmcache did before session 15), the latter with the backend's
+    (``hdf5 filter``, what fmcache did before session 15), both with the backend's
     row LRU at its default size and at 4 MiB: a layer that fits the default LRU keeps
     every chunk's rows, each read into newly allocated memory; a smaller LRU evicts and
     the allocator hands the freed memory out again."""
@@ -338,8 +338,8 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
     filtered = workdir / f"cold-filter-{layer}.h5"
     build_through_the_filter(filtered, layer, maps, "bf16")
 
-    def with_lru(nbytes: int) -> Callable[[], float]:
-        run = cold_pass(filtered, layer, len(maps))
+    def with_lru(nbytes: int, path: Path = filtered) -> Callable[[], float]:
+        run = cold_pass(path, layer, len(maps))
 
         def sized() -> float:
             default = hdf5_backend.ROW_CACHE_BYTES
@@ -353,6 +353,7 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
     default_mib = hdf5_backend.ROW_CACHE_BYTES >> 20
     runs = {"lmdb": (cold_pass(paths["lmdb"], layer, len(maps)), "cpu"),
             "hdf5": (cold_pass(paths["hdf5"], layer, len(maps)), "cpu"),
+            "hdf5 LRU 4 MiB": (with_lru(4 << 20, paths["hdf5"]), "cpu"),
             f"hdf5 filter LRU {default_mib} MiB": (with_lru(hdf5_backend.ROW_CACHE_BYTES), "cpu"),
             "hdf5 filter LRU 4 MiB": (with_lru(4 << 20), "cpu"), **floor_passes(filtered, layer, workdir, fletcher)}
     seconds = interleaved(runs, repeats)
