@@ -349,7 +349,7 @@ class CacheWriter:
         is nothing in it to resume, and left behind it would refuse the next build."""
         if not self._committed:
             if self.samples and not self._write_failed and self.backend.writable:
-                try:  # rows held back for chunks still filling (HDF5): a resume goes on from here
+                try:  # the backend's last word before a resume (HDF5 keeps its held rows to itself)
                     self.backend.finish(json.dumps({"samples": self.samples}).encode())
                 except (FmcacheError, OSError):
                     pass  # the last progress mark stands: the resume recomputes from there

@@ -134,9 +134,11 @@ def test_uncommitted_cache_opens_as_incomplete_and_resumes(tmp_path, backend):
     with pytest.raises(StaleCacheError, match="weights"):
         fmcache.create_cache(path, backend=backend, resume=True, fingerprints={"weights": "w2", "data": "d1"})
     w = fmcache.create_cache(path, backend=backend, resume=True, fingerprints={"weights": "w1", "data": "d1"})
-    assert w.samples == 4
+    # LMDB keeps every appended batch; HDF5 what fills whole chunks (here none: the rows
+    # held for a chunk still filling are recomputed, as after a crash; docs/format.md)
+    assert w.samples == (4 if backend == "lmdb" else 0)
     w.add_layer("l", (2, 3, 3), codec="raw")  # same layout: a no-op
-    w.append({"l": x[4:]}, np.arange(4, 6))
+    w.append({"l": x[w.samples:]}, np.arange(w.samples, 6))
     w.commit()
     cache = fmcache.open_cache(path)
     np.testing.assert_array_equal(cache.read_batch("l", range(6)), x)

@@ -320,13 +320,26 @@ def test_a_chunk_hdf5s_filter_rewrote_on_resume_is_written_again_before_commit(t
     samples 8-13 came back as other values and verify passed (a helper's sweep). Now the
     commit writes such a chunk again as fmcache writes chunks."""
     import multiprocessing as mp
+
+    from fmcache.backends import hdf5_backend
     per, first = 8, 14
     x = maps(2 * per + 12, shape=shape, seed=3)
     path = tmp_path / "c.h5"
     w = fmcache.create_cache(path)
     w.add_layer("layer/1", shape, codec="bf16", samples_per_chunk=per)
     w.append({"layer/1": x[:first]}, np.arange(first) % 3)
-    w.close()
+
+    def drain_on_close(self, progress):  # what a close did before session 15 (a partial of then)
+        fh, held = self._file(), self._held()
+        held.drain(fh)
+        held.crcs.commit(fh)
+        fh.flush()
+        self._set_attr_blob(fh, "progress", held.progress(progress))
+        fh.flush()
+
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(hdf5_backend.Hdf5Backend, "_finish", drain_on_close)
+        w.close()
     child = mp.get_context("fork").Process(target=_resume_append_and_die, args=(path, x, first))
     child.start()
     child.join(60)
@@ -391,3 +404,44 @@ def test_a_damaged_chunks_attribute_is_a_corruption_error(tmp_path):
             outcomes.add(type(exc).__name__)
     path.write_bytes(blob)
     assert "CorruptionError" in outcomes, outcomes
+
+
+def test_a_close_without_commit_leaves_only_whole_chunks_below_the_mark(tmp_path):
+    """A close without commit writes no partly filled chunk (the resume would write it
+    again in place, and a kill inside that rewrite lost committed samples: a helper's
+    sweep): every dataset holds whole chunks, the resume starts at the mark, and the
+    committed cache reads as one built in one go."""
+    x = maps(45, shape=(6, 5, 4), seed=9)
+    path = tmp_path / "c.h5"
+    w = fmcache.create_cache(path)
+    w.add_layer("layer/1", x.shape[1:], codec="int8", samples_per_chunk=8)
+    w.append({"layer/1": x[:13]}, np.arange(13) % 3)
+    w.append({"layer/1": x[13:27]}, np.arange(13, 27) % 3)
+    w.close()
+    with h5py.File(str(path) + ".partial", "r") as fh:
+        shapes = []
+        fh.visititems(lambda _n, o: shapes.append((o.name, o.shape[0], o.chunks[0]))
+                      if isinstance(o, h5py.Dataset) else None)
+    assert shapes and all(rows % chunk == 0 for _, rows, chunk in shapes), shapes
+    w = fmcache.create_cache(path, resume=True)
+    lo = w.samples
+    assert lo <= 27 and lo % 8 == 0
+    w.append({"layer/1": x[lo:]}, np.arange(lo, 45) % 3)
+    w.commit()
+    build(tmp_path / "clean.lmdb", x, "int8", batches=(45,), spc=8)
+    with fmcache.open_cache(path) as got, fmcache.open_cache(tmp_path / "clean.lmdb") as want:
+        np.testing.assert_array_equal(got.read_batch("layer/1", np.arange(45)), want.read_batch("layer/1", np.arange(45)))
+        np.testing.assert_array_equal(got.labels, want.labels)
+
+
+def test_chunk_checksums_recorded_without_their_attribute_are_damage(tmp_path):
+    """The commit recorded the ``.chunk_crc32c`` dataset: a dataset whose ``fmcache_chunks``
+    attribute is then gone (a flipped byte in its name) is damage, not a cache of before
+    session 15 (h5py's reads of it would still be right, but its CRCs unchecked)."""
+    x = maps(16)
+    path = tmp_path / "c.h5"
+    build(path, x, "bf16", batches=(16,))
+    with h5py.File(path, "r+") as fh:
+        del fh[dataset_path("layer/1", "all", "bits")].attrs[FORMAT_ATTR]
+    with fmcache.open_cache(path) as cache, pytest.raises(CorruptionError, match="attribute is missing or damaged"):
+        cache.read("layer/1", 3)

@@ -101,9 +101,11 @@ class Backend(ABC):
                      progress: bytes) -> dict[str, dict[str, int]]: ...
 
     def finish(self, progress: bytes | None = None) -> None:
-        """Write what the backend held back for a chunk still filling (HDF5), then
-        ``progress`` (where given): the build is being committed (called before
-        :meth:`stored_bytes` and the manifest) or closed to be resumed later."""
+        """The build is being committed (``progress`` None; called before
+        :meth:`stored_bytes` and the manifest): write what the backend held back for a
+        chunk still filling (HDF5). Or it is closed to be resumed later (``progress``: the
+        writer's last mark): a backend may keep what it holds to itself, since the resume
+        recomputes everything after the stored mark (HDF5 does)."""
         self._check_writable("finish writing")
         self._finish(progress)
 

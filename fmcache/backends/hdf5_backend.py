@@ -36,7 +36,7 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheBusyError, CorruptionError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec, os_write_failure
-from .hdf5_frames import CRC_SUFFIX, FrameReader, load_crcs, written_as_frames
+from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
 from .hdf5_reads import (
     ChunkRows,
@@ -250,15 +250,19 @@ class Hdf5Backend(Backend):
         held.add(fh["labels"], start, labels)
 
     def _finish(self, progress: bytes | None) -> None:
+        if progress is not None:
+            # Closed to be resumed: the rows held for chunks still filling are dropped, and
+            # the resume recomputes them from the progress mark (each dataset's whole chunks).
+            # Written now, a partly filled chunk would hold samples the mark counts, and the
+            # resume would write that chunk again in place: a process killed inside that
+            # rewrite lost them, and the resume refused the file (a helper's sweep).
+            return
         try:
             fh = self._file()
             held = self._held()
             held.drain(fh)
             held.crcs.commit(fh)  # the checksums of the chunks fmcache wrote (hdf5_frames)
             fh.flush()
-            if progress is not None:  # every appended sample is on disk now (and whole chunks kept beyond)
-                self._set_attr_blob(fh, "progress", self._held().progress(progress))
-                fh.flush()
         except (OSError, RuntimeError) as exc:
             raise os_write_failure(self.path, exc, "writing the last, partly filled chunks failed") from exc
 
@@ -587,8 +591,13 @@ class Hdf5Backend(Backend):
             # a committed cache recorded it. Without one (a build closed without finishing),
             # h5py reads the chunks: HDF5's fletcher32 checks them.
             crc_path = path + CRC_SUFFIX
+            frames = written_as_frames(ds)
+            if not frames and "/" + crc_path.lstrip("/") in self._committed():
+                # the commit recorded its chunks' checksums: the attribute saying so is damaged
+                raise CorruptionError(f"{where}: {path} has chunk checksums ({crc_path}) but its "
+                                      f"{FORMAT_ATTR} attribute is missing or damaged")
             known[path] = (FrameReader(ds, load_crcs(ds, self._dataset(crc_path), where))
-                           if written_as_frames(ds) and self._has_dataset(crc_path) else None)
+                           if frames and self._has_dataset(crc_path) else None)
         return known[path]
 
     def read_labels(self, samples: int) -> np.ndarray | None:

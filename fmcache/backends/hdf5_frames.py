@@ -16,7 +16,7 @@ into the rows.
   h5py as before.
 * Its chunks' CRC-32Cs (of the stored bytes, fletcher32 included) are the dataset
   ``<field>.chunk_crc32c`` beside it, ``uint32`` per chunk, written when the writer
-  finishes (at commit, and at a close to be resumed: a resume deletes them) from the
+  commits (a resume of a commit killed after writing it deletes it) from the
   CRCs it computed as it wrote each chunk (chunks an earlier, killed process wrote are
   read back and their fletcher32 checked first): :class:`ChunkCrcs`.
 

@@ -7,8 +7,9 @@ progress mark already counts as committed (the resume then refuses the whole fil
 each dataset's rows wait (:class:`HeldRows`) until they fill a chunk; only whole chunks
 are written, each once, and the progress mark moves to the rows *every* dataset has on
 disk. What is held — less than a chunk per dataset — is written by :meth:`HeldRows.drain`
-at commit and by a close without commit, or lost with a killed process and recomputed by
-the resume (docs/format.md, "Commit protocol").
+at commit only: a close without commit and a killed process both leave it to the resume,
+which recomputes it (docs/format.md, "Commit protocol"). So every chunk below the progress
+mark is whole, and no resume writes a chunk again that holds committed samples.
 """
 
 from __future__ import annotations
