@@ -40,8 +40,8 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:  # click's own handler said only "Aborted!"
-            then = {"build": ": the batches already written are kept: run the same command with --resume to "
-                             "continue", "compact": ": nothing was committed", "merge": ": nothing was committed",
+            then = {"build": ": the batches already written are kept (HDF5: up to each layer's last whole "
+                             "chunk): run the same command with --resume to continue", "compact": ": nothing was committed", "merge": ": nothing was committed",
                     "train": ": nothing was committed"}.get(ctx.invoked_subcommand or "", "")
             click.echo(f"interrupted{then}", err=True)
             ctx.exit(128 + (stopped[0] if stopped else signal.SIGINT))
