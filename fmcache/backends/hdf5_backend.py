@@ -588,8 +588,8 @@ class Hdf5Backend(Backend):
         known = self._h_frames
         if path not in known:
             # the checksums' dataset opened as any other (its header and chunk index checked);
-            # a committed cache recorded it. Without one (a build closed without finishing),
-            # h5py reads the chunks: HDF5's fletcher32 checks them.
+            # a committed cache recorded it. Without one (a build not committed yet), h5py
+            # reads the chunks: HDF5's fletcher32 checks them.
             crc_path = path + CRC_SUFFIX
             frames = written_as_frames(ds)
             if not frames and "/" + crc_path.lstrip("/") in self._committed():
