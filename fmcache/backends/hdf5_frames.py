@@ -2,14 +2,14 @@
 
 Through h5py, a chunk of a Blosc2-filtered dataset is fletcher32 over the stored bytes,
 then hdf5plugin's filter: a B2ND frame whose blocks cut samples apart, reassembled into
-a buffer HDF5 copies again. That made HDF5's cold ``bf16`` reads 2-3.4x LMDB's time
-(docs/benchmarks.md, "Why HDF5's ``bf16`` reads were slower than LMDB's"). So fmcache writes such
-chunks itself (``write_direct_chunk``): one plain blosc2 frame holding the chunk's rows
-(the format hdf5plugin's filter reads, so h5py and ``h5dump`` still decode them), then
-its fletcher32, as HDF5's own filter would append it. Reading, fmcache takes the stored
-bytes (``read_direct_chunk``), checks them against a CRC-32C recorded when the writer
-finished (hardware CRC-32C, far cheaper than fletcher32 here) and decodes the frame's one blosc2 chunk straight
-into the rows.
+a buffer HDF5 copies again. That made HDF5's cold ``bf16`` reads 1.7-2.6x LMDB's time
+(docs/benchmarks.md, "Why HDF5's ``bf16`` reads were slower than LMDB's"). So fmcache
+writes such chunks itself (``write_direct_chunk``): one plain blosc2 frame holding the
+chunk's rows (the format hdf5plugin's filter reads, so h5py and ``h5dump`` still decode
+them), then its fletcher32, as HDF5's own filter would append it. Reading, fmcache takes
+the stored bytes (``read_direct_chunk``), checks them against a CRC-32C recorded at
+commit (hardware CRC-32C, far cheaper than fletcher32 here) and decodes the frame's one
+blosc2 chunk straight into the rows.
 
 * A dataset written so carries the attribute ``fmcache_chunks = "blosc2-frame-1"``
   (:data:`FORMAT`); one without it (a cache written before session 15) is read through
@@ -218,8 +218,8 @@ class ChunkCrcs:
             del kept[chunk]
 
     def commit(self, fh: h5py.File) -> None:
-        """Write every frame-written dataset's ``<path>.chunk_crc32c`` (replacing one an
-        earlier finish left): CRCs this writer computed, others read back
+        """Write every frame-written dataset's ``<path>.chunk_crc32c`` (replacing one a
+        killed commit left): CRCs this writer computed, others read back
         (:func:`stored_crc`)."""
         for ds in frame_datasets(fh):
             per, rows = ds.chunks[0], ds.shape[0]
