@@ -36,7 +36,7 @@ import numpy as np
 from ..codecs import Hdf5Field
 from ..errors import CacheBusyError, CorruptionError, NotACacheError, ReadOnlyError
 from .base import Backend, PartSpec, os_write_failure
-from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
+from .hdf5_frames import FrameReader
 from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
 from .hdf5_reads import (
     ChunkRows,
@@ -44,6 +44,8 @@ from .hdf5_reads import (
     _picked_rows,
     _read_rows,
     _touch,
+    chunk_rows,
+    frames_of,
     open_dataset,
 )
 from .hdf5_writes import HeldRows, create_field, create_labels, to_hdf5
@@ -158,15 +160,6 @@ class Hdf5Backend(Backend):
         if found is None:
             found = self._h_committed = parse_commit_record(self.get_meta(CHUNK_INDEX_KEY))
         return found
-
-    def _has_dataset(self, path: str) -> bool:
-        """Whether the commit recorded the dataset at ``path`` or the file has it."""
-        if "/" + path.lstrip("/") in self._committed():
-            return True
-        try:
-            return path in self._file()
-        except (KeyError, RuntimeError, OSError, ValueError):
-            return False
 
     def zero_chunks_of(self, path: str) -> frozenset[int] | None:
         """The chunks of the unfiltered dataset at ``path`` that held only zeros at commit;
@@ -522,7 +515,7 @@ class Hdf5Backend(Backend):
             rows = rows_cache.get(key)
             if rows is None:
                 _, fields, per_chunk, where = entry
-                rows = ChunkRows(self._chunk_rows(fields, chunk * per_chunk, per_chunk, where))
+                rows = ChunkRows(chunk_rows(self, fields, chunk * per_chunk, per_chunk, where))
                 rows_cache[key] = rows
                 self._h_rows_bytes += sum(r.nbytes for r in rows.values())
                 while self._h_rows_bytes > ROW_CACHE_BYTES and len(rows_cache) > 1:
@@ -567,37 +560,11 @@ class Hdf5Backend(Backend):
                 dst[batch_rows] = r[in_chunk]
         return out
 
-    def _chunk_rows(self, fields: list[tuple[str, str]], lo: int, count: int, where: str) -> dict[str, np.ndarray]:
-        rows: dict[str, np.ndarray] = {}
-        for name, path in fields:
-            try:
-                ds = self._dataset(path)
-            except KeyError:
-                raise CorruptionError(f"{where}: dataset {path} is missing") from None
-            frames = self._frames_of(path, ds, where)
-            if frames is not None and lo % frames.per == 0 and lo < frames.rows:
-                rows[name] = frames.read(ds, lo, count, where)
-            else:
-                hi = min(lo + count, ds.shape[0])
-                rows[name] = _read_rows(self, path, np.arange(lo, max(hi, lo), dtype=np.int64), where)
-        return rows
-
     def _frames_of(self, path: str, ds: h5py.Dataset, where: str) -> FrameReader | None:
-        """How to read a dataset whose chunks fmcache wrote (:mod:`.hdf5_frames`), found
-        once per handle; None for other datasets (read through h5py)."""
+        """:func:`.hdf5_reads.frames_of`, once per handle."""
         known = self._h_frames
         if path not in known:
-            # the checksums' dataset opened as any other (its header and chunk index checked);
-            # a committed cache recorded it. Without one (a build not committed yet), h5py
-            # reads the chunks: HDF5's fletcher32 checks them.
-            crc_path = path + CRC_SUFFIX
-            frames = written_as_frames(ds)
-            if not frames and "/" + crc_path.lstrip("/") in self._committed():
-                # the commit recorded its chunks' checksums: the attribute saying so is damaged
-                raise CorruptionError(f"{where}: {path} has chunk checksums ({crc_path}) but its "
-                                      f"{FORMAT_ATTR} attribute is missing or damaged")
-            known[path] = (FrameReader(ds, load_crcs(ds, self._dataset(crc_path), where))
-                           if frames and self._has_dataset(crc_path) else None)
+            known[path] = frames_of(self, path, ds, where)
         return known[path]
 
     def read_labels(self, samples: int) -> np.ndarray | None:

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from ..errors import CorruptionError, FmcacheError
+from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import check_zero_chunks
 
 if TYPE_CHECKING:
@@ -30,6 +31,49 @@ def open_dataset(fh: h5py.File, path: str, where: str) -> h5py.Dataset:
     if not isinstance(ds, h5py.Dataset):  # a damaged header's object type
         raise CorruptionError(f"{where}: {path} is a {type(ds).__name__}, not a dataset (damaged)")
     return ds
+
+
+def frames_of(backend: Hdf5Backend, path: str, ds: h5py.Dataset, where: str) -> FrameReader | None:
+    """How to read a dataset whose chunks fmcache wrote (:mod:`.hdf5_frames`): its
+    checksums' dataset opened as any other (header and chunk index checked); None for
+    other datasets, read through h5py. A committed cache recorded that dataset; without
+    one (a build not committed yet) h5py reads the chunks, and HDF5's fletcher32 checks
+    them. Recorded checksums of a dataset without the ``fmcache_chunks`` attribute: the
+    attribute is damaged."""
+    crc_path = path + CRC_SUFFIX
+    recorded = "/" + crc_path.lstrip("/") in backend._committed()
+    frames = written_as_frames(ds)
+    if not frames and recorded:
+        raise CorruptionError(f"{where}: {path} has chunk checksums ({crc_path}) but its "
+                              f"{FORMAT_ATTR} attribute is missing or damaged")
+    if not frames:
+        return None
+    if not recorded:
+        try:
+            if crc_path not in backend._file():
+                return None
+        except (KeyError, RuntimeError, OSError, ValueError):
+            return None
+    return FrameReader(ds, load_crcs(ds, backend._dataset(crc_path), where))
+
+
+def chunk_rows(backend: Hdf5Backend, fields: list[tuple[str, str]], lo: int, count: int,
+               where: str) -> dict[str, np.ndarray]:
+    """The stored rows ``lo .. lo+count-1`` (one chunk's, cut at the dataset's end) of each
+    (field name, dataset path): raw where fmcache wrote the chunks, else through h5py."""
+    rows: dict[str, np.ndarray] = {}
+    for name, path in fields:
+        try:
+            ds = backend._dataset(path)
+        except KeyError:
+            raise CorruptionError(f"{where}: dataset {path} is missing") from None
+        frames = backend._frames_of(path, ds, where)
+        if frames is not None and lo % frames.per == 0 and lo < frames.rows:
+            rows[name] = frames.read(ds, lo, count, where)
+        else:
+            hi = min(lo + count, ds.shape[0])
+            rows[name] = _read_rows(backend, path, np.arange(lo, max(hi, lo), dtype=np.int64), where)
+    return rows
 
 
 def _first_unreadable(ds: h5py.Dataset, samples: np.ndarray) -> int | None:
