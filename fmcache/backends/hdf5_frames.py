@@ -122,7 +122,7 @@ def _frame_around(nbytes: int, cparams: dict[str, Any]) -> tuple[bytes, bytes] |
     gives, and a tail (the offsets chunk, whose one offset is 0, and the trailer) that do
     not depend on the data, but for the frame's length and compressed size in the
     header. None where a probe's frame is not laid out so (then each frame is built by
-    python-blosc2, ~5x slower here)."""
+    python-blosc2's ``SChunk``, which is slower)."""
     key = (nbytes, cparams["codec"].value, int(cparams["clevel"]), cparams["filters"][0].value, int(cparams["typesize"]))
     if key not in _FRAMES:
         probe = (np.arange(nbytes, dtype=np.uint32) % 251).astype(np.uint8)  # no all-zero chunk

@@ -63,10 +63,7 @@ def chunk_rows(backend: Hdf5Backend, fields: list[tuple[str, str]], lo: int, cou
     (field name, dataset path): raw where fmcache wrote the chunks, else through h5py."""
     rows: dict[str, np.ndarray] = {}
     for name, path in fields:
-        try:
-            ds = backend._dataset(path)
-        except KeyError:
-            raise CorruptionError(f"{where}: dataset {path} is missing") from None
+        ds = backend._dataset(path)  # CorruptionError where it is missing (open_dataset)
         frames = backend._frames_of(path, ds, where)
         if frames is not None and lo % frames.per == 0 and lo < frames.rows:
             rows[name] = frames.read(ds, lo, count, where)
