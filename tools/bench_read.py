@@ -22,6 +22,9 @@ measures, in float32 MB (10^6 bytes) per second:
                      reads there skip the filters' decoding; a layer larger than those
                      caches (a real data set) reads like this column every epoch. LMDB
                      has no such cache (its records stay in the OS page cache, as here);
+* ``read_shuffled``  the same pass in a shuffled order (what per-sample reads under a
+                     shuffling sampler do): HDF5 reads a sample out of order without
+                     decoding its whole chunk (``fmcache.backends.hdf5_rows``);
 * ``read_batch``     ``cache.read_batch(layer, rows)`` for batches of 128 consecutive samples
                      (what the Dataset does per batch), per-sample rate, CPU time;
 * ``loader_w0/1/2``  ``FeatureMapDataset`` + ``DataLoader(batch_size=128, num_workers=0/1/2)``
@@ -163,6 +166,7 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
     sample_shape = maps.shape[1:]
     out = np.empty(sample_shape, dtype=np.float32)
     results: dict[str, Any] = {"shape": list(sample_shape), "samples": n, "megabytes": megabytes, "codecs": {}}
+    shuffled = np.random.default_rng(0).permutation(n)
 
     def per_sample(fn: Callable[[int], Any]) -> Callable[[], None]:
         def run() -> None:
@@ -203,6 +207,8 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
             copy = path.with_name(f"cold-{path.name}")
             (shutil.copytree if path.is_dir() else shutil.copyfile)(path, copy)
             runs[f"{spec}|{backend}|read_cold"] = (cold_pass(copy, layer, n), "cpu")
+            # the same in a shuffled order (a shuffling sampler over per-sample reads)
+            runs[f"{spec}|{backend}|read_shuffled"] = (cold_pass(copy, layer, n, shuffled), "cpu")
             runs[f"{spec}|{backend}|read_batch"] = (batched(lambda rows, c=cache: c.read_batch(layer, rows)), "cpu")
             for workers in loader_workers:
                 runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
@@ -218,7 +224,7 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
         entry["codec"].update(codec=rate[f"{spec}|codec"], codec_out=rate[f"{spec}|codec_out"])
         for backend in BACKENDS:
             b = entry["backends"][backend]
-            for key in ("read", "read_out", "read_cold", "read_batch", *(f"loader_w{w}" for w in loader_workers),
+            for key in ("read", "read_out", "read_cold", "read_shuffled", "read_batch", *(f"loader_w{w}" for w in loader_workers),
                         *(["loader_w0_cpu"] if 0 in loader_workers else [])):
                 b[key] = rate[f"{spec}|{backend}|{key}"]
             # read / bare decode, both new arrays per call, measured in the same rounds
@@ -227,22 +233,28 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
             b["read_cold_vs_codec"] = statistics.median(
                 s_codec / s_read
                 for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read_cold"]))
+            b["read_shuffled_vs_codec"] = statistics.median(
+                s_codec / s_read
+                for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read_shuffled"]))
             b["read_batch_vs_codec"] = statistics.median(
                 s_codec / s_read
                 for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read_batch"]))
     return results
 
 
-def cold_pass(path: Path, layer: str, n: int) -> Callable[[], float]:
-    """``read_cold``: a pass of per-sample reads from the cache at ``path`` opened afresh
-    (no decoded chunk or row kept from an earlier pass); returns the CPU seconds of
-    opening and closing it, which the timing leaves out."""
+def cold_pass(path: Path, layer: str, n: int, order: Sequence[int] | None = None) -> Callable[[], float]:
+    """``read_cold`` (``read_shuffled`` with ``order``): a pass of per-sample reads, in
+    order (or ``order``), from the cache at ``path`` opened afresh (no decoded chunk or row
+    kept from an earlier pass); returns the CPU seconds of opening and closing it, which
+    the timing leaves out."""
+    samples = list(range(n)) if order is None else [int(i) for i in order]
+
     def run() -> float:
         t0 = time.thread_time()
         cache = open_cache(path)
         opening = time.thread_time() - t0
         try:
-            for i in range(n):
+            for i in samples:
                 cache.read(layer, i)
         finally:
             t1 = time.thread_time()
@@ -279,14 +291,17 @@ def markdown_table(results: dict[str, Any]) -> str:
                  "MB/s of float32 per second, median (min–max). `read`, `codec`, `memcpy`, `loader w0 (CPU)`: "
                  "CPU time of the reading thread (per core); `loader wN`: wall clock, DataLoader batch 128. "
                  "`read cold`: a pass from a freshly opened cache, every read decoding (`read` passes after the "
-                 "first can find a small layer in HDF5's chunk and row caches).\n")
+                 "first can find a small layer in HDF5's chunk and row caches); `shuffled`: the same in a "
+                 "shuffled order (a shuffling sampler's per-sample reads).\n")
     workers = settings["loader_workers"]
     for layer, res in results["layers"].items():
         lines.append(f"**{layer}** {tuple(res['shape'])}, {res['megabytes']:.0f} MB float32; "
                      f"memcpy {_f(res['memcpy'])} MB/s\n")
-        cold = "read_cold" in next(iter(next(iter(res["codecs"].values()))["backends"].values()))
+        first = next(iter(next(iter(res["codecs"].values()))["backends"].values()))
+        cold, shuffled = "read_cold" in first, "read_shuffled" in first  # older runs' JSON lacks them
         head = ["codec", "backend", "ratio", "rel L2", "write", "read", "read out=", "read/codec",
-                *(["read cold", "cold/codec"] if cold else []), "read_batch", "read_batch/codec",
+                *(["read cold", "cold/codec"] if cold else []),
+                *(["shuffled", "shuffled/codec"] if shuffled else []), "read_batch", "read_batch/codec",
                 *(["loader w0 (CPU)"] if 0 in workers else []), *(f"loader w{w}" for w in workers),
                 "bare codec", "codec out="]
         lines.append("| " + " | ".join(head) + " |")
@@ -296,6 +311,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 row = [f"`{spec}`", backend, f"{b['ratio']:.2f}", f"{b['rel_l2_error']:.1e}",
                        f"{b['write_mb_s']:,.0f}", _f(b["read"]), _f(b["read_out"]), f"{b['read_vs_codec']:.2f}",
                        *([_f(b["read_cold"]), f"{b['read_cold_vs_codec']:.2f}"] if cold else []),
+                       *([_f(b["read_shuffled"]), f"{b['read_shuffled_vs_codec']:.2f}"] if shuffled else []),
                        _f(b["read_batch"]), f"{b['read_batch_vs_codec']:.2f}",
                        *([_f(b["loader_w0_cpu"])] if 0 in workers else []),
                        *(_f(b[f"loader_w{w}"]) for w in workers), _f(entry["codec"]["codec"]),

@@ -39,6 +39,7 @@ from crc32c import crc32c
 from ..codecs import Hdf5Field
 from ..codecs.lossless import CHUNK_SIZES, blosc2_decompress_into
 from ..errors import CorruptionError
+from .hdf5_rows import row_blocksize
 
 #: ``fmcache_chunks``: the attribute naming how a dataset's chunks were written
 FORMAT_ATTR = "fmcache_chunks"
@@ -46,6 +47,7 @@ FORMAT = "blosc2-frame-1"
 #: the dataset of a field's chunk CRC-32Cs: its path plus this
 CRC_SUFFIX = ".chunk_crc32c"
 _FLETCHER = struct.Struct("<I")
+FLETCHER_BYTES = _FLETCHER.size
 #: a cframe's header: fixarray marker, "b2frame\0" (str8), then int32 (marker 0xd2) header size
 _FRAME_MAGIC = b"b2frame\x00"
 
@@ -104,10 +106,12 @@ def fletcher32(data: bytes | bytearray | memoryview) -> int:
 
 def frame_settings(ds: h5py.Dataset) -> dict[str, Any]:
     """blosc2 ``cparams`` from the dataset's Blosc2 filter (hdf5plugin's ``cd_values``:
-    4 clevel, 5 shuffle, 6 codec)."""
+    4 clevel, 5 shuffle, 6 codec), with blocks that cut no row apart where a row is large
+    enough (:func:`.hdf5_rows.row_blocksize`: a sample decodes alone, :class:`.hdf5_rows.RowDecoder`)."""
     values = ds.id.get_create_plist().get_filter_by_id(hdf5plugin.BLOSC2_ID)[1]
+    row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
     return {"codec": blosc2.Codec(values[6]), "clevel": int(values[4]), "filters": [blosc2.Filter(values[5])],
-            "typesize": ds.dtype.itemsize, "nthreads": 1}
+            "typesize": ds.dtype.itemsize, "nthreads": 1, "blocksize": row_blocksize(row_bytes, ds.dtype.itemsize)}
 
 
 #: per (chunk bytes, blosc2 settings): the frame's header and tail around its one chunk
@@ -123,7 +127,8 @@ def _frame_around(nbytes: int, cparams: dict[str, Any]) -> tuple[bytes, bytes] |
     not depend on the data, but for the frame's length and compressed size in the
     header. None where a probe's frame is not laid out so (then each frame is built by
     python-blosc2's ``SChunk``, which is slower)."""
-    key = (nbytes, cparams["codec"].value, int(cparams["clevel"]), cparams["filters"][0].value, int(cparams["typesize"]))
+    key = (nbytes, cparams["codec"].value, int(cparams["clevel"]), cparams["filters"][0].value, int(cparams["typesize"]),
+           int(cparams.get("blocksize", 0)))
     if key not in _FRAMES:
         probe = (np.arange(nbytes, dtype=np.uint32) % 251).astype(np.uint8)  # no all-zero chunk
         frame = bytes(blosc2.SChunk(chunksize=nbytes, data=probe, cparams=cparams).to_cframe())
@@ -153,7 +158,7 @@ def encode_chunk(rows: np.ndarray, cparams: dict[str, Any]) -> bytes:
     return frame + _FLETCHER.pack(fletcher32(frame))
 
 
-def decode_chunk(stored: bytes, crc: int, rows: np.ndarray, where: str) -> np.ndarray:
+def decode_chunk(stored: bytes | memoryview, crc: int, rows: np.ndarray, where: str) -> np.ndarray:
     """Decode a chunk's stored bytes into ``rows`` (the chunk's C-contiguous rows) after
     checking their CRC-32C against ``crc``; CorruptionError (naming ``where``) otherwise."""
     if crc32c(stored) != crc:
@@ -288,31 +293,61 @@ def load_crcs(ds: h5py.Dataset, crc_ds: h5py.Dataset, where: str) -> np.ndarray:
 
 class FrameReader:
     """Reads whole chunks of one frame-written dataset: the stored bytes, their CRC-32C,
-    the frame decoded straight into the rows (its shape found once, not per chunk)."""
+    the frame decoded straight into the rows (its shape found once, not per chunk).
 
-    __slots__ = ("crcs", "dtype", "edge", "per", "row_shape", "rows", "tail")
+    With a ``source`` (:class:`.hdf5_rows.FileMap` of a read-only handle) and the chunk
+    index the handle checked (``entries``, :func:`.hdf5_index.chunk_entries`), a chunk's
+    stored bytes are a slice of the mapped file; else, and for any chunk the index does not
+    place plainly, HDF5's ``read_direct_chunk``."""
 
-    def __init__(self, ds: h5py.Dataset, crcs: np.ndarray) -> None:
+    __slots__ = ("addresses", "crcs", "dtype", "edge", "per", "row_shape", "rows", "sizes", "source", "tail")
+
+    def __init__(self, ds: h5py.Dataset, crcs: np.ndarray, source: Any = None, entries: np.ndarray | None = None
+                 ) -> None:
         self.crcs, self.per, self.rows = crcs, int(ds.chunks[0]), int(ds.shape[0])
         self.row_shape, self.dtype, self.tail = tuple(ds.shape[1:]), ds.dtype, (0,) * (ds.ndim - 1)
         chunks = -(-self.rows // self.per)
         # A dataset cut short (damage the reads name) within a chunk: HDF5 rewrote that
         # chunk through its filters when it shrank the dataset, so it is read through them
         self.edge = chunks - 1 if len(crcs) > chunks and self.rows % self.per else -1
+        self.source = source if entries is not None else None
+        self.addresses = np.full(chunks, -1, dtype=np.int64)
+        self.sizes = np.zeros(chunks, dtype=np.int64)
+        if self.source is not None and entries is not None and len(entries):
+            # (first-axis offset, filter mask, address, size, largest other offset) per entry:
+            # only plain ones (every filter applied, at a chunk's start) are read from the map
+            offsets, masks, addresses, sizes, other = (entries[:, i].astype(np.int64) for i in range(5))
+            plain = (masks == 0) & (other == 0) & (offsets % self.per == 0) & (offsets < self.rows) & (addresses >= 0)
+            where = offsets[plain] // self.per
+            self.addresses[where], self.sizes[where] = addresses[plain], sizes[plain]
+        if self.edge >= 0:
+            self.addresses[self.edge] = -1
+
+    def mapped(self, chunk: int) -> memoryview | None:
+        """Chunk ``chunk``'s stored bytes in the mapped file, or None (no map, or a chunk
+        the map does not hold plainly)."""
+        address = int(self.addresses[chunk])
+        if address < 0 or self.source is None:
+            return None
+        stored: memoryview | None = self.source.stored(address, int(self.sizes[chunk]))
+        return stored
 
     def read(self, ds: h5py.Dataset, lo: int, count: int, where: str) -> np.ndarray:
         """Rows ``lo ..`` (the first of a chunk), at most ``count`` and the dataset's end."""
         per = self.per
-        if lo // per == self.edge:
+        chunk = lo // per
+        if chunk == self.edge:
             return ds[lo:min(lo + count, self.rows)]
         place = f"{where} sample {lo} (the chunk of samples {lo}-{min(lo + per, self.rows) - 1})"
-        try:
-            mask, stored = ds.id.read_direct_chunk((lo, *self.tail))
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise CorruptionError(f"{place}: HDF5 cannot read the chunk of {ds.name} ({exc})") from None
-        if mask:
-            raise CorruptionError(f"{place}: the chunk of {ds.name} says its filters were skipped (damaged)")
-        rows = decode_chunk(stored, int(self.crcs[lo // per]), np.empty((per, *self.row_shape), self.dtype), place)
+        stored = self.mapped(chunk) if self.source is not None else None
+        if stored is None:
+            try:
+                mask, stored = ds.id.read_direct_chunk((lo, *self.tail))
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise CorruptionError(f"{place}: HDF5 cannot read the chunk of {ds.name} ({exc})") from None
+            if mask:
+                raise CorruptionError(f"{place}: the chunk of {ds.name} says its filters were skipped (damaged)")
+        rows = decode_chunk(stored, int(self.crcs[chunk]), np.empty((per, *self.row_shape), self.dtype), place)
         return rows[:min(count, self.rows - lo)]
 
     def gather(self, ds: h5py.Dataset, samples: np.ndarray, where: str) -> np.ndarray:

@@ -130,8 +130,9 @@ def check_header(ds: h5py.Dataset, where: str, rows: int | None, digest: int | N
         raise CorruptionError(f"{where}: HDF5 cannot read the header of {ds.name} ({exc})") from None
 
 
-def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -> None:
-    """CorruptionError unless HDF5's chunk index is the one the cache was committed with
+def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -> np.ndarray | None:
+    """:func:`chunk_entries` of ``ds`` (None where it is not chunked), once checked:
+    CorruptionError unless HDF5's chunk index is the one the cache was committed with
     (``digest``: :func:`index_digest` at commit; None for caches committed before
     fmcache recorded it) and a read's own look-up finds a chunk, every filter applied, at each chunk
     offset covering the dataset's rows.
@@ -145,7 +146,7 @@ def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -
     (tests/test_reliability_corruption.py flips each byte of the index)."""
     rows, chunks = ds.shape[0] if ds.shape else 0, ds.chunks
     if not chunks:
-        return
+        return None
     entries = chunk_entries(ds, where)
     if digest is not None and index_digest(entries) != digest:
         raise CorruptionError(f"{where}: the chunk index of {ds.name} differs from the one the cache was "
@@ -154,7 +155,7 @@ def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -
                               hint="copy or convert caches with `fmcache compact SRC DST` (its index is "
                                    "recorded anew); a file no tool rewrote is damaged: rebuild it")
     if not rows:
-        return
+        return entries
     per = chunks[0]
     offsets, masks, addresses, other = entries[:, 0], entries[:, 1], entries[:, 2], entries[:, 4]
     # A filter mask says HDF5 skipped an optional filter on that chunk. It does so when
@@ -179,6 +180,7 @@ def check_chunk_index(ds: h5py.Dataset, where: str, digest: int | None = None) -
                 if len(missing) else f"a chunk entry is malformed ({entries[np.flatnonzero(bad)[0]].tolist()})")
         raise CorruptionError(f"{where}: the chunk index of {ds.name} is damaged: {what} "
                               f"({len(missing)} of {len(held)} chunks missing, {int(bad.sum())} malformed)")
+    return entries
 
 
 _LOOKUP: list[Any] = []  # [H5Dget_chunk_storage_size or None], found once per process

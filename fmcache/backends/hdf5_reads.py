@@ -5,6 +5,7 @@ failure becomes a CorruptionError naming the sample."""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ import numpy as np
 from ..errors import CorruptionError, FmcacheError
 from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import check_zero_chunks
+from .hdf5_rows import RowDecoder
 
 if TYPE_CHECKING:
     from .hdf5_backend import Hdf5Backend
@@ -36,7 +38,8 @@ def open_dataset(fh: h5py.File, path: str, where: str) -> h5py.Dataset:
 def frames_of(backend: Hdf5Backend, path: str, ds: h5py.Dataset, where: str) -> FrameReader | None:
     """How to read a dataset whose chunks fmcache wrote (:mod:`.hdf5_frames`): its
     checksums' dataset opened as any other (header and chunk index checked); None for
-    other datasets, read through h5py. A committed cache recorded that dataset; without
+    other datasets, read through h5py; on a read-only handle, over the mapped file and the
+    chunk index the handle checked. A committed cache recorded that dataset; without
     one (a build not committed yet) h5py reads the chunks, and HDF5's fletcher32 checks
     them. Recorded checksums of a dataset without the ``fmcache_chunks`` attribute: the
     attribute is damaged."""
@@ -54,7 +57,33 @@ def frames_of(backend: Hdf5Backend, path: str, ds: h5py.Dataset, where: str) -> 
                 return None
         except (KeyError, RuntimeError, OSError, ValueError):
             return None
-    return FrameReader(ds, load_crcs(ds, backend._dataset(crc_path), where))
+    crcs = load_crcs(ds, backend._dataset(crc_path), where)
+    return FrameReader(ds, crcs, backend.__dict__.get("_h_map"), backend.__dict__.get("_h_index", {}).get(path))
+
+
+def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, list[tuple[str, str]], int, str]
+                ) -> RowDecoder | None:
+    """Per (layer, part), handle and process: the :class:`.hdf5_rows.RowDecoder` of a
+    one-field part whose chunks fmcache wrote (a sample decoded alone, from the mapped
+    file), or None (the row LRU serves it): also where the part's stored rows fit in the
+    LRU, which then holds each chunk after its first read, in any order. ``entry``:
+    ``Hdf5Backend._one_entry``'s."""
+    if backend.__dict__.get("_h_rowdec_pid") != os.getpid():
+        backend._file()  # a forked worker opens its own handle (and map) first
+    known = backend._h_rowdec
+    key = (layer, part)
+    if key not in known:
+        codec, fields, _, where = entry
+        decoder = None
+        if len(fields) == 1:
+            name, path = fields[0]
+            decoder = RowDecoder.of(backend._frames_of(path, backend._dataset(path), where), codec, name, where)
+            from .hdf5_backend import ROW_CACHE_BYTES  # here: hdf5_backend imports this module
+
+            if decoder is not None and decoder.frames.rows * decoder.row_bytes <= ROW_CACHE_BYTES:
+                decoder = None
+        known[key] = decoder
+    return known[key]
 
 
 def chunk_rows(backend: Hdf5Backend, fields: list[tuple[str, str]], lo: int, count: int,

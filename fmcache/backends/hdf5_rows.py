@@ -1,0 +1,245 @@
+"""One sample of a frame-written HDF5 chunk, decoded straight from the file's bytes.
+
+A per-sample read of a Blosc2-filtered field used to decode the sample's whole chunk
+(every row, 8-32 samples) into the row LRU and serve the row from there: at a cold pass,
+that was a chunk read, a decode into fresh memory and a widening per row, 0.54-0.71x the
+bare codec's speed where LMDB reaches 0.74-0.92x (docs/benchmarks.md). Here instead:
+
+* :class:`FileMap`: the cache file mapped read-only, so a chunk's stored bytes are a
+  slice of memory (no ``read_direct_chunk`` copy); where they lie comes from HDF5's chunk
+  index, which the reader checked against the one recorded at commit
+  (:func:`.hdf5_index.check_chunk_index`).
+* Chunks written since session 16 use blosc2 blocks that cut no row apart
+  (:func:`row_blocksize`), so libblosc2's ``blosc2_getitem`` decodes exactly one
+  sample's blocks, straight into a per-thread row buffer (a row of one block: straight
+  into it, no copy inside blosc2), which the codec widens into the caller's map
+  (:class:`RowDecoder`).
+* A chunk's CRC-32C (recorded at commit) and its frame's layout are checked the first time
+  a process reads from it; a chunk that fails the CRC is never decoded
+  (CorruptionError), one laid out otherwise (blocks across rows, written before session
+  16; an all-zero chunk blosc2 stored as a special value) goes the row LRU's way.
+
+``blosc2_getitem`` is reached through ctypes in the ``libblosc2`` that python-blosc2
+ships (python-blosc2 has no per-item call on a chunk; its own copy is linked into its
+extension statically, so this is a second copy of the same library); where it cannot be
+loaded, every read takes the row LRU's way. The call makes a decompression context of
+its own each time, so threads may call it at once (and ctypes releases the GIL around it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import threading
+from array import array
+from pathlib import Path
+from typing import Any
+
+import blosc2
+import h5py
+import numpy as np
+from crc32c import crc32c
+
+from ..codecs.lossless import CHUNK_SIZES
+from ..errors import CorruptionError
+
+#: the largest blosc2 block of a frame-written chunk: a row's bytes where they fit, else
+#: the largest part of a row that divides it (then a sample is a run of whole blocks)
+MAX_ROW_BLOCK = 1 << 18
+#: below this, a row is too small a block to compress well: blosc2 picks (several rows a
+#: block), and per-sample reads take the row LRU's way
+MIN_ROW_BLOCK = 1 << 13
+_FLAGS_AT = 2  # a blosc2 chunk's header: version, versionlz, flags, typesize, then CHUNK_SIZES
+_MEMCPYED = 0x02
+
+
+def row_blocksize(row_bytes: int, typesize: int) -> int:
+    """The blosc2 ``blocksize`` for chunks of rows of ``row_bytes`` (0: blosc2's own choice):
+    ``row_bytes`` where it lies in [:data:`MIN_ROW_BLOCK`, :data:`MAX_ROW_BLOCK`], else the
+    largest part of a row that divides it, is a whole number of values and is at least
+    :data:`MIN_ROW_BLOCK`."""
+    if row_bytes < MIN_ROW_BLOCK or row_bytes % typesize:
+        return 0
+    if row_bytes <= MAX_ROW_BLOCK:
+        return row_bytes
+    for parts in range(-(-row_bytes // MAX_ROW_BLOCK), row_bytes // MIN_ROW_BLOCK + 1):
+        if row_bytes % parts == 0 and (row_bytes // parts) % typesize == 0:
+            return row_bytes // parts
+    return 0
+
+
+_GETITEM: list[Any] = []  # [blosc2_getitem or None], found once per process
+
+
+def _blosc2_getitem() -> Any:
+    """``blosc2_getitem(src, srcsize, start, nitems, dest, destsize)`` of the libblosc2
+    python-blosc2 ships, or None where it cannot be loaded."""
+    if not _GETITEM:
+        fn = None
+        for lib in sorted((Path(blosc2.__file__).parent / "lib").glob("libblosc2.so*")):
+            try:
+                dll = ctypes.CDLL(str(lib))
+                dll.blosc2_init()
+                fn = dll.blosc2_getitem
+            except (OSError, AttributeError):
+                continue
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                           ctypes.c_int32]
+            break
+        _GETITEM.append(fn)
+    return _GETITEM[0]
+
+
+class FileMap:
+    """An HDF5 file's bytes, mapped read-only: ``view`` (a memoryview), ``address`` (where
+    file offset 0, past any user block, lies in memory) and ``base`` (the user block's size,
+    which HDF5's chunk addresses do not count)."""
+
+    __slots__ = ("_array", "_map", "address", "base", "view")
+
+    def __init__(self, fh: h5py.File) -> None:
+        self._map = mmap.mmap(fh.id.get_vfd_handle(), 0, access=mmap.ACCESS_READ)
+        self.view = memoryview(self._map)
+        self._array = np.frombuffer(self.view, dtype=np.uint8)
+        self.base = int(fh.userblock_size)
+        self.address = int(self._array.ctypes.data) + self.base
+
+    @classmethod
+    def of(cls, fh: h5py.File) -> FileMap | None:
+        """The map of ``fh``, or None where it cannot be made (a driver other than HDF5's
+        default one, an empty file, no mmap)."""
+        try:
+            return cls(fh)
+        except (OSError, ValueError, TypeError, AttributeError, RuntimeError):
+            return None
+
+    def stored(self, address: int, size: int) -> memoryview | None:
+        """The ``size`` bytes at HDF5 address ``address``; None past the mapped end."""
+        start = self.base + address
+        if address < 0 or size <= 0 or start + size > len(self.view):
+            return None
+        return self.view[start:start + size]
+
+    def close(self) -> None:
+        """Unmap, unless a slice is still in use somewhere (then when the last goes)."""
+        self._array = None  # type: ignore[assignment]
+        try:
+            self.view.release()
+            self._map.close()
+        except (BufferError, ValueError):
+            pass
+
+
+#: a frame's header: int32 (marker 0xd2 at byte 10) header size at byte 11
+_HEADER_SIZE = struct.Struct(">i")
+
+
+class RowDecoder:
+    """Per-sample reads of one frame-written field of a read-only cache: ``read(sample,
+    out)`` decodes the sample's blocks with ``blosc2_getitem`` into a per-thread row
+    buffer and widens it with the codec's row reader; None where the sample's chunk is not
+    laid out for it (the caller reads through the row LRU). CorruptionError where the
+    chunk fails its CRC-32C."""
+
+    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "items",
+                 "last_chunk", "row_bytes", "row_shape", "where")
+
+    def __init__(self, frames: Any, codec: Any, field: str, where: str) -> None:
+        self.frames, self.codec, self.field, self.where = frames, codec, field, where
+        self.row_shape, self.dtype = frames.row_shape, frames.dtype
+        self.items = int(np.prod(self.row_shape, dtype=np.int64))
+        self.row_bytes = self.items * self.dtype.itemsize
+        chunks = len(frames.addresses)
+        # per chunk: 0 not looked at yet, -1 read through the row LRU, else where its blosc2
+        # chunk starts in memory (with its compressed size in _sizes); 8 bytes a chunk
+        self._starts = array("q", bytes(8 * chunks))
+        self._sizes = array("q", bytes(8 * chunks))
+        self._local = threading.local()
+        self._getitem = _blosc2_getitem()
+        #: the chunk of the last read the row LRU missed (the backend's choice between
+        #: this decoder and the LRU; threads may overwrite it, which only moves that choice)
+        self.last_chunk = -1
+
+    @classmethod
+    def of(cls, frames: Any, codec: Any, field: str, where: str) -> RowDecoder | None:
+        """A decoder for ``frames`` (a :class:`.hdf5_frames.FrameReader` over a file map),
+        or None where it has no map or libblosc2's getitem is missing."""
+        if frames is None or frames.source is None or _blosc2_getitem() is None:
+            return None
+        return cls(frames, codec, field, where)
+
+    def read_out_of_order(self, chunk: int, sample: int, out: np.ndarray) -> np.ndarray | None:
+        """:meth:`read` where this read is out of order, for a read the row LRU missed
+        (``chunk``: the sample's); None otherwise, which sends it to the LRU: a read in
+        the chunk the previous miss was in, or in the next one (a pass in order), decodes
+        that chunk into the LRU, which serves the rest of it."""
+        last, self.last_chunk = self.last_chunk, chunk
+        if 0 <= chunk - last <= 1:
+            return None
+        return self.read(sample, out)
+
+    def read(self, sample: int, out: np.ndarray) -> np.ndarray | None:
+        frames = self.frames
+        if sample >= frames.rows:
+            return None  # the row LRU's read names it
+        chunk = sample // frames.per
+        start = self._starts[chunk]
+        if start <= 0:
+            start = self._look(chunk) if start == 0 else -1
+            if start < 0:
+                return None
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            pair = self._row()
+        k = sample - chunk * frames.per
+        got = self._getitem(start, self._sizes[chunk], k * self.items, self.items, pair[0], self.row_bytes)
+        if got != self.row_bytes:  # a chunk blosc2 will not take item by item: decode it whole
+            self._starts[chunk] = -1
+            return None
+        return pair[1](0, out)
+
+    def _row(self) -> tuple[int, Any, np.ndarray]:
+        """This thread's row buffer (1, *row shape): its address, the codec's row reader
+        over it, the buffer."""
+        row = np.empty((1, *self.row_shape), dtype=self.dtype)
+        pair = self._local.pair = (int(row.ctypes.data), self.codec.hdf5_row_reader({self.field: row}), row)
+        return pair
+
+    def _look(self, chunk: int) -> int:
+        """Check chunk ``chunk`` once (its CRC-32C, its frame's layout) and note where its
+        blosc2 chunk starts, or -1 where it is read through the row LRU."""
+        frames = self.frames
+        stored = frames.mapped(chunk)
+        start = -1
+        if stored is not None:
+            if crc32c(stored) != int(frames.crcs[chunk]):
+                lo = chunk * frames.per
+                raise CorruptionError(f"{self.where} sample {lo} (the chunk of samples {lo}-"
+                                      f"{min(lo + frames.per, frames.rows) - 1}): the chunk fails its CRC-32C (damaged)")
+            start, size = self._layout(stored)
+            if start >= 0:
+                self._sizes[chunk] = size
+                start += frames.source.address + int(frames.addresses[chunk])
+        self._starts[chunk] = start
+        return start
+
+    def _layout(self, stored: memoryview) -> tuple[int, int]:
+        """(offset of the frame's one blosc2 chunk in ``stored``, its compressed size)
+        where that chunk is fmcache's (:func:`.hdf5_frames.is_own_frame`), holds the
+        whole chunk's rows of this dtype and its blocks cut no row apart; (-1, 0) else."""
+        from .hdf5_frames import FLETCHER_BYTES, is_own_frame
+
+        if not is_own_frame(stored):
+            return -1, 0
+        at = _HEADER_SIZE.unpack_from(stored, 11)[0]
+        if at + 16 + FLETCHER_BYTES > len(stored):
+            return -1, 0
+        nbytes, blocksize, cbytes = CHUNK_SIZES.unpack_from(stored, at + 4)
+        frames = self.frames
+        if (nbytes != frames.per * self.row_bytes or stored[at + 3] != self.dtype.itemsize or blocksize <= 0
+                or at + cbytes > len(stored) - FLETCHER_BYTES
+                or (self.row_bytes % blocksize and not stored[at + _FLAGS_AT] & _MEMCPYED)):
+            return -1, 0
+        return at, cbytes
