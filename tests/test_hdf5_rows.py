@@ -138,6 +138,21 @@ def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
                 np.testing.assert_array_equal(h5.read("L", i), widened[i])
 
 
+def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):
+    """In a shuffled order a read often lands in the chunk after the previous one's; only
+    two such steps in a row (a pass in order) send reads to the row LRU."""
+    x = maps(15, SHAPES["16k"])
+    build(tmp_path / "c.h5", x, "bf16")
+    build(tmp_path / "c.lmdb", x, "bf16")
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        for i in (4, 8, 0, 13, 5, 9, 1, 14):  # chunks 1, 2, 0, 3, 1, 2, 0, 3
+            np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
+        assert len(h5.backend.__dict__.get("_h_rows") or {}) == 0
+        for i in (10, 11, 12):  # chunk 2, 2, 3: two steps in order, the second to the LRU
+            np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
+        assert list(h5.backend._h_rows) == [("L", "all", 3)]
+
+
 @pytest.mark.parametrize("where", ["compressed data", "frame header", "fletcher32"])
 def test_a_damaged_chunk_is_never_decoded_by_a_per_sample_read(tmp_path, where):
     x = maps(12, SHAPES["16k"])

@@ -143,8 +143,8 @@ class RowDecoder:
     laid out for it (the caller reads through the row LRU). CorruptionError where the
     chunk fails its CRC-32C."""
 
-    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "items",
-                 "last_chunk", "row_bytes", "row_shape", "where")
+    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "in_order",
+                 "items", "last_chunk", "row_bytes", "row_shape", "where")
 
     def __init__(self, frames: Any, codec: Any, field: str, where: str) -> None:
         self.frames, self.codec, self.field, self.where = frames, codec, field, where
@@ -161,6 +161,8 @@ class RowDecoder:
         #: the chunk of the last read the row LRU missed (the backend's choice between
         #: this decoder and the LRU; threads may overwrite it, which only moves that choice)
         self.last_chunk = -1
+        #: how many misses in a row stepped to the same or the next chunk
+        self.in_order = 0
 
     @classmethod
     def of(cls, frames: Any, codec: Any, field: str, where: str) -> RowDecoder | None:
@@ -172,12 +174,18 @@ class RowDecoder:
 
     def read_out_of_order(self, chunk: int, sample: int, out: np.ndarray) -> np.ndarray | None:
         """:meth:`read` where this read is out of order, for a read the row LRU missed
-        (``chunk``: the sample's); None otherwise, which sends it to the LRU: a read in
-        the chunk the previous miss was in, or in the next one (a pass in order), decodes
-        that chunk into the LRU, which serves the rest of it."""
+        (``chunk``: the sample's); None otherwise, which sends it to the LRU: where this
+        miss and the one before each fell in the chunk of the miss before it or in the
+        next one (a pass in order), the chunk is decoded into the LRU, which serves the
+        rest of it. One such step alone is not enough: in a shuffled order it comes once
+        in every (chunks / 2) reads, and each would decode a whole chunk for one sample."""
         last, self.last_chunk = self.last_chunk, chunk
         if 0 <= chunk - last <= 1:
-            return None
+            self.in_order += 1
+            if self.in_order >= 2:
+                return None
+        else:
+            self.in_order = 0
         return self.read(sample, out)
 
     def read(self, sample: int, out: np.ndarray) -> np.ndarray | None:
