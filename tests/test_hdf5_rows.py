@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_hdf5_frames import frame_fields
 
 import fmcache
-from fmcache.backends import hdf5_backend
+from fmcache.backends import hdf5_backend, hdf5_frames
 from fmcache.backends.hdf5_backend import dataset_path
 from fmcache.backends.hdf5_rows import MAX_ROW_BLOCK, MIN_ROW_BLOCK, RowDecoder, row_blocksize
 from fmcache.codecs.lossless import CHUNK_SIZES
@@ -148,9 +148,74 @@ def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):
         for i in (4, 8, 0, 13, 5, 9, 1, 14):  # chunks 1, 2, 0, 3, 1, 2, 0, 3
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
         assert len(h5.backend.__dict__.get("_h_rows") or {}) == 0
-        for i in (10, 11, 12):  # chunk 2, 2, 3: two steps in order, the second to the LRU
+        for i in (10, 11, 12, 13):  # chunks 2, 2, 3, 3: a pass starting; its second read in chunk 3 fills the LRU
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
         assert list(h5.backend._h_rows) == [("L", "all", 3)]
+
+
+def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, monkeypatch):
+    """Each read in the chunk after the previous read's, never the same one (a sampler
+    striding by samples_per_chunk): every read decodes its own sample, as in a shuffled
+    order; a pass in order after it fills the LRU chunk by chunk."""
+    x = maps(32, SHAPES["16k"])
+    build(tmp_path / "c.h5", x, "bf16")
+    build(tmp_path / "c.lmdb", x, "bf16")
+    whole_chunks = []
+    decode_chunk = hdf5_frames.decode_chunk
+    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        strided = [k + 4 * c for k in range(4) for c in range(8)]  # 0, 4, 8, ..., 28, 1, 5, ...
+        for i in strided:
+            np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
+        assert whole_chunks == []
+        for i in range(32):
+            np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
+        assert len(whole_chunks) == 8  # each chunk once, after one sample of the first decoded alone
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "blosc2"])
+def test_batches_of_rows_far_apart_are_read_a_sample_at_a_time(tmp_path, codec, monkeypatch):
+    """A shuffling sampler's batch over a part larger than the row LRU (its rows in
+    different chunks) reads each row alone, into ``out`` where given, and gives LMDB's
+    values, as a batch of neighbours (read as a whole chunk) does."""
+    x = maps(40, SHAPES["16k"])
+    build(tmp_path / "c.h5", x, codec, spc=8)
+    build(tmp_path / "c.lmdb", x, codec, spc=8)
+    whole_chunks = []  # the chunks decoded whole (observed, not replaced)
+    decode_chunk = hdf5_frames.decode_chunk
+    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        far = np.array([33, 2, 17, 9, 26, 2])  # five chunks of 8 for six rows, one twice
+        np.testing.assert_array_equal(h5.read_batch("L", far), lm.read_batch("L", far))
+        assert whole_chunks == [] and len(h5.backend.__dict__.get("_h_rows") or {}) == 0
+        out = np.full((len(far), *x.shape[1:]), np.nan, np.float32)
+        assert h5.read_batch("L", far, out=out) is out
+        np.testing.assert_array_equal(out, lm.read_batch("L", far))
+        strided = np.full((len(far), *x.shape[1:], 2), np.nan, np.float32)[..., 0]
+        h5.read_batch("L", far, out=strided)
+        np.testing.assert_array_equal(strided, lm.read_batch("L", far))
+        near = np.array([8, 10, 11, 12, 14, 15])  # one chunk: read whole
+        np.testing.assert_array_equal(h5.read_batch("L", near), lm.read_batch("L", near))
+        assert len(whole_chunks) == 1
+
+
+def test_a_damaged_chunk_in_a_batch_of_rows_far_apart_is_an_error(tmp_path):
+    x = maps(40, SHAPES["16k"])
+    path = tmp_path / "c.h5"
+    build(path, x, "bf16", spc=8)
+    (name,) = frame_fields(path)
+    with h5py.File(path, "r") as fh:
+        info = fh[name].id.get_chunk_info_by_coord((16, 0, 0, 0))
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes([byte ^ 0x01]))
+    with fmcache.open_cache(path) as cache:
+        with pytest.raises(CorruptionError, match=r"sample 16 \(the chunk of samples 16-23\).*CRC-32C"):
+            cache.read_batch("L", np.array([33, 2, 17, 9]))
+        np.testing.assert_array_equal(cache.read_batch("L", np.array([33, 2, 9])),
+                                      np.stack([cache.read("L", i) for i in (33, 2, 9)]))
 
 
 @pytest.mark.parametrize("where", ["compressed data", "frame header", "fletcher32"])

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import h5py
@@ -429,6 +430,33 @@ def test_hdf5_damaged_chunk_index_never_serves_wrong_values(tmp_path, codec):
     flip_byte(path, key, 0x04)  # that chunk's offset + 1024: HDF5 finds no chunk at its rows
     code, output = verify_cli(path)
     assert code == 1 and "chunk index" in output and "damaged" in output, output
+
+
+def test_hdf5_chunk_index_values_past_2_to_the_63_are_corruption_errors(tmp_path):
+    """A damaged B-tree key whose offset reads as 2**63 or more: h5py hands it over as a
+    Python int, which numpy's int64 refused with a bare OverflowError (a sweep of session
+    16 found it). Each chunk key's first-axis offset, its top byte set in turn."""
+    x = np.abs(np.random.default_rng(3).standard_normal((21, 64, 64))).astype(np.float32)
+    path = tmp_path / "c.h5"
+    with fmcache.create_cache(path) as w:
+        w.add_layer("L", x.shape[1:], codec="bf16", samples_per_chunk=4)
+        w.append({"L": x}, np.zeros(21, np.int64))
+        w.commit()
+    name = dataset_path("L", "all", "bits")
+    blob = path.read_bytes()
+    keys = []
+    with h5py.File(path, "r") as fh:
+        for lo in range(0, 21, 4):
+            info = fh[name].id.get_chunk_info_by_coord((lo, 0, 0))
+            key = struct.pack("<II", info.size, 0) + struct.pack("<QQQ", lo, 0, 0)
+            keys += [at for at in range(len(blob)) if blob.startswith(key, at)]
+    assert len(keys) == 6
+    for at in keys:
+        damaged = tmp_path / f"d{at}.h5"
+        damaged.write_bytes(blob[:at + 15] + b"\xff" + blob[at + 16:])  # the offset's most significant byte
+        with fmcache.open_cache(damaged) as cache, pytest.raises(CorruptionError, match="chunk index"):
+            for i in (12, 8, 4, 0, 20, 16):
+                cache.read("L", i)
 
 
 @pytest.mark.parametrize("codec", ["raw", "bf16", "zfp:accuracy=0.01"])

@@ -14,7 +14,10 @@ zoo's CIFAR ResNet-18 of ``--width`` on Fashion-MNIST, as ``bench_read.py``) at
 * ``hdf5 baseline`` / ``hdf5 now``: ``cache.read`` on HDF5, each cache built by its own
   implementation (the baseline commit is checked out beside the working tree and imported
   as ``fmcache_baseline``, see ``bench_ab.py``);
-* ``hdf5 now, in order``: the same cache read in order (the row LRU's way, for reference).
+* ``hdf5 now, in order``: the same cache read in order (the row LRU's way, for reference);
+* ``..., batches of 128``: ``cache.read_batch`` over the same shuffled order cut into
+  batches (what a ``DataLoader(dataset, shuffle=True)`` over fmcache's Dataset asks for,
+  rather than its chunk-aware sampler).
 
 Every pass opens its cache afresh (opening and closing not timed) and reads every sample
 in one shuffled order; the passes alternate within a round, rounds repeat ``--repeats``
@@ -73,9 +76,28 @@ def pass_of(package: Any, path: Path, layer: str, order: Sequence[int]) -> Calla
     return run
 
 
-def bench_layer(base: Any, layer: str, maps: np.ndarray, codec: str, repeats: int, work: Path) -> dict[str, Any]:
+def batches_of(package: Any, path: Path, layer: str, batches: Sequence[np.ndarray]) -> Callable[[], float]:
+    """:func:`pass_of` with ``cache.read_batch`` over ``batches``."""
+    def run() -> float:
+        t0 = time.thread_time()
+        cache = package.open_cache(path)
+        left_out = time.thread_time() - t0
+        try:
+            for batch in batches:
+                cache.read_batch(layer, batch)
+        finally:
+            t1 = time.thread_time()
+            cache.close()
+            left_out += time.thread_time() - t1
+        return left_out
+    return run
+
+
+def bench_layer(base: Any, layer: str, maps: np.ndarray, codec: str, repeats: int, work: Path,
+                batch: int) -> dict[str, Any]:
     n = len(maps)
     order = [int(i) for i in np.random.default_rng(0).permutation(n)]
+    batches = [np.asarray(order[lo:lo + batch], dtype=np.int64) for lo in range(0, n, batch)]
     for name, package, backend in (("now", fmcache, "hdf5"), ("baseline", base, "hdf5"), ("now", fmcache, "lmdb")):
         build(package, work / f"{layer}-{name}.{'h5' if backend == 'hdf5' else 'lmdb'}", backend, layer, maps, codec)
     bare = fmcache.codecs.codec_from_spec(codec)
@@ -92,6 +114,9 @@ def bench_layer(base: Any, layer: str, maps: np.ndarray, codec: str, repeats: in
         "hdf5 baseline": pass_of(base, work / f"{layer}-baseline.h5", layer, order),
         "hdf5 now": pass_of(fmcache, work / f"{layer}-now.h5", layer, order),
         "hdf5 now, in order": pass_of(fmcache, work / f"{layer}-now.h5", layer, range(n)),
+        f"lmdb, batches of {batch}": batches_of(fmcache, work / f"{layer}-now.lmdb", layer, batches),
+        f"hdf5 baseline, batches of {batch}": batches_of(base, work / f"{layer}-baseline.h5", layer, batches),
+        f"hdf5 now, batches of {batch}": batches_of(fmcache, work / f"{layer}-now.h5", layer, batches),
     }
     for run in runs.values():  # warm-up: the OS page cache, first-call set-up
         run()
@@ -111,6 +136,8 @@ def bench_layer(base: Any, layer: str, maps: np.ndarray, codec: str, repeats: in
             "median": statistics.median(rates), "min": min(rates), "max": max(rates),
             "vs_codec": statistics.median(c / s for c, s in zip(seconds["codec"], values))}
     result["now_vs_baseline"] = statistics.median(b / s for b, s in zip(seconds["hdf5 baseline"], seconds["hdf5 now"]))
+    result["batches_now_vs_baseline"] = statistics.median(
+        b / s for b, s in zip(seconds[f"hdf5 baseline, batches of {batch}"], seconds[f"hdf5 now, batches of {batch}"]))
     return result
 
 
@@ -118,7 +145,7 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [(f"Settings: ResNet-18 width {s['width']}, {s['samples']} samples a layer, codec `{s['codec']}`, "
              f"{s['repeats']} rounds, baseline `{s['baseline']}`; {s['cpu']}. Per-sample `cache.read` in one "
-             "shuffled order from a freshly opened cache, float32 MB per CPU second (per core), median "
+             "shuffled order (and `read_batch` over it in batches) from a freshly opened cache, float32 MB per CPU second (per core), median "
              "(min–max); `vs codec`: median per-round ratio to the bare codec's rate.\n"),
              "| layer | shape | stored rows MB | reads | MB/s | vs codec |", "|---|---|---:|---|---:|---:|"]
     for layer, res in results["layers"].items():
@@ -126,8 +153,12 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {layer} | {tuple(res['shape'])} | {res['stored_row_mb']:.0f} | {name} | "
                          f"{rate['median']:,.0f} ({rate['min']:,.0f}–{rate['max']:,.0f}) | {rate['vs_codec']:.2f} |")
     lines.append("")
-    lines.append("HDF5 now / baseline speed, shuffled: " + ", ".join(
-        f"{layer} {res['now_vs_baseline']:.1f}×" for layer, res in results["layers"].items()))
+    speedup = "HDF5 now / baseline speed, shuffled: " + ", ".join(
+        f"{layer} {res['now_vs_baseline']:.1f}×" for layer, res in results["layers"].items())
+    if all("batches_now_vs_baseline" in res for res in results["layers"].values()):
+        speedup += "; in batches: " + ", ".join(
+            f"{layer} {res['batches_now_vs_baseline']:.1f}×" for layer, res in results["layers"].items())
+    lines.append(speedup)
     return "\n".join(lines)
 
 
@@ -172,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", default=["layer1", "layer2", "layer3"])
     parser.add_argument("--codec", default="bf16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=128, help="rows a read_batch call (a shuffling DataLoader's batch)")
     parser.add_argument("--json", default=str(REPO / "docs" / "bench_shuffled.json"), help="'' for stdout only")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md and the PNG")
     args = parser.parse_args(argv)
@@ -179,14 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     blosc2.set_nthreads(1)
     maps = capture_maps(args.width, 50, args.layers, args.samples)
     results: dict[str, Any] = {"settings": {
-        "width": args.width, "samples": args.samples, "codec": args.codec, "repeats": args.repeats,
+        "width": args.width, "samples": args.samples, "codec": args.codec, "repeats": args.repeats, "batch": args.batch,
         "baseline": args.baseline, "cpu": cpu_name(), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "command": "python tools/bench_shuffled.py " + " ".join(argv)},
         "layers": {}}
     with baseline_tree(args.baseline) as tree, tempfile.TemporaryDirectory(prefix="bench_shuffled-") as tmp:
         base = load_baseline(tree)
         for layer in args.layers:
-            results["layers"][layer] = bench_layer(base, layer, maps[layer], args.codec, args.repeats, Path(tmp))
+            results["layers"][layer] = bench_layer(base, layer, maps[layer], args.codec, args.repeats, Path(tmp),
+                                                   args.batch)
             print(f"{layer}: done", file=sys.stderr)
     print(json.dumps(results, indent=1))
     print(markdown(results), file=sys.stderr)

@@ -47,7 +47,9 @@ from .hdf5_reads import (
     chunk_rows,
     frames_of,
     open_dataset,
+    read_one_plain,
     row_decoder,
+    rows_alone,
 )
 from .hdf5_rows import FileMap, RowDecoder
 from .hdf5_writes import HeldRows, create_field, create_labels, to_hdf5
@@ -382,6 +384,10 @@ class Hdf5Backend(Backend):
             if parts is not None and spec.name not in parts:
                 continue
             where = f"{self.path}: layer {layer!r} part {spec.name!r}"
+            alone = rows_alone(self, layer, spec.name, spec.shape, samples, out) if scattered else None
+            if alone is not None:  # rows far apart in a part larger than the row LRU
+                result[spec.name] = alone
+                continue
             fields: dict[str, np.ndarray] = {}
             entry = self._one_entry(layer, spec.name) if scattered and self._rows_fit(layer) else None
             if entry is not None:
@@ -426,7 +432,7 @@ class Hdf5Backend(Backend):
             plain = self._plain_entry(layer, part)
             if plain is None:
                 return super().read_one(layer, sample, part, out)
-            return self._read_one_plain(sample, out, *plain)
+            return read_one_plain(self, sample, out, *plain)
         codec, _, per_chunk, where = entry
         chunk = sample // per_chunk
         # the LRU hit inline (what _cached_chunk does first): a call costs 2-5 % of a read
@@ -437,6 +443,7 @@ class Hdf5Backend(Backend):
             rows = rows_cache.get(key)
             if rows is not None:
                 _touch(rows_cache, key)
+                rows.hit = True
         if rows is None:
             decoder = row_decoder(self, layer, part, entry)
             if decoder is not None:
@@ -447,6 +454,8 @@ class Hdf5Backend(Backend):
                 if done is not None:
                     return done
             rows = self._cached_chunk(layer, part, chunk, entry)
+            if decoder is not None:
+                decoder.sent = rows
         k = sample - chunk * per_chunk
         if k >= rows.count:
             raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {chunk * per_chunk + rows.count}")
@@ -468,7 +477,7 @@ class Hdf5Backend(Backend):
     def _plain_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], str] | None:
         """Codec, (field name, dataset path) pairs and error prefix of a part stored a
         chunk per sample (ZFP, SZ3: their filters decode whole chunks, so the row LRU has
-        nothing to keep), read by :meth:`_read_one_plain`; None otherwise."""
+        nothing to keep), read by :func:`.hdf5_reads.read_one_plain`; None otherwise."""
         return self._entries(layer, part)[1]
 
     def _entries(self, layer: str, part: str) -> tuple[Any, Any]:
@@ -490,32 +499,6 @@ class Hdf5Backend(Backend):
                     rows = (spec.codec, names, self._layers[layer][2], where)
             found = entries[(layer, part)] = (rows, plain)
         return found
-
-    def _read_one_plain(self, sample: int, out: np.ndarray, codec: Any, fields: list[tuple[str, str]],
-                        where: str) -> np.ndarray:
-        """:meth:`read_one` of a part stored a chunk per sample: one h5py slice per field,
-        then the codec's decode into ``out``. The batch path's bookkeeping (sorting,
-        de-duplicating, grouping the rows) cost as much per sample as a small map's filter
-        decode (docs/benchmarks_history.md, "What session 10 changed")."""
-        rows: dict[str, np.ndarray] = {}
-        for name, path in fields:
-            try:
-                ds = self._dataset(path)
-            except KeyError:
-                raise CorruptionError(f"{where}: dataset {path} is missing") from None
-            if sample >= ds.shape[0]:
-                raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {ds.shape[0]}")
-            try:
-                rows[name] = ds[sample:sample + 1]
-            except OSError as exc:  # a checksum (fletcher32) or filter failure
-                raise CorruptionError(f"{where} sample {sample}: HDF5 read failed ({exc})") from None
-        try:
-            codec.from_hdf5_into(rows, out[None])
-        except CorruptionError:
-            raise
-        except (ValueError, KeyError) as exc:
-            raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
-        return out
 
     def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
                       ) -> ChunkRows:

@@ -43,7 +43,11 @@ def chunk_entries(ds: h5py.Dataset, where: str) -> np.ndarray:
                 visit(ds.id.get_chunk_info(i))
     except (OSError, RuntimeError, ValueError) as exc:
         raise CorruptionError(f"{where}: HDF5 cannot read the chunk index of {ds.name} ({exc})") from None
-    return np.array(entries, dtype=np.int64).reshape(-1, 5).astype(np.uint64)
+    try:
+        return np.array(entries, dtype=np.int64).reshape(-1, 5).astype(np.uint64)
+    except OverflowError:  # a damaged key: no offset, address or size of fmcache's reaches 2**63
+        raise CorruptionError(f"{where}: the chunk index of {ds.name} is damaged (an entry holds a value "
+                              f"past 2**63)") from None
 
 
 def index_digest(entries: np.ndarray) -> int:

@@ -86,6 +86,61 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     return known[key]
 
 
+def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ...], samples: np.ndarray,
+               out: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """A batch of ``part`` read a sample at a time (:class:`.hdf5_rows.RowDecoder`) where
+    its rows lie so far apart that whole chunks would decode more than twice as many
+    (a shuffling sampler's batch over a part larger than the row LRU: one chunk per row);
+    into ``out[part]`` where given. None where that does not apply: the caller reads the
+    batch through whole chunks."""
+    entry = backend._one_entry(layer, part)
+    if entry is None:
+        return None
+    decoder = row_decoder(backend, layer, part, entry)
+    if decoder is None or len(np.unique(samples // decoder.frames.per)) * decoder.frames.per <= 2 * len(samples):
+        return None
+    dst = None if out is None else out.get(part)
+    rows = dst if dst is not None and dst.flags.c_contiguous and dst.dtype == np.float32 \
+        else np.empty((len(samples), *shape), dtype=np.float32)
+    try:
+        for row, sample in enumerate(samples.tolist()):
+            if decoder.read(sample, rows[row]) is None:
+                return None  # a chunk laid out otherwise, or past the end: the caller's way
+    except ValueError as exc:
+        raise CorruptionError(f"{entry[3]}: cannot decode samples ({exc})") from exc
+    if dst is not None and rows is not dst:
+        dst[...] = rows
+        return dst
+    return rows
+
+
+def read_one_plain(backend: Hdf5Backend, sample: int, out: np.ndarray, codec: Any, fields: list[tuple[str, str]],
+                   where: str) -> np.ndarray:
+    """``Hdf5Backend.read_one`` of a part stored a chunk per sample: one h5py slice per field,
+    then the codec's decode into ``out``. The batch path's bookkeeping (sorting,
+    de-duplicating, grouping the rows) cost as much per sample as a small map's filter
+    decode (docs/benchmarks_history.md, "What session 10 changed")."""
+    rows: dict[str, np.ndarray] = {}
+    for name, path in fields:
+        try:
+            ds = backend._dataset(path)
+        except KeyError:
+            raise CorruptionError(f"{where}: dataset {path} is missing") from None
+        if sample >= ds.shape[0]:
+            raise CorruptionError(f"{where} sample {sample}: the dataset stops at sample {ds.shape[0]}")
+        try:
+            rows[name] = ds[sample:sample + 1]
+        except OSError as exc:  # a checksum (fletcher32) or filter failure
+            raise CorruptionError(f"{where} sample {sample}: HDF5 read failed ({exc})") from None
+    try:
+        codec.from_hdf5_into(rows, out[None])
+    except CorruptionError:
+        raise
+    except (ValueError, KeyError) as exc:
+        raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
+    return out
+
+
 def chunk_rows(backend: Hdf5Backend, fields: list[tuple[str, str]], lo: int, count: int,
                where: str) -> dict[str, np.ndarray]:
     """The stored rows ``lo .. lo+count-1`` (one chunk's, cut at the dataset's end) of each
@@ -229,11 +284,13 @@ def _picked_rows(chunk_of: Callable[[str, int], Mapping[str, np.ndarray]], sampl
 class ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows
     """One chunk's stored rows in the row LRU (field name -> rows), with the number of
     rows and, built on the first per-sample read, the codec's row reader
-    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`)."""
+    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`); ``hit``: whether a per-sample read
+    found it in the LRU (:meth:`.hdf5_rows.RowDecoder.read_out_of_order` asks)."""
 
-    __slots__ = ("count", "reader")
+    __slots__ = ("count", "hit", "reader")
 
     def __init__(self, rows: dict[str, np.ndarray]) -> None:
         super().__init__(rows)
         self.count = len(next(iter(rows.values()))) if rows else 0
         self.reader: Callable[[int, np.ndarray], np.ndarray] | None = None
+        self.hit = False

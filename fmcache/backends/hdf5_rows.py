@@ -143,8 +143,8 @@ class RowDecoder:
     laid out for it (the caller reads through the row LRU). CorruptionError where the
     chunk fails its CRC-32C."""
 
-    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "in_order",
-                 "items", "last_chunk", "row_bytes", "row_shape", "where")
+    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "items",
+                 "last_chunk", "row_bytes", "row_shape", "sent", "stepped", "where")
 
     def __init__(self, frames: Any, codec: Any, field: str, where: str) -> None:
         self.frames, self.codec, self.field, self.where = frames, codec, field, where
@@ -161,8 +161,10 @@ class RowDecoder:
         #: the chunk of the last read the row LRU missed (the backend's choice between
         #: this decoder and the LRU; threads may overwrite it, which only moves that choice)
         self.last_chunk = -1
-        #: how many misses in a row stepped to the same or the next chunk
-        self.in_order = 0
+        #: whether the last miss stepped to the chunk of the one before it or the next
+        self.stepped = False
+        #: the LRU's rows of the chunk the last miss was sent there for (the caller's)
+        self.sent: Any = None
 
     @classmethod
     def of(cls, frames: Any, codec: Any, field: str, where: str) -> RowDecoder | None:
@@ -173,19 +175,21 @@ class RowDecoder:
         return cls(frames, codec, field, where)
 
     def read_out_of_order(self, chunk: int, sample: int, out: np.ndarray) -> np.ndarray | None:
-        """:meth:`read` where this read is out of order, for a read the row LRU missed
-        (``chunk``: the sample's); None otherwise, which sends it to the LRU: where this
-        miss and the one before each fell in the chunk of the miss before it or in the
-        next one (a pass in order), the chunk is decoded into the LRU, which serves the
-        rest of it. One such step alone is not enough: in a shuffled order it comes once
-        in every (chunks / 2) reads, and each would decode a whole chunk for one sample."""
-        last, self.last_chunk = self.last_chunk, chunk
-        if 0 <= chunk - last <= 1:
-            self.in_order += 1
-            if self.in_order >= 2:
-                return None
-        else:
-            self.in_order = 0
+        """:meth:`read` unless this read continues a pass in order, for a read the row LRU
+        missed (``chunk``: the sample's); None for one that does, which the caller sends
+        to the LRU (and then sets :attr:`sent` to the chunk's rows). In order means: a
+        second miss in the same chunk right after a step to the same or the next chunk
+        (a pass starting), or a step to the next chunk after the one the LRU got for the
+        previous miss served other reads (a pass going on). Other steps to the next chunk
+        are not enough: a shuffled order takes one in every (chunks / 2) reads, and a
+        stride of one chunk's samples takes nothing else, and each would decode a whole
+        chunk for one sample."""
+        step = chunk - self.last_chunk
+        sent, self.sent = self.sent, None
+        in_order = (step == 0 and self.stepped) or (step == 1 and sent is not None and sent.hit)
+        self.last_chunk, self.stepped = chunk, 0 <= step <= 1
+        if in_order:
+            return None
         return self.read(sample, out)
 
     def read(self, sample: int, out: np.ndarray) -> np.ndarray | None:
