@@ -249,18 +249,26 @@ def cold_pass(path: Path, layer: str, n: int, order: Sequence[int] | None = None
     the timing leaves out."""
     samples = list(range(n)) if order is None else [int(i) for i in order]
 
+    def body(cache: Any) -> None:
+        for i in samples:
+            cache.read(layer, i)
+    return fresh_pass(open_cache, path, body)
+
+
+def fresh_pass(opener: Callable[[Path], Any], path: Path, body: Callable[[Any], None]) -> Callable[[], float]:
+    """A run of ``body(cache)`` on the cache at ``path`` opened afresh by ``opener``; it
+    returns the CPU seconds of opening and closing, which :func:`interleaved` leaves out."""
     def run() -> float:
         t0 = time.thread_time()
-        cache = open_cache(path)
-        opening = time.thread_time() - t0
+        cache = opener(path)
+        left_out = time.thread_time() - t0
         try:
-            for i in samples:
-                cache.read(layer, i)
+            body(cache)
         finally:
             t1 = time.thread_time()
             cache.close()
-            opening += time.thread_time() - t1
-        return opening
+            left_out += time.thread_time() - t1
+        return left_out
     return run
 
 

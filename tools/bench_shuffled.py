@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from baseline_tree import baseline_tree
 from bench_ab import build, load_baseline
-from bench_read import capture_maps, cpu_name, write_region
+from bench_read import capture_maps, cpu_name, fresh_pass, write_region
 from plotting import pyplot
 
 import fmcache  # the working tree's
@@ -59,38 +59,20 @@ MB = 1e6
 
 
 def pass_of(package: Any, path: Path, layer: str, order: Sequence[int]) -> Callable[[], float]:
-    """One pass of ``cache.read`` over ``order`` from the cache opened afresh; returns the
-    CPU seconds of opening and closing, which the timing leaves out."""
-    def run() -> float:
-        t0 = time.thread_time()
-        cache = package.open_cache(path)
-        left_out = time.thread_time() - t0
-        try:
-            for i in order:
-                cache.read(layer, i)
-        finally:
-            t1 = time.thread_time()
-            cache.close()
-            left_out += time.thread_time() - t1
-        return left_out
-    return run
+    """One pass of ``cache.read`` over ``order`` from the cache opened afresh (opening and
+    closing left out of the time)."""
+    def body(cache: Any) -> None:
+        for i in order:
+            cache.read(layer, i)
+    return fresh_pass(package.open_cache, path, body)
 
 
 def batches_of(package: Any, path: Path, layer: str, batches: Sequence[np.ndarray]) -> Callable[[], float]:
     """:func:`pass_of` with ``cache.read_batch`` over ``batches``."""
-    def run() -> float:
-        t0 = time.thread_time()
-        cache = package.open_cache(path)
-        left_out = time.thread_time() - t0
-        try:
-            for batch in batches:
-                cache.read_batch(layer, batch)
-        finally:
-            t1 = time.thread_time()
-            cache.close()
-            left_out += time.thread_time() - t1
-        return left_out
-    return run
+    def body(cache: Any) -> None:
+        for batch in batches:
+            cache.read_batch(layer, batch)
+    return fresh_pass(package.open_cache, path, body)
 
 
 def bench_layer(base: Any, layer: str, maps: np.ndarray, codec: str, repeats: int, work: Path,

@@ -424,7 +424,7 @@ class Hdf5Backend(Backend):
         caches take the plain path.
 
         Reads out of order (a shuffling sampler over a cache larger than the LRU) found
-        no chunk there and decoded a whole one per sample, 0.07-0.15x the bare codec's
+        no chunk there and decoded a whole one per sample, 0.06-0.11x the bare codec's
         speed. So a part larger than the LRU whose chunks have blocks of whole rows reads
         a sample out of order alone (:meth:`.hdf5_rows.RowDecoder.read_out_of_order`)."""
         entry = self._one_entry(layer, part)

@@ -39,7 +39,7 @@ from crc32c import crc32c
 from ..codecs import Hdf5Field
 from ..codecs.lossless import CHUNK_SIZES, blosc2_decompress_into
 from ..errors import CorruptionError
-from .hdf5_rows import row_blocksize
+from .hdf5_rows import FileMap, row_blocksize
 
 #: ``fmcache_chunks``: the attribute naming how a dataset's chunks were written
 FORMAT_ATTR = "fmcache_chunks"
@@ -302,8 +302,8 @@ class FrameReader:
 
     __slots__ = ("addresses", "crcs", "dtype", "edge", "per", "row_shape", "rows", "sizes", "source", "tail")
 
-    def __init__(self, ds: h5py.Dataset, crcs: np.ndarray, source: Any = None, entries: np.ndarray | None = None
-                 ) -> None:
+    def __init__(self, ds: h5py.Dataset, crcs: np.ndarray, source: FileMap | None = None,
+                 entries: np.ndarray | None = None) -> None:
         self.crcs, self.per, self.rows = crcs, int(ds.chunks[0]), int(ds.shape[0])
         self.row_shape, self.dtype, self.tail = tuple(ds.shape[1:]), ds.dtype, (0,) * (ds.ndim - 1)
         chunks = -(-self.rows // self.per)
@@ -327,10 +327,7 @@ class FrameReader:
         """Chunk ``chunk``'s stored bytes in the mapped file, or None (no map, or a chunk
         the map does not hold plainly)."""
         address = int(self.addresses[chunk])
-        if address < 0 or self.source is None:
-            return None
-        stored: memoryview | None = self.source.stored(address, int(self.sizes[chunk]))
-        return stored
+        return None if address < 0 or self.source is None else self.source.stored(address, int(self.sizes[chunk]))
 
     def read(self, ds: h5py.Dataset, lo: int, count: int, where: str) -> np.ndarray:
         """Rows ``lo ..`` (the first of a chunk), at most ``count`` and the dataset's end."""
@@ -339,7 +336,7 @@ class FrameReader:
         if chunk == self.edge:
             return ds[lo:min(lo + count, self.rows)]
         place = f"{where} sample {lo} (the chunk of samples {lo}-{min(lo + per, self.rows) - 1})"
-        stored = self.mapped(chunk) if self.source is not None else None
+        stored: bytes | memoryview | None = self.mapped(chunk)
         if stored is None:
             try:
                 mask, stored = ds.id.read_direct_chunk((lo, *self.tail))

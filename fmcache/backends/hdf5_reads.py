@@ -70,20 +70,20 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     ``Hdf5Backend._one_entry``'s."""
     if backend.__dict__.get("_h_rowdec_pid") != os.getpid():
         backend._file()  # a forked worker opens its own handle (and map) first
-    known = backend._h_rowdec
     key = (layer, part)
-    if key not in known:
-        codec, fields, _, where = entry
-        decoder = None
-        if len(fields) == 1:
-            name, path = fields[0]
-            decoder = RowDecoder.of(backend._frames_of(path, backend._dataset(path), where), codec, name, where)
-            from .hdf5_backend import ROW_CACHE_BYTES  # here: hdf5_backend imports this module
+    if key in backend._h_rowdec:
+        return backend._h_rowdec[key]
+    codec, fields, _, where = entry
+    decoder = None
+    if len(fields) == 1:
+        name, path = fields[0]
+        decoder = RowDecoder.of(backend._frames_of(path, backend._dataset(path), where), codec, name, where)
+        from .hdf5_backend import ROW_CACHE_BYTES  # here: hdf5_backend imports this module
 
-            if decoder is not None and decoder.frames.rows * decoder.row_bytes <= ROW_CACHE_BYTES:
-                decoder = None
-        known[key] = decoder
-    return known[key]
+        if decoder is not None and decoder.frames.rows * decoder.row_bytes <= ROW_CACHE_BYTES:
+            decoder = None
+    backend._h_rowdec[key] = decoder  # the dict of the handle now open (the look-ups above may reopen it)
+    return decoder
 
 
 def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ...], samples: np.ndarray,

@@ -1,9 +1,11 @@
 """One sample of a frame-written HDF5 chunk, decoded straight from the file's bytes.
 
-A per-sample read of a Blosc2-filtered field used to decode the sample's whole chunk
-(every row, 8-32 samples) into the row LRU and serve the row from there: at a cold pass,
-that was a chunk read, a decode into fresh memory and a widening per row, 0.54-0.71x the
-bare codec's speed where LMDB reaches 0.74-0.92x (docs/benchmarks.md). Here instead:
+A read of a Blosc2-filtered field that the backend's row LRU misses decodes the sample's
+whole chunk (8-32 samples) into the LRU. For a pass in order, or a layer the LRU holds,
+that serves the chunk's other samples; for reads out of order over a layer larger than
+the LRU (a shuffling sampler, per sample or in batches) it decoded a chunk per sample,
+0.06-0.11x the bare codec's speed where LMDB reads 0.77-0.91x (tools/bench_shuffled.py,
+docs/benchmarks.md). Such reads decode only their sample here:
 
 * :class:`FileMap`: the cache file mapped read-only, so a chunk's stored bytes are a
   slice of memory (no ``read_direct_chunk`` copy); where they lie comes from HDF5's chunk
@@ -34,7 +36,7 @@ import struct
 import threading
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blosc2
 import h5py
@@ -43,6 +45,9 @@ from crc32c import crc32c
 
 from ..codecs.lossless import CHUNK_SIZES
 from ..errors import CorruptionError
+
+if TYPE_CHECKING:
+    from .hdf5_frames import FrameReader
 
 #: the largest blosc2 block of a frame-written chunk: a row's bytes where they fit, else
 #: the largest part of a row that divides it (then a sample is a run of whole blocks)
@@ -95,7 +100,9 @@ def _blosc2_getitem() -> Any:
 class FileMap:
     """An HDF5 file's bytes, mapped read-only: ``view`` (a memoryview), ``address`` (where
     file offset 0, past any user block, lies in memory) and ``base`` (the user block's size,
-    which HDF5's chunk addresses do not count)."""
+    which HDF5's chunk addresses do not count). It is never unmapped explicitly: a handle
+    that closes drops its map, which goes when the last reader holding it (a thread still
+    inside a read, say) lets go, so no read ever touches an unmapped address."""
 
     __slots__ = ("_array", "_map", "address", "base", "view")
 
@@ -122,15 +129,6 @@ class FileMap:
             return None
         return self.view[start:start + size]
 
-    def close(self) -> None:
-        """Unmap, unless a slice is still in use somewhere (then when the last goes)."""
-        self._array = None  # type: ignore[assignment]
-        try:
-            self.view.release()
-            self._map.close()
-        except (BufferError, ValueError):
-            pass
-
 
 #: a frame's header: int32 (marker 0xd2 at byte 10) header size at byte 11
 _HEADER_SIZE = struct.Struct(">i")
@@ -146,7 +144,7 @@ class RowDecoder:
     __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "items",
                  "last_chunk", "row_bytes", "row_shape", "sent", "stepped", "where")
 
-    def __init__(self, frames: Any, codec: Any, field: str, where: str) -> None:
+    def __init__(self, frames: FrameReader, codec: Any, field: str, where: str) -> None:
         self.frames, self.codec, self.field, self.where = frames, codec, field, where
         self.row_shape, self.dtype = frames.row_shape, frames.dtype
         self.items = int(np.prod(self.row_shape, dtype=np.int64))
@@ -167,7 +165,7 @@ class RowDecoder:
         self.sent: Any = None
 
     @classmethod
-    def of(cls, frames: Any, codec: Any, field: str, where: str) -> RowDecoder | None:
+    def of(cls, frames: FrameReader | None, codec: Any, field: str, where: str) -> RowDecoder | None:
         """A decoder for ``frames`` (a :class:`.hdf5_frames.FrameReader` over a file map),
         or None where it has no map or libblosc2's getitem is missing."""
         if frames is None or frames.source is None or _blosc2_getitem() is None:
@@ -231,7 +229,7 @@ class RowDecoder:
                 raise CorruptionError(f"{self.where} sample {lo} (the chunk of samples {lo}-"
                                       f"{min(lo + frames.per, frames.rows) - 1}): the chunk fails its CRC-32C (damaged)")
             start, size = self._layout(stored)
-            if start >= 0:
+            if start >= 0 and frames.source is not None:
                 self._sizes[chunk] = size
                 start += frames.source.address + int(frames.addresses[chunk])
         self._starts[chunk] = start
