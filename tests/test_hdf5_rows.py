@@ -148,7 +148,7 @@ def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):
         for i in (4, 8, 0, 13, 5, 9, 1, 14):  # chunks 1, 2, 0, 3, 1, 2, 0, 3
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
         assert len(h5.backend.__dict__.get("_h_rows") or {}) == 0
-        for i in (10, 11, 12, 13):  # chunks 2, 2, 3, 3: a pass starting; its second read in chunk 3 fills the LRU
+        for i in (10, 11, 12, 13):  # 11 after 10: a pass starting (chunk 2 to the LRU, used once: 12 alone), 13 after 12
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
         assert list(h5.backend._h_rows) == [("L", "all", 3)]
 
@@ -171,6 +171,59 @@ def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, mo
         for i in range(32):
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
         assert len(whole_chunks) == 8  # each chunk once, after one sample of the first decoded alone
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_stride_within_a_chunk_never_decodes_a_whole_chunk(tmp_path, monkeypatch, stride):
+    """Every 2nd or 3rd sample (4 a chunk): a chunk decoded whole would serve one or two of
+    them before the LRU drops it (a sweep measured up to 11x LMDB's time), so each read
+    decodes its own sample."""
+    x = maps(32, SHAPES["16k"])
+    build(tmp_path / "c.h5", x, "bf16")
+    build(tmp_path / "c.lmdb", x, "bf16")
+    whole_chunks = []
+    decode_chunk = hdf5_frames.decode_chunk
+    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        for start in range(stride):
+            for i in range(start, 32, stride):
+                np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
+        assert whole_chunks == []
+
+
+def test_parts_that_fit_in_the_row_lru_alone_but_not_together_are_read_out_of_order_alone(tmp_path, monkeypatch):
+    """The LRU serves every layer of a cache: three layers of 240 KB each with a 300 KiB
+    LRU thrashed it (each decoded a whole chunk per sample read out of order, a sweep
+    measured 6-12x LMDB's time); they fit alone, not together, so each decodes alone."""
+    monkeypatch.setattr(hdf5_backend, "ROW_CACHE_BYTES", 300 << 10)
+    x = maps(15, SHAPES["16k"])
+    for suffix in ("h5", "lmdb"):
+        with fmcache.create_cache(tmp_path / f"c.{suffix}") as w:
+            for name in ("a", "b", "c"):
+                w.add_layer(name, x.shape[1:], codec="bf16", samples_per_chunk=4)
+            w.append({name: x * (k + 1) for k, name in enumerate("abc")}, np.zeros(15, np.int64))
+            w.commit()
+    whole_chunks = []
+    decode_chunk = hdf5_frames.decode_chunk
+    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        for i in OUT_OF_ORDER:
+            for name in "abc":
+                np.testing.assert_array_equal(h5.read(name, i), lm.read(name, i))
+        far = np.array([13, 1, 9, 5])
+        for name in "abc":
+            np.testing.assert_array_equal(h5.read_batch(name, far), lm.read_batch(name, far))
+        assert whole_chunks == [] and all(d is not None for d in decoders(h5).values())
+    x = maps(6, SHAPES["16k"])  # 3 x 96 KB: the whole cache fits, the LRU's way
+    with fmcache.create_cache(tmp_path / "small.h5") as w:
+        for name in "abc":
+            w.add_layer(name, x.shape[1:], codec="bf16", samples_per_chunk=4)
+        w.append({name: x for name in "abc"}, np.zeros(6, np.int64))
+        w.commit()
+    with fmcache.open_cache(tmp_path / "small.h5") as h5:
+        for i in (5, 0, 4, 1):
+            h5.read("a", i)
+        assert list(decoders(h5).values()) == [None]
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "blosc2"])

@@ -97,6 +97,7 @@ class Hdf5Backend(Backend):
     _h_lock: threading.Lock
     _h_rows_pid: int
     _h_rows_bytes: int
+    _h_lru_row_bytes: int
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -385,7 +386,7 @@ class Hdf5Backend(Backend):
                 continue
             where = f"{self.path}: layer {layer!r} part {spec.name!r}"
             alone = rows_alone(self, layer, spec.name, spec.shape, samples, out) if scattered else None
-            if alone is not None:  # rows far apart in a part larger than the row LRU
+            if alone is not None:  # rows far apart in a cache larger than the row LRU
                 result[spec.name] = alone
                 continue
             fields: dict[str, np.ndarray] = {}
@@ -425,7 +426,7 @@ class Hdf5Backend(Backend):
 
         Reads out of order (a shuffling sampler over a cache larger than the LRU) found
         no chunk there and decoded a whole one per sample, 0.06-0.11x the bare codec's
-        speed. So a part larger than the LRU whose chunks have blocks of whole rows reads
+        speed. So in a cache larger than the LRU, a part whose chunks have blocks of whole rows reads
         a sample out of order alone (:meth:`.hdf5_rows.RowDecoder.read_out_of_order`)."""
         entry = self._one_entry(layer, part)
         if entry is None:
@@ -443,7 +444,7 @@ class Hdf5Backend(Backend):
             rows = rows_cache.get(key)
             if rows is not None:
                 _touch(rows_cache, key)
-                rows.hit = True
+                rows.hits += 1
         if rows is None:
             decoder = row_decoder(self, layer, part, entry)
             if decoder is not None:

@@ -65,8 +65,9 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
                 ) -> RowDecoder | None:
     """Per (layer, part), handle and process: the :class:`.hdf5_rows.RowDecoder` of a
     one-field part whose chunks fmcache wrote (a sample decoded alone, from the mapped
-    file), or None (the row LRU serves it): also where the part's stored rows fit in the
-    LRU, which then holds each chunk after its first read, in any order. ``entry``:
+    file), or None (the row LRU serves it): also where the stored rows of every part of
+    the cache fit in the LRU together, which then holds each chunk after its first read,
+    in any order (parts that fit alone but not together made it thrash). ``entry``:
     ``Hdf5Backend._one_entry``'s."""
     if backend.__dict__.get("_h_rowdec_pid") != os.getpid():
         backend._file()  # a forked worker opens its own handle (and map) first
@@ -80,17 +81,30 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
         decoder = RowDecoder.of(backend._frames_of(path, backend._dataset(path), where), codec, name, where)
         from .hdf5_backend import ROW_CACHE_BYTES  # here: hdf5_backend imports this module
 
-        if decoder is not None and decoder.frames.rows * decoder.row_bytes <= ROW_CACHE_BYTES:
+        if decoder is not None and decoder.frames.rows * _lru_row_bytes(backend) <= ROW_CACHE_BYTES:
             decoder = None
     backend._h_rowdec[key] = decoder  # the dict of the handle now open (the look-ups above may reopen it)
     return decoder
+
+
+def _lru_row_bytes(backend: Hdf5Backend) -> int:
+    """The bytes one sample's stored rows take in the row LRU, over every layer and part
+    of the cache that shares it (fixed-dtype fields in chunks of several samples), once
+    per handle: with the sample count, whether the whole cache fits in the LRU."""
+    total: int | None = backend.__dict__.get("_h_lru_row_bytes")
+    if total is None:
+        total = sum(int(np.prod(f.shape, dtype=np.int64)) * f.dtype.itemsize
+                    for layer in backend._layers for _, fields in backend._read_fields(layer)
+                    for f, _ in fields if f.dtype is not None and not f.per_sample_chunks)
+        backend._h_lru_row_bytes = total
+    return total
 
 
 def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ...], samples: np.ndarray,
                out: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
     """A batch of ``part`` read a sample at a time (:class:`.hdf5_rows.RowDecoder`) where
     its rows lie so far apart that whole chunks would decode more than twice as many
-    (a shuffling sampler's batch over a part larger than the row LRU: one chunk per row);
+    (a shuffling sampler's batch over a cache larger than the row LRU: one chunk per row);
     into ``out[part]`` where given. None where that does not apply: the caller reads the
     batch through whole chunks."""
     entry = backend._one_entry(layer, part)
@@ -284,13 +298,13 @@ def _picked_rows(chunk_of: Callable[[str, int], Mapping[str, np.ndarray]], sampl
 class ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows
     """One chunk's stored rows in the row LRU (field name -> rows), with the number of
     rows and, built on the first per-sample read, the codec's row reader
-    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`); ``hit``: whether a per-sample read
+    (:meth:`fmcache.codecs.Codec.hdf5_row_reader`); ``hits``: how many per-sample reads
     found it in the LRU (:meth:`.hdf5_rows.RowDecoder.read_out_of_order` asks)."""
 
-    __slots__ = ("count", "hit", "reader")
+    __slots__ = ("count", "hits", "reader")
 
     def __init__(self, rows: dict[str, np.ndarray]) -> None:
         super().__init__(rows)
         self.count = len(next(iter(rows.values()))) if rows else 0
         self.reader: Callable[[int, np.ndarray], np.ndarray] | None = None
-        self.hit = False
+        self.hits = 0

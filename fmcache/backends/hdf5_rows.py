@@ -142,7 +142,7 @@ class RowDecoder:
     chunk fails its CRC-32C."""
 
     __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "items",
-                 "last_chunk", "row_bytes", "row_shape", "sent", "stepped", "where")
+                 "last_chunk", "last_sample", "row_bytes", "row_shape", "sent", "where")
 
     def __init__(self, frames: FrameReader, codec: Any, field: str, where: str) -> None:
         self.frames, self.codec, self.field, self.where = frames, codec, field, where
@@ -156,11 +156,10 @@ class RowDecoder:
         self._sizes = array("q", bytes(8 * chunks))
         self._local = threading.local()
         self._getitem = _blosc2_getitem()
-        #: the chunk of the last read the row LRU missed (the backend's choice between
-        #: this decoder and the LRU; threads may overwrite it, which only moves that choice)
-        self.last_chunk = -1
-        #: whether the last miss stepped to the chunk of the one before it or the next
-        self.stepped = False
+        #: the chunk and sample of the last read the row LRU missed (the backend's choice
+        #: between this decoder and the LRU; threads may overwrite them, which only moves
+        #: that choice)
+        self.last_chunk = self.last_sample = -2
         #: the LRU's rows of the chunk the last miss was sent there for (the caller's)
         self.sent: Any = None
 
@@ -175,18 +174,17 @@ class RowDecoder:
     def read_out_of_order(self, chunk: int, sample: int, out: np.ndarray) -> np.ndarray | None:
         """:meth:`read` unless this read continues a pass in order, for a read the row LRU
         missed (``chunk``: the sample's); None for one that does, which the caller sends
-        to the LRU (and then sets :attr:`sent` to the chunk's rows). In order means: a
-        second miss in the same chunk right after a step to the same or the next chunk
-        (a pass starting), or a step to the next chunk after the one the LRU got for the
-        previous miss served other reads (a pass going on). Other steps to the next chunk
-        are not enough: a shuffled order takes one in every (chunks / 2) reads, and a
-        stride of one chunk's samples takes nothing else, and each would decode a whole
-        chunk for one sample."""
-        step = chunk - self.last_chunk
+        to the LRU (and then sets :attr:`sent` to the chunk's rows). In order means: the
+        sample after the previous miss's, in the same chunk (a pass starting), or a step to
+        the next chunk once the chunk the LRU got for the previous miss served more than
+        half its rows (a pass going on). Anything looser decoded whole chunks for few of
+        their samples: a shuffled order steps to the next chunk once in every (chunks / 2)
+        reads, and a stride of k samples uses a chunk's rows once in k."""
+        last_sample, self.last_sample = self.last_sample, sample
+        last_chunk, self.last_chunk = self.last_chunk, chunk
         sent, self.sent = self.sent, None
-        in_order = (step == 0 and self.stepped) or (step == 1 and sent is not None and sent.hit)
-        self.last_chunk, self.stepped = chunk, 0 <= step <= 1
-        if in_order:
+        if (chunk == last_chunk and sample == last_sample + 1) or (
+                chunk == last_chunk + 1 and sent is not None and 2 * (sent.hits + 1) > self.frames.per):
             return None
         return self.read(sample, out)
 
