@@ -59,6 +59,15 @@ def decoders(cache: fmcache.Cache) -> dict:
 DEFAULT_ROW_CACHE_BYTES = hdf5_backend.ROW_CACHE_BYTES
 
 
+@pytest.fixture
+def whole_chunks(monkeypatch) -> list:
+    """The chunks decoded whole (``decode_chunk``'s ``where``), observed, not replaced."""
+    seen: list = []
+    decode_chunk = hdf5_frames.decode_chunk
+    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: seen.append(a[3]) or decode_chunk(*a))
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def small_row_lru(monkeypatch):
     """A row LRU of 64 KiB, so that these small caches are larger than it: per-sample
@@ -153,16 +162,13 @@ def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):
         assert list(h5.backend._h_rows) == [("L", "all", 3)]
 
 
-def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, monkeypatch):
+def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, whole_chunks):
     """Each read in the chunk after the previous read's, never the same one (a sampler
     striding by samples_per_chunk): every read decodes its own sample, as in a shuffled
     order; a pass in order after it fills the LRU chunk by chunk."""
     x = maps(32, SHAPES["16k"])
     build(tmp_path / "c.h5", x, "bf16")
     build(tmp_path / "c.lmdb", x, "bf16")
-    whole_chunks = []
-    decode_chunk = hdf5_frames.decode_chunk
-    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
     with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
         strided = [k + 4 * c for k in range(4) for c in range(8)]  # 0, 4, 8, ..., 28, 1, 5, ...
         for i in strided:
@@ -174,16 +180,13 @@ def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, mo
 
 
 @pytest.mark.parametrize("stride", [2, 3])
-def test_a_stride_within_a_chunk_never_decodes_a_whole_chunk(tmp_path, monkeypatch, stride):
+def test_a_stride_within_a_chunk_never_decodes_a_whole_chunk(tmp_path, whole_chunks, stride):
     """Every 2nd or 3rd sample (4 a chunk): a chunk decoded whole would serve one or two of
     them before the LRU drops it (a sweep measured up to 11x LMDB's time), so each read
     decodes its own sample."""
     x = maps(32, SHAPES["16k"])
     build(tmp_path / "c.h5", x, "bf16")
     build(tmp_path / "c.lmdb", x, "bf16")
-    whole_chunks = []
-    decode_chunk = hdf5_frames.decode_chunk
-    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
     with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
         for start in range(stride):
             for i in range(start, 32, stride):
@@ -191,7 +194,7 @@ def test_a_stride_within_a_chunk_never_decodes_a_whole_chunk(tmp_path, monkeypat
         assert whole_chunks == []
 
 
-def test_parts_that_fit_in_the_row_lru_alone_but_not_together_are_read_out_of_order_alone(tmp_path, monkeypatch):
+def test_parts_that_fit_in_the_row_lru_alone_but_not_together_are_read_out_of_order_alone(tmp_path, monkeypatch, whole_chunks):
     """The LRU serves every layer of a cache: three layers of 240 KB each with a 300 KiB
     LRU thrashed it (each decoded a whole chunk per sample read out of order, a sweep
     measured 6-12x LMDB's time); they fit alone, not together, so each decodes alone."""
@@ -203,9 +206,6 @@ def test_parts_that_fit_in_the_row_lru_alone_but_not_together_are_read_out_of_or
                 w.add_layer(name, x.shape[1:], codec="bf16", samples_per_chunk=4)
             w.append({name: x * (k + 1) for k, name in enumerate("abc")}, np.zeros(15, np.int64))
             w.commit()
-    whole_chunks = []
-    decode_chunk = hdf5_frames.decode_chunk
-    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
     with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
         for i in OUT_OF_ORDER:
             for name in "abc":
@@ -227,16 +227,13 @@ def test_parts_that_fit_in_the_row_lru_alone_but_not_together_are_read_out_of_or
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "blosc2"])
-def test_batches_of_rows_far_apart_are_read_a_sample_at_a_time(tmp_path, codec, monkeypatch):
+def test_batches_of_rows_far_apart_are_read_a_sample_at_a_time(tmp_path, codec, whole_chunks):
     """A shuffling sampler's batch over a part larger than the row LRU (its rows in
     different chunks) reads each row alone, into ``out`` where given, and gives LMDB's
     values, as a batch of neighbours (read as a whole chunk) does."""
     x = maps(40, SHAPES["16k"])
     build(tmp_path / "c.h5", x, codec, spc=8)
     build(tmp_path / "c.lmdb", x, codec, spc=8)
-    whole_chunks = []  # the chunks decoded whole (observed, not replaced)
-    decode_chunk = hdf5_frames.decode_chunk
-    monkeypatch.setattr(hdf5_frames, "decode_chunk", lambda *a: whole_chunks.append(a[3]) or decode_chunk(*a))
     with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
         far = np.array([33, 2, 17, 9, 26, 2])  # five chunks of 8 for six rows, one twice
         np.testing.assert_array_equal(h5.read_batch("L", far), lm.read_batch("L", far))
