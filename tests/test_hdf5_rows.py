@@ -24,7 +24,7 @@ from fmcache.codecs.lossless import CHUNK_SIZES
 from fmcache.errors import CorruptionError
 
 # row bytes of each shape in bf16/fp16: 16 KiB (one block a row), 320 KiB (two blocks a
-# row), 240 B (several rows a block: the row LRU's way)
+# row), 240 B (several rows a block; in these small caches the part fits in the row LRU)
 SHAPES = {"16k": (32, 16, 16), "320k": (160, 32, 32), "tiny": (6, 5, 4)}
 CODECS = ["bf16", "fp16", "blosc2", "bf16:cname=zstd,clevel=1,shuffle=byte", "int8"]
 
@@ -84,8 +84,12 @@ def valid_blocks(row_bytes: int, typesize: int) -> list[int]:
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.integers(1, 8 << 20), st.integers(1, 4096).map(lambda k: k * 4096)), st.sampled_from([1, 2, 4]))
 def test_row_blocksize_cuts_no_row_apart(row_bytes, typesize):
+    row_bytes -= row_bytes % typesize or 0  # rows hold whole values
     block = row_blocksize(row_bytes, typesize)
-    valid = valid_blocks(row_bytes, typesize) if row_bytes >= MIN_ROW_BLOCK and row_bytes % typesize == 0 else []
+    if 0 < row_bytes < MIN_ROW_BLOCK:  # the fewest whole rows that reach the smallest block
+        assert block % row_bytes == 0 and MIN_ROW_BLOCK <= block < MIN_ROW_BLOCK + row_bytes
+        return
+    valid = valid_blocks(row_bytes, typesize) if row_bytes else []
     assert block == (max(valid) if valid else 0)
     if block:
         assert row_bytes % block == 0 and block % typesize == 0 and MIN_ROW_BLOCK <= block <= MAX_ROW_BLOCK
@@ -99,8 +103,8 @@ def test_written_chunks_use_blocks_of_whole_rows(tmp_path, shape):
     (name,) = frame_fields(tmp_path / "c.h5")
     row_bytes = 2 * int(np.prod(SHAPES[shape]))
     for block in chunk_blocksizes(tmp_path / "c.h5", name):
-        if shape == "tiny":
-            assert block > row_bytes  # blosc2's choice: several rows a block
+        if shape == "tiny":  # whole rows a block (as many as reach 8 KiB, or the chunk's 4)
+            assert block % row_bytes == 0 and block > row_bytes
         else:
             assert row_bytes % block == 0 and block == min(row_bytes, row_bytes // -(-row_bytes // MAX_ROW_BLOCK))
 
@@ -177,6 +181,28 @@ def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, wh
         for i in range(32):
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
         assert len(whole_chunks) == 8  # each chunk once, after one sample of the first decoded alone
+
+
+@pytest.mark.parametrize("codec", ["bf16", "blosc2"])
+def test_small_rows_share_blocks_and_are_read_out_of_order_a_block_at_a_time(tmp_path, codec, whole_chunks):
+    """Rows of 1-2 KiB (a pooled 512-channel map): blocks of 8 whole rows, so a read out of
+    order decodes one block, not its chunk of 64 (a chunk per read was 25-40x LMDB's time
+    on such layers in one-off measurements)."""
+    x = maps(300, (512,))
+    build(tmp_path / "c.h5", x, codec, spc=64)
+    build(tmp_path / "c.lmdb", x, codec, spc=64)
+    (name,) = frame_fields(tmp_path / "c.h5")
+    row_bytes = 512 * (2 if codec == "bf16" else 4)
+    assert set(chunk_blocksizes(tmp_path / "c.h5", name)) == {8192}
+    order = np.random.default_rng(4).permutation(300)
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        for i in order[:150]:
+            np.testing.assert_array_equal(h5.read("L", int(i)), lm.read("L", int(i)))
+        far = order[150:214]
+        np.testing.assert_array_equal(h5.read_batch("L", far), lm.read_batch("L", far))
+        assert whole_chunks == []
+        (decoder,) = decoders(h5).values()
+        assert decoder.row_bytes == row_bytes and all(s > 0 for s in decoder._starts)
 
 
 @pytest.mark.parametrize("stride", [2, 3])
@@ -298,21 +324,30 @@ def test_a_damaged_chunk_is_never_decoded_by_a_per_sample_read(tmp_path, where):
 
 
 def test_chunks_written_with_other_blocks_read_through_the_row_lru(tmp_path):
-    """A cache whose chunks' blocks cut rows apart (written before session 16) reads the
-    same, through the row LRU."""
-    x = maps(12, SHAPES["16k"])
+    """A cache whose chunks' blocks cut rows apart (blosc2's own 128 KiB blocks over rows of
+    24 KiB, as written before session 16) reads the same, through the row LRU; one whose
+    blocks hold whole rows (blosc2's block is the whole 96 KiB chunk) is read a block at a
+    time out of order."""
+    x = maps(24, (48, 16, 16))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("fmcache.backends.hdf5_frames.row_blocksize", lambda row_bytes, typesize: 0)
-        build(tmp_path / "old.h5", x, "bf16")
-    build(tmp_path / "new.h5", x, "bf16")
+        build(tmp_path / "old.h5", x, "bf16", spc=8)
+        build(tmp_path / "old4.h5", x, "bf16", spc=4)
+    build(tmp_path / "new.h5", x, "bf16", spc=8)
     (name,) = frame_fields(tmp_path / "old.h5")
-    assert all(block > 2 * 32 * 16 * 16 for block in chunk_blocksizes(tmp_path / "old.h5", name))
-    with fmcache.open_cache(tmp_path / "old.h5") as old, fmcache.open_cache(tmp_path / "new.h5") as new:
-        for i in (8, 4, 0, 9, 5, 1, 10, 6, 2, 11, 7, 3):  # out of order: each chunk looked at
+    assert all(block % 24576 and 24576 % block for block in chunk_blocksizes(tmp_path / "old.h5", name))
+    assert all(block == 4 * 24576 for block in chunk_blocksizes(tmp_path / "old4.h5", name))
+    out_of_order = (16, 8, 0, 17, 9, 1, 18, 10, 2, 23, 15, 7)  # no two in a row in order
+    with fmcache.open_cache(tmp_path / "old.h5") as old, fmcache.open_cache(tmp_path / "new.h5") as new, \
+            fmcache.open_cache(tmp_path / "old4.h5") as old4:
+        for i in out_of_order:
             np.testing.assert_array_equal(old.read("L", i), new.read("L", i))
+            np.testing.assert_array_equal(old4.read("L", i), new.read("L", i))
         (decoder,) = decoders(old).values()
         assert decoder is not None and all(s == -1 for s in decoder._starts)
         assert len(old.backend._h_rows) >= 1
+        (decoder4,) = decoders(old4).values()
+        assert all(decoder4._starts[i // 4] > 0 for i in out_of_order)
 
 
 def test_a_part_that_fits_in_the_row_lru_is_read_through_it_in_any_order(tmp_path, monkeypatch):

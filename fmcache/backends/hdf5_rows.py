@@ -12,10 +12,10 @@ docs/benchmarks.md). Such reads decode only their sample here:
   index, which the reader checked against the one recorded at commit
   (:func:`.hdf5_index.check_chunk_index`).
 * Chunks written since session 16 use blosc2 blocks that cut no row apart
-  (:func:`row_blocksize`), so libblosc2's ``blosc2_getitem`` decodes exactly one
-  sample's blocks, straight into a per-thread row buffer (a row of one block: straight
-  into it, no copy inside blosc2), which the codec widens into the caller's map
-  (:class:`RowDecoder`).
+  (:func:`row_blocksize`), so libblosc2's ``blosc2_getitem`` decodes only one sample's
+  blocks (or, for rows under 8 KiB, the one block of a few rows holding it) into a
+  per-thread row buffer (a row of one block: straight into it, no copy inside blosc2),
+  which the codec widens into the caller's map (:class:`RowDecoder`).
 * A chunk's CRC-32C (recorded at commit) and its frame's layout are checked the first time
   a process reads from it; a chunk that fails the CRC is never decoded
   (CorruptionError), one laid out otherwise (blocks across rows, written before session
@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 #: the largest blosc2 block of a frame-written chunk: a row's bytes where they fit, else
 #: the largest part of a row that divides it (then a sample is a run of whole blocks)
 MAX_ROW_BLOCK = 1 << 18
-#: below this, a row is too small a block to compress well: blosc2 picks (several rows a
-#: block), and per-sample reads take the row LRU's way
+#: the smallest: a block this small still compresses well; smaller rows share blocks
+#: (then a sample's block holds a few whole rows)
 MIN_ROW_BLOCK = 1 << 13
 _FLAGS_AT = 2  # a blosc2 chunk's header: version, versionlz, flags, typesize, then CHUNK_SIZES
 _MEMCPYED = 0x02
@@ -61,11 +61,14 @@ _MEMCPYED = 0x02
 
 def row_blocksize(row_bytes: int, typesize: int) -> int:
     """The blosc2 ``blocksize`` for chunks of rows of ``row_bytes`` (0: blosc2's own choice):
-    ``row_bytes`` where it lies in [:data:`MIN_ROW_BLOCK`, :data:`MAX_ROW_BLOCK`], else the
-    largest part of a row that divides it, is a whole number of values and is at least
-    :data:`MIN_ROW_BLOCK`."""
-    if row_bytes < MIN_ROW_BLOCK or row_bytes % typesize:
+    ``row_bytes`` where it lies in [:data:`MIN_ROW_BLOCK`, :data:`MAX_ROW_BLOCK`]; for
+    smaller rows the fewest whole rows that reach :data:`MIN_ROW_BLOCK`; for larger ones
+    the largest part of a row that divides it, is a whole number of values and is at least
+    :data:`MIN_ROW_BLOCK` (0 where there is none)."""
+    if row_bytes <= 0 or row_bytes % typesize:
         return 0
+    if row_bytes < MIN_ROW_BLOCK:
+        return -(-MIN_ROW_BLOCK // row_bytes) * row_bytes
     if row_bytes <= MAX_ROW_BLOCK:
         return row_bytes
     for parts in range(-(-row_bytes // MAX_ROW_BLOCK), row_bytes // MIN_ROW_BLOCK + 1):
@@ -236,7 +239,8 @@ class RowDecoder:
     def _layout(self, stored: memoryview) -> tuple[int, int]:
         """(offset of the frame's one blosc2 chunk in ``stored``, its compressed size)
         where that chunk is fmcache's (:func:`.hdf5_frames.is_own_frame`), holds the
-        whole chunk's rows of this dtype and its blocks cut no row apart; (-1, 0) else."""
+        whole chunk's rows of this dtype and its blocks cut no row apart (a row is whole
+        blocks, or a block whole rows); (-1, 0) else."""
         from .hdf5_frames import FLETCHER_BYTES, is_own_frame
 
         if not is_own_frame(stored):
@@ -248,6 +252,7 @@ class RowDecoder:
         frames = self.frames
         if (nbytes != frames.per * self.row_bytes or stored[at + 3] != self.dtype.itemsize or blocksize <= 0
                 or at + cbytes > len(stored) - FLETCHER_BYTES
-                or (self.row_bytes % blocksize and not stored[at + _FLAGS_AT] & _MEMCPYED)):
+                or (self.row_bytes % blocksize and blocksize % self.row_bytes
+                    and not stored[at + _FLAGS_AT] & _MEMCPYED)):
             return -1, 0
         return at, cbytes
