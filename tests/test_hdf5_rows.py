@@ -456,3 +456,39 @@ def test_decoder_needs_a_map(tmp_path):
         assert w.backend.__dict__.get("_h_map") is None
         w.commit()
     assert RowDecoder.of(None, None, "bits", "x") is None
+
+
+def test_saca_batches_far_apart_decode_each_picked_row_alone(tmp_path, monkeypatch, whole_chunks):
+    """A SACA batch (base tiers plus one stored variant a row) whose rows lie far apart, in
+    a cache larger than the row LRU where the LRU would otherwise gather the picked rows
+    from whole chunks: every row decoded alone, LMDB's values (``read_batch_picked``, with
+    and without ``replace``)."""
+    from fmcache.tiers import TierPlan
+
+    monkeypatch.setattr(hdf5_backend, "PICKED_CHUNK_ROWS", 4)
+    rng = np.random.default_rng(9)
+    n, shape = 200, (64, 8, 8)
+    plan = TierPlan.two_tier(64, list(range(16)), "bf16", "bf16")
+    x = maps(n, shape)
+    variants = {v: maps(n, shape, seed=k + 1) for k, v in enumerate(("flip", "dx+4", "dy-4"))}
+    row_bytes = 2 * (48 + 16 + 3 * 16) * 64
+    monkeypatch.setattr(hdf5_backend, "ROW_CACHE_BYTES", 100 * row_bytes)  # 12 open chunks fit, 200 samples not
+    for suffix in ("h5", "lmdb"):
+        with fmcache.create_cache(tmp_path / f"s.{suffix}") as w:
+            w.add_layer("l", shape, plan=plan, variants=list(variants), samples_per_chunk=4)
+            w.append({"l": x}, np.zeros(n, np.int64), variants={"l": variants})
+            w.commit()
+    names = [None, *(f"sensitive@{v}" for v in variants)]
+    with fmcache.open_cache(tmp_path / "s.h5") as h5, fmcache.open_cache(tmp_path / "s.lmdb") as lm:
+        assert h5.backend._rows_fit("l")
+        for _ in range(4):
+            order = [int(i) for i in rng.permutation(n)[:32]]
+            picks = [names[int(k)] for k in rng.integers(0, len(names), size=32)]
+            for kwargs in ({}, {"replace": "sensitive"}):
+                got, got_picked = h5.read_batch_picked("l", order, picks, **kwargs)
+                want, want_picked = lm.read_batch_picked("l", order, picks, **kwargs)
+                np.testing.assert_array_equal(got, want)
+                if not kwargs:
+                    rows = [r for r, p in enumerate(picks) if p is not None]
+                    np.testing.assert_array_equal(got_picked[rows], want_picked[rows])
+        assert whole_chunks == []

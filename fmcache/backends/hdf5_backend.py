@@ -45,6 +45,7 @@ from .hdf5_reads import (
     _read_rows,
     _touch,
     chunk_rows,
+    far_apart,
     frames_of,
     open_dataset,
     read_one_plain,
@@ -65,9 +66,8 @@ CHUNK_CACHE_BYTES = 64 << 20
 #: Root attributes (manifest, draft, progress, chunk index) up to this size are stored as
 #: fixed-length strings (see ``Hdf5Backend._set_attr_blob``).
 ATTR_INLINE_BYTES = 60_000
-#: Stored rows (HDF5's filters undone, the codec not yet) of whole chunks that one
-#: process keeps for per-sample reads (:meth:`Hdf5Backend.read_one`) and batch reads,
-#: least recently used out.
+#: Stored rows (HDF5's filters undone, the codec not yet) of whole chunks that one process
+#: keeps for per-sample reads (:meth:`Hdf5Backend.read_one`) and batch reads, LRU out.
 ROW_CACHE_BYTES = 32 << 20
 #: Batch reads use that LRU too where this many chunks of every part of a layer fit in it.
 ROWS_OPEN_CHUNKS = 12
@@ -328,11 +328,14 @@ class Hdf5Backend(Backend):
         :meth:`_read_picked_part`) and share one codec: every picked row's stored row
         copied out of its chunk in one pass over the batch, then one decode for them all
         (rather than a gather and a decode per picked name: five variants, each picked by
-        a few rows of a batch, cost 5-6x the base read that way)."""
+        a few rows of a batch, cost 5-6x the base read that way). Rows far apart in a
+        cache larger than the LRU: each picked row decoded alone (the default's way)."""
         names = sorted({p for p in picks if p is not None})
         per_chunk = self._layers[layer][2]
         entry_of = {}
-        if len(picks) == len(samples) and per_chunk >= PICKED_CHUNK_ROWS and self._rows_fit(layer):
+        picked = np.asarray([s for s, p in zip(samples, picks) if p is not None], dtype=np.int64)
+        if len(picks) == len(samples) and per_chunk >= PICKED_CHUNK_ROWS and self._rows_fit(layer) \
+                and not (names and far_apart(self, layer, names[0], picked)):  # else each picked row alone
             for name in names:
                 entry = self._one_entry(layer, name)
                 if entry is None:
@@ -385,8 +388,8 @@ class Hdf5Backend(Backend):
             if parts is not None and spec.name not in parts:
                 continue
             where = f"{self.path}: layer {layer!r} part {spec.name!r}"
-            alone = rows_alone(self, layer, spec.name, spec.shape, samples, out) if scattered else None
-            if alone is not None:  # rows far apart in a cache larger than the row LRU
+            alone = rows_alone(self, layer, spec.name, spec.shape, samples, out)  # rows far apart, or None
+            if alone is not None:
                 result[spec.name] = alone
                 continue
             fields: dict[str, np.ndarray] = {}
@@ -422,12 +425,9 @@ class Hdf5Backend(Backend):
         LRU of :data:`ROW_CACHE_BYTES`; the next samples of that chunk cost a dict look-up
         and the codec's decode of one row. Rows hold stored values (fletcher32 checked by
         HDF5 when read), never decoded maps. Opaque (variable-length) fields and writable
-        caches take the plain path.
-
-        Reads out of order (a shuffling sampler over a cache larger than the LRU) found
-        no chunk there and decoded a whole one per sample, 0.06-0.11x the bare codec's
-        speed. So in a cache larger than the LRU, a part whose chunks have blocks of whole rows reads
-        a sample out of order alone (:meth:`.hdf5_rows.RowDecoder.read_out_of_order`)."""
+        caches take the plain path. In a cache larger than the LRU, reads out of order
+        (which decoded a chunk per sample) decode their sample alone where its chunk's
+        blocks hold whole rows (:meth:`.hdf5_rows.RowDecoder.read_out_of_order`)."""
         entry = self._one_entry(layer, part)
         if entry is None:
             plain = self._plain_entry(layer, part)

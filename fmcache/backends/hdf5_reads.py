@@ -100,6 +100,17 @@ def _lru_row_bytes(backend: Hdf5Backend) -> int:
     return total
 
 
+def far_apart(backend: Hdf5Backend, layer: str, part: str, samples: np.ndarray) -> RowDecoder | None:
+    """The :func:`row_decoder` of ``part`` where ``samples`` lie in so many of its chunks
+    that decoding those chunks whole would decode more than twice as many rows; None
+    otherwise (or where the part has none)."""
+    entry = backend._one_entry(layer, part)
+    decoder = None if entry is None else row_decoder(backend, layer, part, entry)
+    if decoder is None or len(np.unique(samples // decoder.frames.per)) * decoder.frames.per <= 2 * len(samples):
+        return None
+    return decoder
+
+
 def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ...], samples: np.ndarray,
                out: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
     """A batch of ``part`` read a sample at a time (:class:`.hdf5_rows.RowDecoder`) where
@@ -107,11 +118,8 @@ def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ..
     (a shuffling sampler's batch over a cache larger than the row LRU: one chunk per row);
     into ``out[part]`` where given. None where that does not apply: the caller reads the
     batch through whole chunks."""
-    entry = backend._one_entry(layer, part)
-    if entry is None:
-        return None
-    decoder = row_decoder(backend, layer, part, entry)
-    if decoder is None or len(np.unique(samples // decoder.frames.per)) * decoder.frames.per <= 2 * len(samples):
+    decoder = far_apart(backend, layer, part, samples)
+    if decoder is None:
         return None
     dst = None if out is None else out.get(part)
     rows = dst if dst is not None and dst.flags.c_contiguous and dst.dtype == np.float32 \
@@ -121,7 +129,7 @@ def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ..
             if decoder.read(sample, rows[row]) is None:
                 return None  # a chunk laid out otherwise, or past the end: the caller's way
     except ValueError as exc:
-        raise CorruptionError(f"{entry[3]}: cannot decode samples ({exc})") from exc
+        raise CorruptionError(f"{decoder.where}: cannot decode samples ({exc})") from exc
     if dst is not None and rows is not dst:
         dst[...] = rows
         return dst
