@@ -161,7 +161,7 @@ class Hdf5Backend(Backend):
                 check_header(ds, str(self.path), record.rows if record.rows >= 0 else None, record.header)
                 # a dataset cut short has lost chunks: the read names its first missing sample
                 entries = check_chunk_index(ds, str(self.path), record.index if record.rows == ds.shape[0] else None)
-                if entries is not None:
+                if entries is not None and ds.chunks[0] > 1:  # kept for frames_of (never a chunk a sample)
                     self._h_index[path] = entries
             self._h_datasets[path] = ds
         return ds
@@ -333,9 +333,8 @@ class Hdf5Backend(Backend):
         names = sorted({p for p in picks if p is not None})
         per_chunk = self._layers[layer][2]
         entry_of = {}
-        picked = np.asarray([s for s, p in zip(samples, picks) if p is not None], dtype=np.int64)
         if len(picks) == len(samples) and per_chunk >= PICKED_CHUNK_ROWS and self._rows_fit(layer) \
-                and not (names and far_apart(self, layer, names[0], picked)):  # else each picked row alone
+                and not (names and far_apart(self, layer, names[0], samples[[p is not None for p in picks]])):
             for name in names:
                 entry = self._one_entry(layer, name)
                 if entry is None:

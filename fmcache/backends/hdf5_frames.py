@@ -47,7 +47,6 @@ FORMAT = "blosc2-frame-1"
 #: the dataset of a field's chunk CRC-32Cs: its path plus this
 CRC_SUFFIX = ".chunk_crc32c"
 _FLETCHER = struct.Struct("<I")
-FLETCHER_BYTES = _FLETCHER.size
 #: a cframe's header: fixarray marker, "b2frame\0" (str8), then int32 (marker 0xd2) header size
 _FRAME_MAGIC = b"b2frame\x00"
 
@@ -167,17 +166,25 @@ def decode_chunk(stored: bytes | memoryview, crc: int, rows: np.ndarray, where: 
         raise CorruptionError(f"{where}: the chunk is not a frame fmcache wrote (a B2ND frame of hdf5plugin's "
                               "filter, or other bytes), though its CRC-32C matches")
     try:
-        at = struct.unpack_from(">i", stored, 11)[0]
-        nbytes, _, cbytes = CHUNK_SIZES.unpack_from(stored, at + 4)
-        # the typesize too: where an all-zero chunk left no data, the frame's offsets (8-byte) come first
-        if nbytes != rows.nbytes or stored[at + 3] != rows.itemsize or at + cbytes > len(stored) - _FLETCHER.size:
-            raise ValueError(f"its frame holds {nbytes} bytes in {cbytes}, the chunk is {rows.nbytes}")
+        at, _, cbytes = frame_chunk(stored, rows.nbytes, rows.itemsize)
         blosc2_decompress_into(memoryview(stored)[at:at + cbytes], rows)
     except (ValueError, struct.error, RuntimeError):
         # a frame whose one chunk is not where fmcache's are: blosc2 keeps an all-zero
         # chunk as a special value in the frame's offsets, with no data (the CRC held)
         _decode_any_frame(memoryview(stored)[:-_FLETCHER.size], rows, where)
     return rows
+
+
+def frame_chunk(stored: bytes | memoryview, nbytes: int, itemsize: int) -> tuple[int, int, int]:
+    """(offset, blocksize, compressed size) of the one blosc2 chunk in an own frame's stored
+    bytes (:func:`is_own_frame`), where it holds ``nbytes`` of ``itemsize``-byte values
+    and ends before the fletcher32; ValueError (or struct.error) otherwise."""
+    at = struct.unpack_from(">i", stored, 11)[0]
+    held, blocksize, cbytes = CHUNK_SIZES.unpack_from(stored, at + 4)
+    # the typesize too: where an all-zero chunk left no data, the frame's offsets (8-byte) come first
+    if held != nbytes or stored[at + 3] != itemsize or at + cbytes > len(stored) - _FLETCHER.size:
+        raise ValueError(f"its frame holds {held} bytes in {cbytes}, the chunk is {nbytes}")
+    return at, blocksize, cbytes
 
 
 def is_own_frame(stored: bytes | bytearray | memoryview) -> bool:

@@ -58,7 +58,8 @@ def frames_of(backend: Hdf5Backend, path: str, ds: h5py.Dataset, where: str) -> 
         except (KeyError, RuntimeError, OSError, ValueError):
             return None
     crcs = load_crcs(ds, backend._dataset(crc_path), where)
-    return FrameReader(ds, crcs, backend.__dict__.get("_h_map"), backend.__dict__.get("_h_index", {}).get(path))
+    # the checked index, once: the reader keeps the chunk addresses it needs from it
+    return FrameReader(ds, crcs, backend.__dict__.get("_h_map"), backend.__dict__.get("_h_index", {}).pop(path, None))
 
 
 def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, list[tuple[str, str]], int, str]

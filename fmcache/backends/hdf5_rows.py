@@ -43,7 +43,6 @@ import h5py
 import numpy as np
 from crc32c import crc32c
 
-from ..codecs.lossless import CHUNK_SIZES
 from ..errors import CorruptionError
 
 if TYPE_CHECKING:
@@ -131,10 +130,6 @@ class FileMap:
         if address < 0 or size <= 0 or start + size > len(self.view):
             return None
         return self.view[start:start + size]
-
-
-#: a frame's header: int32 (marker 0xd2 at byte 10) header size at byte 11
-_HEADER_SIZE = struct.Struct(">i")
 
 
 class RowDecoder:
@@ -241,18 +236,15 @@ class RowDecoder:
         where that chunk is fmcache's (:func:`.hdf5_frames.is_own_frame`), holds the
         whole chunk's rows of this dtype and its blocks cut no row apart (a row is whole
         blocks, or a block whole rows); (-1, 0) else."""
-        from .hdf5_frames import FLETCHER_BYTES, is_own_frame
+        from .hdf5_frames import frame_chunk, is_own_frame  # here: hdf5_frames imports this module
 
-        if not is_own_frame(stored):
+        try:
+            if not is_own_frame(stored):
+                return -1, 0
+            at, blocksize, cbytes = frame_chunk(stored, self.frames.per * self.row_bytes, self.dtype.itemsize)
+        except (ValueError, struct.error):
             return -1, 0
-        at = _HEADER_SIZE.unpack_from(stored, 11)[0]
-        if at + 16 + FLETCHER_BYTES > len(stored):
-            return -1, 0
-        nbytes, blocksize, cbytes = CHUNK_SIZES.unpack_from(stored, at + 4)
-        frames = self.frames
-        if (nbytes != frames.per * self.row_bytes or stored[at + 3] != self.dtype.itemsize or blocksize <= 0
-                or at + cbytes > len(stored) - FLETCHER_BYTES
-                or (self.row_bytes % blocksize and blocksize % self.row_bytes
-                    and not stored[at + _FLAGS_AT] & _MEMCPYED)):
+        if blocksize <= 0 or (self.row_bytes % blocksize and blocksize % self.row_bytes
+                              and not stored[at + _FLAGS_AT] & _MEMCPYED):
             return -1, 0
         return at, cbytes
