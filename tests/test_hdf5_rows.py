@@ -19,7 +19,13 @@ from test_hdf5_frames import frame_fields
 import fmcache
 from fmcache.backends import hdf5_backend, hdf5_frames
 from fmcache.backends.hdf5_backend import dataset_path
-from fmcache.backends.hdf5_rows import MAX_ROW_BLOCK, MIN_ROW_BLOCK, RowDecoder, row_blocksize
+from fmcache.backends.hdf5_rows import (
+    ALONE_ROW_BYTES,
+    MAX_ROW_BLOCK,
+    MIN_ROW_BLOCK,
+    RowDecoder,
+    row_blocksize,
+)
 from fmcache.codecs.lossless import CHUNK_SIZES
 from fmcache.errors import CorruptionError
 
@@ -119,7 +125,8 @@ def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
     """Every sample reads the same from HDF5 as from LMDB and as h5py decodes the stored
     rows (the last chunk partly filled). Out of order, a one-field part with blocks of
     whole rows is decoded a sample at a time (nothing enters the row LRU); in order, the
-    LRU serves the chunks as before; anything else goes through the LRU."""
+    LRU serves the chunks as before, except for rows of 32 KiB or more, still decoded a
+    sample at a time; anything else goes through the LRU."""
     if shape == "320k" and codec == "int8":
         pytest.skip("int8's two fields take the row LRU's way whatever the shape (covered by '16k')")
     x = maps(15, SHAPES[shape], seed=len(codec))
@@ -139,9 +146,12 @@ def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
         assert (len(lru) == 0) == direct
         if decoder is not None:
             assert all(s > 0 for s in decoder._starts) == direct
-        for i in range(15):  # in order: the row LRU's way
+        for i in range(15):  # in order: the row LRU's way, except rows decoded alone in any order
             np.testing.assert_array_equal(h5.read("L", i), expected[i])
-        assert len(h5.backend._h_rows) >= 1 and (decoder is None or decoder.last_chunk == 3)
+        alone = direct and decoder.row_bytes >= ALONE_ROW_BYTES
+        assert alone == (direct and (shape == "320k" or codec == "blosc2"))  # 16k fp32 rows: 32 KiB
+        assert (len(h5.backend.__dict__.get("_h_rows") or {}) == 0) == alone
+        assert decoder is None or decoder.last_chunk == (-2 if alone else 3)
     if codec.startswith("bf16"):
         with h5py.File(tmp_path / "c.h5", "r") as fh:  # hdf5plugin's filter reads the same chunks
             bits = fh[dataset_path("L", "all", "bits")][...]
@@ -149,6 +159,29 @@ def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
         with fmcache.open_cache(tmp_path / "c.h5") as h5:
             for i in OUT_OF_ORDER:
                 np.testing.assert_array_equal(h5.read("L", i), widened[i])
+
+
+@pytest.mark.parametrize("codec", ["bf16", "blosc2"])
+def test_a_pass_in_order_over_rows_of_32_kib_or_more_decodes_no_whole_chunk(tmp_path, codec, whole_chunks):
+    """Rows of at least ALONE_ROW_BYTES (320 KiB bf16; 32 KiB of float32) are decoded a
+    sample at a time in order too; 16 KiB rows in order fill the LRU a chunk at a time."""
+    shape = SHAPES["320k" if codec == "bf16" else "16k"]
+    x = maps(32, shape, seed=3)
+    build(tmp_path / "c.h5", x, codec)
+    build(tmp_path / "c.lmdb", x, codec)
+    with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
+        for _ in range(2):
+            for i in range(32):
+                np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
+        assert whole_chunks == []
+        (decoder,) = decoders(h5).values()
+        assert decoder.alone and all(s > 0 for s in decoder._starts)
+    build(tmp_path / "b.h5", maps(32, SHAPES["16k"]), "bf16")
+    with fmcache.open_cache(tmp_path / "b.h5") as h5:
+        for i in range(32):
+            h5.read("L", i)
+        (decoder,) = decoders(h5).values()
+        assert not decoder.alone and len(whole_chunks) == 8
 
 
 def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):

@@ -425,8 +425,9 @@ class Hdf5Backend(Backend):
         and the codec's decode of one row. Rows hold stored values (fletcher32 checked by
         HDF5 when read), never decoded maps. Opaque (variable-length) fields and writable
         caches take the plain path. In a cache larger than the LRU, reads out of order
-        (which decoded a chunk per sample) decode their sample alone where its chunk's
-        blocks hold whole rows (:meth:`.hdf5_rows.RowDecoder.read_out_of_order`)."""
+        (which decoded a chunk per sample), and reads in order of rows of 32 KiB or more,
+        decode their sample alone where its chunk's blocks hold whole rows
+        (:meth:`.hdf5_rows.RowDecoder.read_missed`)."""
         entry = self._one_entry(layer, part)
         if entry is None:
             plain = self._plain_entry(layer, part)
@@ -448,7 +449,7 @@ class Hdf5Backend(Backend):
             decoder = row_decoder(self, layer, part, entry)
             if decoder is not None:
                 try:
-                    done = decoder.read_out_of_order(chunk, sample, out)
+                    done = decoder.read_missed(chunk, sample, out)
                 except ValueError as exc:
                     raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
                 if done is not None:

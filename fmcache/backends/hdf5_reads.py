@@ -308,7 +308,7 @@ class ChunkRows(dict):  # type: ignore[type-arg]  # field name -> stored rows
     """One chunk's stored rows in the row LRU (field name -> rows), with the number of
     rows and, built on the first per-sample read, the codec's row reader
     (:meth:`fmcache.codecs.Codec.hdf5_row_reader`); ``hits``: how many per-sample reads
-    found it in the LRU (:meth:`.hdf5_rows.RowDecoder.read_out_of_order` asks)."""
+    found it in the LRU (:meth:`.hdf5_rows.RowDecoder.read_missed` asks)."""
 
     __slots__ = ("count", "hits", "reader")
 

@@ -5,7 +5,9 @@ whole chunk (8-32 samples) into the LRU. For a pass in order, or a layer the LRU
 that serves the chunk's other samples; for reads out of order over a layer larger than
 the LRU (a shuffling sampler, per sample or in batches) it decoded a chunk per sample,
 0.06-0.11x the bare codec's speed where LMDB reads 0.77-0.91x (tools/bench_shuffled.py,
-docs/benchmarks.md). Such reads decode only their sample here:
+docs/benchmarks.md). Such reads decode only their sample here, and so do reads in order
+of rows of 32 KiB or more (:data:`ALONE_ROW_BYTES`; a pass in order over smaller rows
+still decodes whole chunks into the LRU):
 
 * :class:`FileMap`: the cache file mapped read-only, so a chunk's stored bytes are a
   slice of memory (no ``read_direct_chunk`` copy); where they lie comes from HDF5's chunk
@@ -54,6 +56,12 @@ MAX_ROW_BLOCK = 1 << 18
 #: the smallest: a block this small still compresses well; smaller rows share blocks
 #: (then a sample's block holds a few whole rows)
 MIN_ROW_BLOCK = 1 << 13
+#: rows of at least this many stored bytes are decoded alone in any order, passes in order
+#: included (rather than their whole chunk into the row LRU): per sample, one getitem call
+#: into a row buffer that stays in the CPU's cache beats decoding 8-32 rows into a new
+#: buffer and reading them back from memory from about here on (``tools/bench_shuffled.py``'s
+#: in-order rows); below it the call's fixed cost wins
+ALONE_ROW_BYTES = 1 << 15
 _FLAGS_AT = 2  # a blosc2 chunk's header: version, versionlz, flags, typesize, then CHUNK_SIZES
 _MEMCPYED = 0x02
 
@@ -139,7 +147,7 @@ class RowDecoder:
     laid out for it (the caller reads through the row LRU). CorruptionError where the
     chunk fails its CRC-32C."""
 
-    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "codec", "dtype", "field", "frames", "items",
+    __slots__ = ("_getitem", "_local", "_sizes", "_starts", "alone", "codec", "dtype", "field", "frames", "items",
                  "last_chunk", "last_sample", "row_bytes", "row_shape", "sent", "where")
 
     def __init__(self, frames: FrameReader, codec: Any, field: str, where: str) -> None:
@@ -147,6 +155,8 @@ class RowDecoder:
         self.row_shape, self.dtype = frames.row_shape, frames.dtype
         self.items = int(np.prod(self.row_shape, dtype=np.int64))
         self.row_bytes = self.items * self.dtype.itemsize
+        #: whether every read is decoded alone, in order too (:data:`ALONE_ROW_BYTES`)
+        self.alone = self.row_bytes >= ALONE_ROW_BYTES
         chunks = len(frames.addresses)
         # per chunk: 0 not looked at yet, -1 read through the row LRU, else where its blosc2
         # chunk starts in memory (with its compressed size in _sizes); 8 bytes a chunk
@@ -169,15 +179,18 @@ class RowDecoder:
             return None
         return cls(frames, codec, field, where)
 
-    def read_out_of_order(self, chunk: int, sample: int, out: np.ndarray) -> np.ndarray | None:
-        """:meth:`read` unless this read continues a pass in order, for a read the row LRU
-        missed (``chunk``: the sample's); None for one that does, which the caller sends
-        to the LRU (and then sets :attr:`sent` to the chunk's rows). In order means: the
-        sample after the previous miss's, in the same chunk (a pass starting), or a step to
-        the next chunk once the chunk the LRU got for the previous miss served more than
-        half its rows (a pass going on). Anything looser decoded whole chunks for few of
-        their samples: a shuffled order steps to the next chunk once in every (chunks / 2)
-        reads, and a stride of k samples uses a chunk's rows once in k."""
+    def read_missed(self, chunk: int, sample: int, out: np.ndarray) -> np.ndarray | None:
+        """:meth:`read`, for a read the row LRU missed (``chunk``: the sample's), unless
+        its rows are under :data:`ALONE_ROW_BYTES` and it continues a pass in order; None
+        for one that does, which the caller sends to the LRU (and then sets :attr:`sent`
+        to the chunk's rows). In order means: the sample after the previous miss's, in the
+        same chunk (a pass starting), or a step to the next chunk once the chunk the LRU got
+        for the previous miss served more than half its rows (a pass going on). Anything
+        looser decoded whole chunks for few of their samples: a shuffled order steps to the
+        next chunk once in every (chunks / 2) reads, and a stride of k samples uses a
+        chunk's rows once in k."""
+        if self.alone:
+            return self.read(sample, out)
         last_sample, self.last_sample = self.last_sample, sample
         last_chunk, self.last_chunk = self.last_chunk, chunk
         sent, self.sent = self.sent, None
