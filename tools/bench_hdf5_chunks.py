@@ -90,9 +90,9 @@ from crc32c import crc32c
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_read import (
     REPO,
+    ColdPass,
     build,
     capture_maps,
-    cold_pass,
     cpu_name,
     interleaved,
     render_command,
@@ -339,7 +339,7 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
     build_through_the_filter(filtered, layer, maps, "bf16")
 
     def with_lru(nbytes: int, path: Path = filtered) -> Callable[[], float]:
-        run = cold_pass(path, layer, len(maps))
+        run = ColdPass(path, layer, len(maps), first_apart=False)
 
         def sized() -> float:
             default = hdf5_backend.ROW_CACHE_BYTES
@@ -351,8 +351,8 @@ def cold_passes(layer: str, maps: np.ndarray, repeats: int, workdir: Path,
         return sized
 
     default_mib = hdf5_backend.ROW_CACHE_BYTES >> 20
-    runs = {"lmdb": (cold_pass(paths["lmdb"], layer, len(maps)), "cpu"),
-            "hdf5": (cold_pass(paths["hdf5"], layer, len(maps)), "cpu"),
+    runs = {"lmdb": (ColdPass(paths["lmdb"], layer, len(maps), first_apart=False), "cpu"),
+            "hdf5": (ColdPass(paths["hdf5"], layer, len(maps), first_apart=False), "cpu"),
             "hdf5 LRU 4 MiB": (with_lru(4 << 20, paths["hdf5"]), "cpu"),
             f"hdf5 filter LRU {default_mib} MiB": (with_lru(hdf5_backend.ROW_CACHE_BYTES), "cpu"),
             "hdf5 filter LRU 4 MiB": (with_lru(4 << 20), "cpu"), **floor_passes(filtered, layer, workdir, fletcher)}

@@ -14,9 +14,13 @@ measures, in float32 MB (10^6 bytes) per second:
                      of this thread: MB/s per core);
 * ``read_out``       the same into a reused ``out=`` buffer;
 * ``read_cold``      ``cache.read(layer, i)`` per sample from a copy of the cache opened
-                     afresh for the pass (its opening not timed; a copy, as HDF5 shares a
-                     dataset's chunk cache among the handles one process opens on a file):
-                     every read decodes. In the passes
+                     afresh for the pass (a copy, as HDF5 shares a dataset's chunk cache
+                     among the handles one process opens on a file): every read decodes.
+                     Neither its opening nor its first read is timed (since session 17):
+                     the first read opens the layer's datasets and, on HDF5, checks their
+                     headers and chunk index, once per handle and process (given apart
+                     as ``first_read_ms``: timed, a cost per epoch and worker would spread
+                     over the pass's few hundred samples as a cost per sample). In the passes
                      above, HDF5's chunk cache (64 MiB of decoded chunks per dataset) and
                      row cache hold a small layer whole after the first pass, so its
                      reads there skip the filters' decoding; a layer larger than those
@@ -206,15 +210,18 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
             # opens on the same file, so a fresh handle on `path` would find the warm one's
             copy = path.with_name(f"cold-{path.name}")
             (shutil.copytree if path.is_dir() else shutil.copyfile)(path, copy)
-            runs[f"{spec}|{backend}|read_cold"] = (cold_pass(copy, layer, n), "cpu")
+            runs[f"{spec}|{backend}|read_cold"] = (ColdPass(copy, layer, n), "cpu")
             # the same in a shuffled order (a shuffling sampler over per-sample reads)
-            runs[f"{spec}|{backend}|read_shuffled"] = (cold_pass(copy, layer, n, shuffled), "cpu")
+            runs[f"{spec}|{backend}|read_shuffled"] = (ColdPass(copy, layer, n, shuffled), "cpu")
             runs[f"{spec}|{backend}|read_batch"] = (batched(lambda rows, c=cache: c.read_batch(layer, rows)), "cpu")
             for workers in loader_workers:
                 runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
             if 0 in loader_workers:  # all of it runs in this thread: CPU time too, comparable with `read`
                 runs[f"{spec}|{backend}|loader_w0_cpu"] = (loader_epoch(path, 0), "cpu")
     seconds = interleaved(runs, repeats)
+    for name, (run, _) in runs.items():  # seconds per pass of all n samples
+        fraction = getattr(run, "timed_fraction", 1.0)
+        seconds[name] = [s / fraction for s in seconds[name]]
     for cache in caches:
         cache.close()
     rate = {name: summary([megabytes / s for s in values]) for name, values in seconds.items()}
@@ -227,6 +234,8 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
             for key in ("read", "read_out", "read_cold", "read_shuffled", "read_batch", *(f"loader_w{w}" for w in loader_workers),
                         *(["loader_w0_cpu"] if 0 in loader_workers else [])):
                 b[key] = rate[f"{spec}|{backend}|{key}"]
+            # the first read of read_cold's timed passes (the warm-up pass's left out)
+            b["first_read_ms"] = summary([1e3 * s for s in runs[f"{spec}|{backend}|read_cold"][0].first_reads[1:]])
             # read / bare decode, both new arrays per call, measured in the same rounds
             b["read_vs_codec"] = statistics.median(
                 s_codec / s_read for s_codec, s_read in zip(seconds[f"{spec}|codec"], seconds[f"{spec}|{backend}|read"]))
@@ -242,28 +251,47 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
     return results
 
 
-def cold_pass(path: Path, layer: str, n: int, order: Sequence[int] | None = None) -> Callable[[], float]:
+class ColdPass:
     """``read_cold`` (``read_shuffled`` with ``order``): a pass of per-sample reads, in
     order (or ``order``), from the cache at ``path`` opened afresh (no decoded chunk or row
-    kept from an earlier pass); returns the CPU seconds of opening and closing it, which
-    the timing leaves out."""
-    samples = list(range(n)) if order is None else [int(i) for i in order]
+    kept from an earlier pass). A call returns the CPU seconds of opening and closing it,
+    which the timing leaves out, and with ``first_apart`` those of the pass's first read
+    too: that read also opens the layer's datasets and checks their headers and chunk
+    index (HDF5), once per handle and process, which a pass of a few hundred samples would
+    spread over every sample. ``first_reads`` collects those seconds (``first_read_ms``);
+    ``timed_fraction`` is the share of the pass's samples timed."""
 
-    def body(cache: Any) -> None:
-        for i in samples:
-            cache.read(layer, i)
-    return fresh_pass(open_cache, path, body)
+    def __init__(self, path: Path, layer: str, n: int, order: Sequence[int] | None = None,
+                 first_apart: bool = True) -> None:
+        self.samples = list(range(n)) if order is None else [int(i) for i in order]
+        self.layer, self.first_apart = layer, first_apart
+        self.timed_fraction = (n - 1) / n if first_apart else 1.0
+        self.first_reads: list[float] = []
+        self.run = fresh_pass(open_cache, path, self.body)
+
+    def body(self, cache: Any) -> float:
+        t0 = time.thread_time()
+        cache.read(self.layer, self.samples[0])
+        first = time.thread_time() - t0
+        self.first_reads.append(first)
+        for i in self.samples[1:]:
+            cache.read(self.layer, i)
+        return first if self.first_apart else 0.0
+
+    def __call__(self) -> float:
+        return self.run()
 
 
-def fresh_pass(opener: Callable[[Path], Any], path: Path, body: Callable[[Any], None]) -> Callable[[], float]:
+def fresh_pass(opener: Callable[[Path], Any], path: Path, body: Callable[[Any], float | None]) -> Callable[[], float]:
     """A run of ``body(cache)`` on the cache at ``path`` opened afresh by ``opener``; it
-    returns the CPU seconds of opening and closing, which :func:`interleaved` leaves out."""
+    returns the CPU seconds of opening and closing, and any ``body`` returns, which
+    :func:`interleaved` leaves out."""
     def run() -> float:
         t0 = time.thread_time()
         cache = opener(path)
         left_out = time.thread_time() - t0
         try:
-            body(cache)
+            left_out += body(cache) or 0.0
         finally:
             t1 = time.thread_time()
             cache.close()
@@ -300,15 +328,19 @@ def markdown_table(results: dict[str, Any]) -> str:
                  "CPU time of the reading thread (per core); `loader wN`: wall clock, DataLoader batch 128. "
                  "`read cold`: a pass from a freshly opened cache, every read decoding (`read` passes after the "
                  "first can find a small layer in HDF5's chunk and row caches); `shuffled`: the same in a "
-                 "shuffled order (a shuffling sampler's per-sample reads).\n")
+                 "shuffled order (a shuffling sampler's per-sample reads)"
+                 + ("; neither times the pass's first read, which opens and checks the layer's datasets "
+                    "(`first read`, ms, once per handle and process)" if settings.get("first_apart") else "")
+                 + ".\n")
     workers = settings["loader_workers"]
     for layer, res in results["layers"].items():
         lines.append(f"**{layer}** {tuple(res['shape'])}, {res['megabytes']:.0f} MB float32; "
                      f"memcpy {_f(res['memcpy'])} MB/s\n")
         first = next(iter(next(iter(res["codecs"].values()))["backends"].values()))
         cold, shuffled = "read_cold" in first, "read_shuffled" in first  # older runs' JSON lacks them
+        first_ms = "first_read_ms" in first
         head = ["codec", "backend", "ratio", "rel L2", "write", "read", "read out=", "read/codec",
-                *(["read cold", "cold/codec"] if cold else []),
+                *(["read cold", "cold/codec"] if cold else []), *(["first read"] if first_ms else []),
                 *(["shuffled", "shuffled/codec"] if shuffled else []), "read_batch", "read_batch/codec",
                 *(["loader w0 (CPU)"] if 0 in workers else []), *(f"loader w{w}" for w in workers),
                 "bare codec", "codec out="]
@@ -319,6 +351,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 row = [f"`{spec}`", backend, f"{b['ratio']:.2f}", f"{b['rel_l2_error']:.1e}",
                        f"{b['write_mb_s']:,.0f}", _f(b["read"]), _f(b["read_out"]), f"{b['read_vs_codec']:.2f}",
                        *([_f(b["read_cold"]), f"{b['read_cold_vs_codec']:.2f}"] if cold else []),
+                       *([f"{b['first_read_ms']['median']:.2f}"] if first_ms else []),
                        *([_f(b["read_shuffled"]), f"{b['read_shuffled_vs_codec']:.2f}"] if shuffled else []),
                        _f(b["read_batch"]), f"{b['read_batch_vs_codec']:.2f}",
                        *([_f(b["loader_w0_cpu"])] if 0 in workers else []),
@@ -456,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {
         "settings": {"width": width, "steps": args.steps, "samples": samples, "repeats": repeats,
                      "codecs": codecs, "default_codec": DEFAULT_CODEC, "compact_codec": COMPACT_CODEC,
-                     "loader_workers": args.workers, "cpu": cpu_name(), "cores": os.cpu_count(),
+                     "loader_workers": args.workers, "first_apart": True, "cpu": cpu_name(), "cores": os.cpu_count(),
                      "torch": torch.__version__, "blosc2": blosc2.__version__,
                      "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                      "command": " ".join(["python", "tools/bench_read.py", *(argv or sys.argv[1:])])},
