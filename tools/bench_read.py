@@ -24,7 +24,11 @@ measures, in float32 MB (10^6 bytes) per second:
                      above, HDF5's chunk cache (64 MiB of decoded chunks per dataset) and
                      row cache hold a small layer whole after the first pass, so its
                      reads there skip the filters' decoding; a layer larger than those
-                     caches (a real data set) reads like this column every epoch. LMDB
+                     caches (a real data set) reads like this column every epoch, which
+                     runs with the row LRU at ``--cold-row-cache-mib`` (4 MiB, below every
+                     layer's stored rows here; since session 17) so that it reads as such
+                     a layer does (in order, rows of 32 KiB or more a sample at a time,
+                     smaller ones a chunk at a time through the LRU). LMDB
                      has no such cache (its records stay in the OS page cache, as here);
 * ``read_shuffled``  the same pass in a shuffled order (what per-sample reads under a
                      shuffling sampler do): HDF5 reads a sample out of order without
@@ -80,6 +84,7 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without installing fmc
 from plotting import pyplot  # tools/ is on sys.path when a tool runs as a script
 
 from fmcache import FeatureMapDataset, create_cache, open_cache
+from fmcache.backends import hdf5_backend
 from fmcache.codecs import codec_from_spec
 from fmcache.dataset import collate
 from fmcache.zoo import FashionMNIST, pretrained_resnet
@@ -164,7 +169,7 @@ def build(path: Path, backend: str, layer: str, maps: np.ndarray, codec: str) ->
 
 
 def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: int, workdir: Path,
-                loader_workers: Sequence[int]) -> dict[str, Any]:
+                loader_workers: Sequence[int], cold_lru: int | None = None) -> dict[str, Any]:
     n = len(maps)
     megabytes = maps.nbytes / MB
     sample_shape = maps.shape[1:]
@@ -210,9 +215,9 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
             # opens on the same file, so a fresh handle on `path` would find the warm one's
             copy = path.with_name(f"cold-{path.name}")
             (shutil.copytree if path.is_dir() else shutil.copyfile)(path, copy)
-            runs[f"{spec}|{backend}|read_cold"] = (ColdPass(copy, layer, n), "cpu")
+            runs[f"{spec}|{backend}|read_cold"] = (ColdPass(copy, layer, n, row_cache_bytes=cold_lru), "cpu")
             # the same in a shuffled order (a shuffling sampler over per-sample reads)
-            runs[f"{spec}|{backend}|read_shuffled"] = (ColdPass(copy, layer, n, shuffled), "cpu")
+            runs[f"{spec}|{backend}|read_shuffled"] = (ColdPass(copy, layer, n, shuffled, row_cache_bytes=cold_lru), "cpu")
             runs[f"{spec}|{backend}|read_batch"] = (batched(lambda rows, c=cache: c.read_batch(layer, rows)), "cpu")
             for workers in loader_workers:
                 runs[f"{spec}|{backend}|loader_w{workers}"] = (loader_epoch(path, workers), "wall")
@@ -259,12 +264,13 @@ class ColdPass:
     too: that read also opens the layer's datasets and checks their headers and chunk
     index (HDF5), once per handle and process, which a pass of a few hundred samples would
     spread over every sample. ``first_reads`` collects those seconds (``first_read_ms``);
-    ``timed_fraction`` is the share of the pass's samples timed."""
+    ``timed_fraction`` is the share of the pass's samples timed. ``row_cache_bytes``:
+    HDF5's row LRU for the pass (default the backend's)."""
 
     def __init__(self, path: Path, layer: str, n: int, order: Sequence[int] | None = None,
-                 first_apart: bool = True) -> None:
+                 first_apart: bool = True, row_cache_bytes: int | None = None) -> None:
         self.samples = list(range(n)) if order is None else [int(i) for i in order]
-        self.layer, self.first_apart = layer, first_apart
+        self.layer, self.first_apart, self.row_cache_bytes = layer, first_apart, row_cache_bytes
         self.timed_fraction = (n - 1) / n if first_apart else 1.0
         self.first_reads: list[float] = []
         self.run = fresh_pass(open_cache, path, self.body)
@@ -279,7 +285,14 @@ class ColdPass:
         return first if self.first_apart else 0.0
 
     def __call__(self) -> float:
-        return self.run()
+        if self.row_cache_bytes is None:
+            return self.run()
+        default = hdf5_backend.ROW_CACHE_BYTES  # read when a handle first reads a part
+        hdf5_backend.ROW_CACHE_BYTES = self.row_cache_bytes
+        try:
+            return self.run()
+        finally:
+            hdf5_backend.ROW_CACHE_BYTES = default
 
 
 def fresh_pass(opener: Callable[[Path], Any], path: Path, body: Callable[[Any], float | None]) -> Callable[[], float]:
@@ -331,6 +344,9 @@ def markdown_table(results: dict[str, Any]) -> str:
                  "shuffled order (a shuffling sampler's per-sample reads)"
                  + ("; neither times the pass's first read, which opens and checks the layer's datasets "
                     "(`first read`, ms, once per handle and process)" if settings.get("first_apart") else "")
+                 + (f"; both with HDF5's row LRU at {settings['cold_row_cache_bytes'] / 2**20:g} MiB (a real "
+                    "data set's layers exceed the default 32 MiB)"
+                    if settings.get("cold_row_cache_bytes") else "")
                  + ".\n")
     workers = settings["loader_workers"]
     for layer, res in results["layers"].items():
@@ -436,6 +452,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--codecs", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None, help="default 5; quick 3")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader num_workers")
+    parser.add_argument("--cold-row-cache-mib", type=float, default=4,
+                        help="HDF5's row LRU in MiB for the cold passes (default 4, below every layer's stored rows "
+                             "at the default sizes, as a real data set's exceed the backend's 32; 0: the backend's)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
     return parser.parse_args(argv)
 
@@ -482,14 +501,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     maps = capture_maps(width, args.steps, layers, samples)
     workdir = Path(tempfile.mkdtemp(prefix="bench_read-"))
     try:
-        per_layer = {layer: bench_layer(layer, maps[layer], codecs, repeats, workdir, args.workers)
+        cold_lru = int(args.cold_row_cache_mib * 2**20) or None
+        per_layer = {layer: bench_layer(layer, maps[layer], codecs, repeats, workdir, args.workers, cold_lru)
                      for layer in layers}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results = {
         "settings": {"width": width, "steps": args.steps, "samples": samples, "repeats": repeats,
                      "codecs": codecs, "default_codec": DEFAULT_CODEC, "compact_codec": COMPACT_CODEC,
-                     "loader_workers": args.workers, "first_apart": True, "cpu": cpu_name(), "cores": os.cpu_count(),
+                     "loader_workers": args.workers, "first_apart": True,
+                     "cold_row_cache_bytes": int(args.cold_row_cache_mib * 2**20) or None, "cpu": cpu_name(), "cores": os.cpu_count(),
                      "torch": torch.__version__, "blosc2": blosc2.__version__,
                      "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                      "command": " ".join(["python", "tools/bench_read.py", *(argv or sys.argv[1:])])},
