@@ -327,9 +327,10 @@ def test_a_damaged_chunk_in_a_batch_of_rows_far_apart_is_an_error(tmp_path):
                                       np.stack([cache.read("L", i) for i in (33, 2, 9)]))
 
 
+@pytest.mark.parametrize("shape", ["16k", "320k"])  # 320 KiB rows: decoded alone in order too
 @pytest.mark.parametrize("where", ["compressed data", "frame header", "fletcher32"])
-def test_a_damaged_chunk_is_never_decoded_by_a_per_sample_read(tmp_path, where):
-    x = maps(12, SHAPES["16k"])
+def test_a_damaged_chunk_is_never_decoded_by_a_per_sample_read(tmp_path, where, shape):
+    x = maps(12, SHAPES[shape])
     path = tmp_path / "c.h5"
     build(path, x, "bf16")
     (name,) = frame_fields(path)
@@ -412,8 +413,11 @@ def test_without_a_map_or_libblosc2s_getitem_reads_fall_back(tmp_path):
                 assert list(decoders(cache).values()) == [None]
 
 
-def test_threads_read_samples_at_once(tmp_path):
-    x = maps(40, SHAPES["16k"])
+@pytest.mark.parametrize("shape", ["16k", "320k"])
+def test_threads_read_samples_at_once(tmp_path, shape):
+    """Four threads, two in a random order and two in order (320 KiB rows: each decoded
+    alone in either order, into each thread's own row buffer)."""
+    x = maps(40, SHAPES[shape])
     build(tmp_path / "c.h5", x, "bf16", spc=8)
     build(tmp_path / "c.lmdb", x, "bf16", spc=8)
     with fmcache.open_cache(tmp_path / "c.lmdb") as lm:
@@ -424,7 +428,8 @@ def test_threads_read_samples_at_once(tmp_path):
 
         def reader(seed: int) -> None:
             barrier.wait()
-            for i in np.random.default_rng(seed).integers(0, 40, size=300):
+            order = np.random.default_rng(seed).integers(0, 40, size=300) if seed % 2 else np.arange(300) % 40
+            for i in order:
                 if not np.array_equal(cache.read("L", int(i)), expected[i]):
                     failures.append(f"thread {seed} sample {i}")
 
