@@ -566,7 +566,7 @@ def test_hdf5_per_sample_reads_of_chunk_per_sample_parts_match_batch_reads(tmp_p
     path = tmp_path / "c.h5"
     _build(path, "hdf5", maps, TierPlan.single(3, spec))
     with fmcache.open_cache(path) as cache:
-        assert cache.backend._plain_entry("l", "all") is not None
+        assert cache.backend._entries("l", "all")[1] is not None
         every = cache.read_batch("l", list(range(23)))
         assert every[5].min() < 0
         for i in rng.permutation(23):

@@ -34,7 +34,7 @@ import hdf5plugin
 import numpy as np
 
 from ..codecs import Hdf5Field
-from ..errors import CacheBusyError, CorruptionError, NotACacheError, ReadOnlyError
+from ..errors import CorruptionError, ReadOnlyError
 from .base import Backend, PartSpec, os_write_failure
 from .hdf5_frames import FrameReader
 from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
@@ -48,12 +48,14 @@ from .hdf5_reads import (
     far_apart,
     frames_of,
     open_dataset,
+    open_file_error,
     read_one_plain,
     row_decoder,
     rows_alone,
 )
 from .hdf5_rows import FileMap, RowDecoder
 from .hdf5_writes import HeldRows, create_field, create_labels, to_hdf5
+from .inflight import handles_lock, in_flight, wait_for_reads
 
 hdf5plugin.register(force=True)
 
@@ -120,33 +122,29 @@ class Hdf5Backend(Backend):
 
     # ---- handles -----------------------------------------------------------------------
     def _file(self) -> h5py.File:
-        if self._in_new_process() or getattr(self, "_h_file", None) is None:
-            try:
-                self._h_file = h5py.File(self.path, "a" if self.writable else "r",
-                                         rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
-            except OSError as exc:
-                if not self.path.exists():
-                    raise NotACacheError(f"{self.path} does not exist: it was moved or deleted after it was opened",
-                                         hint="point the reader at where the cache is now") from None
-                if self.writable and (not os.access(self.path, os.W_OK)
-                                      or os.statvfs(self.path.parent).f_flag & os.ST_RDONLY):
-                    raise ReadOnlyError(f"{self.path}: cannot open it for writing ({exc})") from None
-                if "unable to lock file" in str(exc):  # HDF5's own lock: a writer elsewhere, not damage
-                    raise CacheBusyError(f"{self.path}: another process has it open for writing (HDF5's file "
-                                         f"lock: {exc})", hint="wait for that process to close it (an h5py 'r+' "
-                                         "or 'a' handle, or a build); HDF5_USE_FILE_LOCKING=FALSE lets readers "
-                                         "in at their own risk") from None
-                raise CorruptionError(f"{self.path}: HDF5 cannot open it ({exc})") from None
-            self._h_datasets: dict[str, h5py.Dataset] = {}
-            self._h_frames: dict[str, FrameReader | None] = {}
-            self._h_index: dict[str, np.ndarray] = {}  # path -> its checked chunk index
-            self._h_rowdec: dict[tuple[str, str], RowDecoder | None] = {}
-            self._h_rowdec_pid = os.getpid()
-            # the file's bytes for reads of fmcache's own chunks; an earlier map goes
-            # when the last reader holding it lets go (see hdf5_rows.FileMap)
-            self._h_map = None if self.writable else FileMap.of(self._h_file)
-            self._check_reopened()
+        new_process = self._in_new_process()
+        if new_process or getattr(self, "_h_file", None) is None:
+            with handles_lock():  # one opening at a time (:mod:`.inflight`)
+                if new_process or getattr(self, "_h_file", None) is None:
+                    self._open_file()
         return self._h_file
+
+    def _open_file(self) -> None:
+        try:
+            handle = h5py.File(self.path, "a" if self.writable else "r",
+                               rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
+        except OSError as exc:
+            raise open_file_error(self.path, self.writable, exc) from None
+        self._h_datasets: dict[str, h5py.Dataset] = {}
+        self._h_frames: dict[str, FrameReader | None] = {}
+        self._h_index: dict[str, np.ndarray] = {}  # path -> its checked chunk index
+        self._h_rowdec: dict[tuple[str, str], RowDecoder | None] = {}
+        self._h_rowdec_pid = os.getpid()
+        # the file's bytes for reads of fmcache's own chunks; an earlier map goes
+        # when the last reader holding it lets go (see hdf5_rows.FileMap)
+        self._h_map = None if self.writable else FileMap.of(handle)
+        self._h_file = handle
+        self._check_reopened()
 
     def _dataset(self, path: str) -> h5py.Dataset:
         """An open dataset, kept open: HDF5's chunk cache lives with the open dataset, so
@@ -163,7 +161,8 @@ class Hdf5Backend(Backend):
                 entries = check_chunk_index(ds, str(self.path), record.index if record.rows == ds.shape[0] else None)
                 if entries is not None and ds.chunks[0] > 1:  # kept for frames_of (never a chunk a sample)
                     self._h_index[path] = entries
-            self._h_datasets[path] = ds
+            if fh is self.__dict__.get("_h_file"):  # closed meanwhile: kept, the next read got a closed dataset
+                self._h_datasets[path] = ds
         return ds
 
     def _committed(self) -> dict[str, Committed]:
@@ -192,13 +191,14 @@ class Hdf5Backend(Backend):
         return fields
 
     def close(self) -> None:
-        handle = getattr(self, "_h_file", None)
-        if handle is not None and self._pid == os.getpid():
-            handle.close()
-        self._h_file = None
-        self._h_datasets = {}
+        """Close the file after the reads in flight through it in other threads (:mod:`.inflight`)."""
+        with handles_lock():
+            handle = getattr(self, "_h_file", None)
+            self._h_file, self._h_datasets, self._h_frames, self._h_rowdec, self._h_map = None, {}, {}, {}, None
         self.__dict__.pop("_h_rows", None)
-        self._h_frames, self._h_rowdec, self._h_map = {}, {}, None
+        if handle is not None and self._pid == os.getpid():
+            wait_for_reads(self)
+            handle.close()
 
     def flush(self) -> None:
         if self.writable:
@@ -302,6 +302,7 @@ class Hdf5Backend(Backend):
             raise CorruptionError(f"{self.path}: HDF5 cannot list or cut its datasets ({exc})") from None
 
     # ---- reading -------------------------------------------------------------------------
+    @in_flight
     def get_meta(self, key: str) -> bytes | None:
         fh = self._file()
         try:
@@ -317,10 +318,12 @@ class Hdf5Backend(Backend):
             raise CorruptionError(f"{self.path}: the {key} attribute fails its checksum")
         return data
 
+    @in_flight
     def read(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None = None,
              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         return self._read(layer, samples, parts, out, gather=True)
 
+    @in_flight
     def read_picked(self, layer: str, samples: np.ndarray, parts: Sequence[str] | None,
                     out: Mapping[str, np.ndarray] | None, picks: Sequence[str | None],
                     picked_out: np.ndarray | None, replace: str | None = None) -> dict[str, np.ndarray]:
@@ -336,7 +339,7 @@ class Hdf5Backend(Backend):
         if len(picks) == len(samples) and per_chunk >= PICKED_CHUNK_ROWS and self._rows_fit(layer) \
                 and not (names and far_apart(self, layer, names[0], samples[[p is not None for p in picks]])):
             for name in names:
-                entry = self._one_entry(layer, name)
+                entry = self._entries(layer, name)[0]
                 if entry is None:
                     break
                 entry_of[name] = entry
@@ -392,7 +395,7 @@ class Hdf5Backend(Backend):
                 result[spec.name] = alone
                 continue
             fields: dict[str, np.ndarray] = {}
-            entry = self._one_entry(layer, spec.name) if scattered and self._rows_fit(layer) else None
+            entry = self._entries(layer, spec.name)[0] if scattered and self._rows_fit(layer) else None
             if entry is not None:
                 if groups is None:
                     groups = _chunk_groups(samples, entry[2])
@@ -414,6 +417,7 @@ class Hdf5Backend(Backend):
                 raise CorruptionError(f"{where}: cannot decode samples ({exc})") from exc
         return result
 
+    @in_flight
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
         """The per-sample path of ``Cache.read``.
 
@@ -428,9 +432,8 @@ class Hdf5Backend(Backend):
         (which decoded a chunk per sample), and reads in order of rows of 32 KiB or more,
         decode their sample alone where its chunk's blocks hold whole rows
         (:meth:`.hdf5_rows.RowDecoder.read_missed`)."""
-        entry = self._one_entry(layer, part)
+        entry, plain = self._entries(layer, part)
         if entry is None:
-            plain = self._plain_entry(layer, part)
             if plain is None:
                 return super().read_one(layer, sample, part, out)
             return read_one_plain(self, sample, out, *plain)
@@ -470,20 +473,13 @@ class Hdf5Backend(Backend):
         except (ValueError, KeyError) as exc:
             raise CorruptionError(f"{where} sample {sample}: cannot decode it ({exc})") from exc
 
-    def _one_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], int, str] | None:
-        """Codec, (field name, dataset path) pairs, samples per chunk and error prefix of a
-        part read through the row LRU; None where it does not apply (see :meth:`_entries`)."""
-        return self._entries(layer, part)[0]
-
-    def _plain_entry(self, layer: str, part: str) -> tuple[Any, list[tuple[str, str]], str] | None:
-        """Codec, (field name, dataset path) pairs and error prefix of a part stored a
-        chunk per sample (ZFP, SZ3: their filters decode whole chunks, so the row LRU has
-        nothing to keep), read by :func:`.hdf5_reads.read_one_plain`; None otherwise."""
-        return self._entries(layer, part)[1]
-
     def _entries(self, layer: str, part: str) -> tuple[Any, Any]:
-        """Per (layer, part), once: (:meth:`_one_entry`, :meth:`_plain_entry`). Both are
-        None for a writable cache and for a part with an opaque (variable-length) field."""
+        """Per (layer, part), once: (codec, (field name, dataset path) pairs, samples per
+        chunk, error prefix) of a part read through the row LRU, and (codec, pairs, error
+        prefix) of a part stored a chunk per sample (ZFP, SZ3: their filters decode whole
+        chunks, so the row LRU has nothing to keep; :func:`.hdf5_reads.read_one_plain`),
+        each None where it does not apply; both None for a writable cache and for a part
+        with an opaque (variable-length) field."""
         entries: dict[tuple[str, str], tuple[Any, Any]] = self.__dict__.setdefault("_h_entries", {})
         found = entries.get((layer, part))
         if found is None:
@@ -575,6 +571,7 @@ class Hdf5Backend(Backend):
             known[path] = frames_of(self, path, ds, where)
         return known[path]
 
+    @in_flight
     def read_labels(self, samples: int) -> np.ndarray | None:
         fh = self._file()
         try:
@@ -587,6 +584,7 @@ class Hdf5Backend(Backend):
             raise CorruptionError(f"{self.path}: labels stop at sample {ds.shape[0]}, the cache has {samples}")
         return _read_rows(self, "labels", np.arange(samples), f"{self.path}: labels")
 
+    @in_flight
     def stored_bytes(self, layer: str) -> dict[str, int]:
         fh = self._file()
         sizes: dict[str, int] = {}

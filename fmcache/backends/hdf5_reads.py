@@ -8,18 +8,33 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
-from ..errors import CorruptionError, FmcacheError
+from ..errors import CacheBusyError, CacheError, CorruptionError, FmcacheError, NotACacheError, ReadOnlyError
 from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import check_zero_chunks
 from .hdf5_rows import RowDecoder
 
 if TYPE_CHECKING:
     from .hdf5_backend import Hdf5Backend
+
+
+def open_file_error(path: Path, writable: bool, exc: OSError) -> CacheError:
+    """The typed error for h5py's failure to open the cache file at ``path``."""
+    if not path.exists():
+        return NotACacheError(f"{path} does not exist: it was moved or deleted after it was opened",
+                              hint="point the reader at where the cache is now")
+    if writable and (not os.access(path, os.W_OK) or os.statvfs(path.parent).f_flag & os.ST_RDONLY):
+        return ReadOnlyError(f"{path}: cannot open it for writing ({exc})")
+    if "unable to lock file" in str(exc):  # HDF5's own lock: a writer elsewhere, not damage
+        return CacheBusyError(f"{path}: another process has it open for writing (HDF5's file lock: {exc})",
+                              hint="wait for that process to close it (an h5py 'r+' or 'a' handle, or a build); "
+                                   "HDF5_USE_FILE_LOCKING=FALSE lets readers in at their own risk")
+    return CorruptionError(f"{path}: HDF5 cannot open it ({exc})")
 
 
 def open_dataset(fh: h5py.File, path: str, where: str) -> h5py.Dataset:
@@ -69,7 +84,7 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     file), or None (the row LRU serves it): also where the stored rows of every part of
     the cache fit in the LRU together, which then holds each chunk after its first read,
     in any order (parts that fit alone but not together made it thrash). ``entry``:
-    ``Hdf5Backend._one_entry``'s."""
+    the first of ``Hdf5Backend._entries``."""
     if backend.__dict__.get("_h_rowdec_pid") != os.getpid():
         backend._file()  # a forked worker opens its own handle (and map) first
     key = (layer, part)
@@ -105,7 +120,7 @@ def far_apart(backend: Hdf5Backend, layer: str, part: str, samples: np.ndarray) 
     """The :func:`row_decoder` of ``part`` where ``samples`` lie in so many of its chunks
     that decoding those chunks whole would decode more than twice as many rows; None
     otherwise (or where the part has none)."""
-    entry = backend._one_entry(layer, part)
+    entry = backend._entries(layer, part)[0]
     decoder = None if entry is None else row_decoder(backend, layer, part, entry)
     if decoder is None or len(np.unique(samples // decoder.frames.per)) * decoder.frames.per <= 2 * len(samples):
         return None

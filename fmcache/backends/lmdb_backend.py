@@ -49,6 +49,7 @@ from ..record import (
     unpack_blob,
 )
 from .base import Backend, PartSpec, encode_failure, os_write_failure
+from .inflight import handles_lock, wait_for_reads
 from .lmdb_envs import (
     FORKING,
     READING,
@@ -191,29 +192,40 @@ class LmdbBackend(Backend):
         new_process = self._in_new_process()
         env: lmdb.Environment | None = getattr(self, "_h_env", None)
         if new_process or env is None:
-            env = self._h_env = shared_env(self.path, self.writable)
-            # a backend dropped without close() (a Dataset or Cache garbage collected) gives its
-            # reference back: the registry kept the environment, its descriptor and its mapping
-            # for good (a deleted cache's disk space too)
-            self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, release_dropped, env)
-            self._check_reopened()
+            # one opening at a time, and never beside close()'s taking of the handle: a
+            # reference the registry counts without its own release, or a release taken
+            # for another opening, closed the environment under another handle's reads
+            with handles_lock():
+                env = None if new_process else getattr(self, "_h_env", None)
+                if env is None:
+                    env = shared_env(self.path, self.writable)
+                    # a backend dropped without close() (a Dataset or Cache garbage collected)
+                    # gives its reference back: the registry kept the environment, its
+                    # descriptor and its mapping for good (a deleted cache's disk space too)
+                    self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, release_dropped, env)
+                    self._h_env = env
+                    self._check_reopened()
         return env
 
     def close(self) -> None:
-        env: lmdb.Environment | None = getattr(self, "_h_env", None)
+        """Give the environment back; reads in flight through this handle in other threads
+        finish first (:mod:`.inflight`: the last reference unmaps the file under them), and
+        a read after this one opens it again."""
+        with handles_lock():  # first: a read starting now opens (or shares) an environment of its own
+            env: lmdb.Environment | None = getattr(self, "_h_env", None)
+            release = getattr(self, "_h_release", None)
+            self._h_env = self._h_release = None
         if env is not None and self._pid == os.getpid():
+            wait_for_reads(self, READING)
             try:
                 if self.writable:
                     env.sync(True)
             except lmdb.Error:
                 pass  # already closed because the path was replaced
-            release = getattr(self, "_h_release", None)
             if release is not None:
                 release()  # once: release_env(env), and the finaliser is done
             else:
                 release_env(env)
-        self._h_env = None
-        self._h_release = None
 
     def flush(self) -> None:
         if self.writable:
@@ -269,7 +281,7 @@ class LmdbBackend(Backend):
 
     def _truncate(self, samples: int) -> None:
         doomed: list[bytes] = []
-        with reading(self._env()) as txn:
+        with reading(self) as txn:
             cursor = txn.cursor()
             for index, _specs, _ in self._layers.values():
                 if cursor.set_range(record_key(index, samples)):
@@ -289,7 +301,7 @@ class LmdbBackend(Backend):
     # ---- reading -------------------------------------------------------------------------
     def get_meta(self, key: str) -> bytes | None:
         try:
-            with reading(self._env(), buffers=False) as txn:
+            with reading(self, buffers=False) as txn:
                 value = txn.get(_META + key.encode())
         except lmdb.Error as exc:
             raise _damaged(f"{self.path}: the {key}", exc) from None
@@ -334,10 +346,10 @@ class LmdbBackend(Backend):
         pack = _REC.pack
         sample = None  # names the record an LMDB failure hit
         me = get_ident()  # lmdb_envs.reading, inline: no fork while this reads
-        READING[me] = True
+        READING[me] = self  # before the environment is taken: close() waits for this read
         try:
             if FORKING[0]:
-                wait_for_fork(me)
+                wait_for_fork(me, self)
             with self._env().begin(buffers=True) as txn:  # the views below live as long as txn
                 get = txn.get
                 for row, sample in enumerate(np.asarray(samples).tolist()):
@@ -404,10 +416,10 @@ class LmdbBackend(Backend):
         index, pick, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
         me = get_ident()  # lmdb_envs.reading, inline: no fork while this reads
-        READING[me] = True
+        READING[me] = self  # before the environment is taken: close() waits for this read
         try:
             if FORKING[0]:
-                wait_for_fork(me)
+                wait_for_fork(me, self)
             with self._env().begin(buffers=True) as txn:
                 value = txn.get(key)
                 if value is None:
@@ -445,7 +457,7 @@ class LmdbBackend(Backend):
     def _read_labels(self, samples: int) -> np.ndarray | None:
         blocks: list[np.ndarray] = []
         expected = 0
-        with reading(self._env()) as txn:
+        with reading(self) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(b"Y"):
                 return None
@@ -480,7 +492,7 @@ class LmdbBackend(Backend):
     def _stored_bytes(self, layer: str) -> dict[str, int]:
         index, specs, _ = self._layers[layer]
         sizes = {s.name: 0 for s in specs}
-        with reading(self._env(), buffers=True) as txn:
+        with reading(self, buffers=True) as txn:
             cursor = txn.cursor()
             prefix = record_key(index, 0)[:3]
             if cursor.set_range(prefix):

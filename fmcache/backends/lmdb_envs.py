@@ -15,6 +15,10 @@ every fmcache read transaction passes a gate (:class:`reading`), and a fork wait
 ``os.register_at_fork(before=...)``, until no read is in flight and holds the gate shut
 through the fork (at most :data:`FORK_WAIT_S`; reads take micro- to milliseconds). The
 child starts with the gate open, nothing in flight and the registry's lock new.
+
+The same marks, with the backend a read goes through, let a backend's ``close()`` wait
+for the reads in flight through it in other threads (:mod:`.inflight`): a read marks
+itself before it takes the backend's environment.
 """
 
 from __future__ import annotations
@@ -178,42 +182,48 @@ def busy_or_out_of_files(where: str, exc: lmdb.Error) -> CacheError | None:
 #: The longest a fork waits for the reads in flight in other threads.
 FORK_WAIT_S = 10.0
 
-#: The threads inside a read transaction (thread id -> True). Setting and popping a
-#: thread's own key is atomic under the GIL and idempotent, so an interrupt (Ctrl-C lands
-#: between any two bytecodes) can at worst leave the interrupted thread marked, and the
-#: forking thread never waits for itself (a count of entries leaked on Ctrl-C and made
-#: every later fork wait its full time; no lock on the hot path, where one doubled the
-#: cost of a small read).
-READING: dict[int, bool] = {}
+#: The threads inside a read transaction (thread id -> the backend read through, or True).
+#: Setting and popping a thread's own key is atomic under the GIL and idempotent, so an
+#: interrupt (Ctrl-C lands between any two bytecodes) can at worst leave the interrupted
+#: thread marked, and the forking thread never waits for itself (a count of entries
+#: leaked on Ctrl-C and made every later fork wait its full time; no lock on the hot
+#: path, where one doubled the cost of a small read).
+READING: dict[int, object] = {}
 #: True while a fork waits for the reads in flight: new reads wait for the fork.
 FORKING = [False]
 _gate = threading.Lock()  # held by the forking thread from before to after the fork
 
 
-def wait_for_fork(me: int) -> None:
-    """For a read that found :data:`FORKING`: step out until the fork is done."""
+def wait_for_fork(me: int, owner: object = True) -> None:
+    """For a read that found :data:`FORKING`: step out until the fork is done (``owner``:
+    what the read marked itself with)."""
     while FORKING[0]:
         READING.pop(me, None)
         with _gate:
             pass
-        READING[me] = True
+        READING[me] = owner
+
 
 
 class reading:
-    """``with reading(env, buffers=True) as txn``: ``env.begin(...)``, marked in flight.
-    The per-sample read paths write the same steps out inline (a class costs ~0.5 µs)."""
+    """``with reading(backend, buffers=True) as txn``: ``backend._env().begin(...)``,
+    marked in flight (with ``backend``) before the environment is taken. The per-sample
+    read paths write the same steps out inline (a class costs ~0.5 µs)."""
 
-    __slots__ = ("me", "txn")
+    __slots__ = ("me", "outer", "txn")
 
-    def __init__(self, env: lmdb.Environment, **kwargs: Any) -> None:
+    def __init__(self, backend: Any, **kwargs: Any) -> None:
         self.me = me = threading.get_ident()
-        READING[me] = True
+        # a read inside a read (the manifest check of a handle a read reopens) keeps the
+        # outer read's mark: popping it let close() take the environment under that read
+        self.outer = READING.get(me)
+        READING[me] = backend
         try:
             if FORKING[0]:
-                wait_for_fork(me)
-            self.txn = env.begin(**kwargs)
+                wait_for_fork(me, backend)
+            self.txn = backend._env().begin(**kwargs)
         except BaseException:
-            READING.pop(me, None)
+            self._unmark()
             raise
 
     def __enter__(self) -> lmdb.Transaction:
@@ -223,7 +233,13 @@ class reading:
         try:
             self.txn.__exit__(*exc)
         finally:
+            self._unmark()
+
+    def _unmark(self) -> None:
+        if self.outer is None:
             READING.pop(self.me, None)
+        else:
+            READING[self.me] = self.outer
 
 
 def _before_fork() -> None:

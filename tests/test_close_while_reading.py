@@ -1,0 +1,136 @@
+"""Closing a cache while other threads read it (fmcache/backends/inflight.py).
+
+Before session 17, LMDB unmapped its file under a thread decoding a record's bytes and
+killed the process (SIGSEGV), and HDF5 reported the file as damaged (CorruptionError
+"rebuild the cache") or raised h5py's RuntimeError. The stress runs in a child process,
+so that a crash fails the test rather than the test run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fmcache
+from fmcache.backends import inflight
+
+STRESS = textwrap.dedent('''
+    import sys, threading, time
+    import numpy as np
+    import fmcache
+    from fmcache.backends import hdf5_backend
+
+    path, backend = sys.argv[1], sys.argv[2]
+    hdf5_backend.ROW_CACHE_BYTES = 1 << 16  # HDF5: larger than the LRU, rows decoded alone too
+    x = np.load(sys.argv[3])
+    failures = []
+
+    def reader(cache, stop, seed):
+        rng = np.random.default_rng(seed)
+        out = np.empty(x.shape[1:], np.float32)
+        while not stop.is_set():
+            kind = int(rng.integers(3))
+            try:
+                if kind == 0:  # per sample, in order
+                    for i in range(len(x)):
+                        if not np.array_equal(cache.read("L", i), x[i]):
+                            failures.append(f"read {i}")
+                elif kind == 1:  # per sample into out=, shuffled
+                    for i in rng.permutation(len(x))[:40].tolist():
+                        if not np.array_equal(cache.read("L", i, out=out), x[i]):
+                            failures.append(f"read out= {i}")
+                else:  # batches of rows far apart
+                    rows = np.sort(rng.choice(len(x), 24, replace=False))
+                    if not np.array_equal(cache.read_batch("L", rows), x[rows]):
+                        failures.append(f"read_batch {rows.tolist()}")
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    for trial in range(120):  # a cache opened, read by three threads, closed under them, twice
+        cache, stop = fmcache.open_cache(path), threading.Event()
+        threads = [threading.Thread(target=reader, args=(cache, stop, 3 * trial + k)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(2):
+            time.sleep(0.002)
+            cache.close()
+        stop.set()
+        for t in threads:
+            t.join()
+    print(len(failures), failures[:5])
+    sys.exit(1 if failures else 0)
+''')
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_closing_a_cache_while_threads_read_it_neither_crashes_nor_fails_a_read(tmp_path, backend):
+    """Three threads read (in order, shuffled into ``out=``, batches of rows far apart)
+    while the main thread closes the cache under them, twice, for 120 caches opened in
+    turn: every read returns the stored values (a read after a close opens the cache
+    again), none fails, the process lives."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((96, 32, 16, 16)) * (rng.random((96, 32, 16, 16)) > 0.4))
+    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    with fmcache.create_cache(path, backend=backend) as w:
+        w.add_layer("L", x.shape[1:], codec="bf16", samples_per_chunk=8)
+        w.append({"L": x}, np.zeros(len(x), np.int64))
+        w.commit()
+    with fmcache.open_cache(path) as cache:  # the values stored (bf16), which every read must return
+        np.save(tmp_path / "x.npy", cache.read_batch("L", range(len(x))))
+    done = subprocess.run([sys.executable, "-c", STRESS, str(path), backend, str(tmp_path / "x.npy")],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    assert done.stdout.startswith("0 ")
+
+
+def test_wait_for_reads_waits_for_other_threads_reading_through_the_owner_only():
+    owner, other = object(), object()
+    entered, release = threading.Event(), threading.Event()
+
+    def read_through(what: object) -> None:
+        @inflight.in_flight
+        def read(self: object) -> None:
+            entered.set()
+            release.wait(5)
+        read(what)
+
+    slow = threading.Thread(target=read_through, args=(owner,))
+    slow.start()
+    entered.wait(5)
+    inflight.READS[threading.get_ident()] = owner  # this thread's own mark is never waited for
+    try:
+        began = time.monotonic()
+        inflight.wait_for_reads(other)  # a read through another backend: no wait
+        assert time.monotonic() - began < 0.1
+        threading.Timer(0.3, release.set).start()
+        inflight.wait_for_reads(owner)  # until the read through owner returns
+        assert release.is_set() and time.monotonic() - began >= 0.25
+    finally:
+        inflight.READS.pop(threading.get_ident(), None)
+        release.set()
+        slow.join()
+    assert not inflight.READS
+
+
+def test_nested_read_methods_keep_the_outer_mark():
+    seen = []
+
+    class Reader:
+        @inflight.in_flight
+        def outer(self) -> None:
+            self.inner()
+            seen.append(inflight.READS.get(threading.get_ident()))
+
+        @inflight.in_flight
+        def inner(self) -> None:
+            seen.append(inflight.READS.get(threading.get_ident()))
+
+    reader = Reader()
+    reader.outer()
+    assert seen == [reader, reader] and threading.get_ident() not in inflight.READS
