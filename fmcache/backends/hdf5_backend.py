@@ -417,7 +417,6 @@ class Hdf5Backend(Backend):
                 raise CorruptionError(f"{where}: cannot decode samples ({exc})") from exc
         return result
 
-    @in_flight
     def read_one(self, layer: str, sample: int, part: str, out: np.ndarray) -> np.ndarray:
         """The per-sample path of ``Cache.read``.
 
@@ -431,7 +430,8 @@ class Hdf5Backend(Backend):
         caches take the plain path. In a cache larger than the LRU, reads out of order
         (which decoded a chunk per sample), and reads in order of rows of 32 KiB or more,
         decode their sample alone where its chunk's blocks hold whole rows
-        (:meth:`.hdf5_rows.RowDecoder.read_missed`)."""
+        (:meth:`.hdf5_rows.RowDecoder.read_missed`). Not marked itself (:mod:`.inflight`):
+        the calls that touch the file are (an LRU hit does not; the row decoder reads the map)."""
         entry, plain = self._entries(layer, part)
         if entry is None:
             if plain is None:
@@ -497,6 +497,7 @@ class Hdf5Backend(Backend):
             found = entries[(layer, part)] = (rows, plain)
         return found
 
+    @in_flight
     def _cached_chunk(self, layer: str, part: str, chunk: int, entry: tuple[Any, list[tuple[str, str]], int, str]
                       ) -> ChunkRows:
         """The stored rows of one chunk of ``part`` (field -> rows), from this process's

@@ -18,6 +18,7 @@ from ..errors import CacheBusyError, CacheError, CorruptionError, FmcacheError, 
 from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import check_zero_chunks
 from .hdf5_rows import RowDecoder
+from .inflight import in_flight
 
 if TYPE_CHECKING:
     from .hdf5_backend import Hdf5Backend
@@ -90,6 +91,12 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     key = (layer, part)
     if key in backend._h_rowdec:
         return backend._h_rowdec[key]
+    return _new_row_decoder(backend, key, entry)
+
+
+@in_flight  # it opens datasets: a close() in another thread waits for it
+def _new_row_decoder(backend: Hdf5Backend, key: tuple[str, str], entry: tuple[Any, list[tuple[str, str]], int, str]
+                     ) -> RowDecoder | None:
     codec, fields, _, where = entry
     decoder = None
     if len(fields) == 1:
@@ -152,6 +159,7 @@ def rows_alone(backend: Hdf5Backend, layer: str, part: str, shape: tuple[int, ..
     return rows
 
 
+@in_flight  # h5py reads: a close() in another thread waits for it
 def read_one_plain(backend: Hdf5Backend, sample: int, out: np.ndarray, codec: Any, fields: list[tuple[str, str]],
                    where: str) -> np.ndarray:
     """``Hdf5Backend.read_one`` of a part stored a chunk per sample: one h5py slice per field,
