@@ -134,3 +134,48 @@ def test_nested_read_methods_keep_the_outer_mark():
     reader = Reader()
     reader.outer()
     assert seen == [reader, reader] and threading.get_ident() not in inflight.READS
+
+
+AT_EXIT = textwrap.dedent('''
+    import atexit, sys, threading, time
+    state = {}
+    # registered before fmcache's own exit handler, so it runs after it: the main thread still reads
+    atexit.register(lambda: print("main thread read at exit:", state["cache"].read("L", 3).shape == state["shape"]))
+    import fmcache
+    from fmcache.backends import hdf5_backend
+
+    hdf5_backend.ROW_CACHE_BYTES = 1 << 16  # HDF5: larger than the LRU (h5py reads on every miss)
+    cache = state["cache"] = fmcache.open_cache(sys.argv[1])
+    state["shape"] = cache.layer("L").shape
+
+    def loop():
+        while True:
+            cache.read_batch("L", range(0, 64, 3))
+            cache.read("L", 5)
+
+    for _ in range(2):
+        threading.Thread(target=loop, daemon=True).start()
+    time.sleep(0.05)  # then exit with the daemon threads reading
+''')
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_daemon_threads_reading_at_interpreter_exit_neither_crash_nor_hang_it(tmp_path, backend):
+    """A prefetching thread made a daemon still reads when the script ends: LMDB crashed
+    every such exit (SIGSEGV: environments closed at exit under the thread's decode) and
+    HDF5 hung about every other one (a frozen daemon thread held h5py's global lock, which
+    finalisation needs). At exit such reads now wait for good; the main thread reads on."""
+    x = np.random.default_rng(1).random((64, 32, 16, 16), dtype=np.float32)
+    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    with fmcache.create_cache(path, backend=backend) as w:
+        w.add_layer("L", x.shape[1:], samples_per_chunk=8)
+        w.append({"L": x}, np.zeros(len(x), np.int64))
+        w.commit()
+    for _ in range(6):
+        try:
+            done = subprocess.run([sys.executable, "-c", AT_EXIT, str(path)], check=False, capture_output=True,
+                                  text=True, timeout=60, cwd=Path(__file__).parents[1])
+        except subprocess.TimeoutExpired:
+            pytest.fail("the script did not exit within 60 s (hung at exit)")
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+        assert done.stdout.strip() == "main thread read at exit: True"

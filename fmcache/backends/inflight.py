@@ -16,10 +16,20 @@ LMDB marks its reads in :data:`.lmdb_envs.READING`, which also gates ``fork()``;
 the HDF5 backend's read methods carry :func:`in_flight`, which marks them in
 :data:`READS`. Setting and popping a thread's own key is atomic under the GIL: no lock on
 the hot path.
+
+The same marks end reads cleanly at interpreter exit. Daemon threads still reading then
+(a prefetching thread made a daemon) are frozen mid-read once finalisation begins: one
+holding h5py's global lock hung the exit for good (finalisation needs that lock), and
+LMDB environments closed at exit under a thread decoding from their map crashed it
+(SIGSEGV, every time in a one-off run). At exit (:func:`_drain_at_exit`, an ``atexit``
+handler, which runs once the non-daemon threads are done) a read that starts in a thread
+other than the main one waits for good (:func:`park`), and the reads in flight finish
+first (at most :data:`EXIT_WAIT_S`); LMDB environments are left to the process's end.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import threading
@@ -30,6 +40,10 @@ from typing import Any, TypeVar
 
 #: The longest ``close()`` waits for reads in flight in other threads.
 WAIT_S = 10.0
+#: The longest the interpreter's exit waits for them.
+EXIT_WAIT_S = 2.0
+#: True once the interpreter exits (:func:`_drain_at_exit`).
+EXITING = [False]
 
 #: Thread id -> the backend that thread is reading through (methods with :func:`in_flight`).
 READS: dict[int, object] = {}
@@ -53,6 +67,8 @@ def in_flight(method: F) -> F:
     read method calling another, keeps the outer mark)."""
     @functools.wraps(method)
     def marked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if EXITING[0]:
+            park()
         me = get_ident()
         outer = READS.get(me)
         READS[me] = self
@@ -64,6 +80,24 @@ def in_flight(method: F) -> F:
             else:
                 READS[me] = outer
     return marked  # type: ignore[return-value]
+
+
+def park() -> None:
+    """At interpreter exit, a read in a thread other than the main one (a daemon thread:
+    the others are done by then) waits here for good; the main thread reads on."""
+    if threading.current_thread() is not threading.main_thread():
+        threading.Event().wait()
+
+
+def _drain_at_exit() -> None:
+    EXITING[0] = True
+    me = get_ident()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while any(thread != me for thread in list(READS)) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+atexit.register(_drain_at_exit)
 
 
 def wait_for_reads(owner: object, marks: dict[int, object] | None = None) -> None:

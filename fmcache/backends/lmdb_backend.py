@@ -203,6 +203,7 @@ class LmdbBackend(Backend):
                     # gives its reference back: the registry kept the environment, its
                     # descriptor and its mapping for good (a deleted cache's disk space too)
                     self._h_release: weakref.finalize[Any, Any] | None = weakref.finalize(self, release_dropped, env)
+                    self._h_release.atexit = False  # at exit the process's end lets go (inflight: daemon threads)
                     self._h_env = env
                     self._check_reopened()
         return env

@@ -23,6 +23,7 @@ itself before it takes the backend's environment.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any
 import lmdb
 
 from ..errors import CacheBusyError, CacheError, CorruptionError, NotACacheError, ReadOnlyError
+from .inflight import EXIT_WAIT_S, EXITING, park
 
 INITIAL_MAP_SIZE_BYTES = 64 << 20
 _envs: dict[tuple[int, int, int], list[Any]] = {}  # (pid, dev, inode of data.mdb) -> [env, refcount, writable]
@@ -196,12 +198,30 @@ _gate = threading.Lock()  # held by the forking thread from before to after the 
 
 def wait_for_fork(me: int, owner: object = True) -> None:
     """For a read that found :data:`FORKING`: step out until the fork is done (``owner``:
-    what the read marked itself with)."""
+    what the read marked itself with); at interpreter exit, for good outside the main
+    thread (:func:`.inflight.park`)."""
     while FORKING[0]:
         READING.pop(me, None)
+        if EXITING[0]:
+            park()
+            READING[me] = owner
+            return
         with _gate:
             pass
         READING[me] = owner
+
+
+def _drain_at_exit() -> None:
+    """At interpreter exit: every LMDB read from now on takes :func:`wait_for_fork`'s way
+    (daemon threads park there), and the reads in flight finish first."""
+    EXITING[0] = FORKING[0] = True
+    me = threading.get_ident()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while any(thread != me for thread in list(READING)) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+atexit.register(_drain_at_exit)
 
 
 
