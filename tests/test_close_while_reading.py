@@ -179,3 +179,97 @@ def test_daemon_threads_reading_at_interpreter_exit_neither_crash_nor_hang_it(tm
             pytest.fail("the script did not exit within 60 s (hung at exit)")
         assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
         assert done.stdout.strip() == "main thread read at exit: True"
+
+
+FORKS = textwrap.dedent('''
+    import os, sys, threading, time, warnings
+    import fmcache
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+    path, stop = sys.argv[1], threading.Event()
+
+    def churn():  # opens and closes the cache, so the registry changes while the main thread forks
+        while not stop.is_set():
+            c = fmcache.open_cache(path)
+            c.read("L", 0)
+            c.close()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    failed = []
+    for _ in range(60):
+        time.sleep(0.002)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with fmcache.open_cache(path) as c:
+                    c.read("L", 1)
+                os._exit(0)
+            except Exception as exc:
+                print(f"{type(exc).__name__}: {exc}", flush=True)
+                os._exit(1)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            failed.append(1)
+    stop.set()
+    t.join()
+    print(len(failed), "failed")
+''')
+
+
+def test_a_child_forked_while_another_thread_opens_or_closes_an_lmdb_cache_can_open_it(tmp_path):
+    """A fork between LMDB's opening an environment and the registry listing it (or between
+    unlisting and closing one) left the child an environment it did not know of: opening
+    the cache there failed ("already open in this process", 43-55 of 200 forks; DataLoader
+    workers hit it while the main process reopened the Dataset's cache). The fork now waits
+    for the registry's lock."""
+    x = np.random.default_rng(2).random((16, 8, 4, 4), dtype=np.float32)
+    path = tmp_path / "c.lmdb"
+    with fmcache.create_cache(path, backend="lmdb") as w:
+        w.add_layer("L", x.shape[1:])
+        w.append({"L": x}, np.zeros(len(x), np.int64))
+        w.commit()
+    done = subprocess.run([sys.executable, "-c", FORKS, str(path)], check=False, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "0 failed", (done.stdout[-1500:], done.stderr[-1500:])
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_close_returns_within_its_wait_while_other_threads_read_on(tmp_path, backend):
+    """Threads that keep reading through a cache keep a read in flight at every moment (each
+    read after the drop opens the cache again): close() waited its whole 10 s each time.
+    It now waits at most inflight.WAIT_S, then leaves the old handle to go once unused;
+    every read still returns the stored values."""
+    x = np.random.default_rng(3).random((400, 6, 5, 4), dtype=np.float32)
+    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    with fmcache.create_cache(path, backend=backend) as w:
+        w.add_layer("L", x.shape[1:], codec="zfp:accuracy=0.05" if backend == "hdf5" else "bf16")
+        w.append({"L": x}, np.zeros(len(x), np.int64))
+        w.commit()
+    with fmcache.open_cache(path) as cache:
+        x = cache.read_batch("L", range(len(x)))  # the stored values (lossy codecs)
+    cache, stop, bad = fmcache.open_cache(path), threading.Event(), []
+
+    def read_on() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                if not np.array_equal(cache.read("L", i % len(x)), x[i % len(x)]):
+                    bad.append(i)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                bad.append(repr(exc))
+            i += 1
+
+    threads = [threading.Thread(target=read_on) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        for _ in range(3):
+            began = time.monotonic()
+            cache.close()
+            assert time.monotonic() - began < 3.0  # its wait, 1 s, and some (it was 10 s each time)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        cache.close()
+    assert bad == []

@@ -123,13 +123,14 @@ class Hdf5Backend(Backend):
     # ---- handles -----------------------------------------------------------------------
     def _file(self) -> h5py.File:
         new_process = self._in_new_process()
-        if new_process or getattr(self, "_h_file", None) is None:
+        handle = getattr(self, "_h_file", None)  # once: a close() in another thread may drop it
+        if new_process or handle is None:
             with handles_lock():  # one opening at a time (:mod:`.inflight`)
-                if new_process or getattr(self, "_h_file", None) is None:
-                    self._open_file()
-        return self._h_file
+                handle = None if new_process else getattr(self, "_h_file", None)
+                handle = self._open_file() if handle is None else handle
+        return handle
 
-    def _open_file(self) -> None:
+    def _open_file(self) -> h5py.File:
         try:
             handle = h5py.File(self.path, "a" if self.writable else "r",
                                rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=1.0)
@@ -140,17 +141,18 @@ class Hdf5Backend(Backend):
         self._h_index: dict[str, np.ndarray] = {}  # path -> its checked chunk index
         self._h_rowdec: dict[tuple[str, str], RowDecoder | None] = {}
         self._h_rowdec_pid = os.getpid()
-        # the file's bytes for reads of fmcache's own chunks; an earlier map goes
-        # when the last reader holding it lets go (see hdf5_rows.FileMap)
-        self._h_map = None if self.writable else FileMap.of(handle)
-        self._h_file = handle
+        # the file's bytes for reads of fmcache's own chunks; an earlier map goes when the
+        # last reader holding it lets go (see hdf5_rows.FileMap)
+        self._h_map, self._h_file = None if self.writable else FileMap.of(handle), handle
         self._check_reopened()
+        return handle
 
     def _dataset(self, path: str) -> h5py.Dataset:
         """An open dataset, kept open: HDF5's chunk cache lives with the open dataset, so
         reopening it per read would decompress a whole chunk for every sample."""
-        fh = self._file()
-        ds = self._h_datasets.get(path)
+        self._file()  # open; its dict taken before the handle again: that handle's, or an older
+        datasets, fh = self._h_datasets, self._file()  # one a close() dropped (then kept for nobody)
+        ds = datasets.get(path)
         if ds is None:
             ds = open_dataset(fh, path, str(self.path))
             if not self.writable:  # a build's own handle may hold chunks not yet flushed
@@ -161,8 +163,7 @@ class Hdf5Backend(Backend):
                 entries = check_chunk_index(ds, str(self.path), record.index if record.rows == ds.shape[0] else None)
                 if entries is not None and ds.chunks[0] > 1:  # kept for frames_of (never a chunk a sample)
                     self._h_index[path] = entries
-            if fh is self.__dict__.get("_h_file"):  # closed meanwhile: kept, the next read got a closed dataset
-                self._h_datasets[path] = ds
+            datasets[path] = ds
         return ds
 
     def _committed(self) -> dict[str, Committed]:
@@ -196,9 +197,8 @@ class Hdf5Backend(Backend):
             handle = getattr(self, "_h_file", None)
             self._h_file, self._h_datasets, self._h_frames, self._h_rowdec, self._h_map = None, {}, {}, {}, None
         self.__dict__.pop("_h_rows", None)
-        if handle is not None and self._pid == os.getpid():
-            wait_for_reads(self)
-            handle.close()
+        if handle is not None and self._pid == os.getpid() and wait_for_reads(self):
+            handle.close()  # else threads read on through it: dropped, it goes with their last dataset
 
     def flush(self) -> None:
         if self.writable:

@@ -89,9 +89,11 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     if backend.__dict__.get("_h_rowdec_pid") != os.getpid():
         backend._file()  # a forked worker opens its own handle (and map) first
     key = (layer, part)
-    if key in backend._h_rowdec:
-        return backend._h_rowdec[key]
-    return _new_row_decoder(backend, key, entry)
+    found = backend._h_rowdec.get(key, _NEW)  # one look-up: a close() in another thread may empty it
+    return _new_row_decoder(backend, key, entry) if found is _NEW else found
+
+
+_NEW: Any = object()  # row_decoder's "not made yet"
 
 
 @in_flight  # it opens datasets: a close() in another thread waits for it

@@ -9,7 +9,11 @@ damaged. So a backend's reads mark themselves, per thread, with the backend they
 through, and ``close()`` first drops the backend's handle (a read starting then opens one
 of its own, as any read after ``close()`` does) and then waits until no other thread is
 inside a read marked with that backend (:func:`wait_for_reads`) before it closes the old
-handle. Reads take micro- to milliseconds; the wait ends after :data:`WAIT_S` whatever.
+handle. Reads take micro- to milliseconds; where other threads keep reading through the
+backend (a read starting after the drop opens the handle again, and is waited for too),
+the wait ends after :data:`WAIT_S` and ``close()`` leaves the old handle to go once
+nothing uses it (LMDB: its finaliser, when the backend is dropped; HDF5: with the last
+dataset read from it) rather than closing it under those reads.
 Opening a handle and ``close()``'s taking of it hold :func:`handles_lock`.
 
 LMDB marks its reads in :data:`.lmdb_envs.READING`, which also gates ``fork()``;
@@ -39,7 +43,7 @@ from threading import get_ident
 from typing import Any, TypeVar
 
 #: The longest ``close()`` waits for reads in flight in other threads.
-WAIT_S = 10.0
+WAIT_S = 1.0
 #: The longest the interpreter's exit waits for them.
 EXIT_WAIT_S = 2.0
 #: True once the interpreter exits (:func:`_drain_at_exit`).
@@ -100,15 +104,17 @@ def _drain_at_exit() -> None:
 atexit.register(_drain_at_exit)
 
 
-def wait_for_reads(owner: object, marks: dict[int, object] | None = None) -> None:
+def wait_for_reads(owner: object, marks: dict[int, object] | None = None) -> bool:
     """Until no thread but this one is inside a read marked with ``owner`` in ``marks``
-    (default :data:`READS`), at most :data:`WAIT_S`."""
+    (default :data:`READS`), at most :data:`WAIT_S`; whether that moment came."""
     marks = READS if marks is None else marks
     me = get_ident()
     deadline = time.monotonic() + WAIT_S
-    while any(thread != me and marked is owner for thread, marked in list(marks.items())) \
-            and time.monotonic() < deadline:
+    while any(thread != me and marked is owner for thread, marked in list(marks.items())):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.0002)
+    return True
 
 
 def _clear_in_child() -> None:  # the threads that marked these, or held the lock, do not exist in a child

@@ -217,7 +217,8 @@ class LmdbBackend(Backend):
             release = getattr(self, "_h_release", None)
             self._h_env = self._h_release = None
         if env is not None and self._pid == os.getpid():
-            wait_for_reads(self, READING)
+            if not wait_for_reads(self, READING):
+                return  # threads read on through it: its finaliser lets it go once this backend is dropped
             try:
                 if self.writable:
                     env.sync(True)

@@ -269,10 +269,15 @@ def _before_fork() -> None:
     deadline = time.monotonic() + FORK_WAIT_S
     while any(thread != me for thread in list(READING)) and time.monotonic() < deadline:
         time.sleep(0.0005)  # the reads in flight finish; new ones wait at the gate
+    # and no other thread is between opening an environment and registering it, or between
+    # unregistering one and closing it: a child inheriting that environment unlisted could
+    # not open the file again ("already open in this process")
+    _envs_lock.acquire()
 
 
 def _after_fork_in_parent() -> None:
     FORKING[0] = False
+    _envs_lock.release()
     _gate.release()
 
 
