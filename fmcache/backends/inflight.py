@@ -93,28 +93,30 @@ def park() -> None:
         threading.Event().wait()
 
 
-def _drain_at_exit() -> None:
-    EXITING[0] = True
+def wait_while(marks: dict[int, object], busy: Callable[[object], bool], limit_s: float) -> bool:
+    """Until no thread but this one has a mark in ``marks`` that is ``busy``, at most
+    ``limit_s``; whether that moment came (the waits of ``close()``, a fork and the exit)."""
     me = get_ident()
-    deadline = time.monotonic() + EXIT_WAIT_S
-    while any(thread != me for thread in list(READS)) and time.monotonic() < deadline:
-        time.sleep(0.0005)
-
-
-atexit.register(_drain_at_exit)
+    deadline = time.monotonic() + limit_s
+    while any(thread != me and busy(marked) for thread, marked in list(marks.items())):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0002)
+    return True
 
 
 def wait_for_reads(owner: object, marks: dict[int, object] | None = None) -> bool:
     """Until no thread but this one is inside a read marked with ``owner`` in ``marks``
     (default :data:`READS`), at most :data:`WAIT_S`; whether that moment came."""
-    marks = READS if marks is None else marks
-    me = get_ident()
-    deadline = time.monotonic() + WAIT_S
-    while any(thread != me and marked is owner for thread, marked in list(marks.items())):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.0002)
-    return True
+    return wait_while(READS if marks is None else marks, lambda marked: marked is owner, WAIT_S)
+
+
+def _drain_at_exit() -> None:
+    EXITING[0] = True
+    wait_while(READS, lambda _: True, EXIT_WAIT_S)
+
+
+atexit.register(_drain_at_exit)
 
 
 def _clear_in_child() -> None:  # the threads that marked these, or held the lock, do not exist in a child

@@ -26,14 +26,13 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 from ..errors import CacheBusyError, CacheError, CorruptionError, NotACacheError, ReadOnlyError
-from .inflight import EXIT_WAIT_S, EXITING, park
+from .inflight import EXIT_WAIT_S, EXITING, park, wait_while
 
 INITIAL_MAP_SIZE_BYTES = 64 << 20
 _envs: dict[tuple[int, int, int], list[Any]] = {}  # (pid, dev, inode of data.mdb) -> [env, refcount, writable]
@@ -215,14 +214,10 @@ def _drain_at_exit() -> None:
     """At interpreter exit: every LMDB read from now on takes :func:`wait_for_fork`'s way
     (daemon threads park there), and the reads in flight finish first."""
     EXITING[0] = FORKING[0] = True
-    me = threading.get_ident()
-    deadline = time.monotonic() + EXIT_WAIT_S
-    while any(thread != me for thread in list(READING)) and time.monotonic() < deadline:
-        time.sleep(0.0005)
+    wait_while(READING, lambda _: True, EXIT_WAIT_S)
 
 
 atexit.register(_drain_at_exit)
-
 
 
 class reading:
@@ -265,10 +260,7 @@ class reading:
 def _before_fork() -> None:
     _gate.acquire()
     FORKING[0] = True
-    me = threading.get_ident()
-    deadline = time.monotonic() + FORK_WAIT_S
-    while any(thread != me for thread in list(READING)) and time.monotonic() < deadline:
-        time.sleep(0.0005)  # the reads in flight finish; new ones wait at the gate
+    wait_while(READING, lambda _: True, FORK_WAIT_S)  # the reads in flight finish; new ones wait at the gate
     # and no other thread is between opening an environment and registering it, or between
     # unregistering one and closing it: a child inheriting that environment unlisted could
     # not open the file again ("already open in this process")
