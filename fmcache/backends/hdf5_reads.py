@@ -1,7 +1,8 @@
 """Row reads of HDF5 datasets for :mod:`.hdf5_backend`: the rows a batch asks for, read
 as slices where a slice decodes little more than the chunks holding them, and the
-helpers of the backend's chunk-row LRU (its entries, rows grouped by chunk, LRU touches). Every
-failure becomes a CorruptionError naming the sample."""
+helpers of the backend's chunk-row LRU (its entries, rows grouped by chunk, LRU touches), and
+the typed errors of opening the file and its datasets. Every read failure becomes a
+CorruptionError naming the sample."""
 
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def frames_of(backend: Hdf5Backend, path: str, ds: h5py.Dataset, where: str) -> 
     return FrameReader(ds, crcs, backend.__dict__.get("_h_map"), backend.__dict__.get("_h_index", {}).pop(path, None))
 
 
+_NEW: Any = object()  # row_decoder's "not made yet"
+
+
 def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, list[tuple[str, str]], int, str]
                 ) -> RowDecoder | None:
     """Per (layer, part), handle and process: the :class:`.hdf5_rows.RowDecoder` of a
@@ -91,9 +95,6 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     key = (layer, part)
     found = backend._h_rowdec.get(key, _NEW)  # one look-up: a close() in another thread may empty it
     return _new_row_decoder(backend, key, entry) if found is _NEW else found
-
-
-_NEW: Any = object()  # row_decoder's "not made yet"
 
 
 @in_flight  # it opens datasets: a close() in another thread waits for it
