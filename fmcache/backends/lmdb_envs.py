@@ -183,7 +183,7 @@ def busy_or_out_of_files(where: str, exc: lmdb.Error) -> CacheError | None:
 #: The longest a fork waits for the reads in flight in other threads.
 FORK_WAIT_S = 10.0
 
-#: The threads inside a read transaction (thread id -> the backend read through, or True).
+#: The threads inside a read transaction (thread id -> the backend read through).
 #: Setting and popping a thread's own key is atomic under the GIL and idempotent, so an
 #: interrupt (Ctrl-C lands between any two bytecodes) can at worst leave the interrupted
 #: thread marked, and the forking thread never waits for itself (a count of entries
@@ -195,7 +195,7 @@ FORKING = [False]
 _gate = threading.Lock()  # held by the forking thread from before to after the fork
 
 
-def wait_for_fork(me: int, owner: object = True) -> None:
+def wait_for_fork(me: int, owner: object) -> None:
     """For a read that found :data:`FORKING`: step out until the fork is done (``owner``:
     what the read marked itself with); at interpreter exit, for good outside the main
     thread (:func:`.inflight.park`)."""
