@@ -208,6 +208,8 @@ class Cache:
             info = self.layer(layer)
             fast = self._read_fast[layer] = (len(self), info.shape, self._whole_tier_of(layer, info))
         n, shape, whole = fast
+        if type(sample) is int and out is None and whole and 0 <= sample < n:  # the commonest case first
+            return self.backend.read_one(layer, sample, whole, np.empty(shape, np.float32))
         if isinstance(sample, (int, np.integer)) and -n <= sample < n and not isinstance(sample, bool):
             # the per-sample fast path
             index = int(sample) + n if sample < 0 else int(sample)

@@ -44,6 +44,8 @@ _LEN = struct.Struct("<I")
 _MAGIC_CRC = crc32c(MAGIC)
 _LAYOUTS: dict[bytes, tuple[tuple[str, ...], dict[str, int], struct.Struct]] = {}
 _MAX_LAYOUTS = 4096
+#: what a record too short for PartPicker's known index unpacks to: fails its comparison
+_NO_FIELDS = (None, None, None)
 
 
 def pack_record(parts: Mapping[str, bytes | bytearray | memoryview]) -> bytes:
@@ -167,26 +169,49 @@ class PartPicker:
 
     def __init__(self, wanted: Sequence[str]) -> None:
         self.wanted = tuple(wanted)
-        #: (whole-index Struct, (MAGIC, count, names_len, names), payload start, wanted positions)
-        self._known: tuple[struct.Struct, tuple[object, ...], int, tuple[int, ...]] | None = None
+        #: (whole-index Struct, the bytes from count to the names' end, payload start,
+        #: wanted positions, both of a pair present); the Struct reads magic, CRC, those
+        #: bytes as one field and every length: one comparison checks count and names
+        self._known: tuple[struct.Struct, bytes, int, tuple[int, ...], bool] | None = None
 
     def __call__(self, buf: bytes | memoryview, where: str) -> list[memoryview | None]:
         known = self._known
         if known is not None:
-            index, expected, start, picks = known
+            index, head, start, picks, _ = known
             try:
                 fields = index.unpack_from(buf, 0)
             except struct.error:  # shorter than the index: record_parts names it
-                fields = ()
-            # fields: magic, crc, count, names_len, names, then the lengths
-            if fields[:1] == expected[:1] and fields[2:5] == expected[1:]:
+                fields = _NO_FIELDS
+            # fields: magic, crc, count + names_len + names, then the lengths
+            if fields[0] == MAGIC and fields[2] == head:
                 view = memoryview(buf)
-                offsets = list(itertools.accumulate(fields[5:], initial=start))
+                offsets = list(itertools.accumulate(fields[3:], initial=start))
                 if offsets[-1] == len(view) and crc32c(view[8:], _MAGIC_CRC) == fields[1]:
                     return [None if k < 0 else view[offsets[k]:offsets[k + 1]] for k in picks]
         found = record_parts(buf, self.wanted, where)  # raises on damage
         self._learn(buf)
         return found
+
+    def pair(self, buf: bytes | memoryview, where: str) -> tuple[memoryview | None, memoryview | None]:
+        """``tuple(self(buf, where))`` of a picker of two parts, written out flat for
+        records of the known layout that hold both (a per-sample read's part and own key:
+        the general call's list and offsets cost more than the record's CRC on a small map)."""
+        known = self._known
+        if known is not None and known[4]:
+            index, head, start, (first, second), _ = known
+            try:
+                fields = index.unpack_from(buf, 0)
+            except struct.error:  # shorter than the index: record_parts names it
+                fields = _NO_FIELDS
+            if fields[0] == MAGIC and fields[2] == head:
+                view = memoryview(buf)
+                lengths = fields[3:]
+                if start + sum(lengths) == len(view) and crc32c(view[8:], _MAGIC_CRC) == fields[1]:
+                    a = start + sum(lengths[:first])
+                    b = start + sum(lengths[:second])
+                    return view[a:a + lengths[first]], view[b:b + lengths[second]]
+        a, b = self(buf, where)
+        return a, b
 
     def _learn(self, buf: bytes | memoryview) -> None:
         """Remember the layout of ``buf``, a record :func:`record_parts` has just read."""
@@ -195,9 +220,10 @@ class PartPicker:
         _, _, count, names_len = _HEAD3.unpack_from(buf, 0)
         names_block = bytes(buf[_HEAD3.size:_HEAD3.size + names_len])
         _, position, _ = _layout(names_block, count, "")
-        index = struct.Struct(f"<4sIHH{names_len}s{count}I")
+        index = struct.Struct(f"<4sI{4 + names_len}s{count}I")
         picks = tuple(position.get(name, -1) for name in self.wanted)
-        self._known = (index, (MAGIC, count, names_len, names_block), index.size, picks)
+        head = struct.pack("<HH", count, names_len) + names_block
+        self._known = (index, head, index.size, picks, len(picks) == 2 and min(picks) >= 0)
 
 
 def _unpack_v2(buf: bytes | memoryview, where: str) -> dict[str, memoryview]:

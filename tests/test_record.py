@@ -192,11 +192,35 @@ def test_part_picker_detects_any_flipped_bit_and_truncation_after_learning(names
     assert bytes(pick(rec, "r")[0]) == bytes(record_parts(rec, names[:1], "r")[0])  # still reads intact ones
 
 
+@settings(max_examples=150, deadline=None)
+@given(names=layout_st, data=st.data())
+def test_part_picker_pair_is_the_call_as_a_tuple(names, data):
+    """pair(): the per-sample read's two parts, written out flat for the known layout;
+    for every layout, absent parts, damage and older records it answers what the general
+    call answers, or raises the same CorruptionError."""
+    other = data.draw(layout_st)
+    pool = [*names, *other, "absent"]
+    wanted = [data.draw(st.sampled_from(pool)), data.draw(st.sampled_from(pool))]
+    pick, general = PartPicker(wanted), PartPicker(wanted)
+    for layout in (names, names, other, names, names):
+        rec = pack_record({n: data.draw(st.binary(max_size=40)) for n in layout})
+        expected = [None if p is None else bytes(p) for p in general(rec, "r")]
+        for buf in (rec, memoryview(rec)):
+            assert [None if p is None else bytes(p) for p in pick.pair(buf, "r")] == expected
+        pos = data.draw(st.integers(0, len(rec) - 1))
+        flipped = bytearray(rec)
+        flipped[pos] ^= 1 << data.draw(st.integers(0, 7))
+        for bad in (bytes(flipped), rec[:pos], rec + b"\0"):
+            with pytest.raises(CorruptionError, match="sample 7"):
+                pick.pair(bad, "sample 7")
+
+
 def test_part_picker_reads_older_records_through_record_parts():
     pick = PartPicker(["a", "#key"])
     pick(pack_record({"a": b"new", "#key": b"k0"}), "r")
     for magic in (MAGIC_V1, MAGIC_V2):
         assert [bytes(p) for p in pick(_legacy({"#key": b"k", "a": b"payload"}, magic), "r")] == [b"payload", b"k"]
+        assert [bytes(p) for p in pick.pair(_legacy({"#key": b"k", "a": b"payload"}, magic), "r")] == [b"payload", b"k"]
     with pytest.raises(CorruptionError, match="bad record magic"):
         pick(b"FMR9" + bytes(20), "r")
     assert [bytes(p) for p in pick(pack_record({"a": b"again", "#key": b"k1"}), "r")] == [b"again", b"k1"]

@@ -158,7 +158,7 @@ class LmdbBackend(Backend):
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         super().__init__(path, writable=writable)
         #: (layer, part) -> (layer index, record reader, decoder, error prefix): read_one's state
-        self._read_one_of: dict[tuple[str, str], tuple[int, PartPicker, Any, str]] = {}
+        self._read_one_of: dict[tuple[str, str], tuple[int, Any, Any, str]] = {}
         #: layer -> a reader of all its parts and the own key: batch reads' state
         self._read_all_of: dict[str, PartPicker] = {}
 
@@ -415,39 +415,48 @@ class LmdbBackend(Backend):
         entry = self._read_one_of.get((layer, part))
         if entry is None:  # per layer and part, once
             entry = self._read_one_of[(layer, part)] = self._read_one_entry(layer, sample, part)
-        index, pick, decode, prefix = entry
+        index, pair, decode, prefix = entry
         key = _REC.pack(b"L", index, sample)
         me = get_ident()  # lmdb_envs.reading, inline: no fork while this reads
         READING[me] = self  # before the environment is taken: close() waits for this read
         try:
             if FORKING[0]:
                 wait_for_fork(me, self)
-            with self._env().begin(buffers=True) as txn:
+            env = self.__dict__.get("_h_env")  # self._env(), its common case inline
+            if env is None or self._pid != os.getpid():
+                env = self._env()
+            with env.begin(buffers=True) as txn:
                 value = txn.get(key)
                 if value is None:
                     raise CorruptionError(f"{prefix}{sample}: no record")
                 try:
-                    payload, own_key = pick(value, "")  # CRC checked here
+                    payload, own_key = pair(value, "")  # CRC checked here
                 except CorruptionError as exc:
                     raise CorruptionError(f"{prefix}{sample}{exc.message}") from None
                 if own_key is not None and own_key != key:
                     raise _foreign_record(own_key, prefix, sample)
                 if payload is None:
                     raise CorruptionError(f"{prefix}{sample}: record has no part {part!r}")
-                return _decode_one(decode, payload, out, prefix, sample, part)
+                try:  # _decode_one, inline
+                    return decode(payload, out)
+                except CorruptionError as exc:
+                    raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc.message}") from exc
+                except ValueError as exc:
+                    raise CorruptionError(f"{prefix}{sample}, part {part!r}: {exc}") from exc
         except lmdb.Error as exc:
             raise _damaged(f"{prefix}{sample}", exc) from None
         finally:
             READING.pop(me, None)
 
-    def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, PartPicker, Any, str]:
+    def _read_one_entry(self, layer: str, sample: int, part: str) -> tuple[int, Any, Any, str]:
         """read_one's per-(layer, part) state: the layer's index, a record reader for the
-        part and the own key, the codec's decoder for the map's shape, the error prefix."""
+        part and the own key (:meth:`PartPicker.pair`), the codec's decoder for the map's
+        shape, the error prefix."""
         index, specs, _ = self._layers[layer]
         spec = next((s for s in specs if s.name == part), None)
         if spec is None:
             raise CorruptionError(f"{self.path}: layer {layer!r} sample {sample}: layer has no part {part!r}")
-        return (index, PartPicker((part, KEY_PART)), spec.codec.verified_decoder(tuple(spec.shape)),
+        return (index, PartPicker((part, KEY_PART)).pair, spec.codec.verified_decoder(tuple(spec.shape)),
                 f"{self.path}: layer {layer!r} sample ")
 
     def read_labels(self, samples: int) -> np.ndarray | None:
