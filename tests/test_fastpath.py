@@ -341,6 +341,41 @@ def _read_in_child(cache, sample, queue):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_reads_through_handles_of_its_own(tmp_path: Path, backend: str) -> None:
+    """The read paths tell a forked child from its parent by ``pids.PID`` (``os.getpid()``
+    without its system call, kept current by a fork hook): the child sees its own id and
+    opens handles of its own, and reads the parent's values."""
+    import multiprocessing as mp
+    import os
+
+    from fmcache.backends.pids import PID
+    maps = post_relu(np.random.default_rng(8), (12, 3, 4, 4))
+    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    _build(path, backend, maps, TierPlan.single(3, "bf16"))
+    assert PID[0] == os.getpid()
+    with fmcache.open_cache(path) as cache:
+        expected = cache.read("l", 5)
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_pid_and_read_in_child, args=(cache, 5, queue))
+        child.start()
+        pid, seen, opened_by, got = queue.get(timeout=60)
+        child.join(60)
+        assert child.exitcode == 0
+        assert seen == pid == opened_by == child.pid != os.getpid()
+        assert same_bits(got, expected) and cache.backend._pid == os.getpid()
+        assert same_bits(cache.read("l", 5), expected)  # the parent's handles still read
+
+
+def _pid_and_read_in_child(cache, sample, queue):
+    import os
+
+    from fmcache.backends.pids import PID
+    value = cache.read("l", sample)
+    queue.put((os.getpid(), PID[0], cache.backend._pid, value))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_saca_items_decode_only_the_nearest_variant_and_match_the_plain_composition(tmp_path: Path,
                                                                                    backend: str) -> None:
     rng = np.random.default_rng(6)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..codecs import Codec
 from ..errors import CacheError, CacheReplacedError, DiskFullError, EncodeError, ReadOnlyError
+from .pids import PID
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -193,7 +194,7 @@ class Backend(ABC):
     # ---- process safety ------------------------------------------------------------------
     def _in_new_process(self) -> bool:
         """True (and remembers the pid) when handles were opened by another process."""
-        pid = os.getpid()
+        pid = PID[0]  # os.getpid() without its system call
         if self._pid != pid:
             self._pid = pid
             return True

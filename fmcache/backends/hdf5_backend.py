@@ -21,7 +21,6 @@ which fail in h5py's process with "error during user callback".
 from __future__ import annotations
 
 import json
-import os
 import threading
 import zlib
 from collections import OrderedDict
@@ -56,6 +55,7 @@ from .hdf5_reads import (
 from .hdf5_rows import FileMap, RowDecoder
 from .hdf5_writes import HeldRows, create_field, create_labels, to_hdf5
 from .inflight import handles_lock, in_flight, wait_for_reads
+from .pids import PID
 
 hdf5plugin.register(force=True)
 
@@ -140,7 +140,7 @@ class Hdf5Backend(Backend):
         self._h_frames: dict[str, FrameReader | None] = {}
         self._h_index: dict[str, np.ndarray] = {}  # path -> its checked chunk index
         self._h_rowdec: dict[tuple[str, str], RowDecoder | None] = {}
-        self._h_rowdec_pid = os.getpid()
+        self._h_rowdec_pid = PID[0]
         # the file's bytes for reads of fmcache's own chunks; an earlier map goes when the
         # last reader holding it lets go (see hdf5_rows.FileMap)
         self._h_map, self._h_file = None if self.writable else FileMap.of(handle), handle
@@ -197,7 +197,7 @@ class Hdf5Backend(Backend):
             handle = getattr(self, "_h_file", None)
             self._h_file, self._h_datasets, self._h_frames, self._h_rowdec, self._h_map = None, {}, {}, {}, None
         self.__dict__.pop("_h_rows", None)
-        if handle is not None and self._pid == os.getpid() and wait_for_reads(self):
+        if handle is not None and self._pid == PID[0] and wait_for_reads(self):
             handle.close()  # else threads read on through it: dropped, it goes with their last dataset
 
     def flush(self) -> None:
@@ -443,7 +443,7 @@ class Hdf5Backend(Backend):
         rows_cache = self.__dict__.get("_h_rows")
         key = (layer, part, chunk)
         rows = None
-        if rows_cache is not None and self._h_rows_pid == os.getpid():
+        if rows_cache is not None and self._h_rows_pid == PID[0]:
             rows = rows_cache.get(key)
             if rows is not None:
                 _touch(rows_cache, key)
@@ -505,12 +505,12 @@ class Hdf5Backend(Backend):
         sharing the cache may read at once: a miss is filled under a lock, and a hit whose
         entry another thread evicts meanwhile keeps the rows it already holds."""
         rows_cache = self.__dict__.get("_h_rows")
-        if rows_cache is None or self._h_rows_pid != os.getpid():
+        if rows_cache is None or self._h_rows_pid != PID[0]:
             # a new process (a forked worker) starts with its own LRU and its own lock: one
             # inherited from fork could be held by a thread that does not exist here
             self._h_lock = threading.Lock()
             rows_cache = self._h_rows = OrderedDict()
-            self._h_rows_pid, self._h_rows_bytes = os.getpid(), 0
+            self._h_rows_pid, self._h_rows_bytes = PID[0], 0
         key = (layer, part, chunk)
         rows = rows_cache.get(key)
         if rows is not None:

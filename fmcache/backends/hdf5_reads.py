@@ -20,6 +20,7 @@ from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, writte
 from .hdf5_index import check_zero_chunks
 from .hdf5_rows import RowDecoder
 from .inflight import in_flight
+from .pids import PID
 
 if TYPE_CHECKING:
     from .hdf5_backend import Hdf5Backend
@@ -90,7 +91,7 @@ def row_decoder(backend: Hdf5Backend, layer: str, part: str, entry: tuple[Any, l
     the cache fit in the LRU together, which then holds each chunk after its first read,
     in any order (parts that fit alone but not together made it thrash). ``entry``:
     the first of ``Hdf5Backend._entries``."""
-    if backend.__dict__.get("_h_rowdec_pid") != os.getpid():
+    if backend.__dict__.get("_h_rowdec_pid") != PID[0]:
         backend._file()  # a forked worker opens its own handle (and map) first
     key = (layer, part)
     found = backend._h_rowdec.get(key, _NEW)  # one look-up: a close() in another thread may empty it

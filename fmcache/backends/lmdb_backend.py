@@ -61,6 +61,7 @@ from .lmdb_envs import (
     shared_env,
     wait_for_fork,
 )
+from .pids import PID
 
 _META = b"\x00meta/"
 _REC = struct.Struct(">cHQ")
@@ -216,7 +217,7 @@ class LmdbBackend(Backend):
             env: lmdb.Environment | None = getattr(self, "_h_env", None)
             release = getattr(self, "_h_release", None)
             self._h_env = self._h_release = None
-        if env is not None and self._pid == os.getpid():
+        if env is not None and self._pid == PID[0]:
             if not wait_for_reads(self, READING):
                 return  # threads read on through it: its finaliser lets it go once this backend is dropped
             try:
@@ -423,7 +424,7 @@ class LmdbBackend(Backend):
             if FORKING[0]:
                 wait_for_fork(me, self)
             env = self.__dict__.get("_h_env")  # self._env(), its common case inline
-            if env is None or self._pid != os.getpid():
+            if env is None or self._pid != PID[0]:
                 env = self._env()
             with env.begin(buffers=True) as txn:
                 value = txn.get(key)
