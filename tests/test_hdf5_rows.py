@@ -30,8 +30,9 @@ from fmcache.codecs.lossless import CHUNK_SIZES
 from fmcache.errors import CorruptionError
 
 # row bytes of each shape in bf16/fp16: 16 KiB (one block a row), 320 KiB (two blocks a
-# row), 240 B (several rows a block; in these small caches the part fits in the row LRU)
-SHAPES = {"16k": (32, 16, 16), "320k": (160, 32, 32), "tiny": (6, 5, 4)}
+# row), 8 KiB (one block a row, under ALONE_ROW_BYTES), 240 B (several rows a block; in
+# these small caches the part fits in the row LRU)
+SHAPES = {"16k": (32, 16, 16), "320k": (160, 32, 32), "8k": (16, 16, 16), "tiny": (6, 5, 4)}
 CODECS = ["bf16", "fp16", "blosc2", "bf16:cname=zstd,clevel=1,shuffle=byte", "int8"]
 
 
@@ -120,14 +121,14 @@ OUT_OF_ORDER = [12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 11, 7, 3]
 
 
 @pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("shape", ["16k", "320k", "tiny"])
+@pytest.mark.parametrize("shape", ["16k", "320k", "8k", "tiny"])
 def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
     """Every sample reads the same from HDF5 as from LMDB and as h5py decodes the stored
     rows (the last chunk partly filled). Out of order, a one-field part with blocks of
     whole rows is decoded a sample at a time (nothing enters the row LRU); in order, the
-    LRU serves the chunks as before, except for rows of 32 KiB or more, still decoded a
+    LRU serves the chunks as before, except for rows of 16 KiB or more, still decoded a
     sample at a time; anything else goes through the LRU."""
-    if shape == "320k" and codec == "int8":
+    if shape in ("320k", "8k") and codec == "int8":
         pytest.skip("int8's two fields take the row LRU's way whatever the shape (covered by '16k')")
     x = maps(15, SHAPES[shape], seed=len(codec))
     build(tmp_path / "c.h5", x, codec)
@@ -149,7 +150,7 @@ def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
         for i in range(15):  # in order: the row LRU's way, except rows decoded alone in any order
             np.testing.assert_array_equal(h5.read("L", i), expected[i])
         alone = direct and decoder.row_bytes >= ALONE_ROW_BYTES
-        assert alone == (direct and (shape == "320k" or codec == "blosc2"))  # 16k fp32 rows: 32 KiB
+        assert alone == (direct and (shape != "8k" or codec == "blosc2"))  # 8k fp32 rows: 16 KiB
         assert (len(h5.backend.__dict__.get("_h_rows") or {}) == 0) == alone
         assert decoder is None or decoder.last_chunk == (-2 if alone else 3)
     if codec.startswith("bf16"):
@@ -162,10 +163,12 @@ def test_per_sample_reads_match_lmdb_and_h5py(tmp_path, codec, shape):
 
 
 @pytest.mark.parametrize("codec", ["bf16", "blosc2"])
-def test_a_pass_in_order_over_rows_of_32_kib_or_more_decodes_no_whole_chunk(tmp_path, codec, whole_chunks):
-    """Rows of at least ALONE_ROW_BYTES (320 KiB bf16; 32 KiB of float32) are decoded a
-    sample at a time in order too; 16 KiB rows in order fill the LRU a chunk at a time."""
-    shape = SHAPES["320k" if codec == "bf16" else "16k"]
+def test_a_pass_in_order_over_rows_of_16_kib_or_more_decodes_no_whole_chunk(tmp_path, codec, whole_chunks):
+    """Rows of at least ALONE_ROW_BYTES (16 KiB: bf16 of 8,192 values, float32 of 4,096)
+    are decoded a sample at a time in order too; 8 KiB rows in order fill the LRU a chunk
+    at a time."""
+    assert ALONE_ROW_BYTES == 16 << 10
+    shape = SHAPES["16k" if codec == "bf16" else "8k"]
     x = maps(32, shape, seed=3)
     build(tmp_path / "c.h5", x, codec)
     build(tmp_path / "c.lmdb", x, codec)
@@ -176,7 +179,7 @@ def test_a_pass_in_order_over_rows_of_32_kib_or_more_decodes_no_whole_chunk(tmp_
         assert whole_chunks == []
         (decoder,) = decoders(h5).values()
         assert decoder.alone and all(s > 0 for s in decoder._starts)
-    build(tmp_path / "b.h5", maps(32, SHAPES["16k"]), "bf16")
+    build(tmp_path / "b.h5", maps(32, SHAPES["8k"]), "bf16")
     with fmcache.open_cache(tmp_path / "b.h5") as h5:
         for i in range(32):
             h5.read("L", i)
@@ -187,7 +190,7 @@ def test_a_pass_in_order_over_rows_of_32_kib_or_more_decodes_no_whole_chunk(tmp_
 def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):
     """In a shuffled order a read often lands in the chunk after the previous one's; only
     two such steps in a row (a pass in order) send reads to the row LRU."""
-    x = maps(15, SHAPES["16k"])
+    x = maps(15, SHAPES["8k"])
     build(tmp_path / "c.h5", x, "bf16")
     build(tmp_path / "c.lmdb", x, "bf16")
     with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:
@@ -196,14 +199,14 @@ def test_a_lone_step_to_the_next_chunk_does_not_decode_a_whole_chunk(tmp_path):
         assert len(h5.backend.__dict__.get("_h_rows") or {}) == 0
         for i in (10, 11, 12, 13):  # 11 after 10: a pass starting (chunk 2 to the LRU, used once: 12 alone), 13 after 12
             np.testing.assert_array_equal(h5.read("L", i), lm.read("L", i))
-        assert list(h5.backend._h_rows) == [("L", "all", 3)]
+        assert list(h5.backend._h_rows) == [("L", "all", 2), ("L", "all", 3)]  # 64 KiB: both chunks
 
 
 def test_a_stride_of_one_chunks_samples_never_decodes_a_whole_chunk(tmp_path, whole_chunks):
     """Each read in the chunk after the previous read's, never the same one (a sampler
     striding by samples_per_chunk): every read decodes its own sample, as in a shuffled
     order; a pass in order after it fills the LRU chunk by chunk."""
-    x = maps(32, SHAPES["16k"])
+    x = maps(32, SHAPES["8k"])
     build(tmp_path / "c.h5", x, "bf16")
     build(tmp_path / "c.lmdb", x, "bf16")
     with fmcache.open_cache(tmp_path / "c.h5") as h5, fmcache.open_cache(tmp_path / "c.lmdb") as lm:

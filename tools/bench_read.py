@@ -27,7 +27,7 @@ measures, in float32 MB (10^6 bytes) per second:
                      caches (a real data set) reads like this column every epoch, which
                      runs with the row LRU at ``--cold-row-cache-mib`` (4 MiB, below every
                      layer's stored rows here; since session 17) so that it reads as such
-                     a layer does (in order, rows of 32 KiB or more a sample at a time,
+                     a layer does (in order, rows of 16 KiB or more a sample at a time,
                      smaller ones a chunk at a time through the LRU). LMDB
                      has no such cache (its records stay in the OS page cache, as here);
 * ``read_shuffled``  the same pass in a shuffled order (what per-sample reads under a

@@ -16,7 +16,7 @@ zoo's CIFAR ResNet-18 of ``--width`` on Fashion-MNIST, as ``bench_read.py``) at
   as ``fmcache_baseline``, see ``bench_ab.py``);
 * ``hdf5 baseline, in order`` / ``hdf5 now, in order``: the same caches read in order (the
   row LRU's way before session 17; since, rows of 32 KiB or more are decoded a sample at
-  a time in order too);
+  a time in order too, and since session 18 rows of 16 KiB or more);
 * ``..., batches of 128``: ``cache.read_batch`` over the same shuffled order cut into
   batches (what a ``DataLoader(dataset, shuffle=True)`` over fmcache's Dataset asks for,
   rather than its chunk-aware sampler).

@@ -428,7 +428,7 @@ class Hdf5Backend(Backend):
         and the codec's decode of one row. Rows hold stored values (fletcher32 checked by
         HDF5 when read), never decoded maps. Opaque (variable-length) fields and writable
         caches take the plain path. In a cache larger than the LRU, reads out of order
-        (which decoded a chunk per sample), and reads in order of rows of 32 KiB or more,
+        (which decoded a chunk per sample), and reads in order of rows of 16 KiB or more,
         decode their sample alone where its chunk's blocks hold whole rows
         (:meth:`.hdf5_rows.RowDecoder.read_missed`). Not marked itself (:mod:`.inflight`):
         the calls that touch the file are (an LRU hit does not; the row decoder reads the map)."""

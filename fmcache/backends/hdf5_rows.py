@@ -6,7 +6,7 @@ that serves the chunk's other samples; for reads out of order over a layer large
 the LRU (a shuffling sampler, per sample or in batches) it decoded a chunk per sample,
 0.06-0.11x the bare codec's speed where LMDB reads 0.77-0.91x (tools/bench_shuffled.py,
 docs/benchmarks.md). Such reads decode only their sample here, and so do reads in order
-of rows of 32 KiB or more (:data:`ALONE_ROW_BYTES`; a pass in order over smaller rows
+of rows of 16 KiB or more (:data:`ALONE_ROW_BYTES`; a pass in order over smaller rows
 still decodes whole chunks into the LRU):
 
 * :class:`FileMap`: the cache file mapped read-only, so a chunk's stored bytes are a
@@ -60,8 +60,9 @@ MIN_ROW_BLOCK = 1 << 13
 #: included (rather than their whole chunk into the row LRU): per sample, one getitem call
 #: into a row buffer that stays in the CPU's cache beats decoding 8-32 rows into a new
 #: buffer and reading them back from memory from about here on (``tools/bench_shuffled.py``'s
-#: in-order rows); below it the call's fixed cost wins
-ALONE_ROW_BYTES = 1 << 15
+#: in-order rows: 16 KiB rows 1.02-1.08x as fast alone, 8 KiB ones 0.95x); below it the
+#: call's fixed cost wins
+ALONE_ROW_BYTES = 1 << 14
 _FLAGS_AT = 2  # a blosc2 chunk's header: version, versionlz, flags, typesize, then CHUNK_SIZES
 _MEMCPYED = 0x02
 
