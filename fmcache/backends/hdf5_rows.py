@@ -59,9 +59,9 @@ MIN_ROW_BLOCK = 1 << 13
 #: rows of at least this many stored bytes are decoded alone in any order, passes in order
 #: included (rather than their whole chunk into the row LRU): per sample, one getitem call
 #: into a row buffer that stays in the CPU's cache beats decoding 8-32 rows into a new
-#: buffer and reading them back from memory from about here on (``tools/bench_shuffled.py``'s
-#: in-order rows: 16 KiB rows 1.02-1.08x as fast alone, 8 KiB ones 0.95x); below it the
-#: call's fixed cost wins
+#: buffer and reading them back from memory from about here on (one-off cold passes: 16 KiB
+#: rows 1.02-1.08x as fast alone, 8 KiB ones 0.95x; ``tools/bench_shuffled.py``'s in-order
+#: rows 1.11x at 16 KiB, docs/benchmarks.md); below it the call's fixed cost wins
 ALONE_ROW_BYTES = 1 << 14
 _FLAGS_AT = 2  # a blosc2 chunk's header: version, versionlz, flags, typesize, then CHUNK_SIZES
 _MEMCPYED = 0x02
