@@ -50,9 +50,11 @@ def shift_flip_batch(x: np.ndarray, flip: np.ndarray, oy: np.ndarray, ox: np.nda
     # an axis of one pixel does not shift (apply_feature: a pooled map would be zeroed)
     oys = np.clip(np.asarray(oy, dtype=np.int64), -h, h).tolist() if h > 1 else [0] * n
     oxs = np.clip(np.asarray(ox, dtype=np.int64), -w, w).tolist() if w > 1 else [0] * n
-    # zero-filled once (calloc: pages the kernel hands over zeroed), then one slice copy
-    # per row: the strips a shift uncovers are already zero
-    out = np.zeros_like(x)
+    # zero-filled once, then one slice copy per row: the strips a shift uncovers are
+    # already zero (np.zeros: calloc, which skips the fill where the memory comes fresh
+    # from the kernel; zeros_like always writes them: 40 against 31 us for a 1 MiB batch
+    # and its copies in a one-off timing)
+    out = np.zeros(x.shape, dtype=x.dtype)
     for b in range(n):
         dy, dx = oys[b], oxs[b]
         if dy == 0 and dx == 0:
