@@ -36,7 +36,7 @@ from ..codecs import Hdf5Field
 from ..errors import CorruptionError, ReadOnlyError
 from .base import Backend, PartSpec, os_write_failure
 from .hdf5_frames import FrameReader
-from .hdf5_index import Committed, check_chunk_index, check_header, commit_record, parse_commit_record
+from .hdf5_index import Committed, check_chunk_index, check_header, parse_commit_record
 from .hdf5_reads import (
     ChunkRows,
     _chunk_groups,
@@ -52,6 +52,7 @@ from .hdf5_reads import (
     row_decoder,
     rows_alone,
 )
+from .hdf5_rowcrcs import seal
 from .hdf5_rows import FileMap, RowDecoder
 from .hdf5_writes import HeldRows, create_field, create_labels, to_hdf5
 from .inflight import handles_lock, in_flight, wait_for_reads
@@ -276,9 +277,9 @@ class Hdf5Backend(Backend):
     def _put_meta(self, key: str, data: bytes) -> None:
         fh = self._file()
         try:
-            if key == "manifest":  # the chunk index record, just before the manifest (written last)
+            if key == "manifest":  # chunk CRCs and the chunk index record, just before the manifest (last)
                 fh.flush()
-                self._set_attr_blob(fh, CHUNK_INDEX_KEY, commit_record(fh, str(self.path)))
+                self._set_attr_blob(fh, CHUNK_INDEX_KEY, seal(fh, str(self.path)))
             self._set_attr_blob(fh, key, data)
             fh.flush()
         except (OSError, RuntimeError) as exc:

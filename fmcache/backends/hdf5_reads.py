@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import CacheBusyError, CacheError, CorruptionError, FmcacheError, NotACacheError, ReadOnlyError
 from .hdf5_frames import CRC_SUFFIX, FORMAT_ATTR, FrameReader, load_crcs, written_as_frames
 from .hdf5_index import check_zero_chunks
+from .hdf5_rowcrcs import check_rows
 from .hdf5_rows import RowDecoder
 from .inflight import in_flight
 from .pids import PID
@@ -293,6 +294,7 @@ def _read_rows(backend: Hdf5Backend, path: str, samples: np.ndarray, where: str)
         zeros = backend.zero_chunks_of(path)
         if zeros is not None:
             check_zero_chunks(ds, samples, rows, zeros, where)
+        check_rows(backend, path, ds, samples, rows, where)  # the chunks' CRC-32Cs (hdf5_rowcrcs)
         return rows
     except FmcacheError:  # from opening the file (moved, replaced, its index damaged): already typed
         raise
