@@ -81,11 +81,12 @@ def prefix_fingerprint(model: nn.Module, layers: Sequence[str], example: torch.T
         return _probe(model, Capture(model, layers), example)[0]
 
 
-def _probe(model: nn.Module, capture: Capture, example: torch.Tensor
+def _probe(model: nn.Module, capture: Capture, example: torch.Tensor, batch: int | None = None
            ) -> tuple[str, dict[str, tuple[int, ...]], Callable[[], Any]]:
-    """One small forward of ``example``: the prefix's weights fingerprint (the modules that
-    ran, and any parameter or buffer the forward used directly), each boundary's
-    per-sample map shape (checked to be a map fmcache can store) and the no-grad context
+    """One small forward of ``example`` (``batch`` samples, where known): the prefix's weights
+    fingerprint (the modules that ran, and any parameter or buffer the forward used directly),
+    each boundary's per-sample map shape (checked to be a map fmcache can store, the samples
+    along its first axis) and the no-grad context
     the prefix runs in: ``torch.inference_mode`` (the faster), or ``torch.no_grad`` for a
     model whose forward needs autograd inside (a gradient taken under
     ``torch.enable_grad()``, which inference mode's tensors refuse)."""
@@ -106,6 +107,11 @@ def _probe(model: nn.Module, capture: Capture, example: torch.Tensor
             raise BuildError(f"module {name!r} outputs complex values ({tensor.dtype}); fmcache stores real maps",
                              hint="wrap the module to return torch.view_as_real(output) (real and imaginary "
                                   "parts as a last axis), or choose a module with a real output")
+        if batch is not None and tensor.dim() and tensor.shape[0] != batch:
+            raise BuildError(f"module {name!r} outputs shape {tuple(tensor.shape)} for a batch of {batch} "
+                             f"samples: fmcache stores a module's output per sample along its first axis",
+                             hint="put the batch axis first (batch_first=True for torch's transformer and "
+                                  "recurrent layers), or wrap the module to return (N, ...)")
         if tensor.dim() < 2:
             raise BuildError(f"module {name!r} outputs one value per sample (batch shape {tuple(tensor.shape)}); "
                              "fmcache caches maps of at least one axis per sample",
@@ -245,7 +251,7 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         _check_item(subset[0], lo)
         first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo), collate_fn=_collate)))
         first_inputs = first_inputs.to(device)
-        weights, shapes, grad_mode = _probe(model, capture, first_inputs)
+        weights, shapes, grad_mode = _probe(model, capture, first_inputs, min(2, hi - lo))
         fingerprints = {"weights": weights, "data": data_fingerprint(dataset)}
         info = {"layers": layers, "batch_size": batch_size, "samples_total": n_total,
                 "input_shape": list(first_inputs.shape[1:]),

@@ -265,10 +265,15 @@ class CacheWriter:
     def _checked(self, name: str, layer: LayerInfo, batch: np.ndarray, n: int, what: str) -> np.ndarray:
         arr = as_numpy(batch)
         if arr.shape != (n, *layer.shape):
+            axis0 = "" if arr.shape[:1] == (n,) else (
+                f" (its first axis holds {arr.shape[0] if arr.ndim else 'nothing'}, not the batch's {n} samples: "
+                "a module that puts another axis first, such as a sequence-first transformer, or "
+                "squeezes a batch of one)")
             raise ShapeMismatchError(
                 f"layer {name!r}{what}: batch of shape {arr.shape} at sample {self.samples}, "
-                f"expected {(n, *layer.shape)}",
-                hint="every batch must keep the layer's per-sample shape and the labels' length")
+                f"expected {(n, *layer.shape)}{axis0}",
+                hint="every batch must keep the layer's per-sample shape and the labels' length, the "
+                     "samples along the first axis")
         if arr.dtype.kind not in "fiu":
             raise ShapeMismatchError(f"layer {name!r}{what}: dtype {arr.dtype} is not numeric")
         first = self._dtypes.setdefault(name + what, arr.dtype)

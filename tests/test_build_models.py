@@ -184,6 +184,41 @@ def test_outputs_fmcache_cannot_store_are_refused_before_anything_is_written(tmp
     assert not (tmp_path / "c.lmdb").exists()
 
 
+class SequenceFirst(nn.Module):
+    """A transformer encoder layer fed (T, B, D): torch's default batch_first=False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x.flatten(2).transpose(0, 1))  # (B, 6, 8) -> (6, B, 8)
+
+
+def test_an_output_whose_first_axis_is_not_the_batch_is_named_before_anything_is_written(tmp_path):
+    """A sequence-first output (T, B, D) was reported as a batch of shape (6, 8, 8) against
+    an 'expected' (8, 2, 8) from the two-sample probe, which said nothing of the axis."""
+    with pytest.raises(BuildError, match=r"module 'enc' outputs shape \(6, 2, 8\) for a batch of 2 samples.*"
+                                         r"first axis") as info:
+        build_cache(SequenceFirst(), _data((6, 2, 4)), ["enc"], tmp_path / "c.lmdb", codec="raw", progress=False)
+    assert "batch_first=True" in info.value.hint
+    assert not (tmp_path / "c.lmdb").exists()
+
+
+class Squeeze(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze()
+
+
+def test_a_module_that_squeezes_a_batch_of_one_is_named_as_such(tmp_path):
+    """25 samples in batches of 8: the last batch holds one sample, which squeeze() drops."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Squeeze())
+    with pytest.raises(fmcache.errors.ShapeMismatchError,
+                       match=r"batch of shape \(4, 8, 8\) at sample 24, expected \(1, 4, 8, 8\) \(its first "
+                             r"axis holds 4, not the batch's 1 samples"):
+        build_cache(model, _data(n=25), ["1"], tmp_path / "c.lmdb", codec="raw", batch_size=8, progress=False)
+
+
 def test_a_model_that_fails_on_the_inputs_is_a_build_error_naming_both_dtypes(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())
     with pytest.raises(BuildError, match=r"inputs \(2, 3, 8, 8\) torch.float64 .* parameters are torch.float32"):
