@@ -535,6 +535,18 @@ def test_flipped_byte_in_the_manifest(tmp_path, backend):
 
 
 # ---- truncation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 100])
+def test_an_lmdb_file_shorter_than_its_header_is_named_truncated(tmp_path, size):
+    """LMDB's own error for a data.mdb of a few bytes said "Bad file descriptor"."""
+    path = tmp_path / "c.lmdb"
+    write(path, "lmdb")
+    os.truncate(path / "data.mdb", size)
+    with pytest.raises(CorruptionError, match=rf"data.mdb is truncated \({size} bytes, shorter than LMDB's header\)"):
+        fmcache.open_cache(path)
+    code, output = verify_cli(path)
+    assert code == 1 and "truncated" in output, output
+
+
 @pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
 @pytest.mark.parametrize("keep", [0.5, 0.98])
 def test_truncated_file_is_a_corruption_error_not_a_crash(tmp_path, backend, keep):

@@ -91,12 +91,27 @@ def shared_env(path: Path, writable: bool) -> lmdb.Environment:
             if "already open" in str(exc):  # py-lmdb refuses a second Environment of a path per process
                 raise CacheError(f"{path}: its LMDB environment is already open in this process outside "
                                  f"fmcache ({exc})", hint="close your own lmdb.Environment on it first") from None
+            size = _size_of(path / "data.mdb")
+            if size is not None and size < _LMDB_HEADER_BYTES:  # LMDB's own error said "Bad file descriptor"
+                raise CorruptionError(f"{path}: data.mdb is truncated ({size} bytes, shorter than LMDB's "
+                                      f"header)") from None
             raise CorruptionError(f"{path}: LMDB cannot open it ({exc})") from None
         _check_not_truncated(path, env)
         ident = _identity(path)
         if ident is not None:
             _envs[(os.getpid(), *ident)] = [env, 1, writable]
         return env
+
+
+#: LMDB's two meta pages at their smallest page size: a data.mdb shorter holds no environment
+_LMDB_HEADER_BYTES = 2 * 4096
+
+
+def _size_of(file: Path) -> int | None:
+    try:
+        return os.stat(file).st_size
+    except OSError:
+        return None
 
 
 def _check_not_truncated(path: Path, env: lmdb.Environment) -> None:
