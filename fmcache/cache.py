@@ -272,8 +272,6 @@ def open_cache(path: str | os.PathLike[str], *, weights_fingerprint: str | None 
                data_fingerprint: str | None = None, allow_stale: bool = False) -> Cache:
     """Open a committed cache (or a merged sharded one) read-only; with fingerprints
     given, refuse a stale one."""
-    from .shards import ShardedCache, is_sharded
-
     cache: Cache = ShardedCache(path) if is_sharded(Path(path)) else Cache(path)  # type: ignore[assignment]
     if weights_fingerprint is not None or data_fingerprint is not None:
         cache.check_fingerprints(weights=weights_fingerprint, data=data_fingerprint, allow_stale=allow_stale)
@@ -281,3 +279,9 @@ def open_cache(path: str | os.PathLike[str], *, weights_fingerprint: str | None 
 
 
 __all__ = ["Cache", "CacheWriter", "create_cache", "default_samples_per_chunk", "open_cache", "partial_path"]
+
+# Imported with this module, not on open_cache's first call: a fork while another thread
+# ran that first import left the child waiting forever on the module's import lock, held
+# by a thread the child does not have (tests/test_close_while_reading.py). Last, because
+# shards imports this module.
+from .shards import ShardedCache, is_sharded

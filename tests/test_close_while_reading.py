@@ -273,3 +273,35 @@ def test_close_returns_within_its_wait_while_other_threads_read_on(tmp_path, bac
             t.join()
         cache.close()
     assert bad == []
+
+
+FIRST_IMPORTS = textwrap.dedent('''
+    import sys
+    import fmcache
+    path = sys.argv[1]
+    before = set(sys.modules)
+    with fmcache.open_cache(path) as c:
+        c.read("L", 1)
+        c.read_batch("L", [0, 5, 2])
+        _ = c.labels
+    print(sorted(m for m in set(sys.modules) - before if m.startswith("fmcache")))
+''')
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_opening_and_reading_a_cache_imports_no_fmcache_module_for_the_first_time(tmp_path, backend):
+    """A fork while another thread imports a module for the first time leaves the child
+    waiting forever on that module's import lock (held by a thread the child does not
+    have): open_cache imported fmcache.shards on its first call, and a child forked during
+    it hung in its own open_cache (the fork test above, once in session 18's full runs;
+    gdb on the orphaned child: waiting in import_ensure_initialized). So every module that
+    opening and reading need is imported with the package."""
+    x = np.random.default_rng(3).random((8, 2, 4, 4), dtype=np.float32)
+    path = tmp_path / ("c.h5" if backend == "hdf5" else "c.lmdb")
+    with fmcache.create_cache(path, backend=backend) as w:
+        w.add_layer("L", x.shape[1:], samples_per_chunk=4)
+        w.append({"L": x}, np.arange(len(x)))
+        w.commit()
+    done = subprocess.run([sys.executable, "-c", FIRST_IMPORTS, str(path)], check=True, capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.stdout.strip() == "[]", done.stdout
