@@ -286,8 +286,9 @@ def frame_datasets(fh: h5py.File) -> Iterator[h5py.Dataset]:
 
 
 def load_crcs(ds: h5py.Dataset, crc_ds: h5py.Dataset, where: str) -> np.ndarray:
-    """The recorded CRC-32Cs of a frame-written dataset's chunks (``crc_ds``: its
-    ``.chunk_crc32c`` dataset, opened and checked as the backend opens any dataset)."""
+    """The recorded CRC-32Cs of a dataset's chunks (``crc_ds``: its ``.chunk_crc32c``
+    dataset, or a fletcher32-only dataset's ``.rows_crc32c`` (:mod:`.hdf5_rowcrcs`),
+    opened and checked as the backend opens any dataset)."""
     try:
         crcs = np.asarray(crc_ds[...], dtype=np.uint32)
     except (OSError, RuntimeError, ValueError, TypeError) as exc:

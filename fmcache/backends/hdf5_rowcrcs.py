@@ -28,7 +28,7 @@ import numpy as np
 from crc32c import crc32c
 
 from ..errors import CorruptionError
-from .hdf5_frames import CRC_SUFFIX
+from .hdf5_frames import CRC_SUFFIX, load_crcs
 from .hdf5_index import commit_record, unfiltered
 
 if TYPE_CHECKING:
@@ -108,12 +108,6 @@ def _load(backend: Hdf5Backend, path: str, ds: h5py.Dataset, where: str) -> tupl
     crc_path = path.lstrip("/") + SUFFIX
     if backend.writable or "/" + crc_path not in backend._committed():
         return None
-    crc_ds = backend._dataset(crc_path)  # opened and checked as any dataset (header, index, rows)
-    try:
-        crcs = np.asarray(crc_ds[...], dtype=np.uint32)
-    except (OSError, RuntimeError, ValueError, TypeError) as exc:
-        raise CorruptionError(f"{where}: the chunk checksums of {ds.name} ({crc_ds.name}) are damaged ({exc})") from None
-    chunks = -(-ds.shape[0] // ds.chunks[0])
-    if crcs.ndim != 1 or len(crcs) < chunks:  # more: the dataset was cut short, which its reads name
-        raise CorruptionError(f"{where}: {crc_ds.name} holds {crcs.size} chunk checksums, {ds.name} has {chunks} chunks")
+    # opened and checked as any dataset (header, index, rows), then as the frames' CRCs are
+    crcs = load_crcs(ds, backend._dataset(crc_path), where)
     return crcs, set()
