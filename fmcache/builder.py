@@ -249,9 +249,10 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         # sample anyway (a whole-batch probe added one batch of forward to each build), and
         # two samples, unlike one, keep a squeeze of the batch axis out of the shapes.
         _check_item(subset[0], lo)
-        first_inputs, _ = next(iter(DataLoader(subset, batch_size=min(2, hi - lo), collate_fn=_collate)))
+        probe = min(2, hi - lo)
+        first_inputs, _ = next(iter(DataLoader(subset, batch_size=probe, collate_fn=_collate)))
         first_inputs = first_inputs.to(device)
-        weights, shapes, grad_mode = _probe(model, capture, first_inputs, min(2, hi - lo))
+        weights, shapes, grad_mode = _probe(model, capture, first_inputs, probe)
         fingerprints = {"weights": weights, "data": data_fingerprint(dataset)}
         info = {"layers": layers, "batch_size": batch_size, "samples_total": n_total,
                 "input_shape": list(first_inputs.shape[1:]),

@@ -242,17 +242,18 @@ class Committed:
     zeros: frozenset[int] | None = None  #: :func:`zero_chunks` of an unfiltered dataset
 
 
-def commit_record(fh: h5py.File, where: str) -> bytes:
+def commit_record(fh: h5py.File, where: str, zeros: dict[str, list[int]] | None = None) -> bytes:
     """The ``chunk_index`` attribute's JSON: per chunked dataset (path without the leading
     '/'), ``[rows, index digest, header digest]``, and its all-zero chunks for an
-    unfiltered one."""
+    unfiltered one (from ``zeros``, by path, where a caller read its chunks already)."""
     record: dict[str, list[Any]] = {}
+    known = zeros or {}
 
     def visit(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset) and obj.chunks:
             record[name] = [obj.shape[0], index_digest(chunk_entries(obj, where)), header_digest(obj)]
             if unfiltered(obj):
-                record[name].append(zero_chunks(obj))
+                record[name].append(known[name] if name in known else zero_chunks(obj))
 
     fh.visititems(visit)
     return json.dumps(record, sort_keys=True).encode()

@@ -47,10 +47,17 @@ def covered(ds: h5py.Dataset) -> bool:
     return unfiltered(ds) and not ds.name.endswith((SUFFIX, CRC_SUFFIX))
 
 
-def chunk_crcs(ds: h5py.Dataset) -> np.ndarray:
-    """CRC-32C of each chunk's values (along the first axis; the last chunk's rows only)."""
+def chunk_facts(ds: h5py.Dataset) -> tuple[np.ndarray, list[int]]:
+    """CRC-32C of each chunk's values (along the first axis; the last chunk's rows only),
+    and the chunks that hold only zeros (:func:`.hdf5_index.zero_chunks`), in one pass."""
     per, rows = ds.chunks[0], ds.shape[0]
-    return np.array([_crc(ds[lo:min(rows, lo + per)]) for lo in range(0, rows, per)], dtype="<u4")
+    crcs, zeros = [], []
+    for chunk, lo in enumerate(range(0, rows, per)):
+        values = ds[lo:min(rows, lo + per)]
+        crcs.append(_crc(values))
+        if not values.any():
+            zeros.append(chunk)
+    return np.array(crcs, dtype="<u4"), zeros
 
 
 def _crc(values: np.ndarray) -> int:
@@ -60,17 +67,19 @@ def _crc(values: np.ndarray) -> int:
 
 def seal(fh: h5py.File, where: str) -> bytes:
     """Write every covered dataset's ``<path>.rows_crc32c`` (replacing one a killed commit
-    left), then return :func:`.hdf5_index.commit_record`, which records them too."""
+    left), then return :func:`.hdf5_index.commit_record`, which records them too (and the
+    covered datasets' zero chunks, found in the same pass over their chunks)."""
     found: list[h5py.Dataset] = []
     fh.visititems(lambda _n, obj: found.append(obj) if isinstance(obj, h5py.Dataset) and covered(obj) else None)
+    zeros: dict[str, list[int]] = {}
     for ds in found:
-        crcs = chunk_crcs(ds)
+        crcs, zeros[ds.name.lstrip("/")] = chunk_facts(ds)
         path = ds.name + SUFFIX
         if path in fh:
             del fh[path]
         fh.create_dataset(path, data=crcs, chunks=(max(1, len(crcs)),), maxshape=(None,), fletcher32=True)
     fh.flush()
-    return commit_record(fh, where)
+    return commit_record(fh, where, zeros)
 
 
 def check_rows(backend: Hdf5Backend, path: str, ds: h5py.Dataset, samples: np.ndarray, rows: np.ndarray,
