@@ -315,11 +315,13 @@ def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec:
 @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), help="Policy JSON.")
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader workers (reading, decoding and augmenting beside the training step).")
+@click.option("--read-ahead", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Without workers: batches a thread reads ahead of the training step (0: none).")
 @click.option("--work-dir", default="runs/train", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(arm: str, schedule: str, adaptive: bool, epochs: int, samples: int, test_samples: int, width: int,
           seed: int, rho: float, max_variants: int | None, policy_path: str | None, num_workers: int,
-          work_dir: str, as_json: bool) -> None:
+          read_ahead: int, work_dir: str, as_json: bool) -> None:
     """Freezing training of ResNet-18 on Fashion-MNIST, building a cache at each freeze point."""
     from .experiment import run_arm
     from .policy import CompressionPolicy
@@ -330,7 +332,7 @@ def train(arm: str, schedule: str, adaptive: bool, epochs: int, samples: int, te
     policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
     result = run_arm(arm, seed=seed, width=width, train_samples=samples, test_samples=test_samples, epochs=epochs,
                      schedule=schedule, adaptive=adaptive, work_dir=work_dir, rho=rho, max_variants=max_variants,
-                     policy=policy, num_workers=num_workers,
+                     policy=policy, num_workers=num_workers, read_ahead=read_ahead,
                      # with --json, stdout is the JSON alone: the progress lines go to stderr
                      log=(lambda line: click.echo(line, err=True)) if as_json else click.echo)
     if as_json:

@@ -59,6 +59,7 @@ def recipe_for(arm: str, *, rho: float = 0.25, variants: tuple[str, ...] | None 
 def run_arm(arm: str, *, seed: int = 0, width: int = 8, pretrain_steps: int = 50, train_samples: int = 3000,
             test_samples: int = 10000, epochs: int = 6, schedule: str | None = "1:layer2,3:layer3",
             adaptive: bool = False, batch_size: int = 128, lr: float = 0.05, num_workers: int = 0,
+            read_ahead: int = 0,
             work_dir: str | Path = "runs/train",
             log: Callable[[str], None] | None = None, **recipe_kwargs: Any) -> dict[str, Any]:
     """Train one arm from the briefly pre-trained ResNet-18; returns accuracy, wall time
@@ -90,7 +91,7 @@ def run_arm(arm: str, *, seed: int = 0, width: int = 8, pretrain_steps: int = 50
         recipe=recipe or CacheRecipe(kind="classic", augment="none"),
         schedule=parsed,
         freezer=AdaptiveFreezer(["stem", "layer1", "layer2", "layer3"]) if freeze and adaptive else None,
-        batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, log=log)
+        batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, read_ahead=read_ahead, log=log)
     try:
         fit = trainer.fit()
     finally:

@@ -36,6 +36,7 @@ from .dataset import FeatureMapDataset
 from .errors import FreezeError, StrideError
 from .loader import EpochLoader
 from .policy import CompressionPolicy, frozen_fraction
+from .readahead import check_read_ahead
 from .train import StepCounter, evaluate, sgd, train_epoch
 from .zoo import split_at
 
@@ -259,15 +260,19 @@ class FreezingTrainer:
         :class:`CacheRecipe`; ``kind="classic"`` recomputes the prefix instead of caching.
     work_dir
         Where caches are written (one at a time: the previous one is deleted).
+    num_workers, read_ahead
+        DataLoader workers; or, without workers, the batches a thread of this process
+        reads ahead of the steps (:class:`fmcache.readahead.ReadAhead`; 0: none).
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, plain_data: Dataset, *, epochs: int,
                  work_dir: str | Path, recipe: CacheRecipe | None = None,
                  schedule: FreezeSchedule | None = None, freezer: AdaptiveFreezer | None = None,
                  batch_size: int = 128, lr: float = 0.05, seed: int = 0, bf16: bool | None = None,
-                 num_workers: int = 0, log: Callable[[str], None] | None = None) -> None:
+                 num_workers: int = 0, read_ahead: int = 0, log: Callable[[str], None] | None = None) -> None:
         if schedule is not None and freezer is not None:
             raise FreezeError("give a schedule or an adaptive freezer, not both")
+        self.read_ahead = check_read_ahead(read_ahead, int(num_workers))
         self.model = model
         self.order = [n for n, _ in model.named_children()]
         if schedule is not None:
@@ -415,7 +420,8 @@ class FreezingTrainer:
         data = self.cache_data if self.cache_data is not None else self.train_data
         if self._loader is None or self._loader.dataset is not data:
             self._close_loader()
-            self._loader = EpochLoader(data, self.batch_size, seed=self.seed, num_workers=self.num_workers)
+            self._loader = EpochLoader(data, self.batch_size, seed=self.seed, num_workers=self.num_workers,
+                                       read_ahead=self.read_ahead)
         return self._loader(epoch)
 
     def _close_loader(self) -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 from .dataset import FeatureMapDataset
 from .errors import SamplerConfigError
 from .handover import BatchKeys, OrdinalBatches, SharedRing, Ticket, ring_slots
+from .readahead import ReadAhead, check_read_ahead
 from .sampler import EpochSampler, SampleKey, _default_rank_and_world, rank_share, samples_per_rank
 
 #: batches each worker works ahead (the DataLoader's default), which sizes the ring
@@ -168,12 +169,20 @@ class EpochLoader:
     ``"torch"``: as the DataLoader hands over any tensor. Without workers there is
     nothing to hand over. ``multiprocessing_context`` (``"spawn"``, ``"forkserver"``, a
     context) starts the workers another way than the platform's default, as in a DataLoader.
+
+    ``read_ahead``: without workers, a thread of this process reads that many batches
+    ahead of the training loop (:class:`~fmcache.readahead.ReadAhead`), so reading
+    overlaps the steps on another core; ``loader(epoch)`` then returns a ``ReadAhead``
+    over the DataLoader (the same batches in the same order). 0 (the default): each batch
+    is read when the loop asks for it. Workers read ahead themselves (``prefetch_factor``).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int | None = None, num_workers: int = 0,
-                 persistent: bool = True, handover: str = "ring", multiprocessing_context: Any = None) -> None:
+                 persistent: bool = True, handover: str = "ring", multiprocessing_context: Any = None,
+                 read_ahead: int = 0) -> None:
         if handover not in ("ring", "torch"):
             raise ValueError(f"handover={handover!r}: use 'ring' or 'torch'")
+        self.read_ahead = check_read_ahead(read_ahead, num_workers)
         self.dataset = dataset
         base: Sampler[int]
         served: Dataset = dataset
@@ -213,13 +222,13 @@ class EpochLoader:
             self.loader = DataLoader(served, sampler=self.sampler, batch_size=batch_size, drop_last=True,
                                      collate_fn=collate_fn, **workers)
 
-    def __call__(self, epoch: int) -> DataLoader:
+    def __call__(self, epoch: int) -> DataLoader | ReadAhead[Any]:
         if self.loader is None:
             raise RuntimeError("this EpochLoader is closed")
         self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         for target in self.targets:  # the main process's copies, for whoever reads them
             target.set_epoch(epoch)
-        return self.loader
+        return ReadAhead(self.loader, self.read_ahead) if self.read_ahead else self.loader
 
     def close(self) -> None:
         """Stop persistent workers now (also happens when the loader is garbage collected)."""

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .capture import eval_mode
 from .loader import EpochLoader
+from .readahead import ReadAhead
 from .zoo import native_bf16
 
 
@@ -108,14 +109,16 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 500, bf16: bo
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int | None = None,
-                 num_workers: int = 0) -> DataLoader:
+                 num_workers: int = 0, read_ahead: int = 0) -> DataLoader | ReadAhead[Any]:
     """A shuffled, ``drop_last`` loader whose order depends on (seed, epoch), for one epoch.
 
     ``num_workers`` > 0 reads, decodes and augments in worker processes, overlapping the
     training step (on a 2-core machine with one torch thread: the second core). For many
     epochs, keep one :class:`fmcache.loader.EpochLoader` instead: its workers persist and
-    it yields the same batches."""
-    return EpochLoader(dataset, batch_size, seed=seed, num_workers=num_workers, persistent=False)(epoch)
+    it yields the same batches. ``read_ahead`` > 0 (without workers) has a thread of this
+    process read that many batches ahead (:class:`fmcache.readahead.ReadAhead`)."""
+    return EpochLoader(dataset, batch_size, seed=seed, num_workers=num_workers, persistent=False,
+                       read_ahead=read_ahead)(epoch)
 
 
 def frozen(module: nn.Module) -> Iterator[nn.Parameter]:

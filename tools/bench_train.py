@@ -309,8 +309,9 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
         # persist, each sample key carries its epoch; a FeatureMapDataset gets its
         # chunk-aware sampler and fmcache's collate (the batch tensor, no re-stack).
         if args.fresh_loaders:
-            return lambda epoch: EpochLoader(dataset, args.batch, num_workers=args.workers, persistent=False)(epoch)
-        loader = EpochLoader(dataset, args.batch, num_workers=args.workers)
+            return lambda epoch: EpochLoader(dataset, args.batch, num_workers=args.workers, persistent=False,
+                                             read_ahead=args.read_ahead)(epoch)
+        loader = EpochLoader(dataset, args.batch, num_workers=args.workers, read_ahead=args.read_ahead)
         OPENED.append(loader)
         return loader
 
@@ -525,6 +526,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="which fmcache codec sets to build and train from (default: all three)")
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader workers for every on-disk approach and classic freezing (default 0)")
+    parser.add_argument("--read-ahead", type=int, default=0,
+                        help="without workers: batches a thread of the training process reads ahead for every "
+                             "on-disk approach and classic freezing (fmcache.readahead.ReadAhead; default 0: none)")
     parser.add_argument("--fresh-loaders", action="store_true",
                         help="a new DataLoader (and new workers) every epoch, as before session 3; "
                              "default: one persistent loader per approach")
@@ -557,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                             "repeats": args.repeats, "threads": args.threads,
                             "precision": args.precision, "saca_samples": args.saca_samples,
-                            "workers": args.workers, "interleave": args.interleave, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
+                            "workers": args.workers, "read_ahead": args.read_ahead, "interleave": args.interleave, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
                             "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),

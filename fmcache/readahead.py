@@ -1,0 +1,102 @@
+"""Batches made ahead by a thread of this process: reading that overlaps training without workers.
+
+Without DataLoader workers every batch is read and decoded between two training steps,
+so the epoch pays for reading one for one. Worker processes overlap it, at the price of
+forking (or spawning) processes and handing each batch over between them. A thread is
+the cheap middle: torch's kernels, LMDB's gets, blosc2's and the SZ3 / ZFP decoders
+release the GIL, so a thread reading the next batches runs on another core while the
+training step computes (``torch.set_num_threads`` below the core count leaves it one).
+
+:class:`ReadAhead` iterates any iterable of batches in a background thread, ``depth``
+batches ahead, and yields them in order: the same batches, the same order, the same
+draws. An exception in the thread is raised where the batch it concerns would have been
+yielded; leaving the loop early (``break``, an exception of the training step) stops the
+thread after the batch it is reading. :class:`~fmcache.loader.EpochLoader` uses it for
+``num_workers=0, read_ahead=depth``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
+
+from .errors import SamplerConfigError
+
+T = TypeVar("T")
+
+#: how often (seconds) a thread waiting for room in a full queue looks whether it was stopped
+_POLL_S = 0.05
+
+_ITEM, _END, _ERROR = 0, 1, 2
+
+
+class ReadAhead(Generic[T]):
+    """``batches`` iterated by a background thread, at most ``depth`` batches ahead of the
+    loop that consumes them. Each ``iter()`` starts a new pass (a new ``iter(batches)``
+    in a new thread); ``len()`` is ``len(batches)``."""
+
+    def __init__(self, batches: Iterable[T], depth: int = 2) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise SamplerConfigError(f"depth={depth!r}: the batches read ahead must be an int >= 1",
+                                     hint="2 (a batch in hand, the next one being read) is what DataLoader "
+                                          "workers keep each by default")
+        self.batches = batches
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[T]:
+        slots: queue.Queue[tuple[int, object]] = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def offer(entry: tuple[int, object]) -> bool:
+            while not stop.is_set():
+                try:
+                    slots.put(entry, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for item in self.batches:
+                    if not offer((_ITEM, item)):
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, raised there
+                offer((_ERROR, exc))
+                return
+            offer((_END, None))
+
+        thread = threading.Thread(target=work, name="fmcache-read-ahead", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item = slots.get()
+                if kind == _ITEM:
+                    yield item  # type: ignore[misc]
+                elif kind == _END:
+                    return
+                else:
+                    raise item  # type: ignore[misc]
+        finally:
+            stop.set()
+            thread.join()
+
+
+def check_read_ahead(read_ahead: int, num_workers: int) -> int:
+    """``read_ahead`` if a loader with ``num_workers`` can use it, else :class:`SamplerConfigError`."""
+    if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
+        raise SamplerConfigError(f"read_ahead={read_ahead!r}: the batches a thread reads ahead must be an int >= 0",
+                                 hint="0 reads each batch when the loop asks for it; 2 is a good start")
+    if read_ahead and num_workers > 0:
+        raise SamplerConfigError(f"read_ahead={read_ahead} with num_workers={num_workers}: the workers already read "
+                                 "ahead of the loop",
+                                 hint="use read_ahead without workers (num_workers=0), or workers without it")
+    return read_ahead
+
+
+__all__ = ["ReadAhead", "check_read_ahead"]

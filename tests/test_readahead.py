@@ -1,0 +1,154 @@
+"""ReadAhead: a thread of the training process reads batches ahead (fmcache.readahead).
+
+The batches are the loader's own, bit for bit and in order, held without copies (a batch
+buffer reused by the next one would show); an error of the reading thread is raised at
+the batch it concerns (damage in a real LMDB cache included); leaving the loop early
+stops the thread, which never reads more than ``depth`` batches past the one in hand."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from reliability_support import flip_everywhere, lmdb_record_copies
+from test_handover import _saca_cache
+from torch.utils.data import Dataset
+
+from fmcache import FeatureMapDataset
+from fmcache.errors import CorruptionError, SamplerConfigError
+from fmcache.freezing import FreezingTrainer
+from fmcache.loader import EpochLoader
+from fmcache.readahead import ReadAhead
+from fmcache.train import epoch_loader
+
+
+def _readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "fmcache-read-ahead"]
+
+
+def _held(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch, kept as it came (no clone): a reader refilling a buffer it had already
+    handed out would change a batch held here."""
+    return [(maps, labels) for maps, labels in batches]
+
+
+@pytest.mark.parametrize("backend, depth, dtype", [("lmdb", 1, "float32"), ("lmdb", 4, "bf16"),
+                                                   ("hdf5", 2, "float32"), ("hdf5", 3, "float32")])
+def test_read_ahead_serves_the_loaders_batches_bit_for_bit(tmp_path, backend, depth, dtype):
+    path = _saca_cache(tmp_path, backend=backend)
+    plain = EpochLoader(FeatureMapDataset(path, augment="saca", seed=5, dtype=dtype), 8)
+    ahead = EpochLoader(FeatureMapDataset(path, augment="saca", seed=5, dtype=dtype), 8, read_ahead=depth)
+    for epoch in (0, 1, 2):
+        batches = ahead(epoch)
+        assert isinstance(batches, ReadAhead) and len(batches) == len(plain(epoch)) == 6
+        got = _held(batches)
+        want = [(m.clone(), y.clone()) for m, y in plain(epoch)]
+        assert len(got) == len(want)
+        for (gm, gy), (wm, wy) in zip(got, want):
+            assert gm.dtype == wm.dtype and gm.shape == wm.shape
+            bits = torch.int16 if gm.dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(gm.view(bits), wm.view(bits)) and torch.equal(gy, wy)
+        # no batch was given out twice or refilled after it was handed out
+        assert len({m.data_ptr() for m, _ in got}) == len(got)
+    assert not _readers()
+
+
+class _Numbers(Dataset):
+    """Sample i is the tensor [i]; reading ``bad`` raises; ``read`` counts the reads."""
+
+    def __init__(self, n: int, bad: int | None = None) -> None:
+        self.n, self.bad, self.read = n, bad, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.read += 1
+        if i == self.bad:
+            raise KeyError(f"sample {i} is unreadable")
+        return torch.tensor([float(i)]), i
+
+
+def test_an_error_of_the_reading_thread_is_raised_at_its_batch():
+    data = _Numbers(40, bad=None)
+    order = [int(y) for _, ys in EpochLoader(data, 4, seed=1)(0) for y in ys]
+    bad_batch = 6
+    data.bad = order[bad_batch * 4 + 2]
+    loader = EpochLoader(data, 4, seed=1, read_ahead=3)
+    seen = []
+    with pytest.raises(KeyError, match=f"sample {data.bad} is unreadable"):
+        for _, ys in loader(0):
+            seen.append(ys.tolist())
+    assert len(seen) == bad_batch  # every batch before the damaged one, and none after
+    assert [y for ys in seen for y in ys] == order[:bad_batch * 4]
+    assert not _readers()
+
+
+def test_damage_in_a_cache_read_ahead_is_raised_not_served(tmp_path):
+    path = _saca_cache(tmp_path, backend="lmdb")
+    offsets, length = lmdb_record_copies(path, 0, 17)
+    flip_everywhere(path / "data.mdb", offsets, length // 2)
+    loader = EpochLoader(FeatureMapDataset(path, augment="saca", seed=5), 8, read_ahead=2)
+    with pytest.raises(CorruptionError, match="sample 17"):
+        for _ in loader(0):
+            pass
+    assert not _readers()
+
+
+@pytest.mark.parametrize("leave", ["break", "raise"])
+def test_leaving_the_loop_early_stops_the_thread_within_its_depth(leave):
+    data = _Numbers(400)
+    loader = EpochLoader(data, 4, seed=2, read_ahead=2)
+    taken = 0
+
+    def loop():
+        nonlocal taken
+        for _ in loader(0):
+            taken += 1
+            if taken == 3:
+                if leave == "raise":
+                    raise RuntimeError("the training step failed")
+                break
+
+    if leave == "raise":
+        with pytest.raises(RuntimeError, match="training step failed"):
+            loop()
+    else:
+        loop()
+    assert not _readers()
+    # three batches taken, at most two waiting in the queue and one being read: 6 of 100
+    assert taken == 3 and 3 * 4 <= data.read <= (3 + 2 + 1) * 4
+    assert [int(y) for _, ys in loader(1) for y in ys][:4]  # the loader serves the next epoch
+
+
+def test_read_ahead_settings_are_checked():
+    data = _Numbers(8)
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(SamplerConfigError, match="read_ahead="):
+            EpochLoader(data, 4, read_ahead=bad)
+    with pytest.raises(SamplerConfigError, match="num_workers=1") as err:
+        EpochLoader(data, 4, num_workers=1, read_ahead=2)
+    assert "without workers" in err.value.hint
+    with pytest.raises(SamplerConfigError, match="depth=0"):
+        ReadAhead([], 0)
+    # a plain loader, or a loader of one epoch, without read-ahead is what it was
+    assert not isinstance(EpochLoader(data, 4)(0), ReadAhead)
+    assert [int(y) for _, ys in epoch_loader(data, 4, 0, seed=3, read_ahead=1) for y in ys] == \
+        [int(y) for _, ys in epoch_loader(data, 4, 0, seed=3) for y in ys]
+
+
+def test_the_trainer_refuses_read_ahead_beside_workers(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 2))
+    data = _Numbers(8)
+    with pytest.raises(SamplerConfigError, match="read_ahead=2 with num_workers=2"):
+        FreezingTrainer(model, data, data, epochs=1, work_dir=tmp_path, num_workers=2, read_ahead=2)
+
+
+def test_plain_iterables_are_read_ahead_in_order_and_again_on_each_pass():
+    source = [np.full(3, i) for i in range(25)]
+    ahead = ReadAhead(source, depth=5)
+    for _ in range(2):
+        assert [int(a[0]) for a in ahead] == list(range(25))
+    assert len(ahead) == 25 and not _readers()
