@@ -19,7 +19,10 @@ from the same weights for every approach; an epoch is one pass over the samples:
                 ``compact`` = SZ3 bulk (``sz3:rel=0.02``) + int8 sensitive;
 ``torchsave``   one ``torch.save`` file per sample, ``torch.load`` per item;
 ``memmap``      one uncompressed float32 ``np.memmap`` file, one row per item;
-``h5py``        one uncompressed (contiguous) float32 h5py dataset, one row per item.
+``h5py``        one uncompressed (contiguous) float32 h5py dataset, one row per item;
+``<name>+ahead`` (``--read-ahead N``, without workers) the same on-disk store read by a
+                thread of the training process N batches ahead of the steps
+                (:class:`fmcache.readahead.ReadAhead`, ``EpochLoader(read_ahead=N)``).
 
 The ``torchsave``/``memmap``/``h5py`` readers are what a user would write by hand
 (``__getitem__`` per sample, default collate), without augmentation: that only makes them
@@ -57,6 +60,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import os
 import shutil
@@ -304,16 +308,23 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
                             "raw_bytes": int(maps.nbytes)}
     loaders: dict[str, Callable[[int], Iterable[Any]]] = {}
 
-    def loader_of(dataset: Dataset) -> Callable[[int], Iterable[Any]]:
+    def loader_of(dataset: Dataset, read_ahead: int = 0) -> Callable[[int], Iterable[Any]]:
         # One loader per approach for all epochs (fmcache.loader.EpochLoader): workers
         # persist, each sample key carries its epoch; a FeatureMapDataset gets its
         # chunk-aware sampler and fmcache's collate (the batch tensor, no re-stack).
         if args.fresh_loaders:
             return lambda epoch: EpochLoader(dataset, args.batch, num_workers=args.workers, persistent=False,
-                                             read_ahead=args.read_ahead)(epoch)
-        loader = EpochLoader(dataset, args.batch, num_workers=args.workers, read_ahead=args.read_ahead)
+                                             read_ahead=read_ahead)(epoch)
+        loader = EpochLoader(dataset, args.batch, num_workers=args.workers, read_ahead=read_ahead)
         OPENED.append(loader)
         return loader
+
+    def on_disk(name: str, make: Callable[[], Dataset]) -> None:
+        """An on-disk approach's loader; with ``--read-ahead`` also ``<name>+ahead``, the
+        same store read by a thread of the training process ahead of the steps."""
+        loaders[name] = loader_of(make())
+        if args.read_ahead:
+            loaders[f"{name}+ahead"] = loader_of(make(), args.read_ahead)
 
     # (a) classic freezing: the prefix runs every step on augmented inputs
     loaders["classic"] = loader_of(aug_data)
@@ -349,8 +360,7 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
             layer = manifest.layers[boundary]
             info.setdefault("codecs", {})[name] = {t.name: t.codec.spec for t in layer.plan.tiers}
             info.setdefault("variants", list(layer.variants))
-            dataset = FeatureMapDataset(out, augment="saca", seed=0)
-            loaders[name] = loader_of(dataset)
+            on_disk(name, functools.partial(FeatureMapDataset, out, augment="saca", seed=0))
     # (d) torch.save per sample
     folder = workdir / f"{boundary}-torchsave"
     folder.mkdir()
@@ -359,7 +369,7 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
         torch.save(torch.from_numpy(maps[i]), folder / f"{i}.pt")
     info["build_s"]["torchsave-write"] = time.perf_counter() - t0
     info["bytes"]["torchsave"] = folder_bytes(folder)
-    loaders["torchsave"] = loader_of(TorchSaveDataset(folder, labels))
+    on_disk("torchsave", functools.partial(TorchSaveDataset, folder, labels))
     # (e) np.memmap
     path = workdir / f"{boundary}.f32"
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=maps.shape)
@@ -367,13 +377,13 @@ def prepare(boundary: str, model: nn.Module, data: Dataset, aug_data: FashionMNI
     mm.flush()
     del mm
     info["bytes"]["memmap"] = folder_bytes(path)
-    loaders["memmap"] = loader_of(MemmapDataset(path, shape, labels))
+    on_disk("memmap", functools.partial(MemmapDataset, path, shape, labels))
     # (f) h5py, uncompressed
     path = workdir / f"{boundary}-plain.h5"
     with h5py.File(path, "w") as fh:
         fh.create_dataset("maps", data=maps)
     info["bytes"]["h5py"] = folder_bytes(path)
-    loaders["h5py"] = loader_of(H5pyDataset(path, labels))
+    on_disk("h5py", functools.partial(H5pyDataset, path, labels))
     return {"prefix": prefix, "suffix": suffix, "loaders": loaders, "info": info}
 
 
@@ -454,10 +464,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
+    ahead_note = f" (+ahead rows: a thread reads {s['read_ahead']} batches ahead)" if s.get("read_ahead") else ""
     lines = [(f"Settings: ResNet-18 width {s['width']} ({s['steps']} pre-training steps), {s['samples']} samples, "
              f"batch {s['batch']}, {s['threads']} torch threads, "
              f"{'bf16 autocast + channels-last' if s.get('precision') == 'bf16' else 'fp32'}, "
              f"{s.get('workers', 0)} DataLoader workers"
+             f"{ahead_note}"
              f"{' (persistent: one loader per approach)' if s.get('persistent_loaders') else ' (a new loader every epoch)'}; "
              f"{s['repeats']} repeats after a one-step warm-up"
              f"{'; approaches in lockstep, one step each in turn (epoch = the sum of its steps; memory-again: the A/A row)' if s.get('interleave') else ''}"
@@ -473,7 +485,7 @@ def markdown(results: dict[str, Any]) -> str:
                      + (" of the epoch: fetching s |" if fetch else ""))
         lines.append("|---|---|---|---|---|---|" + ("---|" if fetch else ""))
         for name, stat in entry["epoch_s"].items():
-            nbytes = info["bytes"].get(name)
+            nbytes = info["bytes"].get(name.removesuffix("+ahead"))  # +ahead: the same store
             lines.append(f"| {name} | {stat['median']:.2f} ({stat['min']:.2f}–{stat['max']:.2f}) | "
                          f"{entry['img_s'][name]:.0f} | {entry['vs_memory'][name]:.2f} | "
                          f"{entry['vs_classic'][name]:.2f} | "
@@ -527,8 +539,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader workers for every on-disk approach and classic freezing (default 0)")
     parser.add_argument("--read-ahead", type=int, default=0,
-                        help="without workers: batches a thread of the training process reads ahead for every "
-                             "on-disk approach and classic freezing (fmcache.readahead.ReadAhead; default 0: none)")
+                        help="without workers: also train every on-disk approach read by a thread of the training "
+                             "process this many batches ahead ('+ahead' rows, fmcache.readahead.ReadAhead; "
+                             "default 0: none)")
     parser.add_argument("--fresh-loaders", action="store_true",
                         help="a new DataLoader (and new workers) every epoch, as before session 3; "
                              "default: one persistent loader per approach")
