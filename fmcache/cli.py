@@ -329,6 +329,9 @@ def train(arm: str, schedule: str, adaptive: bool, epochs: int, samples: int, te
     if adaptive and click.get_current_context().get_parameter_source("schedule") == ParameterSource.COMMANDLINE:
         raise click.UsageError("--adaptive freezes when a block's change flattens, --schedule at given epochs: "
                                "give one of them")
+    if read_ahead and num_workers:
+        raise click.UsageError("--read-ahead reads on a thread without workers; --num-workers reads in worker "
+                               "processes: give one of them")
     policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
     result = run_arm(arm, seed=seed, width=width, train_samples=samples, test_samples=test_samples, epochs=epochs,
                      schedule=schedule, adaptive=adaptive, work_dir=work_dir, rho=rho, max_variants=max_variants,

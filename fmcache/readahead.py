@@ -49,6 +49,9 @@ class ReadAhead(Generic[T]):
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[T]:
+        # the pass starts here, in the consuming thread: a DataLoader draws its base seed
+        # from torch's global generator when its iterator is made, before any step's draw
+        source = iter(self.batches)
         slots: queue.Queue[tuple[int, object]] = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -63,7 +66,7 @@ class ReadAhead(Generic[T]):
 
         def work() -> None:
             try:
-                for item in self.batches:
+                for item in source:
                     if not offer((_ITEM, item)):
                         return
             except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, raised there

@@ -351,7 +351,7 @@ def test_ctrl_c_during_a_build_says_how_to_continue(tmp_path, sig):
 def test_build_and_train_options_a_build_would_ignore_or_misread_are_usage_errors(runner, tmp_path):
     """--codec with --saca (the policy's codecs were used), --rho / --policy without --saca
     (accepted, unused), --pixels a,b (a ValueError), train --test-samples 0 ("accuracy
-    0.00 %") and --num-workers -1 (torch's ValueError)."""
+    0.00 %"), --num-workers -1 (torch's ValueError) and --read-ahead beside workers."""
     base = ["build", "--model", "fmnist_small:tiny_model", "--data", "fmnist_small:train_subset", "--layer", "block1",
             "--out", str(tmp_path / "c.lmdb"), "--no-progress"]
     for extra, message in ((["--saca", "--codec", "int8"], "--codec is not read by a --saca build"),
@@ -359,9 +359,11 @@ def test_build_and_train_options_a_build_would_ignore_or_misread_are_usage_error
                            (["--saca", "--pixels", "a,b"], "is not MEAN,STD")):
         result = runner.invoke(main, base + extra)
         assert result.exit_code == 2 and message in result.output, result.output
-    for extra in (["--test-samples", "0"], ["--num-workers", "-1"]):
+    for extra in (["--test-samples", "0"], ["--num-workers", "-1"], ["--read-ahead", "-1"]):
         result = runner.invoke(main, ["train", "--work-dir", str(tmp_path / "t"), *extra])
         assert result.exit_code == 2 and "Invalid value" in result.output
+    result = runner.invoke(main, ["train", "--work-dir", str(tmp_path / "t"), "--num-workers", "1", "--read-ahead", "2"])
+    assert result.exit_code == 2 and "--read-ahead reads on a thread without workers" in result.output
     assert not (tmp_path / "c.lmdb").exists() and not (tmp_path / "t").exists()
 
 

@@ -169,24 +169,27 @@ def test_frozen_prefix_stays_fixed_and_old_caches_are_deleted(tmp_path, data, ki
 
 
 def test_training_with_dataloader_workers_matches_training_without(tmp_path, data):
-    """Reading in worker processes (the cached maps, their SACA draws, the batch order)
-    changes nothing the model sees: the same weights after a frozen stage either way."""
+    """Reading in worker processes, or on a thread ahead of the steps (the cached maps,
+    their SACA draws, the batch order) changes nothing the model sees: the same weights
+    after a frozen stage every way."""
     states, cpu = [], []
-    for workers in (0, 2):
+    for workers, ahead in ((0, 0), (2, 0), (0, 2)):
         torch.manual_seed(0)
         model = small_cnn(in_channels=1, width=4)
         recipe = CacheRecipe(kind="saca", augment="saca", policy=CompressionPolicy.constant("int8"),
                              saca=SacaConfig(family=AugFamily(photometric=False), n_samples=16, max_variants=2),
                              pixels=PixelSpace(MEAN, STD, (0.0, 1.0)), build_batch_size=32)
-        trainer = FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path / f"w{workers}", recipe=recipe,
-                                  schedule=FreezeSchedule.parse("1:block1"), batch_size=32, num_workers=workers)
+        trainer = FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path / f"w{workers}a{ahead}", recipe=recipe,
+                                  schedule=FreezeSchedule.parse("1:block1"), batch_size=32, num_workers=workers,
+                                  read_ahead=ahead)
         out = trainer.fit()
         trainer.close()
         states.append(_snapshot(model))
         cpu.append(out["cpu_s"])
-    assert states[0].keys() == states[1].keys()
-    for key in states[0]:
-        assert torch.equal(states[0][key], states[1][key]), key
+    for other in states[1:]:
+        assert states[0].keys() == other.keys()
+        for key in states[0]:
+            assert torch.equal(states[0][key], other[key]), key
     assert all(c > 0 for c in cpu)
 
 

@@ -152,3 +152,43 @@ def test_plain_iterables_are_read_ahead_in_order_and_again_on_each_pass():
     for _ in range(2):
         assert [int(a[0]) for a in ahead] == list(range(25))
     assert len(ahead) == 25 and not _readers()
+
+
+def test_reading_ahead_draws_from_the_training_steps_random_numbers_as_the_plain_loader_does(tmp_path):
+    """A FeatureMapDataset's draws come from its own seed, and the loader's iterator is
+    made in the training loop's thread (a DataLoader draws its base seed from torch's
+    global generator then): with a thread reading ahead, torch's and numpy's global
+    generators (dropout, the user's shuffles) are where the plain loader leaves them."""
+    path = _saca_cache(tmp_path, backend="hdf5")
+    after = []
+    for depth in (0, 2):
+        loader = EpochLoader(FeatureMapDataset(path, augment="saca", seed=5), 8, read_ahead=depth)
+        torch.manual_seed(11)
+        np.random.seed(11)
+        for k, _ in enumerate(loader(0)):
+            after.append((depth, k, torch.rand(1).item()))  # a step's draw between batches
+        after.append((depth, -1, torch.rand(4).tolist(), np.random.rand(4).tolist()))
+    plain = [a[1:] for a in after if a[0] == 0]
+    assert plain == [a[1:] for a in after if a[0] == 2] and len(plain) == 7
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_workers_forked_while_a_thread_reads_ahead_read_the_same_batches(tmp_path, backend):
+    """A validation loader with workers started mid-epoch forks the training process while
+    its read-ahead thread may be inside a read of the same cache (LMDB's fork gate,
+    h5py's lock): every batch of both loaders is the plain loader's, and nothing hangs."""
+    path = _saca_cache(tmp_path, backend=backend)
+    want = [(m.clone(), y.clone()) for m, y in EpochLoader(FeatureMapDataset(path, augment="saca", seed=5), 8)(0)]
+    ahead = EpochLoader(FeatureMapDataset(path, augment="saca", seed=5), 8, read_ahead=3)
+    got, forked = [], []
+    for k, batch in enumerate(ahead(0)):
+        got.append(batch)
+        if k in (1, 3):  # the thread is reading the next batches now
+            with_workers = EpochLoader(FeatureMapDataset(path, augment="saca", seed=5), 8, num_workers=2,
+                                       persistent=False)
+            forked.append([(m.clone(), y.clone()) for m, y in with_workers(0)])
+    for batches in (got, *forked):
+        assert len(batches) == len(want)
+        for (gm, gy), (wm, wy) in zip(batches, want):
+            assert torch.equal(gm, wm) and torch.equal(gy, wy)
+    assert not _readers()

@@ -3,7 +3,8 @@
 Reads what ``tools/bench_read.py`` (key ``read``) and ``tools/bench_train.py`` (key
 ``train``) wrote, the runs without workers (``docs/bench_train_w0.json``, epoch after
 epoch, and ``docs/bench_train_lockstep.json``, every approach in lockstep; with one worker
-``docs/bench_train_lockstep_w1.json``) and the build
+``docs/bench_train_lockstep_w1.json``; with a thread reading ahead, ``+ahead`` rows,
+``docs/bench_train_ahead.json`` and ``docs/bench_train_lockstep_ahead.json``) and the build
 timings of ``tools/bench_build.py`` (``docs/bench_build.json``; in their place the single
 timings of ``bench_train`` when absent), prints one line per target (value, threshold, met or missed) and,
 unless ``--no-docs``, writes the table between ``<!-- bench_targets:start -->`` and
@@ -81,13 +82,17 @@ def targets(bench: dict[str, Any], label: str = "", *, train_build_rows: bool = 
     if train:
         workers = train["settings"].get("workers", 0)
         lockstep = " lockstep" if train["settings"].get("interleave") else ""
-        tag = f"w{workers}{lockstep} " if "workers" in train["settings"] else ""
+        ahead = f" read-ahead {train['settings']['read_ahead']}" if train["settings"].get("read_ahead") else ""
+        tag = f"w{workers}{lockstep}{ahead} " if "workers" in train["settings"] else ""
         for boundary, entry in train["boundaries"].items():
             boundary = f"{tag}{boundary}"
             info = entry["info"]
             for name in entry["epoch_s"]:
-                # the default codec (bf16 tiers) and the progressive policy's codecs
-                if not name.startswith("fmcache-") or not name.endswith(("-default", "-policy")):
+                # the default codec (bf16 tiers) and the progressive policy's codecs, read when
+                # the loop asks or (+ahead, bench_train --read-ahead) by a thread ahead of it
+                base = name.removesuffix("+ahead")
+                ahead = name[len(base):]
+                if not base.startswith("fmcache-") or not base.endswith(("-default", "-policy")):
                     continue
                 if boundary.endswith(("layer2", "layer3")):
                     at_least(f"{boundary}: {name} epoch speed vs in-memory maps", entry["vs_memory"][name], 0.95)
@@ -96,12 +101,12 @@ def targets(bench: dict[str, Any], label: str = "", *, train_build_rows: bool = 
                                  0.95)
                     at_least(f"{boundary}: {name} epoch speed vs classic freezing", entry["vs_classic"][name],
                              1.4 if boundary.endswith("layer2") else 2.0)
-                for other in ("torchsave", "memmap", "h5py"):
-                    if other in entry["epoch_s"]:
-                        at_most(f"{boundary}: {name} epoch s / {other} epoch s",
-                                entry["epoch_s"][name]["median"] / entry["epoch_s"][other]["median"], 1.0)
+                for other in ("torchsave", "memmap", "h5py"):  # like for like: +ahead against +ahead
+                    if other + ahead in entry["epoch_s"]:
+                        at_most(f"{boundary}: {name} epoch s / {other + ahead} epoch s",
+                                entry["epoch_s"][name]["median"] / entry["epoch_s"][other + ahead]["median"], 1.0)
                 for other in ("memmap", "h5py"):
-                    if other in info["bytes"] and name in info["bytes"]:
+                    if other in info["bytes"] and name in info["bytes"]:  # once per store, not per +ahead row
                         at_most(f"{boundary}: {name} bytes / {other} bytes",
                                 info["bytes"][name] / info["bytes"][other], 1.0)
             for key, limit in (("plain-bf16-lmdb", 1.1), ("plain-sz3-lmdb", 1.5)):
@@ -131,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-w0", default=str(REPO / "docs" / "bench_train_w0.json"),
                         help="a bench_train.py --workers 0 run (its stdout), checked too when present")
     parser.add_argument("--train-lockstep", nargs="*",
-                        default=[str(REPO / "docs" / f"bench_train_lockstep{w}.json") for w in ("", "_w1")],
+                        default=[str(REPO / "docs" / f"bench_train_{w}.json")
+                                 for w in ("lockstep", "lockstep_w1", "ahead", "lockstep_ahead")],
                         help="bench_train.py --interleave runs (their stdout), checked too when present")
     parser.add_argument("--build", default=str(REPO / "docs" / "bench_build.json"),
                         help="a bench_build.py run: the build target's repeated measurement")
