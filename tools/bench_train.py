@@ -510,14 +510,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(names)
     x = np.arange(len(boundaries))
+    # one colour per approach (tab20: more than ten approaches stay apart); its +ahead row
+    # (--read-ahead) in the same colour, hatched
+    bases = list(dict.fromkeys(name.removesuffix("+ahead") for name in names))
+    colours = plt.get_cmap("tab20" if len(bases) > 10 else "tab10")
     for k, name in enumerate(names):
         stats = [results["boundaries"][b]["epoch_s"][name] for b in boundaries]
         med = [st["median"] for st in stats]
         err = [[m - st["min"] for m, st in zip(med, stats)], [st["max"] - m for m, st in zip(med, stats)]]
-        ax.bar(x + (k - (len(names) - 1) / 2) * width, med, width, yerr=err, capsize=2, label=name)
+        ahead = name.endswith("+ahead")
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, med, width, yerr=err, capsize=2, label=name,
+               color=colours(bases.index(name.removesuffix("+ahead"))), hatch="//" if ahead else None,
+               edgecolor="white" if ahead else None)
     ax.set_xticks(x, [f"frozen to {b}" for b in boundaries])
     ax.set_ylabel(f"epoch seconds ({results['settings']['samples']} samples)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
