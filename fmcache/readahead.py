@@ -3,9 +3,12 @@
 Without DataLoader workers every batch is read and decoded between two training steps,
 so the epoch pays for reading one for one. Worker processes overlap it, at the price of
 forking (or spawning) processes and handing each batch over between them. A thread is
-the cheap middle: torch's kernels, LMDB's gets, blosc2's and the SZ3 / ZFP decoders
-release the GIL, so a thread reading the next batches runs on another core while the
-training step computes (``torch.set_num_threads`` below the core count leaves it one).
+the cheap middle: torch's kernels release the GIL, so a thread reading the next batches
+runs on another core while the training step computes (``torch.set_num_threads`` below
+the core count leaves it one). It hides what of the reading runs while the step is
+inside a kernel; the reading's own Python holds the GIL, and a step that wants it back
+meanwhile waits (docs/benchmarks.md, "Without workers, a thread reading ahead": a layer3
+epoch from 0.93 to 0.96-0.97x in-memory maps on two vCPUs).
 
 :class:`ReadAhead` iterates any iterable of batches in a background thread, ``depth``
 batches ahead, and yields them in order: the same batches, the same order, the same

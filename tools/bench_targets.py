@@ -82,8 +82,8 @@ def targets(bench: dict[str, Any], label: str = "", *, train_build_rows: bool = 
     if train:
         workers = train["settings"].get("workers", 0)
         lockstep = " lockstep" if train["settings"].get("interleave") else ""
-        ahead = f" read-ahead {train['settings']['read_ahead']}" if train["settings"].get("read_ahead") else ""
-        tag = f"w{workers}{lockstep}{ahead} " if "workers" in train["settings"] else ""
+        run_ahead = f" read-ahead {train['settings']['read_ahead']}" if train["settings"].get("read_ahead") else ""
+        tag = f"w{workers}{lockstep}{run_ahead} " if "workers" in train["settings"] else ""
         for boundary, entry in train["boundaries"].items():
             boundary = f"{tag}{boundary}"
             info = entry["info"]
