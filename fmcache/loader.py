@@ -15,6 +15,8 @@ bit for bit (``tests/test_loader.py``).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -73,10 +75,26 @@ def epoch_targets(dataset: Dataset) -> list[Any]:
     return []
 
 
+#: held while a data set's epoch is selected and its item read (EpochKeyed), and while
+#: EpochLoader tells the main process's copies the epoch: two loaders reading one data set
+#: from threads (read_ahead) selected each other's epoch between the select and the read
+_EPOCH_LOCK = threading.RLock()
+
+
+def _new_epoch_lock_in_child() -> None:  # a thread of the parent may have held it at the fork
+    global _EPOCH_LOCK
+    _EPOCH_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_epoch_lock_in_child)
+
+
 class EpochKeyed(Dataset):
     """A data set served by :class:`~fmcache.sampler.SampleKey`: each fetch first selects
     the key's epoch in this process's copy (a worker's included) of the data set, or of
-    the data sets with a ``set_epoch`` inside it (``targets``, :func:`epoch_targets`)."""
+    the data sets with a ``set_epoch`` inside it (``targets``, :func:`epoch_targets`).
+    Selecting and reading hold one process-wide lock: loaders that share a data set and
+    read it from threads (``EpochLoader(read_ahead=)``) each get their own epoch's items."""
 
     def __init__(self, dataset: Dataset, targets: Sequence[Any] | None = None) -> None:
         self.dataset = dataset
@@ -94,7 +112,8 @@ class EpochKeyed(Dataset):
         return key
 
     def __getitem__(self, key: Any) -> Any:
-        return self.dataset[self._select(key)]
+        with _EPOCH_LOCK:
+            return self.dataset[self._select(key)]
 
     def __getitems__(self, keys: Sequence[Any]) -> list[Any]:
         return [self[key] for key in keys]
@@ -226,8 +245,9 @@ class EpochLoader:
         if self.loader is None:
             raise RuntimeError("this EpochLoader is closed")
         self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        for target in self.targets:  # the main process's copies, for whoever reads them
-            target.set_epoch(epoch)
+        with _EPOCH_LOCK:
+            for target in self.targets:  # the main process's copies, for whoever reads them
+                target.set_epoch(epoch)
         return ReadAhead(self.loader, self.read_ahead) if self.read_ahead else self.loader
 
     def close(self) -> None:

@@ -20,8 +20,11 @@ thread after the batch it is reading. :class:`~fmcache.loader.EpochLoader` uses 
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -31,14 +34,23 @@ T = TypeVar("T")
 
 #: how often (seconds) a thread waiting for room in a full queue looks whether it was stopped
 _POLL_S = 0.05
+#: the longest the interpreter's exit waits for reading threads to finish their batch
+EXIT_JOIN_S = 10.0
 
 _ITEM, _END, _ERROR = 0, 1, 2
+
+#: the reading threads running now, with the event that stops each (stopped and joined at exit)
+_LIVE: dict[threading.Thread, threading.Event] = {}
+_LIVE_LOCK = threading.Lock()
 
 
 class ReadAhead(Generic[T]):
     """``batches`` iterated by a background thread, at most ``depth`` batches ahead of the
-    loop that consumes them. Each ``iter()`` starts a new pass (a new ``iter(batches)``
-    in a new thread); ``len()`` is ``len(batches)``."""
+    loop that consumes them. Each ``iter()`` starts a new pass: ``iter(batches)`` at once,
+    in the calling thread (a DataLoader draws its base seed from torch's global generator
+    then, as it does without read-ahead), and its thread at the first ``next()``;
+    ``len()`` is ``len(batches)``. The thread holds up to ``depth`` batches besides the one
+    it reads: memory grows with ``depth``."""
 
     def __init__(self, batches: Iterable[T], depth: int = 2) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -52,9 +64,9 @@ class ReadAhead(Generic[T]):
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[T]:
-        # the pass starts here, in the consuming thread: a DataLoader draws its base seed
-        # from torch's global generator when its iterator is made, before any step's draw
-        source = iter(self.batches)
+        return self._pass(iter(self.batches))
+
+    def _pass(self, source: Iterator[T]) -> Iterator[T]:
         slots: queue.Queue[tuple[int, object]] = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -69,15 +81,21 @@ class ReadAhead(Generic[T]):
 
         def work() -> None:
             try:
-                for item in source:
-                    if not offer((_ITEM, item)):
-                        return
-            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, raised there
-                offer((_ERROR, exc))
-                return
-            offer((_END, None))
+                try:
+                    for item in source:
+                        if not offer((_ITEM, item)):
+                            return
+                except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, raised there
+                    offer((_ERROR, exc))
+                    return
+                offer((_END, None))
+            finally:
+                with _LIVE_LOCK:
+                    _LIVE.pop(threading.current_thread(), None)
 
         thread = threading.Thread(target=work, name="fmcache-read-ahead", daemon=True)
+        with _LIVE_LOCK:
+            _LIVE[thread] = stop
         thread.start()
         try:
             while True:
@@ -90,7 +108,36 @@ class ReadAhead(Generic[T]):
                     raise item  # type: ignore[misc]
         finally:
             stop.set()
-            thread.join()
+            # the garbage collector may close an abandoned pass in its own reading thread
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+def _stop_at_exit() -> None:
+    """At interpreter exit, stop every reading thread after its batch and wait for it (at
+    most :data:`EXIT_JOIN_S`): a pass still referenced when the program ends (an iterator
+    kept on an object) left a daemon thread inside a torch kernel while the interpreter
+    finalised, which aborted the process ("terminate called without an active exception").
+    Registered after the backends' exit handler, so it runs first, while reads still may."""
+    with _LIVE_LOCK:
+        live = list(_LIVE.items())
+    for _, stop in live:
+        stop.set()
+    deadline = time.monotonic() + EXIT_JOIN_S
+    for thread, _ in live:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_at_exit)
+
+
+def _forget_in_child() -> None:  # a forked child has none of its parent's threads
+    global _LIVE_LOCK
+    _LIVE.clear()
+    _LIVE_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def check_read_ahead(read_ahead: int, num_workers: int) -> int:

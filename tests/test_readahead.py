@@ -7,7 +7,11 @@ stops the thread, which never reads more than ``depth`` batches past the one in 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +196,144 @@ def test_workers_forked_while_a_thread_reads_ahead_read_the_same_batches(tmp_pat
         for (gm, gy), (wm, wy) in zip(batches, want):
             assert torch.equal(gm, wm) and torch.equal(gy, wy)
     assert not _readers()
+
+
+# ---- session 19's new-user sweep of read-ahead ---------------------------------------------
+
+HELD_AT_EXIT = '''
+import sys, torch
+from torch.utils.data import Dataset
+from fmcache.loader import EpochLoader
+torch.set_num_threads(1)
+class Heavy(Dataset):  # a transform that runs torch kernels
+    def __len__(self): return 1000
+    def __getitem__(self, i):
+        x = torch.ones(256, 256)
+        for _ in range(20): x = x @ x / 256
+        return x[:1, :8], i
+batches = iter(EpochLoader(Heavy(), 4, read_ahead=2)(0))  # kept past the loop: the thread reads on
+next(batches)
+print("exiting", flush=True)
+sys.exit(0)
+'''
+
+
+def test_a_pass_still_referenced_at_exit_lets_the_interpreter_exit_cleanly():
+    """An iterator kept past its loop left the reading thread inside a torch kernel while
+    the interpreter finalised: the process aborted ("terminate called without an active
+    exception", status 134) at every such exit. The exit now stops and joins the thread."""
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", HELD_AT_EXIT], capture_output=True, text=True, timeout=120,
+                              check=False, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0 and done.stdout.strip() == "exiting", (done.returncode, done.stderr[-1500:])
+        assert "terminate called" not in done.stderr
+
+
+def test_iter_draws_the_loaders_base_seed_at_once_as_the_plain_loader_does():
+    """``iter(ReadAhead)`` made nothing until the first ``next()`` (a generator): a draw from
+    torch's generator between ``iter()`` and ``next()`` came before the DataLoader's
+    base-seed draw, not after it."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(32.0)), batch_size=4,
+                                         shuffle=True)
+    seen = []
+    for source in (loader, ReadAhead(loader, 2)):
+        torch.manual_seed(0)
+        batches = iter(source)
+        between = torch.rand(1).item()
+        seen.append((between, next(batches)[0].tolist()))
+        del batches
+    assert seen[0] == seen[1]
+
+
+def test_a_pass_closed_by_the_garbage_collector_in_its_own_thread_closes_quietly():
+    """The cyclic collector can close an abandoned pass from inside its reading thread;
+    its cleanup then joined that very thread: "RuntimeError: cannot join current thread"."""
+    errors: list[BaseException] = []
+    holder: dict[str, object] = {}
+    suspended = threading.Event()
+
+    class ClosesItsPass(Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            if i == 20:  # read ahead while the loop holds its first batch: the pass is suspended
+                suspended.wait(10)
+                try:
+                    holder["pass"].close()  # type: ignore[attr-defined]
+                except BaseException as exc:  # noqa: BLE001 - what the collector would have printed
+                    errors.append(exc)
+            return torch.tensor([float(i)]), i
+
+    batches = ReadAhead(torch.utils.data.DataLoader(ClosesItsPass(), batch_size=4), depth=8)
+    holder["pass"] = iter(batches)
+    first = next(holder["pass"])  # type: ignore[call-overload]
+    suspended.set()
+    deadline = time.monotonic() + 10
+    while not errors and _readers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first[1].tolist() == [0, 1, 2, 3]
+    assert errors == [] and not _readers()
+
+
+class _EpochTagged(Dataset):
+    """Items tagged with the epoch set when read (an augmentation's epoch), a read slow
+    enough for two threads to interleave."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 96
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        time.sleep(0.0002)  # reading, then augmenting for the epoch set
+        return torch.tensor([float(i * 1000 + self.epoch)]), i
+
+
+def test_loaders_sharing_a_data_set_read_ahead_each_their_own_epoch():
+    """Two read-ahead loaders over one data set with a ``set_epoch`` (or a Subset of a
+    cache), at different epochs: the threads selected each other's epoch between select
+    and read (126 of 128 batches wrong in the sweep); each now gets its own epoch's items."""
+    want = [[m.clone() for m, _ in EpochLoader(_EpochTagged(), 8, seed=3)(e)] for e in (0, 1)]
+    shared = _EpochTagged()
+    first, second = (EpochLoader(shared, 8, seed=3, read_ahead=2), EpochLoader(shared, 8, seed=3, read_ahead=2))
+    got: list[list[torch.Tensor]] = [[], []]
+    for (a, _), (b, _) in zip(first(0), second(1)):
+        got[0].append(a)
+        got[1].append(b)
+    for epoch in (0, 1):
+        assert len(got[epoch]) == len(want[epoch]) == 12
+        for g, w in zip(got[epoch], want[epoch]):
+            assert torch.equal(g, w)
+    assert {int(v) % 1000 for m in got[1] for v in m.flatten()} == {1}
+
+
+def test_a_nested_read_of_a_thread_at_exit_finishes_its_outer_read():
+    """At exit a read that starts in a thread other than the main one waits for good; a
+    read nested in one already under way waited too, and the exit waited its whole 2 s
+    for the outer read it held up (a read-ahead thread mid-batch on HDF5)."""
+    from fmcache.backends import inflight
+
+    class Reader:
+        @inflight.in_flight
+        def outer(self) -> str:
+            inflight.EXITING[0] = True  # the exit begins while this read is under way
+            return self.inner()
+
+        @inflight.in_flight
+        def inner(self) -> str:
+            return "read"
+
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(Reader().outer()), daemon=True)
+    try:
+        thread.start()
+        thread.join(5)
+    finally:
+        inflight.EXITING[0] = False
+    assert result == ["read"] and not thread.is_alive()
+    assert threading.get_ident() not in inflight.READS and thread.ident not in inflight.READS

@@ -71,10 +71,10 @@ def in_flight(method: F) -> F:
     read method calling another, keeps the outer mark)."""
     @functools.wraps(method)
     def marked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if EXITING[0]:
-            park()
         me = get_ident()
         outer = READS.get(me)
+        if EXITING[0] and outer is None:  # a nested call finishes its outer read, which the exit waits for
+            park()
         READS[me] = self
         try:
             return method(self, *args, **kwargs)
