@@ -63,7 +63,14 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """fmcache: cache the feature maps of frozen layers, train from them."""
+    """fmcache: cache the feature maps of frozen layers, train from them.
+
+    Set FMCACHE_TUNE_MALLOC=0 to leave glibc's malloc thresholds as they are (the command
+    fixes them so that freed batches stay mapped: fmcache.memory).
+    """
+    from .memory import tune_allocator
+
+    tune_allocator()
     ctx.obj = {"debug": debug}
 
 

@@ -18,6 +18,7 @@ EXPECTED = [
     "create_cache",
     "open_cache",
     "registered_codecs",
+    "tune_allocator",
 ]
 
 
