@@ -216,8 +216,9 @@ class CacheWriter:
                              hint="on resume, use the same codecs, tiers and variants as the first run")
         if self.samples:
             raise CacheError(f"cannot add layer {name!r} after {self.samples} samples were written")
+        # the backend first: a codec it cannot store leaves the manifest without the layer
+        self.backend.declare_layer(len(self.manifest.layers), name, _part_specs(info), info.samples_per_chunk)
         self.manifest.layers[name] = info
-        self.backend.declare_layer(len(self.manifest.layers) - 1, name, _part_specs(info), info.samples_per_chunk)
         self._write_draft()
         return info
 

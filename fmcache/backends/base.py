@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..codecs import Codec
-from ..errors import CacheError, CacheReplacedError, DiskFullError, EncodeError, ReadOnlyError
+from ..errors import CacheError, CacheReplacedError, CodecSpecError, DiskFullError, EncodeError, ReadOnlyError
 from .pids import PID
 
 if TYPE_CHECKING:
@@ -46,6 +46,9 @@ class Backend(ABC):
     #: True when a process killed inside any write leaves the last committed state intact
     #: (LMDB transactions); False makes a resume re-read everything committed first.
     crash_atomic: ClassVar[bool] = True
+    #: the codec face the backend stores: "bytes" (a record per sample) or "hdf5" (the
+    #: codec's HDF5 datasets and filters), checked for every part when a layer is declared
+    codec_face: ClassVar[str] = "bytes"
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         self.path = Path(os.path.abspath(path))  # a worker that reopens it may run in another directory
@@ -74,7 +77,16 @@ class Backend(ABC):
 
     # ---- layers ------------------------------------------------------------------------
     def declare_layer(self, index: int, name: str, parts: Sequence[PartSpec], samples_per_chunk: int) -> None:
-        """Make a layer known (again, after a reopen); creates storage when writable."""
+        """Make a layer known (again, after a reopen); creates storage when writable. A
+        part whose codec this backend cannot store (an HDF5 face the codec refuses) raises
+        its CodecSpecError, naming the file and layer, before anything is declared."""
+        if self.writable and self.codec_face == "hdf5":
+            for spec in parts:
+                try:
+                    spec.codec.hdf5_fields(spec.shape)
+                except CodecSpecError as exc:
+                    raise CodecSpecError(f"{self.path}: layer {name!r}, part {spec.name!r}: {exc.message}",
+                                         hint=exc.hint) from None
         self._layers[name] = (index, list(parts), samples_per_chunk)
         if self.writable:
             self._declare(name)

@@ -95,7 +95,7 @@ class Hdf5Backend(Backend):
     backend_id = "hdf5"
     #: HDF5 has no transactions: a process killed inside a batch can leave the file's
     #: metadata half written, so a resume first re-reads what was committed.
-    crash_atomic = False
+    crash_atomic, codec_face = False, "hdf5"
     _h_rows: OrderedDict[tuple[str, str, int], ChunkRows]
     _h_lock: threading.Lock
     _h_rows_pid: int
