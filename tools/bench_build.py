@@ -18,6 +18,14 @@ measurement that ``tools/bench_targets.py`` checks the build target against.
 blosc2 keeping the GIL while it compresses (python-blosc2's default, which the builder
 overrides since session 5), to show in one run what that override is worth.
 
+The process first fixes glibc's malloc thresholds (:func:`fmcache.tune_allocator`, as the
+``fmcache`` command does): with glibc's run-time thresholds the same forward pass took
+0.7 s or 1.7 s depending on the process's earlier frees (page faults, not convolutions),
+which made every ratio here a draw. ``--default-allocator`` leaves them as they are (then
+``--json`` defaults to ``docs/bench_build_default_malloc.json``). Since session 20 the
+forward pass discards each batch's maps, as classic freezing does; before, it kept them
+all and joined them at the end (the arm of ``bench_train``, which needs them).
+
 It prints JSON and (unless ``--quick``) writes ``docs/bench_build.json``.
 """
 
@@ -37,17 +45,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_read import cpu_name
-from bench_train import forward_maps
 
 import fmcache.builder
 from fmcache.builder import build_cache
+from fmcache.memory import tune_allocator
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
 BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb")}
@@ -66,6 +74,17 @@ def gil_held(held: bool):  # type: ignore[no-untyped-def]
         fmcache.builder.blosc2_releasing_gil = release
 
 
+def forward_pass(prefix: torch.nn.Module, data: Subset, batch: int) -> float:
+    """Seconds of one inference-mode forward pass of ``prefix`` over ``data``, each batch's
+    maps dropped (what classic freezing pays for the prefix per epoch)."""
+    loader = DataLoader(data, batch_size=batch, shuffle=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in loader:
+            prefix(x)
+    return time.perf_counter() - t0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=16)
@@ -76,8 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gil-held", action="store_true", help=f"also time {GIL_HELD} (see above)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (see above)")
     parser.add_argument("--json", default=str(REPO / "docs" / "bench_build.json"))
     args = parser.parse_args(argv)
+    if args.default_allocator and args.json == parser.get_default("json"):
+        args.json = str(REPO / "docs" / "bench_build_default_malloc.json")
+    allocator = None if args.default_allocator else tune_allocator()
     builds = dict(BUILDS, **({GIL_HELD: BUILDS["bf16-lmdb"]} if args.gil_held else {}))
     if args.quick:
         args.samples, args.boundaries, args.repeats = 256, ["layer3"], 2
@@ -90,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fmcache-bench-build-"))
     try:
         for boundary in args.boundaries:  # warm-up, untimed: page cache, allocator, lazy imports
-            forward_maps(split_at(copy.deepcopy(model), boundary)[0].eval(), Subset(data, range(64)), args.batch)
+            forward_pass(split_at(copy.deepcopy(model), boundary)[0].eval(), Subset(data, range(64)), args.batch)
         for repeat in range(args.repeats):
             for boundary in args.boundaries:
                 prefix = split_at(copy.deepcopy(model), boundary)[0].eval()
-                seconds[boundary]["forward"].append(forward_maps(prefix, data, args.batch)[2])
+                seconds[boundary]["forward"].append(forward_pass(prefix, data, args.batch))
                 for name, (codec, suffix) in builds.items():
                     out = workdir / f"{boundary}-{name}{suffix}"
                     fresh = copy.deepcopy(model)  # outside the timing: a user's build copies nothing
@@ -110,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     result: dict[str, Any] = {
         "settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
-                     "repeats": args.repeats, "threads": 1, "gil_held_row": args.gil_held, "cpu": cpu_name(), "torch": torch.__version__,
+                     "repeats": args.repeats, "threads": 1, "gil_held_row": args.gil_held,
+                     "allocator": (f"glibc thresholds fixed: mmap {allocator.mmap_threshold_mib} MiB, trim "
+                                   f"{allocator.trim_threshold_mib} MiB" if allocator else "default"),
+                     "forward": "maps dropped per batch", "cpu": cpu_name(), "torch": torch.__version__,
                      "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
         "boundaries": {}}
     for boundary, per in seconds.items():

@@ -42,6 +42,12 @@ the median of the per-repeat ratios (> 1: faster than the reference). It also ti
 of the prefix over the data, against ``build_cache`` with the default codec (bf16) and
 with SZ3, and the SACA build, and reports bytes on disk of every approach.
 
+The process first fixes glibc's malloc thresholds (:func:`fmcache.tune_allocator`, as the
+``fmcache`` command does), so that freed batches stay mapped instead of faulting back in
+page by page (a forward pass 0.7 s or 1.7 s by the process's earlier frees: benchmarks.md,
+"What session 20 changed"); ``--default-allocator`` leaves them as they are, as every run
+before session 20 did.
+
 Run from the repository root::
 
     python tools/bench_train.py            # width 16, 1024 samples, batch 64, 5 repeats, 1 thread
@@ -88,6 +94,7 @@ from plotting import pyplot  # tools/ is on sys.path when a tool runs as a scrip
 from fmcache import FeatureMapDataset
 from fmcache.builder import SacaConfig, build_cache, build_saca_cache
 from fmcache.loader import EpochLoader
+from fmcache.memory import tune_allocator
 from fmcache.policy import CompressionPolicy
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
@@ -474,6 +481,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"{s['repeats']} repeats after a one-step warm-up"
              f"{'; approaches in lockstep, one step each in turn (epoch = the sum of its steps; memory-again: the A/A row)' if s.get('interleave') else ''}"
              f"; SACA calibrated on {s['saca_samples']} samples; "
+             f"{'malloc: ' + s['allocator'] + '; ' if s.get('allocator', 'default') != 'default' else ''}"
              f"{s['cpu']}. Epoch seconds: median (min–max); ratios: median of per-repeat ratios "
              "(> 1 = faster than the reference).\n")]
     for boundary, entry in results["boundaries"].items():
@@ -561,6 +569,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "setting; see Precision)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine 2 threads ran 3-5x slower)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (every run before session 20)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="folder for bench.json etc ('' skips)")
     args = parser.parse_args(argv)
     args.samples = args.samples or (256 if args.quick else 1024)
@@ -578,12 +588,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import blosc2
 
     blosc2.set_nthreads(1)
+    allocator = None if args.default_allocator else tune_allocator()
     boundaries = run(args)
     results = {"settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                             "repeats": args.repeats, "threads": args.threads,
                             "precision": args.precision, "saca_samples": args.saca_samples,
                             "workers": args.workers, "read_ahead": args.read_ahead, "interleave": args.interleave, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
-                            "backends": args.backends, "cpu": cpu_name(), "cores": os.cpu_count(),
+                            "backends": args.backends,
+                            "allocator": (f"glibc thresholds fixed: mmap {allocator.mmap_threshold_mib} MiB, trim "
+                                          f"{allocator.trim_threshold_mib} MiB" if allocator else "default"),
+                            "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                             "command": " ".join(["python", "tools/bench_train.py", *(argv or sys.argv[1:])])},
