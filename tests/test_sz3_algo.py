@@ -91,3 +91,26 @@ def test_hdf5_refuses_a_nopred_layer_before_writing_any_sample(tmp_path: Path) -
     with fmcache.open_cache(path) as cache:
         assert list(cache.manifest.layers) == ["ok"]
         assert np.abs(cache.read("ok", 1) - 1).max() <= 0.01
+
+
+def test_compacting_a_nopred_cache_to_hdf5_says_what_to_do_and_commits_nothing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fmcache.cli import main
+
+    rng = np.random.default_rng(5)
+    maps = np.stack([realistic_post_relu(rng, (8, 4, 4)) for _ in range(6)])
+    with fmcache.create_cache(tmp_path / "c.lmdb") as w:
+        w.add_layer("feat", (8, 4, 4), codec="sz3:abs=0.01,algo=nopred")
+        w.append({"feat": maps}, np.arange(6))
+        w.commit()
+    refused = CliRunner().invoke(main, ["compact", str(tmp_path / "c.lmdb"), str(tmp_path / "c.h5")])
+    assert refused.exit_code == 1, refused.output
+    assert "layer 'feat'" in refused.output and "LMDB" in refused.output
+    assert not (tmp_path / "c.h5").exists()
+    done = CliRunner().invoke(main, ["compact", str(tmp_path / "c.lmdb"), str(tmp_path / "c.h5"),
+                                     "--codec", "sz3:abs=0.01"])
+    assert done.exit_code == 0, done.output
+    with fmcache.open_cache(tmp_path / "c.h5") as cache:
+        got = cache.read_batch("feat", list(range(6)))
+    assert float(np.abs(got.astype(np.float64) - maps).max()) <= 0.02  # two bounds of 0.01 in turn

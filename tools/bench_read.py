@@ -169,7 +169,8 @@ def build(path: Path, backend: str, layer: str, maps: np.ndarray, codec: str) ->
 
 
 def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: int, workdir: Path,
-                loader_workers: Sequence[int], cold_lru: int | None = None) -> dict[str, Any]:
+                loader_workers: Sequence[int], cold_lru: int | None = None,
+                backends: Sequence[str] = BACKENDS) -> dict[str, Any]:
     n = len(maps)
     megabytes = maps.nbytes / MB
     sample_shape = maps.shape[1:]
@@ -199,7 +200,7 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
         runs[f"{spec}|codec"] = (per_sample(lambda i, c=codec, e=encoded: c.decode(e[i])), "cpu")
         runs[f"{spec}|codec_out"] = (per_sample(lambda i, c=codec, e=encoded: c.decode(e[i], out=out)), "cpu")
         meta[spec] = {"codec": {"ratio": maps.nbytes / sum(map(len, encoded))}, "backends": {}}
-        for backend in BACKENDS:
+        for backend in backends:
             path = workdir / f"{layer}-{backend}-{len(caches)}{'.h5' if backend == 'hdf5' else '.lmdb'}"
             write_s = build(path, backend, layer, maps, spec)
             cache = open_cache(path)
@@ -234,7 +235,7 @@ def bench_layer(layer: str, maps: np.ndarray, codecs: Sequence[str], repeats: in
     for spec in codecs:
         entry = results["codecs"][spec] = meta[spec]
         entry["codec"].update(codec=rate[f"{spec}|codec"], codec_out=rate[f"{spec}|codec_out"])
-        for backend in BACKENDS:
+        for backend in backends:
             b = entry["backends"][backend]
             for key in ("read", "read_out", "read_cold", "read_shuffled", "read_batch", *(f"loader_w{w}" for w in loader_workers),
                         *(["loader_w0_cpu"] if 0 in loader_workers else [])):
@@ -389,12 +390,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         res = results["layers"][layer]
         specs = list(res["codecs"])
         x = np.arange(len(specs))
-        series = [("bare codec", lambda e: e["codec"]["codec"]),
-                  ("LMDB read", lambda e: e["backends"]["lmdb"]["read"]),
-                  ("HDF5 read", lambda e: e["backends"]["hdf5"]["read"])]
-        if "read_cold" in res["codecs"][specs[0]]["backends"]["hdf5"]:
-            series.append(("HDF5 read cold", lambda e: e["backends"]["hdf5"]["read_cold"]))
-        series.append(("LMDB loader w0", lambda e: e["backends"]["lmdb"]["loader_w0"]))
+        present = set.intersection(*(set(res["codecs"][s]["backends"]) for s in specs))  # --backends
+        series = [("bare codec", lambda e: e["codec"]["codec"])]
+        if "lmdb" in present:
+            series.append(("LMDB read", lambda e: e["backends"]["lmdb"]["read"]))
+        if "hdf5" in present:
+            series.append(("HDF5 read", lambda e: e["backends"]["hdf5"]["read"]))
+            if "read_cold" in res["codecs"][specs[0]]["backends"]["hdf5"]:
+                series.append(("HDF5 read cold", lambda e: e["backends"]["hdf5"]["read_cold"]))
+        if "lmdb" in present:
+            series.append(("LMDB loader w0", lambda e: e["backends"]["lmdb"]["loader_w0"]))
         width = 0.8 / len(series)
         for k, (label, get) in enumerate(series):
             med = [get(res["codecs"][s])["median"] for s in specs]
@@ -452,6 +457,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--codecs", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None, help="default 5; quick 3")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader num_workers")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+                        help="default both (an LMDB-only codec such as sz3 algo=nopred: --backends lmdb)")
     parser.add_argument("--cold-row-cache-mib", type=float, default=4,
                         help="HDF5's row LRU in MiB for the cold passes (default 4, below every layer's stored rows "
                              "at the default sizes, as a real data set's exceed the backend's 32; 0: the backend's)")
@@ -502,14 +509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_read-"))
     try:
         cold_lru = int(args.cold_row_cache_mib * 2**20) or None
-        per_layer = {layer: bench_layer(layer, maps[layer], codecs, repeats, workdir, args.workers, cold_lru)
-                     for layer in layers}
+        per_layer = {layer: bench_layer(layer, maps[layer], codecs, repeats, workdir, args.workers, cold_lru,
+                                        args.backends) for layer in layers}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results = {
         "settings": {"width": width, "steps": args.steps, "samples": samples, "repeats": repeats,
                      "codecs": codecs, "default_codec": DEFAULT_CODEC, "compact_codec": COMPACT_CODEC,
-                     "loader_workers": args.workers, "first_apart": True,
+                     "loader_workers": args.workers, "first_apart": True, "backends": args.backends,
                      "cold_row_cache_bytes": int(args.cold_row_cache_mib * 2**20) or None, "cpu": cpu_name(), "cores": os.cpu_count(),
                      "torch": torch.__version__, "blosc2": blosc2.__version__,
                      "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
