@@ -24,11 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .augment import AugFamily, default_variants, parse_variant, variant_name
+from .backends import backend_for_suffix
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture, eval_mode, plain_module
 from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
-from .errors import BuildError, DataError, FmcacheError, NonFiniteError
+from .errors import BuildError, CodecSpecError, DataError, FmcacheError, NonFiniteError
 from .fingerprint import UsedTensors, data_fingerprint, weights_fingerprint
 from .manifest import Manifest
 from .policy import CompressionPolicy, frozen_fraction
@@ -496,13 +497,19 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
     if frozen is None:
         top = layer.split(".")[0]
         frozen = frozen_fraction(model, layer) if top in dict(model.named_children()) else 1.0
+    bulk, sensitive = policy.codecs_for(frozen)
+    if (kwargs.get("backend") or backend_for_suffix(Path(out))) == "hdf5":  # refused now, not after calibrating
+        for spec in (bulk, sensitive):
+            try:
+                codec_from_spec(spec).hdf5_fields((1, 1))
+            except CodecSpecError as exc:
+                raise CodecSpecError(f"{out}: layer {layer!r}: {exc.message}", hint=exc.hint) from None
     calib_family = replace(saca.family, photometric=True) if saca.photometric_in_calibration else saca.family
     t0 = time.perf_counter()
     cal = calibrate(model, layer, dataset, calib_family, n_samples=saca.n_samples, seed=saca.seed,
                     shifts_per_sample=saca.shifts_per_sample, pixels=pixels)
     calibrate_s = time.perf_counter() - t0
     scores = selection_scores(cal, saca.family)
-    bulk, sensitive = policy.codecs_for(frozen)
     chosen = select_sensitive(scores, saca.rho)
     plan = TierPlan.two_tier(len(scores), chosen.tolist(), sensitive, bulk)
     # rho = 0 (or a rounding to no channel): no sensitive tier, so no variants to keep;

@@ -14,11 +14,17 @@ bimodal build times of docs/benchmarks.md). :func:`tune_allocator` fixes both th
 
 The effect is process-wide and lasts until the process ends: up to ``trim_threshold_mib``
 of freed memory stays mapped (resident at most where the process once used it), blocks
-above ``mmap_threshold_mib`` are still mapped apart and returned at once. Processes forked
-afterwards (DataLoader workers) inherit it; spawned ones start with glibc's defaults. The
-``fmcache`` command applies it at start; a Python program calls it once itself. glibc only
-(Linux): elsewhere, or with the environment variable ``FMCACHE_TUNE_MALLOC=0``, it does
-nothing and returns ``None``.
+above ``mmap_threshold_mib`` are still mapped apart and returned at once. The ``fmcache``
+command applies it at start; a Python program calls it once itself. glibc only (Linux):
+elsewhere, or with the environment variable ``FMCACHE_TUNE_MALLOC`` set to ``0`` (or
+``false``, ``no``, ``off``), it does nothing and returns ``None``.
+
+Child processes: forked ones (DataLoader workers by default on Linux) inherit the setting.
+For the others (``spawn``, ``forkserver``), :func:`tune_allocator` also writes the thresholds
+into ``FMCACHE_TUNE_MALLOC`` (``"256,512"``), and importing fmcache in a process whose
+environment holds ``MMAP,TRIM`` there applies them: a spawned worker that unpickles a
+FeatureMapDataset imports fmcache, so it is tuned like its parent. Setting the variable
+yourself tunes any process that imports fmcache.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import ctypes
 import os
 import platform
 import threading
+import warnings
 from dataclasses import dataclass
 
 #: mallopt's parameter numbers (malloc.h)
@@ -34,9 +41,13 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 #: set to 0 to leave the allocator alone (the command line included)
 ENV = "FMCACHE_TUNE_MALLOC"
-#: glibc refuses an mmap threshold above half its largest heap (32 MiB on 64-bit builds
-#: whose heaps are not enlarged), so a larger wish falls back to this one
+#: a glibc that refuses a larger mmap threshold (older ones allowed at most half their
+#: largest heap, 32 MiB on 64-bit builds; 2.36 takes 256 MiB) gets this one instead
 GLIBC_SAFE_MMAP_MIB = 32
+#: mallopt takes an int of bytes
+MAX_MIB = (2**31 - 1) >> 20
+#: values of FMCACHE_TUNE_MALLOC that leave malloc alone (case and spaces ignored)
+OFF = frozenset({"0", "false", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -55,14 +66,16 @@ def tune_allocator(mmap_threshold_mib: int = 256, trim_threshold_mib: int = 512)
     """Fix glibc malloc's mmap and trim thresholds for this process (see the module doc);
     the settings applied, or ``None`` where nothing was changed (not glibc, ``mallopt``
     refused, or ``FMCACHE_TUNE_MALLOC=0``). Calling it again applies the new values.
-
-    An mmap threshold glibc refuses (above half its largest heap) falls back to 32 MiB.
+    Thresholds are whole MiB in 1..2047 (TypeError, ValueError otherwise, before anything
+    changes). An mmap threshold glibc refuses falls back to 32 MiB, and the result says so.
     """
     global _applied
-    if mmap_threshold_mib < 1 or trim_threshold_mib < 1:
-        raise ValueError(f"thresholds must be at least 1 MiB, got mmap {mmap_threshold_mib}, "
-                         f"trim {trim_threshold_mib}")
-    if os.environ.get(ENV, "").strip() == "0" or platform.system() != "Linux" \
+    for what, value in (("mmap_threshold_mib", mmap_threshold_mib), ("trim_threshold_mib", trim_threshold_mib)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must be an int (MiB), got {value!r}")
+        if not 1 <= value <= MAX_MIB:
+            raise ValueError(f"{what} must lie in 1..{MAX_MIB} MiB (mallopt takes an int of bytes), got {value}")
+    if os.environ.get(ENV, "").strip().lower() in OFF or platform.system() != "Linux" \
             or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -72,15 +85,15 @@ def tune_allocator(mmap_threshold_mib: int = 256, trim_threshold_mib: int = 512)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mib = 1 << 20
     with _lock:
-        mmap_mib = mmap_threshold_mib
-        if not mallopt(M_MMAP_THRESHOLD, min(mmap_mib * mib, 2**31 - 1)):
+        mmap_mib, trim_mib = mmap_threshold_mib, trim_threshold_mib
+        if not mallopt(M_MMAP_THRESHOLD, mmap_mib * mib):
             mmap_mib = min(mmap_threshold_mib, GLIBC_SAFE_MMAP_MIB)
             if not mallopt(M_MMAP_THRESHOLD, mmap_mib * mib):
                 return None
-        trim_mib = min(trim_threshold_mib, (2**31 - 1) // mib)
-        if not mallopt(M_TRIM_THRESHOLD, trim_mib * mib):
+        if not mallopt(M_TRIM_THRESHOLD, trim_mib * mib):  # glibc takes any trim threshold
             return None
         _applied = AllocatorSettings(mmap_mib, trim_mib)
+        os.environ[ENV] = f"{mmap_mib},{trim_mib}"  # for spawned children (module doc)
         return _applied
 
 
@@ -88,3 +101,21 @@ def allocator_settings() -> AllocatorSettings | None:
     """What :func:`tune_allocator` last applied in this process (or the process it was
     forked from); ``None`` if it never did."""
     return _applied
+
+
+def _apply_from_environment() -> None:
+    """At import: ``FMCACHE_TUNE_MALLOC=MMAP,TRIM`` (MiB) applies those thresholds (a
+    parent's :func:`tune_allocator`, or the user's own); unset or ``0``, nothing. A value
+    of another form is a warning, not an import error."""
+    value = os.environ.get(ENV, "").strip()
+    if not value or value.lower() in OFF:
+        return
+    try:
+        mmap_mib, trim_mib = (int(v) for v in value.split(","))
+        tune_allocator(mmap_mib, trim_mib)
+    except (ValueError, TypeError):
+        warnings.warn(f"{ENV}={value!r} is neither 0 nor 'MMAP,TRIM' (MiB, e.g. '256,512'): malloc left alone",
+                      RuntimeWarning, stacklevel=2)
+
+
+_apply_from_environment()

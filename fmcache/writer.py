@@ -26,6 +26,7 @@ from .codecs.base import as_float32, as_numpy
 from .errors import (
     CacheError,
     CacheExistsError,
+    CodecSpecError,
     CorruptionError,
     DiskFullError,
     FmcacheError,
@@ -146,7 +147,7 @@ class CacheWriter:
                                        "or start over with --overwrite")
         self.manifest = draft
         for index, layer in enumerate(draft.layers.values()):
-            self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
+            self._declare(index, layer)
         try:
             progress = self.backend.get_meta("progress")
             self.samples = int(json.loads(progress)["samples"]) if progress else 0
@@ -216,11 +217,18 @@ class CacheWriter:
                              hint="on resume, use the same codecs, tiers and variants as the first run")
         if self.samples:
             raise CacheError(f"cannot add layer {name!r} after {self.samples} samples were written")
-        # the backend first: a codec it cannot store leaves the manifest without the layer
-        self.backend.declare_layer(len(self.manifest.layers), name, _part_specs(info), info.samples_per_chunk)
+        self._declare(len(self.manifest.layers), info)  # first: a refused codec leaves no manifest entry
         self.manifest.layers[name] = info
         self._write_draft()
         return info
+
+    def _declare(self, index: int, layer: LayerInfo) -> None:
+        """The layer declared in the backend; a codec it cannot store is a CodecSpecError
+        that names the cache the user asked for (the backend writes to its ``.partial``)."""
+        try:
+            self.backend.declare_layer(index, layer.name, _part_specs(layer), layer.samples_per_chunk)
+        except CodecSpecError as exc:
+            raise CodecSpecError(f"{self.path}: {exc.message}", hint=exc.hint) from None
 
     def set_layer_extra(self, name: str, **extra: Any) -> None:
         """Attach JSON data (e.g. sensitivity scores) to a layer's manifest entry."""

@@ -67,7 +67,7 @@ def test_tuned_process_keeps_freed_batches_mapped_and_untuned_one_does_not() -> 
     assert out["tuned"] < 0.02 * PAGES, out
 
 
-def test_environment_variable_leaves_the_allocator_alone() -> None:
+def test_the_environment_variable_leaves_the_allocator_alone() -> None:
     out = run("""
         from fmcache.memory import allocator_settings, tune_allocator
         print(json.dumps({"applied": tune_allocator() is None, "recorded": allocator_settings(),
@@ -88,11 +88,80 @@ def test_smaller_thresholds_apply_and_a_batch_above_the_mmap_threshold_is_return
     assert out["faults"] > 0.2 * PAGES, out  # 6 MiB > 4 MiB: mapped apart, every round
 
 
-def test_thresholds_below_one_mib_are_refused() -> None:
-    from fmcache.memory import tune_allocator
+def test_bad_thresholds_are_refused_before_anything_changes() -> None:
+    out = run("""
+        from fmcache.memory import allocator_settings, tune_allocator
+        refused = []
+        for args in [(0, 512), (256, -1), (4096, 512), (256, 2048), (256, 1.5), (1.5, 10), (True, True),
+                     ("5", 5), (float("inf"), 5), (None, 5)]:
+            try:
+                tune_allocator(*args)
+            except (TypeError, ValueError) as exc:
+                refused.append(type(exc).__name__)
+        print(json.dumps({"refused": refused, "recorded": allocator_settings(), "faults": batches_faults()}))
+    """)
+    assert out["refused"] == ["ValueError"] * 4 + ["TypeError"] * 6, out
+    assert out["recorded"] is None and out["faults"] > 0.2 * PAGES, out  # malloc left as it was
 
-    with pytest.raises(ValueError, match="at least 1 MiB"):
-        tune_allocator(mmap_threshold_mib=0)
+
+@pytest.mark.parametrize("value", ["0", " 0 ", "false", "No", "OFF"])
+def test_the_environment_variable_turns_tuning_off_with_the_usual_words(value: str) -> None:
+    out = run("""
+        from fmcache.memory import tune_allocator
+        print(json.dumps({"applied": tune_allocator() is not None}))
+    """, env={"FMCACHE_TUNE_MALLOC": value})
+    assert out == {"applied": False}
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_dataloader_workers_started_afresh_after_tuning_are_tuned_too(context: str, tmp_path: Path) -> None:
+    # a spawned worker imports fmcache (to unpickle the data set, as a FeatureMapDataset's
+    # does) and reads the thresholds its parent wrote into FMCACHE_TUNE_MALLOC
+    (tmp_path / "faults_ds.py").write_text(PATTERN + textwrap.dedent("""
+        import fmcache
+        from torch.utils.data import Dataset
+
+        class Faults(Dataset):
+            def __len__(self):
+                return 1
+            def __getitem__(self, i):
+                from fmcache.memory import allocator_settings
+                return batches_faults(), allocator_settings().trim_threshold_mib
+    """))
+    out = run(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from torch.utils.data import DataLoader
+        from faults_ds import Faults
+        from fmcache.memory import tune_allocator
+
+        tune_allocator(trim_threshold_mib=300)
+        loader = DataLoader(Faults(), batch_size=None, num_workers=1, multiprocessing_context={context!r})
+        faults, trim = next(iter(loader))
+        print(json.dumps({{"worker": int(faults), "trim": int(trim)}}))
+    """)
+    assert out["trim"] == 300 and out["worker"] < 0.02 * PAGES, out
+
+
+def test_the_environment_variable_tunes_a_process_at_import_and_a_malformed_one_warns() -> None:
+    body = """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fmcache
+            from fmcache.memory import allocator_settings
+        applied = allocator_settings()
+        print(json.dumps({"applied": None if applied is None else [applied.mmap_threshold_mib,
+                                                                   applied.trim_threshold_mib],
+                          "warned": [str(w.message) for w in caught if "FMCACHE_TUNE_MALLOC" in str(w.message)],
+                          "faults": batches_faults()}))
+    """
+    tuned = run(body, env={"FMCACHE_TUNE_MALLOC": "64,256"})
+    assert tuned["applied"] == [64, 256] and not tuned["warned"] and tuned["faults"] < 0.02 * PAGES, tuned
+    for bad in ("yes", "256", "256,0", "a,b"):
+        left = run(body, env={"FMCACHE_TUNE_MALLOC": bad})
+        assert left["applied"] is None and len(left["warned"]) == 1, (bad, left)
+        assert left["faults"] > 0.2 * PAGES, (bad, left)
 
 
 def test_dataloader_workers_forked_after_tuning_inherit_it() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pysz
 import pytest
+import torch
 from strategies import realistic_post_relu
 
 import fmcache
@@ -36,10 +37,12 @@ def test_the_default_algo_stays_out_of_the_config_so_older_configs_are_unchanged
     assert nopred != codec_from_spec("sz3:rel=0.01")
 
 
-@pytest.mark.parametrize("spec", ["sz3:abs=0.02,algo=lorenzo", "sz3:abs=0.02,algo=5", "sz3:abs=0.02,algo=NOPRED"])
-def test_an_unknown_algo_is_a_spec_error_that_lists_the_known_ones(spec: str) -> None:
+@pytest.mark.parametrize("spec", ["sz3:abs=0.02,algo=lorenzo", "sz3:abs=0.02,algo=5", "sz3:abs=0.02,algo=NOPRED",
+                                  {"id": "sz3", "abs": 0.02, "algo": ["nopred"]},
+                                  {"id": "sz3", "abs": 0.02, "algo": {"nopred": 1}}], ids=str)
+def test_an_unknown_algo_is_a_spec_error_that_lists_the_known_ones(spec: str | dict) -> None:
     with pytest.raises(CodecSpecError, match="interp-lorenzo, interp, lorenzo-reg, nopred"):
-        codec_from_spec(spec)
+        codec_from_spec(spec) if isinstance(spec, str) else codec_from_config(spec)
 
 
 @pytest.mark.parametrize("algo", ["interp-lorenzo", "interp", "lorenzo-reg", "nopred"])
@@ -85,7 +88,9 @@ def test_hdf5_refuses_a_nopred_layer_before_writing_any_sample(tmp_path: Path) -
         w.add_layer("ok", (4, 4, 4), codec="sz3:abs=0.01")
         with pytest.raises(CodecSpecError, match="hdf5plugin's SZ3 filter takes only the error bound") as info:
             w.add_layer("feat", (4, 4, 4), codec="sz3:abs=0.01,algo=nopred")
-        assert "LMDB" in (info.value.hint or "")
+        assert "LMDB" in (info.value.hint or "") and "compact --codec" in (info.value.hint or "")
+        # the path asked for, not the .partial the backend writes to
+        assert info.value.message.startswith(f"{path}: layer 'feat', part 'all': ")
         w.append({"ok": np.ones((2, 4, 4, 4), dtype=np.float32)}, [0, 1])
         w.commit()
     with fmcache.open_cache(path) as cache:
@@ -114,3 +119,35 @@ def test_compacting_a_nopred_cache_to_hdf5_says_what_to_do_and_commits_nothing(t
     with fmcache.open_cache(tmp_path / "c.h5") as cache:
         got = cache.read_batch("feat", list(range(6)))
     assert float(np.abs(got.astype(np.float64) - maps).max()) <= 0.02  # two bounds of 0.01 in turn
+
+
+class _Counted(torch.utils.data.Dataset):
+    """Images 1x8x8 that count the items read (the calibration reads them)."""
+
+    def __init__(self, n: int) -> None:
+        self.x, self.read = torch.rand(n, 1, 8, 8), 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.read += 1
+        return self.x[i], 0
+
+
+@pytest.mark.parametrize("tier", ["bulk", "sensitive"])
+def test_a_saca_build_to_hdf5_with_a_nopred_policy_is_refused_before_calibrating(tmp_path: Path, tier: str) -> None:
+    from fmcache.builder import SacaConfig, build_saca_cache
+    from fmcache.policy import CompressionPolicy
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    codecs = {"bulk": "int8", "sensitive": "int8", tier: "sz3:rel=0.05,algo=nopred"}
+    policy = CompressionPolicy.constant(codecs["bulk"], codecs["sensitive"])
+    data = _Counted(16)
+    with pytest.raises(CodecSpecError, match=r"s\.h5: layer '1': .*SZ3 filter takes only the error bound"):
+        build_saca_cache(model, data, "1", tmp_path / "s.h5", saca=SacaConfig(n_samples=8), policy=policy,
+                         progress=False)
+    assert data.read == 0 and not any(tmp_path.iterdir())
+    build_saca_cache(model, data, "1", tmp_path / "s.lmdb", saca=SacaConfig(n_samples=8), policy=policy,
+                     progress=False)  # LMDB takes it
+    assert data.read > 0

@@ -79,13 +79,13 @@ class Backend(ABC):
     def declare_layer(self, index: int, name: str, parts: Sequence[PartSpec], samples_per_chunk: int) -> None:
         """Make a layer known (again, after a reopen); creates storage when writable. A
         part whose codec this backend cannot store (an HDF5 face the codec refuses) raises
-        its CodecSpecError, naming the file and layer, before anything is declared."""
+        its CodecSpecError, naming the layer and part, before anything is declared."""
         if self.writable and self.codec_face == "hdf5":
             for spec in parts:
                 try:
                     spec.codec.hdf5_fields(spec.shape)
                 except CodecSpecError as exc:
-                    raise CodecSpecError(f"{self.path}: layer {name!r}, part {spec.name!r}: {exc.message}",
+                    raise CodecSpecError(f"layer {name!r}, part {spec.name!r}: {exc.message}",
                                          hint=exc.hint) from None
         self._layers[name] = (index, list(parts), samples_per_chunk)
         if self.writable:

@@ -70,7 +70,7 @@ class Sz3(BoundedCodec):
     DEFAULT_ALGO = "interp-lorenzo"
 
     def __init__(self, abs: float | None = None, rel: float | None = None, algo: str = DEFAULT_ALGO) -> None:
-        if algo not in self.ALGOS:
+        if not isinstance(algo, str) or algo not in self.ALGOS:
             raise CodecSpecError(f"codec {self.codec_id!r}: algo={algo!r} is not one of {', '.join(self.ALGOS)}",
                                  hint="e.g. 'sz3:abs=0.02,algo=nopred'; leave algo out for SZ3's default")
         self.algo = algo
@@ -118,7 +118,8 @@ class Sz3(BoundedCodec):
         if self.algo != self.DEFAULT_ALGO:
             raise CodecSpecError(f"codec {self.spec!r}: hdf5plugin's SZ3 filter takes only the error bound, "
                                  f"not algo={self.algo}",
-                                 hint="store this layer in LMDB, or leave algo out (SZ3's default "
-                                      "predictor) for HDF5")
+                                 hint="store this layer in LMDB, or give it an sz3 codec without algo= "
+                                      "(SZ3's default predictor) for HDF5 (fmcache compact --codec, a "
+                                      "build's --codec or policy)")
         mode_kwarg = {"abs": "absolute", "rel": "relative"}[self.mode]
         return dict(hdf5plugin.SZ3(**{mode_kwarg: self.bound}))
