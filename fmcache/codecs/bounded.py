@@ -78,11 +78,17 @@ def unframe_into(payload: memoryview, shape: tuple[int, ...], out: np.ndarray | 
             raise ValueError(f"stream holds {decoded.dtype} {decoded.shape}, expected float32 {expected}")
     else:
         raise ValueError(f"unknown mode byte {mode}")
-    result = np.empty(shape, dtype=np.float32) if out is None else out
-    result[...] = decoded.reshape(shape)
+    source = decoded.reshape(shape)
+    if out is None:
+        if mode == MODE_STREAM and source.flags.writeable and source.flags.c_contiguous:
+            out = source  # the library's fresh array: no copy (a raw body is the record's, read-only)
+        else:
+            out = np.empty(shape, dtype=np.float32)
     if flags & FLAG_NONNEG:
-        np.maximum(result, 0, out=result)
-    return result
+        np.maximum(source, 0, out=out)  # the copy and the clamp in one pass
+    elif out is not source:
+        out[...] = source
+    return out
 
 
 def clamp_nonneg_rows(batch: np.ndarray, nonneg: np.ndarray) -> np.ndarray:
