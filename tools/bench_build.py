@@ -6,7 +6,8 @@ images, batch ``--batch``, one torch thread). For each boundary, every repeat ru
 turn: one inference-mode forward pass of the prefix over the data (what classic freezing pays
 per epoch, and the least any cache build can cost), and :func:`fmcache.build_cache` of that
 boundary with the default codec (``bf16``) on LMDB and on HDF5, and with SZ3
-(``sz3:rel=0.02``) on LMDB. Wall seconds; the ratios are medians of per-repeat ratios
+(``sz3:rel=0.02``) on LMDB, with SZ3's default predictor and without prediction
+(``sz3nopred-lmdb``, ``algo=nopred``, since session 20). Wall seconds; the ratios are medians of per-repeat ratios
 (build / forward pass of the same repeat), so a neighbour's load hits both alike.
 ``bench_train`` times each build once inside a 25-minute run; this is the repeated
 measurement that ``tools/bench_targets.py`` checks the build target against.
@@ -58,7 +59,8 @@ from fmcache.builder import build_cache
 from fmcache.memory import tune_allocator
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
-BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb")}
+BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb"),
+          "sz3nopred-lmdb": ("sz3:rel=0.02,algo=nopred", ".lmdb")}
 GIL_HELD = "bf16-lmdb-gil-held"
 
 
