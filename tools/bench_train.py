@@ -44,8 +44,8 @@ with SZ3, and the SACA build, and reports bytes on disk of every approach.
 
 The process first fixes glibc's malloc thresholds (:func:`fmcache.tune_allocator`, as the
 ``fmcache`` command does), so that freed batches stay mapped instead of faulting back in
-page by page (a forward pass 0.7 s or 1.7 s by the process's earlier frees: benchmarks.md,
-"What session 20 changed"); ``--default-allocator`` leaves them as they are, as every run
+page by page (a forward pass 0.7 s or 1.7 s by the process's earlier frees:
+benchmarks_history.md, "What session 20 changed"); ``--default-allocator`` leaves them as they are, as every run
 before session 20 did.
 
 Run from the repository root::
