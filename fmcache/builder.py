@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .augment import AugFamily, default_variants, parse_variant, variant_name
-from .backends import backend_for_suffix
+from .backends import backend_class, backend_for_suffix
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture, eval_mode, plain_module
 from .codecs import Codec, codec_from_spec
@@ -498,12 +498,12 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
         top = layer.split(".")[0]
         frozen = frozen_fraction(model, layer) if top in dict(model.named_children()) else 1.0
     bulk, sensitive = policy.codecs_for(frozen)
-    if (kwargs.get("backend") or backend_for_suffix(Path(out))) == "hdf5":  # refused now, not after calibrating
-        for spec in (bulk, sensitive):
-            try:
-                codec_from_spec(spec).hdf5_fields((1, 1))
-            except CodecSpecError as exc:
-                raise CodecSpecError(f"{out}: layer {layer!r}: {exc.message}", hint=exc.hint) from None
+    storage = backend_class(kwargs.get("backend") or backend_for_suffix(Path(out)))
+    for spec in (bulk, sensitive):  # a codec the backend refuses: now, not after calibrating
+        try:
+            storage.check_codec(codec_from_spec(spec), (1, 1))
+        except CodecSpecError as exc:
+            raise CodecSpecError(f"{out}: layer {layer!r}: {exc.message}", hint=exc.hint) from None
     calib_family = replace(saca.family, photometric=True) if saca.photometric_in_calibration else saca.family
     t0 = time.perf_counter()
     cal = calibrate(model, layer, dataset, calib_family, n_samples=saca.n_samples, seed=saca.seed,

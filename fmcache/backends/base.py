@@ -76,14 +76,21 @@ class Backend(ABC):
     def _create(self) -> None: ...
 
     # ---- layers ------------------------------------------------------------------------
+    @classmethod
+    def check_codec(cls, codec: Codec, shape: tuple[int, ...]) -> None:
+        """CodecSpecError if this backend cannot store ``codec`` for maps of ``shape``
+        (the codec's HDF5 face refuses it, for an HDF5 backend)."""
+        if cls.codec_face == "hdf5":
+            codec.hdf5_fields(shape)
+
     def declare_layer(self, index: int, name: str, parts: Sequence[PartSpec], samples_per_chunk: int) -> None:
         """Make a layer known (again, after a reopen); creates storage when writable. A
         part whose codec this backend cannot store (an HDF5 face the codec refuses) raises
         its CodecSpecError, naming the layer and part, before anything is declared."""
-        if self.writable and self.codec_face == "hdf5":
+        if self.writable:
             for spec in parts:
                 try:
-                    spec.codec.hdf5_fields(spec.shape)
+                    self.check_codec(spec.codec, spec.shape)
                 except CodecSpecError as exc:
                     raise CodecSpecError(f"layer {name!r}, part {spec.name!r}: {exc.message}",
                                          hint=exc.hint) from None
