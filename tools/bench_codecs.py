@@ -30,13 +30,16 @@ Run from the repository root::
 It prints the results as JSON on stdout and (unless ``--quick``) writes
 ``docs/bench_codecs.json``, ``docs/bench_codecs.png`` (ratio against decode speed, one
 panel per layer) and the table between ``<!-- bench:start -->`` and ``<!-- bench:end -->``
-in ``docs/codecs.md``; ``--out-dir`` and ``--markdown`` choose other places ('' skips).
+in ``docs/codecs.md``; ``--out-dir`` and ``--markdown`` choose other places ('' skips),
+``--stem`` other file names and ``--region`` other markers (``<!-- REGION:start -->``:
+codecs.md's SZ3 predictor table is ``--region bench_sz3_algo --stem bench_codecs_sz3_algo``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import logging
 import math
@@ -86,8 +89,6 @@ DEFAULT_CODECS = (
     "sz3:rel=0.01",
 )
 DEFAULT_LAYERS = ("stem", "layer1", "layer2", "layer3")
-MARK_BEGIN = "<!-- bench:start -->"
-MARK_END = "<!-- bench:end -->"
 MB = 1e6
 RATE_KEYS = tuple(f"{op}{clock}_mb_s" for op in ("encode", "decode", "decode_fresh") for clock in ("", "_wall"))
 
@@ -318,26 +319,33 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_markdown_region(path: Path) -> str:
-    """The file's text, once it is known to hold one bench region; MarkdownRegionError otherwise."""
+def markers(region: str = "bench") -> tuple[str, str]:
+    """The lines around a region (``--region``): ``<!-- bench:start -->`` by default."""
+    return f"<!-- {region}:start -->", f"<!-- {region}:end -->"
+
+
+def check_markdown_region(path: Path, region: str = "bench") -> str:
+    """The file's text, once it is known to hold one ``region``; MarkdownRegionError otherwise."""
+    first, last = markers(region)
     if not path.is_file():
-        raise MarkdownRegionError(f"{path} does not exist: it must hold the lines {MARK_BEGIN} and {MARK_END}")
+        raise MarkdownRegionError(f"{path} does not exist: it must hold the lines {first} and {last}")
     text = path.read_text(encoding="utf-8")
-    begin, end = text.count(MARK_BEGIN), text.count(MARK_END)
-    if begin != 1 or end != 1 or text.index(MARK_BEGIN) > text.index(MARK_END):
+    begin, end = text.count(first), text.count(last)
+    if begin != 1 or end != 1 or text.index(first) > text.index(last):
         raise MarkdownRegionError(
-            f"{path} must hold exactly one {MARK_BEGIN} line followed by one {MARK_END} line "
+            f"{path} must hold exactly one {first} line followed by one {last} line "
             f"(found {begin} and {end}): add them where the table belongs, or pass --markdown ''")
     return text
 
 
-def write_markdown_region(path: Path, table: str) -> None:
+def write_markdown_region(path: Path, table: str, region: str = "bench") -> None:
     """Replace only the text between the markers (atomically)."""
-    text = check_markdown_region(path)
-    head, rest = text.split(MARK_BEGIN)
-    _, tail = rest.split(MARK_END)
+    first, last = markers(region)
+    text = check_markdown_region(path, region)
+    head, rest = text.split(first)
+    _, tail = rest.split(last)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}", encoding="utf-8")
+    partial.write_text(f"{head}{first}\n{table}\n{last}{tail}", encoding="utf-8")
     os.replace(partial, path)
 
 
@@ -407,6 +415,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), metavar="NAME")
     parser.add_argument("--out-dir", help="where bench_codecs.{json,png} go (default docs; --quick: none)")
     parser.add_argument("--markdown", help="file with the bench markers (default docs/codecs.md; --quick: none)")
+    parser.add_argument("--region", default="bench",
+                        help="the markers' name in --markdown: <!-- REGION:start --> ... <!-- REGION:end -->")
+    parser.add_argument("--stem", default="bench_codecs", help="--out-dir's file names: STEM.json, STEM.png")
     parser.add_argument("--cache-dir", help="where the pre-trained model is kept (default ~/.cache/fmcache/zoo)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -431,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = Path(args.markdown) if args.markdown else None
     if markdown is not None:
         try:  # fail before minutes of work, not after
-            check_markdown_region(markdown)
+            check_markdown_region(markdown, args.region)
         except MarkdownRegionError as exc:
             print(f"bench_codecs: {exc}", file=sys.stderr)
             return 1
@@ -472,16 +483,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out_dir:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bench_codecs.json").write_text(text + "\n", encoding="utf-8")
-        plot(results, out_dir / "bench_codecs.png")
-        log.info("wrote %s and %s", out_dir / "bench_codecs.json", out_dir / "bench_codecs.png")
+        (out_dir / f"{args.stem}.json").write_text(text + "\n", encoding="utf-8")
+        plot(results, out_dir / f"{args.stem}.png")
+        log.info("wrote %s and %s", out_dir / f"{args.stem}.json", out_dir / f"{args.stem}.png")
     if markdown is not None:
         try:
-            write_markdown_region(markdown, markdown_table(results))
+            write_markdown_region(markdown, markdown_table(results), args.region)
         except MarkdownRegionError as exc:  # the file changed while we measured
             print(f"bench_codecs: {exc}", file=sys.stderr)
             return 1
-        log.info("updated the bench region of %s", markdown)
+        log.info("updated the %s region of %s", args.region, markdown)
     return 0
 
 
@@ -489,6 +500,10 @@ def _version(module: str) -> str:
     try:
         return str(__import__(module).__version__)
     except (ImportError, AttributeError):
+        pass
+    try:  # pysz has no __version__
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
         return "n/a"
 
 

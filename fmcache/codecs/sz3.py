@@ -49,8 +49,8 @@ class Sz3(BoundedCodec):
         ``interp``, ``lorenzo-reg`` or ``nopred`` (no prediction: the values quantized
         within the bound, then Huffman and zstd coded). The bound holds for each alike; on
         post-ReLU feature maps, whose zeros and edges prediction does not help,
-        ``nopred`` stored 1.3x smaller and decoded 1.2-1.5x and encoded about 2x faster
-        than the default (docs/codecs.md). The stream names its predictor, so decoding
+        ``nopred`` stored up to 1.4x smaller, encoded about 2x and decoded 1.1-1.25x
+        faster than the default (docs/codecs.md). The stream names its predictor, so decoding
         needs nothing. LMDB (and the bytes face) only: hdf5plugin's SZ3 filter takes the
         error bound alone, so an HDF5 layer with another ``algo`` is refused
         (CodecSpecError) rather than stored with a predictor its config does not name.
