@@ -275,7 +275,7 @@ def _variant_list(text: str) -> tuple[str, ...]:
 
 @main.command()
 def codecs() -> None:
-    """List the registered codecs and their default configs."""
+    """List the registered codecs, their default configs and their parameters."""
     from .codecs import registered_codecs
 
     for codec_id, cls in registered_codecs().items():
@@ -284,7 +284,8 @@ def codecs() -> None:
         except FmcacheError:
             spec = f"{codec_id}:... (parameters required)"
         contract = "lossless" if cls.lossless else "lossy"
-        click.echo(f"{codec_id:<8} {contract:<9} default {spec}")
+        params = ", ".join(cls.param_names()) or "none"
+        click.echo(f"{codec_id:<8} {contract:<9} default {spec:<42} params {params}")
 
 
 @main.command()

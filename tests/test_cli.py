@@ -140,6 +140,9 @@ def test_codecs_lists_every_registered_codec(runner):
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines()}
     assert listed == set(fmcache.registered_codecs())
+    params = {line.split()[0]: line.split(" params ")[1] for line in result.output.splitlines()}
+    assert params["sz3"] == "abs, rel, algo" and params["bf16"] == "cname, clevel, shuffle"
+    assert params["raw"] == "none"  # what a spec error's hint sends the user here for
 
 
 @pytest.mark.parametrize("args, message", [

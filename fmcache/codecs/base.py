@@ -161,11 +161,16 @@ class Codec(ABC):
         return {"id": self.codec_id, **self.params()}
 
     @classmethod
+    def param_names(cls) -> list[str]:
+        """The parameters a spec or config may name: ``__init__``'s named arguments (a codec
+        without an ``__init__`` of its own shows object's ``*args, **kwargs``: none)."""
+        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Codec:
         kwargs = {k: v for k, v in config.items() if k != "id"}
-        # named parameters only: a codec without an __init__ of its own shows object's *args, **kwargs
-        known = [name for name, p in inspect.signature(cls.__init__).parameters.items()
-                 if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        known = cls.param_names()
         unknown = sorted(set(kwargs) - set(known))
         if unknown:
             raise CodecSpecError(f"codec {cls.codec_id!r} has no parameter {unknown[0]!r}",
