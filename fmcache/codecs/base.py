@@ -144,8 +144,9 @@ class Codec(ABC):
     lossless: ClassVar[bool] = False
     #: NaN and +-Inf round-trip exactly; otherwise encode refuses them
     stores_nonfinite: ClassVar[bool] = False
-    #: exact zeros decode to exact zeros (see docs/codecs.md for conditions)
-    keeps_zeros: ClassVar[bool] = False
+    #: exact zeros decode to exact zeros (see docs/codecs.md for conditions); a codec may
+    #: set it per instance (``sz3`` with ``algo=nopred``)
+    keeps_zeros: bool = False
     #: every channel decodes to the same numbers whichever other channels share its map
     #: (element-wise casts, per-channel quantisers, lossless codecs): tiers that share
     #: such a codec can be stored as one part (fmcache.manifest.WHOLE_PART) without

@@ -31,6 +31,16 @@ class Sz3(BoundedCodec):
     ----------
     abs : absolute error bound (> 0).
     rel : error bound relative to the sample's value range (0 < rel < 1).
+    algo : SZ3's predictor, ``interp-lorenzo`` (SZ3's default, left out of the config),
+        ``interp``, ``lorenzo-reg`` or ``nopred`` (no prediction: the values quantized
+        within the bound, then Huffman and zstd coded). The bound holds for each alike; on
+        post-ReLU feature maps, whose zeros and edges prediction does not help,
+        ``nopred`` stored up to 1.4x smaller, encoded about 2x and decoded 1.1-1.25x
+        faster than the default, and it keeps exact zeros (docs/codecs.md). The stream
+        names its predictor, so decoding needs nothing. LMDB (and the bytes face) only:
+        hdf5plugin's SZ3 filter takes the error bound alone, so an HDF5 layer with another
+        ``algo`` is refused (CodecSpecError) rather than stored with a predictor its
+        config does not name.
 
     Error contract (per sample)::
 
@@ -38,22 +48,14 @@ class Sz3(BoundedCodec):
         rel mode:  max|x - x'| <= rel * (max(x) - min(x)) * (1 + 2**-23)
 
     (the factor: SZ3 computes the range in float32, up to half an ulp above the exact
-    one, and scales it by ``rel``). SZ3 checks every value against the bound while it encodes and stores the values it
-    cannot predict within it losslessly, so the bound is strict. A constant map decodes
-    exactly in rel mode (its bound is 0), only within ``abs`` in abs mode. Zeros: SZ3 does not keep exact zeros (decoded values lie within the bound
-    around 0, some negative; measurements.md); when the whole input is non-negative the
-    decoded values are clamped at 0, which removes the negative ones and never
-    increases the error. NaN/Inf raise EncodeError.
-
-    algo : SZ3's predictor, ``interp-lorenzo`` (SZ3's default, left out of the config),
-        ``interp``, ``lorenzo-reg`` or ``nopred`` (no prediction: the values quantized
-        within the bound, then Huffman and zstd coded). The bound holds for each alike; on
-        post-ReLU feature maps, whose zeros and edges prediction does not help,
-        ``nopred`` stored up to 1.4x smaller, encoded about 2x and decoded 1.1-1.25x
-        faster than the default (docs/codecs.md). The stream names its predictor, so decoding
-        needs nothing. LMDB (and the bytes face) only: hdf5plugin's SZ3 filter takes the
-        error bound alone, so an HDF5 layer with another ``algo`` is refused
-        (CodecSpecError) rather than stored with a predictor its config does not name.
+    one, and scales it by ``rel``). SZ3 checks every value against the bound while it
+    encodes and stores the values it cannot predict within it losslessly, so the bound is
+    strict. A constant map decodes exactly in rel mode (its bound is 0), only within
+    ``abs`` in abs mode. Zeros: SZ3 does not keep exact zeros (decoded values lie within
+    the bound around 0, some negative; measurements.md), except with ``algo=nopred``
+    (``keeps_zeros``); when the whole input is non-negative the decoded values are clamped
+    at 0, which removes the negative ones and never increases the error. NaN/Inf raise
+    EncodeError.
 
     HDF5: dataset ``values`` (float32, per-sample shape = the 2-D view, one chunk per
     sample) with hdf5plugin's SZ3 filter (``absolute=`` or ``relative=``, relative to
@@ -74,6 +76,9 @@ class Sz3(BoundedCodec):
             raise CodecSpecError(f"codec {self.codec_id!r}: algo={algo!r} is not one of {', '.join(self.ALGOS)}",
                                  hint="e.g. 'sz3:abs=0.02,algo=nopred'; leave algo out for SZ3's default")
         self.algo = algo
+        # without prediction a value is quantized on its own, and 0 lands on the zero bin,
+        # which decodes to 0 exactly (tested with the contracts, tests/test_codecs.py)
+        self.keeps_zeros = algo == "nopred"
         if (abs is None) == (rel is None):
             raise CodecSpecError(f"codec {self.codec_id!r} takes exactly one of abs= and rel=, "
                                  f"e.g. 'sz3:abs=1e-3' or 'sz3:rel=1e-3'")
