@@ -35,8 +35,10 @@ class Tier:
         return {"name": self.name, "channels": _compress_runs(self.channels), "codec": self.codec.get_config()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Tier:
-        return cls(str(data["name"]), _expand_runs(data["channels"]), codec_from_config(data["codec"]))
+    def from_dict(cls, data: Mapping[str, Any], limit: int | None = None) -> Tier:
+        """A tier from its manifest entry; ``limit``: the most channels it may hold (its
+        plan's count), checked before a run is listed."""
+        return cls(str(data["name"]), _expand_runs(data["channels"], limit), codec_from_config(data["codec"]))
 
 
 class TierPlan:
@@ -53,6 +55,7 @@ class TierPlan:
     def __init__(self, num_channels: int, tiers: Sequence[Tier | tuple[str, Sequence[int], Codec | str]]) -> None:
         if not isinstance(num_channels, (int, np.integer)) or num_channels < 1:
             raise TierPlanError(f"a tier plan needs a positive channel count, got {num_channels!r}")
+        _check_channel_count(int(num_channels))
         built = [t if isinstance(t, Tier) else Tier(t[0], tuple(int(c) for c in t[1]), codec_from_spec(t[2]))
                  for t in tiers]
         self.num_channels = int(num_channels)
@@ -171,7 +174,9 @@ class TierPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TierPlan:
         try:
-            return cls(int(data["num_channels"]), [Tier.from_dict(t) for t in data["tiers"]])
+            n = int(data["num_channels"])
+            _check_channel_count(n)  # before any tier lists its channels
+            return cls(n, [Tier.from_dict(t, limit=n) for t in data["tiers"]])
         except (KeyError, TypeError) as exc:
             raise TierPlanError(f"malformed tier plan {data!r}: {exc}") from None
 
@@ -205,13 +210,30 @@ def _compress_runs(channels: Sequence[int]) -> list[int | list[int]]:
     return out
 
 
-def _expand_runs(items: Sequence[Any]) -> tuple[int, ...]:
+#: the most channels a layer may have: each tier lists its channels (a damaged manifest's
+#: count or run of 2**31 channels would otherwise list billions: an OOM in a fuzz run)
+MAX_CHANNELS = 1 << 24
+
+
+def _check_channel_count(n: int) -> None:
+    if n > MAX_CHANNELS:
+        raise TierPlanError(f"a tier plan of {n:,} channels: fmcache lists each tier's channels, at most "
+                            f"{MAX_CHANNELS:,}", hint="give the layer's map fewer channels (its channel axis: "
+                                                      "the first of (C, ...) maps, the last of (T, D) ones)")
+
+
+def _expand_runs(items: Sequence[Any], limit: int | None = None) -> tuple[int, ...]:
+    """``_compress_runs`` undone; TierPlanError, before listing it, for a run that would
+    take the tier past ``limit`` channels."""
     chans: list[int] = []
     for item in items:
         if isinstance(item, (list, tuple)):
             if len(item) != 2:
                 raise TierPlanError(f"malformed channel run {item!r}: expected [start, stop]")
-            chans.extend(range(int(item[0]), int(item[1])))
+            start, stop = int(item[0]), int(item[1])
+            if limit is not None and stop - start > limit - len(chans):
+                raise TierPlanError(f"channel run {item!r} takes a tier past the plan's {limit} channels")
+            chans.extend(range(start, stop))
         else:
             chans.append(int(item))
     return tuple(chans)

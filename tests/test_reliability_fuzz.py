@@ -175,20 +175,54 @@ def test_manifest_with_a_field_replaced_by_any_json(path, value):
         pass
 
 
-@pytest.mark.parametrize("channels", [2**31, 10**12])
-def test_a_damaged_channel_count_is_refused_without_listing_every_channel(channels):
-    """A manifest whose plan claims 2**31 channels made a set of every channel: a fuzz run
-    of a fresh hypothesis database ran the test process out of memory (24 GiB, OOM-killed)."""
+def _refused_within_2_gib_more(data):
+    """Manifest.from_dict(data) raises its typed error with the address space held to what
+    the process uses plus 2 GiB (the old code grew to the machine's 24 GiB: OOM-killed)."""
     import resource
 
-    data = json.loads(MANIFEST)
-    data["layers"][0]["plan"]["num_channels"] = channels
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     with open("/proc/self/status") as status:
         in_use = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
-    resource.setrlimit(resource.RLIMIT_AS, (in_use + (2 << 30), hard))  # the old code needs far more
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + (2 << 30), hard))
     try:
         with pytest.raises((CorruptionError, FormatVersionError)):
             Manifest.from_dict(data)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize("run", [[0, 2**31], [5, 2**40], [-2**40, 0]])
+def test_a_damaged_channel_run_is_refused_before_it_is_listed(run):
+    """A tier's run [start, stop] of billions of channels was listed one by one: a fuzz
+    example of the field-replacing test (any JSON, e.g. [0, 2**40], in place of a run) grew
+    the test process to 24 GiB (session 19's one OOM-killed CI run)."""
+    data = json.loads(MANIFEST)
+    data["layers"][0]["plan"]["tiers"][0]["channels"] = [run]
+    _refused_within_2_gib_more(data)
+
+
+def test_a_plan_of_more_channels_than_fmcache_lists_is_refused_when_built_too():
+    from fmcache.errors import TierPlanError
+    from fmcache.tiers import MAX_CHANNELS, TierPlan
+
+    with pytest.raises(TierPlanError, match="at most 16,777,216") as info:
+        TierPlan.single(MAX_CHANNELS + 1, "raw")
+    assert "fewer channels" in info.value.hint
+    assert TierPlan.single(4096, "raw").num_channels == 4096
+
+
+@pytest.mark.parametrize("channels", [2**31, 10**12])
+def test_a_damaged_channel_count_is_refused_without_listing_every_channel(channels):
+    """A manifest whose plan claims 2**31 channels made a set of every channel: a fuzz run
+    of a fresh hypothesis database ran the test process out of memory (24 GiB, OOM-killed)."""
+    data = json.loads(MANIFEST)
+    data["layers"][0]["plan"]["num_channels"] = channels
+    _refused_within_2_gib_more(data)
+
+
+@pytest.mark.parametrize("channels", [2**31, 10**12])
+def test_a_damaged_channel_count_with_a_run_as_long_is_refused_too(channels):
+    data = json.loads(MANIFEST)
+    data["layers"][0]["plan"]["num_channels"] = channels
+    data["layers"][0]["plan"]["tiers"][0]["channels"] = [[0, channels]]
+    _refused_within_2_gib_more(data)
