@@ -69,13 +69,20 @@ def test_nopred_stores_post_relu_maps_smaller_than_the_default() -> None:
     assert size["nopred"] < size["interp-lorenzo"], size
 
 
-def test_an_lmdb_cache_keeps_and_reads_back_a_nopred_layer(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    maps = np.stack([realistic_post_relu(rng, (16, 8, 8)) for _ in range(12)])
-    with fmcache.create_cache(tmp_path / "c.lmdb") as w:
-        w.add_layer("feat", (16, 8, 8), codec="sz3:abs=0.01,algo=nopred")
-        w.append({"feat": maps}, np.arange(12))
+def nopred_cache(path: Path, shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
+    """An LMDB cache at ``path`` of ``n`` post-ReLU maps in layer "feat" with
+    ``sz3:abs=0.01,algo=nopred``; returns the maps."""
+    rng = np.random.default_rng(seed)
+    maps = np.stack([realistic_post_relu(rng, shape) for _ in range(n)])
+    with fmcache.create_cache(path) as w:
+        w.add_layer("feat", shape, codec="sz3:abs=0.01,algo=nopred")
+        w.append({"feat": maps}, np.arange(n))
         w.commit()
+    return maps
+
+
+def test_an_lmdb_cache_keeps_and_reads_back_a_nopred_layer(tmp_path: Path) -> None:
+    maps = nopred_cache(tmp_path / "c.lmdb", (16, 8, 8), 12, seed=3)
     with fmcache.open_cache(tmp_path / "c.lmdb") as cache:
         assert cache.manifest.layers["feat"].plan.tiers[0].codec.spec == "sz3:abs=0.01,algo=nopred"
         got = cache.read_batch("feat", list(range(12)))
@@ -103,12 +110,7 @@ def test_compacting_a_nopred_cache_to_hdf5_says_what_to_do_and_commits_nothing(t
 
     from fmcache.cli import main
 
-    rng = np.random.default_rng(5)
-    maps = np.stack([realistic_post_relu(rng, (8, 4, 4)) for _ in range(6)])
-    with fmcache.create_cache(tmp_path / "c.lmdb") as w:
-        w.add_layer("feat", (8, 4, 4), codec="sz3:abs=0.01,algo=nopred")
-        w.append({"feat": maps}, np.arange(6))
-        w.commit()
+    maps = nopred_cache(tmp_path / "c.lmdb", (8, 4, 4), 6, seed=5)
     refused = CliRunner().invoke(main, ["compact", str(tmp_path / "c.lmdb"), str(tmp_path / "c.h5")])
     assert refused.exit_code == 1, refused.output
     assert "layer 'feat'" in refused.output and "LMDB" in refused.output
