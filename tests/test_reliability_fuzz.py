@@ -195,7 +195,7 @@ def _refused_within_2_gib_more(data):
 def test_a_damaged_channel_run_is_refused_before_it_is_listed(run):
     """A tier's run [start, stop] of billions of channels was listed one by one: a fuzz
     example of the field-replacing test (any JSON, e.g. [0, 2**40], in place of a run) grew
-    the test process to 24 GiB (session 19's one OOM-killed CI run)."""
+    the test process to 24 GiB (the OOM-killed clean-clone test run of session 19)."""
     data = json.loads(MANIFEST)
     data["layers"][0]["plan"]["tiers"][0]["channels"] = [run]
     _refused_within_2_gib_more(data)
