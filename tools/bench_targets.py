@@ -6,7 +6,9 @@ epoch, and ``docs/bench_train_lockstep.json``, every approach in lockstep; with 
 ``docs/bench_train_lockstep_w1.json``; with a thread reading ahead, ``+ahead`` rows,
 ``docs/bench_train_ahead.json`` and ``docs/bench_train_lockstep_ahead.json``) and the build
 timings of ``tools/bench_build.py`` (``docs/bench_build.json``; in their place the single
-timings of ``bench_train`` when absent), prints one line per target (value, threshold, met or missed) and,
+timings of ``bench_train`` when absent) and the compact codecs' run of ``bench_read``
+(``docs/bench_read_sz3_algo.json``: SZ3 with and without prediction, each checked against the
+compact line), prints one line per target (value, threshold, met or missed) and,
 unless ``--no-docs``, writes the table between ``<!-- bench_targets:start -->`` and
 ``<!-- bench_targets:end -->`` in ``docs/benchmarks.md``. Exit status 0 either way: the
 page says which targets are missed and why; this script only measures the distance.
@@ -146,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=[str(REPO / "docs" / f"bench_{k}_w64.json") for k in ("read", "build", "train_lockstep")],
                         help="runs of bench_read / bench_build / bench_train --interleave on the width-64 ResNet-18, "
                              "each checked when present")
+    parser.add_argument("--compact-read", default=str(REPO / "docs" / "bench_read_sz3_algo.json"),
+                        help="a bench_read.py run of compact codecs (SZ3 with and without prediction): each "
+                             "codec's bare decode rate is checked against the compact line too")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     build = json.loads(Path(args.build).read_text()) if args.build and Path(args.build).exists() else None
@@ -153,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for extra in (args.train_w0, *args.train_lockstep):
         if extra and Path(extra).exists():
             rows += targets({"train": json.loads(Path(extra).read_text())}, train_build_rows=build is None)
+    if args.compact_read and Path(args.compact_read).exists():
+        compact_run = json.loads(Path(args.compact_read).read_text())
+        for spec in compact_run["settings"]["codecs"]:  # each as the compact codec in turn
+            run = {**compact_run, "settings": {**compact_run["settings"], "compact_codec": spec, "default_codec": ""}}
+            rows += [row for row in targets({"read": run}, "SZ3 predictors run, ") if "bare decode" in row[0]]
     table = markdown(rows)
     print(table)
     if not args.no_docs:
