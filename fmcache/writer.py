@@ -136,15 +136,17 @@ class CacheWriter:
     def _reopen(self, draft: Manifest, fingerprints: Mapping[str, str | None], allow_stale: bool,
                 build: Mapping[str, Any]) -> None:
         """Continue an interrupted build from its last committed batch."""
-        check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
         # which samples go where: a resume as another shard appended another range of
-        # the data set after this one's first samples, under this shard's manifest
+        # the data set after this one's first samples, under this shard's manifest. First:
+        # another layer set changes the prefix that runs, hence its weights fingerprint,
+        # and a resume named that (--allow-stale) instead of the layers
         for key in RESUME_SAME_BUILD:
             if key in build and key in draft.build and build[key] != draft.build[key]:
                 raise ResumeError(f"cannot resume {self.partial}: it was started with {key} "
                                   f"{draft.build[key]!r}, this build has {build[key]!r}",
                                   hint="resume with the options the build began with (--shard, --layer), "
                                        "or start over with --overwrite")
+        check_fingerprints(draft.fingerprints, fingerprints, f"resuming {self.partial}", allow_stale)
         self.manifest = draft
         for index, layer in enumerate(draft.layers.values()):
             self._declare(index, layer)
@@ -213,7 +215,8 @@ class CacheWriter:
         if existing is not None:
             if existing.same_layout(info):
                 return existing
-            raise CacheError(f"layer {name!r} is already declared with another layout",
+            raise CacheError(f"{self.path}: layer {name!r} is already declared with another layout: "
+                             f"{_layout_difference(existing, info)}",
                              hint="on resume, use the same codecs, tiers and variants as the first run")
         if self.samples:
             raise CacheError(f"cannot add layer {name!r} after {self.samples} samples were written")
@@ -397,6 +400,17 @@ def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:
     ``fingerprints``, ``build``, ``allow_stale``, ``allow_nonfinite``.
     """
     return CacheWriter(path, **kwargs)
+
+
+def _layout_difference(was: LayerInfo, now: LayerInfo) -> str:
+    """What differs between a declared layer and a new declaration of it, in words."""
+    if was.plan != now.plan:
+        return "tiers " + ", ".join(f"{t.name} {t.codec.spec}" for t in was.plan.tiers) + " when it began, now " \
+            + ", ".join(f"{t.name} {t.codec.spec}" for t in now.plan.tiers)
+    a, b = was.to_dict(), now.to_dict()
+    return "; ".join(f"{key} {a.get(key)!r} when it began, now {b.get(key)!r}"
+                     for key in ("shape", "dtype", "samples_per_chunk", "variants", "variant_tiers", "packed")
+                     if a.get(key) != b.get(key)) or "another layout"
 
 
 def _part_specs(layer: LayerInfo) -> list[PartSpec]:

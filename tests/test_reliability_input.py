@@ -139,6 +139,26 @@ def test_cli_resume_with_other_data_is_refused(tmp_path, interrupted):
     assert len(fmcache.open_cache(out)) == FMNIST_SAMPLES
 
 
+@pytest.mark.parametrize("layers", [["block2"], ["block1", "block2"]])
+def test_cli_resume_with_other_layers_names_the_layers_not_the_weights(tmp_path, interrupted, layers):
+    """Another layer set runs another prefix, so its weights fingerprint differs too: the
+    resume said the weights changed (--allow-stale) before it said which layers."""
+    out = _copy_partial(interrupted, tmp_path)
+    refused = CliRunner().invoke(main, ["build", "--model", "fmnist_small:tiny_model", "--out", str(out),
+                                        *[a for layer in layers for a in ("--layer", layer)], "--batch-size", "16",
+                                        "--resume", "--no-progress", "--data", "fmnist_small:train_subset"])
+    assert refused.exit_code == 1
+    assert "started with layers ['block1']" in refused.output and "weights" not in refused.output, refused.output
+
+
+def test_cli_resume_with_another_codec_names_the_cache_and_both_codecs(tmp_path, interrupted):
+    out = _copy_partial(interrupted, tmp_path)
+    refused = _cli_resume(out, "fmnist_small:train_subset", "--codec", "int8")
+    assert refused.exit_code == 1
+    assert f"{out}: layer 'block1' is already declared with another layout: tiers all bf16:" in refused.output
+    assert "when it began, now all int8:" in refused.output, refused.output
+
+
 def test_cli_allow_stale_overrides(tmp_path, interrupted):
     out = _copy_partial(interrupted, tmp_path)
     result = _cli_resume(out, "test_reliability_input:other_data", "--allow-stale")
