@@ -79,7 +79,9 @@ class PixelSpace:
                 continue
             if x.ndim < 3 or x.shape[-3] != len(values):
                 raise SensitivityError(f"PixelSpace has {len(values)} {name}, the inputs {tuple(x.shape)} have "
-                                       f"{x.shape[-3] if x.ndim >= 3 else 'no'} channels")
+                                       f"{x.shape[-3] if x.ndim >= 3 else 'no'} channels",
+                                       hint="give one mean and std per input channel (--pixels M1/M2/M3,S1/S2/S3), "
+                                            "or one for all (--pixels MEAN,STD)")
             out.append(torch.tensor(values, dtype=x.dtype, device=x.device).view(-1, 1, 1))
         return out[0], out[1]
 

@@ -132,11 +132,14 @@ def _progress(total: int, desc: str, unit: str = "sample") -> tuple[Callable[[in
               help="Store NaN/Inf maps (raw, blosc2, fp16, bf16 keep them) instead of stopping at the first.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--saca", is_flag=True, help="Calibrate sensitivity, two tiers by --policy, cache variants.")
-@click.option("--rho", default=0.25, show_default=True, help="SACA: fraction of channels in the sensitive tier.")
+@click.option("--rho", default=0.25, show_default=True, type=click.FloatRange(0, 1),
+              help="SACA: fraction of channels in the sensitive tier.")
 @click.option("--variants", help="SACA: comma-separated variant names (default: flip + stride-multiple shifts).")
-@click.option("--max-variants", type=int, help="SACA: keep only the first N default variants.")
-@click.option("--calib-samples", default=512, show_default=True, help="SACA: calibration subset size.")
-@click.option("--max-shift", default=4, show_default=True, help="SACA: augmentation family's max shift (pixels).")
+@click.option("--max-variants", type=click.IntRange(min=1), help="SACA: keep only the first N default variants.")
+@click.option("--calib-samples", default=512, show_default=True, type=click.IntRange(min=1),
+              help="SACA: calibration subset size (at most the data set's size is used).")
+@click.option("--max-shift", default=4, show_default=True, type=click.IntRange(min=0),
+              help="SACA: augmentation family's max shift (pixels).")
 @click.option("--no-flip", is_flag=True, help="SACA: the augmentation family has no horizontal flip.")
 @click.option("--photometric", is_flag=True, help="SACA: the training family also jitters brightness/contrast.")
 @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
@@ -180,6 +183,10 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
         config = SacaConfig(family=family, rho=rho, n_samples=calib_samples, max_variants=max_variants,
                             variants=_variant_list(variants) if variants else None)
         policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
+        size = len(dataset) if hasattr(dataset, "__len__") else None
+        if size is not None and 0 < size < calib_samples:  # the calibration takes what there is
+            click.echo(f"note: SACA calibrates on all {size} items of the data set (--calib-samples "
+                       f"{calib_samples}); few items make a noisy sensitivity ranking", err=True)
         build_saca_cache(model, dataset, layers[0], out, saca=config, policy=policy, frozen=frozen_fraction,
                          pixels=space, **common)
     else:
@@ -318,8 +325,8 @@ def demo(out_dir: str, samples: int, epochs: int, layer: str, width: int, codec:
 @click.option("--test-samples", default=10000, show_default=True, type=click.IntRange(min=1))
 @click.option("--width", default=8, show_default=True, type=click.IntRange(min=1), help="ResNet-18 base width.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--rho", default=0.25, show_default=True)
-@click.option("--max-variants", type=int, help="Keep only the first N default SACA variants.")
+@click.option("--rho", default=0.25, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--max-variants", type=click.IntRange(min=1), help="Keep only the first N default SACA variants.")
 @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), help="Policy JSON.")
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader workers (reading, decoding and augmenting beside the training step).")

@@ -193,6 +193,21 @@ def _saca_build_args(out, *extra: str) -> list[str]:
             "--pixels", f"{MEAN},{STD},0,1", "--no-progress"]
 
 
+def test_cli_build_saca_says_when_it_calibrates_on_fewer_items_than_asked(tmp_path):
+    from click.testing import CliRunner
+
+    import fmcache
+    from fmcache.cli import main
+
+    out = tmp_path / "s.lmdb"
+    result = CliRunner().invoke(main, _saca_build_args(out, "--calib-samples", "100000"))
+    assert result.exit_code == 0, result.output
+    n = len(fmcache.open_cache(out))
+    assert f"note: SACA calibrates on all {n} items of the data set (--calib-samples 100000)" in result.stderr
+    again = CliRunner().invoke(main, _saca_build_args(tmp_path / "t.lmdb"))  # 16 of them: no note
+    assert again.exit_code == 0 and "note: SACA calibrates" not in again.stderr
+
+
 def test_cli_build_saca_writes_scores_tiers_and_variants(tmp_path):
     from click.testing import CliRunner
 
@@ -271,3 +286,13 @@ def test_cli_variants_take_shifts_with_their_comma(tmp_path):
     assert result.exit_code == 0, result.output
     with open_cache(out) as cache:
         assert set(cache.layer("block2").variants) == {"flip", "shift(0,+2)"}
+
+
+def test_per_channel_pixels_for_another_channel_count_say_how_to_give_them():
+    """The second sweep: the hint was about maps and rho (SensitivityError's default)."""
+    from fmcache.calibrate import PixelSpace
+    from fmcache.errors import SensitivityError
+
+    with pytest.raises(SensitivityError, match=r"PixelSpace has 2 means, the inputs \(2, 3, 4, 4\) have 3") as info:
+        PixelSpace((0.5, 0.5), (0.25, 0.25)).tensors(torch.zeros(2, 3, 4, 4))
+    assert "--pixels M1/M2/M3,S1/S2/S3" in info.value.hint

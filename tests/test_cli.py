@@ -362,7 +362,12 @@ def test_build_and_train_options_a_build_would_ignore_or_misread_are_usage_error
                            (["--saca", "--pixels", "a,b"], "is not MEAN,STD")):
         result = runner.invoke(main, base + extra)
         assert result.exit_code == 2 and message in result.output, result.output
-    for extra in (["--test-samples", "0"], ["--num-workers", "-1"], ["--read-ahead", "-1"]):
+    # SACA options out of range (the second sweep: exit 1 after the model loaded, not 2)
+    for extra in (["--rho", "1.5"], ["--calib-samples", "0"], ["--max-variants", "0"], ["--max-shift", "-1"]):
+        result = runner.invoke(main, base + ["--saca", *extra])
+        assert result.exit_code == 2 and "Invalid value" in result.output, (extra, result.output)
+    for extra in (["--test-samples", "0"], ["--num-workers", "-1"], ["--read-ahead", "-1"], ["--rho", "-0.1"],
+                  ["--max-variants", "0"]):
         result = runner.invoke(main, ["train", "--work-dir", str(tmp_path / "t"), *extra])
         assert result.exit_code == 2 and "Invalid value" in result.output
     result = runner.invoke(main, ["train", "--work-dir", str(tmp_path / "t"), "--num-workers", "1", "--read-ahead", "2"])
