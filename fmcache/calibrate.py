@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .augment import AugDraw, AugFamily, apply_feature, apply_input, draw_for, infer_stride
-from .augment.errors import SensitivityError
+from .augment.errors import SensitivityError, StrideError
 from .capture import Capture, eval_mode, plain_module
 from .sensitivity import SensitivityAccumulator, score_summary, select_sensitive
 
@@ -242,7 +242,14 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
             # channels on the last axis (the codecs' convention)
             tokens = base.ndim <= 3
             if stride is None and not tokens:
-                stride = infer_stride((int(x.shape[-2]), int(x.shape[-1])), (int(base.shape[-2]), int(base.shape[-1])))
+                try:
+                    stride = infer_stride((int(x.shape[-2]), int(x.shape[-1])),
+                                          (int(base.shape[-2]), int(base.shape[-1])))
+                except StrideError as exc:
+                    raise StrideError(f"SACA calibration: {exc.message}: flips and shifts move a map as its "
+                                      "input image, which needs the map a whole stride smaller than the input",
+                                      hint="choose a layer after padded convolutions (or pad them), or build "
+                                           "without --saca (a plain cache: no flips or shifts)") from None
             base_np = base.cpu().numpy()
             if base_np.ndim == 2:  # vectors: one token each
                 base_np = base_np[:, None, :]

@@ -296,3 +296,25 @@ def test_per_channel_pixels_for_another_channel_count_say_how_to_give_them():
     with pytest.raises(SensitivityError, match=r"PixelSpace has 2 means, the inputs \(2, 3, 4, 4\) have 3") as info:
         PixelSpace((0.5, 0.5), (0.25, 0.25)).tensors(torch.zeros(2, 3, 4, 4))
     assert "--pixels M1/M2/M3,S1/S2/S3" in info.value.hint
+
+
+def test_a_layer_whose_maps_are_no_whole_stride_of_the_input_is_named_as_such(tmp_path):
+    """The second sweep: an unpadded convolution (40x24 -> 38x22) gave the bare stride
+    message, without the layer, the cache, or what to do."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import fmcache
+    from fmcache.builder import SacaConfig, build_cache, build_saca_cache
+    from fmcache.errors import StrideError
+
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU()).eval()  # no padding
+    data = TensorDataset(torch.rand(8, 3, 40, 24), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(StrideError, match=r"SACA calibration: input 40x24 is not a whole multiple of map 38x22") as info:
+        build_saca_cache(model, data, "1", tmp_path / "s.lmdb", saca=SacaConfig(n_samples=4), progress=False)
+    assert "padded" in info.value.hint and "without --saca" in info.value.hint
+    build_cache(model, data, ["1"], tmp_path / "p.lmdb", progress=False)  # a plain cache is fine
+    with pytest.raises(StrideError, match=r"p\.lmdb: augment='feature' on layer '1': input 40x24") as info:
+        fmcache.FeatureMapDataset(tmp_path / "p.lmdb", "1", augment="feature")
+    assert "augment='none'" in info.value.hint
+    assert len(fmcache.FeatureMapDataset(tmp_path / "p.lmdb", "1", augment="none")) == 8
