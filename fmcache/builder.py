@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -259,12 +258,6 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
         first_inputs, _ = next(iter(DataLoader(subset, batch_size=probe, collate_fn=_collate)))
         first_inputs = first_inputs.to(device)
         weights, shapes, grad_mode = _probe(model, capture, first_inputs, probe)
-        with grad_mode():
-            repeated = {name: n for name, n in capture.calls(first_inputs).items() if n > 1}
-        for name, n in repeated.items():  # e.g. one nn.ReLU shared by every block of a ResNet
-            warnings.warn(f"module {name!r} runs {n} times in one forward pass of the model; the cache holds "
-                          "its first call's output: choose a module that runs once (docs/cli.md)",
-                          RuntimeWarning, stacklevel=2)
         fingerprints = {"weights": weights, "data": data_fingerprint(dataset)}
         info = {"layers": layers, "batch_size": batch_size, "samples_total": n_total,
                 "input_shape": list(first_inputs.shape[1:]),

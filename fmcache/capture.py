@@ -136,23 +136,3 @@ class Capture:
                              hint="pass the eager nn.Module the trace was made from" if traced else
                              "choose modules that the forward of this model calls")
         return outputs
-
-    def calls(self, inputs: Any) -> dict[str, int]:
-        """How often each boundary module runs in one whole forward pass of ``inputs`` (no
-        stop after the boundaries); ``{}`` where the whole pass fails (only the prefix has
-        to run for a build). A module that runs more than once contributes its first call's
-        output to the cache."""
-        counts = dict.fromkeys(self.names, 0)
-        handles = []
-        for name, module in self.modules.items():
-            def count(_module: nn.Module, _args: Any, _output: Any, name: str = name) -> None:
-                counts[name] += 1
-            handles.append(module.register_forward_hook(count))
-        try:
-            self.model(inputs)
-        except Exception:  # noqa: BLE001 - the suffix may not run on its own; nothing to say then
-            return {}
-        finally:
-            for handle in handles:
-                handle.remove()
-        return counts

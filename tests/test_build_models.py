@@ -361,37 +361,3 @@ def test_a_flip_variant_for_a_family_without_flips_is_refused():
     with pytest.raises(BuildError, match=r"variants \['flip'\] flip, but the augmentation family has no flip"):
         SacaConfig(family=AugFamily(flip=False), variants=["flip", "shift(0,+2)"])
     assert SacaConfig(family=AugFamily(flip=False), variants=["shift(0,+2)"]).variants == ["shift(0,+2)"]
-
-
-class _SharedRelu(nn.Module):
-    """One nn.ReLU called after both convolutions (as torchvision's ResNet blocks do)."""
-
-    def __init__(self, fail_after: bool = False) -> None:
-        super().__init__()
-        self.c1, self.c2, self.act = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
-        self.fail_after = fail_after
-
-    def forward(self, x):
-        y = self.act(self.c2(self.act(self.c1(x))))
-        if self.fail_after:
-            raise RuntimeError("the tail cannot run on its own here")
-        return y
-
-
-def test_a_boundary_module_that_runs_more_than_once_is_warned_about(tmp_path):
-    """The second sweep: a shared module was cached from its first call without a word."""
-    import warnings
-
-    data = torch.utils.data.TensorDataset(torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long))
-    model = _SharedRelu().eval()
-    with pytest.warns(RuntimeWarning, match="module 'act' runs 2 times in one forward pass"):
-        build_cache(model, data, ["act"], tmp_path / "a.lmdb", progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        build_cache(_SharedRelu().eval(), data, ["c2"], tmp_path / "b.lmdb", progress=False)  # runs once
-        # a model whose whole forward fails past the boundary: nothing to count, nothing said
-        build_cache(_SharedRelu(fail_after=True).eval(), data, ["c1"], tmp_path / "c.lmdb", progress=False)
-    with fmcache.open_cache(tmp_path / "a.lmdb") as cache:  # the first call's output, as documented
-        with torch.no_grad():
-            first = torch.relu(model.c1(data.tensors[0])).numpy()
-        np.testing.assert_allclose(cache.read_batch("act", range(6)), first, atol=1e-2, rtol=1e-2)
