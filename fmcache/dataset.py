@@ -111,7 +111,9 @@ class FeatureMapDataset(Dataset):
         self._identity = cache.identity  # a process that opens the path again must find this cache
         if layer is None:
             if len(cache.layers) != 1:
-                raise CacheError(f"{self.path} has layers {list(cache.layers)}: pass layer=")
+                raise CacheError(f"{self.path} has layers {list(cache.layers)}: pass layer=",
+                                 hint=f"e.g. FeatureMapDataset({str(self.path)!r}, {next(iter(cache.layers))!r}): "
+                                      "the Dataset serves one layer")
             layer = next(iter(cache.layers))
         self.layer = layer
         info = cache.layer(layer)

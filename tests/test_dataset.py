@@ -284,3 +284,16 @@ def test_a_dropped_or_closed_dataset_lets_go_of_its_lmdb_cache(tmp_path):
                 assert float(ds[5][0][0, 0, 0]) == round_
         shutil.rmtree(path)
         assert not ours() and not [f for f in _deleted_lmdb_files_held() if str(tmp_path) in f]
+
+
+def test_a_cache_of_several_layers_needs_a_layer_and_the_error_shows_how(tmp_path):
+    path = tmp_path / "two.lmdb"
+    with fmcache.create_cache(path) as w:
+        w.add_layer("a", (2, 4, 4), codec="raw")
+        w.add_layer("b", (3, 2, 2), codec="raw")
+        w.append({"a": np.zeros((2, 2, 4, 4), np.float32), "b": np.zeros((2, 3, 2, 2), np.float32)}, [0, 1])
+        w.commit()
+    with pytest.raises(CacheError, match=r"has layers \['a', 'b'\]: pass layer=") as info:
+        FeatureMapDataset(path)
+    assert f"FeatureMapDataset({str(path)!r}, 'a')" in info.value.hint
+    assert len(FeatureMapDataset(path, "b")) == 2
