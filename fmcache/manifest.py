@@ -42,6 +42,10 @@ def part_name(tier: str, variant: str | None = None) -> str:
     return tier if variant is None else f"{tier}{VARIANT_SEP}{variant}"
 
 
+#: the fields of a layer entry that decide how its records are written
+LAYOUT_KEYS = ("name", "shape", "dtype", "samples_per_chunk", "plan", "variants", "variant_tiers", "packed")
+
+
 @dataclass
 class LayerInfo:
     """One cached layer: per-sample shape, tier plan, variants, bytes."""
@@ -126,9 +130,8 @@ class LayerInfo:
 
     def same_layout(self, other: LayerInfo) -> bool:
         """Equal in everything that decides how records are written (not in byte counts)."""
-        keys = ("name", "shape", "dtype", "samples_per_chunk", "plan", "variants", "variant_tiers", "packed")
         a, b = self.to_dict(), other.to_dict()
-        return all(a.get(k) == b.get(k) for k in keys)
+        return all(a.get(k) == b.get(k) for k in LAYOUT_KEYS)
 
 
 def _packed(data: Mapping[str, Any], plan: TierPlan) -> bool:

@@ -36,7 +36,7 @@ from .errors import (
     SampleIndexError,
     ShapeMismatchError,
 )
-from .manifest import WHOLE_PART, LayerInfo, Manifest, check_fingerprints, part_name, utc_now
+from .manifest import LAYOUT_KEYS, WHOLE_PART, LayerInfo, Manifest, check_fingerprints, part_name, utc_now
 from .paths import BuildLock, check_replaceable, install, interrupted_merge, partial_path, remove_path
 from .tiers import TierPlan
 
@@ -409,8 +409,7 @@ def _layout_difference(was: LayerInfo, now: LayerInfo) -> str:
             + ", ".join(f"{t.name} {t.codec.spec}" for t in now.plan.tiers)
     a, b = was.to_dict(), now.to_dict()
     return "; ".join(f"{key} {a.get(key)!r} when it began, now {b.get(key)!r}"
-                     for key in ("shape", "dtype", "samples_per_chunk", "variants", "variant_tiers", "packed")
-                     if a.get(key) != b.get(key)) or "another layout"
+                     for key in LAYOUT_KEYS if a.get(key) != b.get(key)) or "another layout"
 
 
 def _part_specs(layer: LayerInfo) -> list[PartSpec]:
