@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .augment import AugFamily, default_variants, parse_variant, variant_name
-from .backends import backend_class, backend_for_suffix
+from .backends import backend_class
 from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture, eval_mode, plain_module
 from .codecs import Codec, codec_from_spec
@@ -35,7 +35,7 @@ from .manifest import Manifest
 from .policy import CompressionPolicy, frozen_fraction
 from .sensitivity import select_sensitive
 from .tiers import TierPlan
-from .writer import create_cache, default_samples_per_chunk
+from .writer import backend_id_for, create_cache, default_samples_per_chunk
 
 DEFAULT_CODEC = "bf16"
 PlanFor = Callable[[str, tuple[int, ...]], TierPlan]
@@ -502,7 +502,7 @@ def build_saca_cache(model: nn.Module, dataset: Dataset, layer: str, out: str | 
         top = layer.split(".")[0]
         frozen = frozen_fraction(model, layer) if top in dict(model.named_children()) else 1.0
     bulk, sensitive = policy.codecs_for(frozen)
-    storage = backend_class(kwargs.get("backend") or backend_for_suffix(Path(out)))
+    storage = backend_class(backend_id_for(out, kwargs.get("backend"), bool(kwargs.get("resume", False))))
     for spec in (bulk, sensitive):  # a codec the backend refuses: now, not after calibrating
         try:
             storage.check_codec(codec_from_spec(spec), (1, 1))

@@ -246,8 +246,7 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
                     stride = infer_stride((int(x.shape[-2]), int(x.shape[-1])),
                                           (int(base.shape[-2]), int(base.shape[-1])))
                 except StrideError as exc:
-                    raise StrideError(f"SACA calibration: {exc.message}: flips and shifts move a map as its "
-                                      "input image, which needs the map a whole stride smaller than the input",
+                    raise StrideError(f"SACA calibration: {exc.message}",
                                       hint="choose a layer after padded convolutions (or pad them), or build "
                                            "without --saca (a plain cache: no flips or shifts)") from None
             base_np = base.cpu().numpy()

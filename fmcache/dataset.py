@@ -142,9 +142,7 @@ class FeatureMapDataset(Dataset):
                 stride = infer_stride((int(input_shape[-2]), int(input_shape[-1])),
                                       (int(info.shape[-2]), int(info.shape[-1])))
             except StrideError as exc:
-                raise StrideError(f"{self.path}: augment={augment!r} on layer {layer!r}: {exc.message}: flips and "
-                                  "shifts move a map as its input image, which needs the map a whole stride "
-                                  "smaller than the input",
+                raise StrideError(f"{self.path}: augment={augment!r} on layer {layer!r}: {exc.message}",
                                   hint="use augment='none', or pass stride= (input pixels per map pixel) if you "
                                        "know the shift a map pixel stands for") from None
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))

@@ -57,6 +57,9 @@ class AllocatorSettings:
     mmap_threshold_mib: int
     trim_threshold_mib: int
 
+    def __str__(self) -> str:  # how the benchmarks record it
+        return f"glibc thresholds fixed: mmap {self.mmap_threshold_mib} MiB, trim {self.trim_threshold_mib} MiB"
+
 
 _lock = threading.Lock()
 _applied: AllocatorSettings | None = None

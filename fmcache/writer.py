@@ -87,8 +87,7 @@ class CacheWriter:
             raise CacheExistsError(f"{self.path} already exists")
         if overwrite:
             check_replaceable(self.path)
-        backend_id = backend or (detect_backend(self.partial) if resume and self.partial.exists() else None) \
-            or backend_for_suffix(self.path)
+        backend_id = backend_id_for(self.path, backend, resume)
         cls = backend_class(backend_id)
         fingerprints = dict(fingerprints or {})
         draft = None
@@ -390,6 +389,14 @@ class CacheWriter:
 
     def _write_draft(self) -> None:
         self.backend.put_meta("draft", self.manifest.to_json())
+
+
+def backend_id_for(path: str | os.PathLike[str], backend: str | None = None, resume: bool = False) -> str:
+    """The backend a cache at ``path`` is written with: ``backend`` when given, else (on
+    resume) that of the unfinished ``PATH.partial``, else the suffix's."""
+    full = Path(os.path.abspath(path))
+    partial = partial_path(full)
+    return backend or (detect_backend(partial) if resume and partial.exists() else None) or backend_for_suffix(full)
 
 
 def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:

@@ -137,8 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                      "repeats": args.repeats, "threads": 1, "gil_held_row": args.gil_held,
-                     "allocator": (f"glibc thresholds fixed: mmap {allocator.mmap_threshold_mib} MiB, trim "
-                                   f"{allocator.trim_threshold_mib} MiB" if allocator else "default"),
+                     "allocator": str(allocator or "default"),
                      "forward": "maps dropped per batch", "cpu": cpu_name(), "torch": torch.__version__,
                      "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
         "boundaries": {}}

@@ -595,8 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "precision": args.precision, "saca_samples": args.saca_samples,
                             "workers": args.workers, "read_ahead": args.read_ahead, "interleave": args.interleave, "persistent_loaders": not args.fresh_loaders, "tiers": args.tiers,
                             "backends": args.backends,
-                            "allocator": (f"glibc thresholds fixed: mmap {allocator.mmap_threshold_mib} MiB, trim "
-                                          f"{allocator.trim_threshold_mib} MiB" if allocator else "default"),
+                            "allocator": str(allocator or "default"),
                             "cpu": cpu_name(), "cores": os.cpu_count(),
                             "torch": torch.__version__,
                             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),

@@ -61,7 +61,8 @@ def infer_stride(input_hw: tuple[int, int], map_hw: tuple[int, int]) -> int:
     if in_h % map_h or in_w % map_w or in_h // map_h != in_w // map_w:
         raise StrideError(
             f"input {in_h}x{in_w} is not a whole multiple of map {map_h}x{map_w} with one stride "
-            f"(ratios {in_h / map_h:g} and {in_w / map_w:g})"
+            f"(ratios {in_h / map_h:g} and {in_w / map_w:g}): flips and shifts move a map as its input "
+            "image, which needs the map a whole stride smaller than the input"
         )
     return in_h // map_h
 
