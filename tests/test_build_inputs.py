@@ -192,16 +192,18 @@ def test_writer_refuses_float64_overflow_by_layer_and_sample(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("suffix", [".lmdb", ".h5"])
-def test_encode_errors_name_the_cache_layer_part_and_sample(tmp_path, suffix):
-    """An fp16 range error named no layer; HDF5's zfp refusal named the sample's place in its batch."""
+@pytest.mark.parametrize(("codec", "too_large"), [("fp16", 1e6), ("bf16", 3.4e38)])
+def test_encode_errors_name_the_cache_layer_part_and_sample(tmp_path, suffix, codec, too_large):
+    """An fp16 range error named no layer; HDF5's zfp refusal named the sample's place in
+    its batch; the casts check a whole batch at once, and the sample is still found."""
     path = tmp_path / f"c{suffix}"
     with fmcache.create_cache(path) as w:
-        w.add_layer("conv", (2, 2, 2), codec="fp16")
+        w.add_layer("conv", (2, 2, 2), codec=codec)
         w.append({"conv": np.ones((4, 2, 2, 2), np.float32)}, np.arange(4))
         bad = np.ones((4, 2, 2, 2), np.float32)
-        bad[1] = 1e6
+        bad[1] = too_large
         with pytest.raises(EncodeError, match=rf"c{suffix}.partial: layer 'conv' part 'all', sample 5: "
-                                              r"codec 'fp16'"):
+                                              rf"codec '{codec}'"):
             w.append({"conv": bad}, np.arange(4))
 
 

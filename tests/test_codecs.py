@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from strategies import batches, feature_maps, post_relu_maps, realistic_post_relu
 
 from fmcache.codecs import Codec, channel_axis, codec_from_config, codec_from_spec, registered_codecs
-from fmcache.codecs.base import parse_header
+from fmcache.codecs.base import MAX_NDIM, parse_header
 from fmcache.errors import CodecSpecError, CorruptionError, EncodeError, FmcacheError, UnknownCodecError
 
 hdf5plugin.register(force=True)
@@ -249,6 +249,60 @@ def test_decode_batch_equals_decode_per_sample(spec: str, batch: np.ndarray) -> 
     assert codec.decode_batch([memoryview(e) for e in encoded], out) is out
     for row, e in enumerate(encoded):
         assert out[row].tobytes() == codec.decode(e).tobytes()
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@settings(max_examples=10, deadline=None)
+@given(batch=batches())
+def test_encode_batch_writes_encodes_bytes(spec: str, batch: np.ndarray) -> None:
+    """The backends encode a batch at once (fp16/bf16 cast it in one call): what is
+    stored must be exactly what encode writes map by map."""
+    codec = _codec(spec)
+    assert codec.encode_batch(batch) == [codec.encode(x) for x in batch]
+
+
+@pytest.mark.parametrize("spec", CAST_SPECS)
+@settings(max_examples=60, deadline=None)
+@given(bits=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=24), n=st.integers(1, 3),
+       layout=st.sampled_from(["float32", "float64", "strided", "int32"]))
+def test_cast_encode_batch_on_any_float32_bit_pattern(spec: str, bits: list[int], n: int, layout: str) -> None:
+    """Any value (NaN payloads, -0, subnormals, Inf, rounding ties, values beyond the
+    range), any input layout: the batch cast writes encode's bytes, or refuses exactly
+    when encode refuses some map of the batch."""
+    codec = _codec(spec)
+    values = np.array(bits, dtype=np.uint32).view(np.float32)
+    batch: np.ndarray = np.stack([np.roll(values, k) for k in range(n)]).reshape(n, 1, len(bits))
+    if layout == "float64":
+        batch = batch.astype(np.float64)
+    elif layout == "strided":
+        batch = np.repeat(batch, 2, axis=2)[:, :, ::2]
+        assert batch.size == 1 or not batch.flags.c_contiguous
+    elif layout == "int32":
+        batch = (np.array(bits, dtype=np.int64) - 2**31).astype(np.int32)[None, None].repeat(n, axis=0)
+    per_map: list[bytes] | None = []
+    for x in batch:
+        try:
+            per_map.append(codec.encode(x))
+        except EncodeError:
+            per_map = None
+            break
+    if per_map is None:
+        with pytest.raises(EncodeError):
+            codec.encode_batch(batch)
+    else:
+        assert codec.encode_batch(batch) == per_map
+
+
+@pytest.mark.parametrize("spec", CAST_SPECS)
+def test_cast_encode_batch_checks_each_map_like_encode(spec: str) -> None:
+    codec = _codec(spec)
+    assert codec.encode_batch(np.zeros((0, 3, 4), np.float32)) == []
+    with pytest.raises(EncodeError, match="numeric"):
+        codec.encode_batch(np.zeros((2, 3), dtype=complex))
+    with pytest.raises(EncodeError, match="empty map"):
+        codec.encode_batch(np.zeros((2, 0, 3), np.float32))
+    with pytest.raises(EncodeError, match=f"1..{MAX_NDIM}-D maps"):
+        codec.encode_batch(np.zeros((2,) + (1,) * (MAX_NDIM + 1), np.float32))
 
 
 @pytest.mark.parametrize("spec", CAST_SPECS + QUANT_SPECS)

@@ -15,16 +15,18 @@ import errno
 import os
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from ..codecs import Codec
 from ..errors import CacheError, CacheReplacedError, CodecSpecError, DiskFullError, EncodeError, ReadOnlyError
 from .pids import PID
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -248,6 +250,21 @@ def encode_failure(path: Path, layer: str, part: str, where: str, exc: EncodeErr
     """A codec's EncodeError (which knows only the map) naming the cache, layer, part and
     ``where`` ("sample 5")."""
     return EncodeError(f"{path}: layer {layer!r} part {part!r}, {where}: {exc.message}", hint=exc.hint)
+
+
+def encode_naming_sample(path: Path, layer: str, spec: PartSpec, batch: np.ndarray, start: int,
+                         encode: Callable[[np.ndarray], T]) -> T:
+    """``encode(batch)`` (a codec's batch face: ``encode_batch``, ``to_hdf5``); a refusal
+    names the sample (the batch's first is sample ``start``), found map by map."""
+    try:
+        return encode(batch)
+    except EncodeError as exc:
+        for i in range(len(batch)):
+            try:
+                encode(batch[i:i + 1])
+            except EncodeError as one:
+                raise encode_failure(path, layer, spec.name, f"sample {start + i}", one) from None
+        raise encode_failure(path, layer, spec.name, f"samples {start}-{start + len(batch) - 1}", exc) from None
 
 
 def os_write_failure(path: Path, exc: BaseException, what: str) -> CacheError:

@@ -22,8 +22,7 @@ import h5py
 import numpy as np
 
 from ..codecs import Hdf5Field
-from ..errors import EncodeError
-from .base import PartSpec, encode_failure
+from .base import PartSpec, encode_naming_sample
 from .hdf5_frames import (
     CRC_SUFFIX,
     FORMAT,
@@ -174,12 +173,4 @@ def write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
 
 def to_hdf5(path: Path, layer: str, spec: PartSpec, batch: np.ndarray, start: int) -> dict[str, np.ndarray]:
     """``spec.codec.to_hdf5(batch)``; a refusal names the sample (found map by map)."""
-    try:
-        return spec.codec.to_hdf5(batch)
-    except EncodeError as exc:
-        for i in range(len(batch)):
-            try:
-                spec.codec.to_hdf5(batch[i:i + 1])
-            except EncodeError as one:
-                raise encode_failure(path, layer, spec.name, f"sample {start + i}", one) from None
-        raise encode_failure(path, layer, spec.name, f"samples {start}-{start + len(batch) - 1}", exc) from None
+    return encode_naming_sample(path, layer, spec, batch, start, spec.codec.to_hdf5)

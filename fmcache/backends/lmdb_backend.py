@@ -38,7 +38,6 @@ from ..errors import (
     CacheError,
     CorruptionError,
     DiskFullError,
-    EncodeError,
     ReadOnlyError,
 )
 from ..record import (
@@ -48,7 +47,7 @@ from ..record import (
     record_sizes,
     unpack_blob,
 )
-from .base import Backend, PartSpec, encode_failure, os_write_failure
+from .base import Backend, PartSpec, encode_naming_sample, os_write_failure
 from .inflight import handles_lock, wait_for_reads
 from .lmdb_envs import (
     FORKING,
@@ -259,16 +258,12 @@ class LmdbBackend(Backend):
         for layer, parts in maps.items():
             index, specs, _ = self._layers[layer]
             sizes = stored.setdefault(layer, {spec.name: 0 for spec in specs})
-            codecs = [(spec.name, spec.codec, parts[spec.name]) for spec in specs]
+            payloads = [(spec.name, encode_naming_sample(self.path, layer, spec, parts[spec.name], start,
+                                                     spec.codec.encode_batch)) for spec in specs]
+            for name, encoded_part in payloads:
+                sizes[name] += sum(map(len, encoded_part))
             for i in range(n):
-                encoded = {}
-                for name, codec, batch in codecs:
-                    try:
-                        payload = codec.encode(batch[i])
-                    except EncodeError as exc:
-                        raise encode_failure(self.path, layer, name, f"sample {start + i}", exc) from None
-                    sizes[name] += len(payload)
-                    encoded[name] = payload
+                encoded = {name: encoded_part[i] for name, encoded_part in payloads}
                 key = record_key(index, start + i)
                 encoded[KEY_PART] = key
                 puts.append((key, pack_record(encoded)))

@@ -37,7 +37,6 @@ import numpy as np
 
 from ..errors import CodecSpecError, CorruptionError, EncodeError
 
-_HEADER_DIM = struct.Struct("<I")
 MAX_NDIM = 8
 #: header dims of an ndim-D map, one Struct per ndim: one unpack call per decode
 HEADER_DIMS = tuple(struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1))
@@ -202,8 +201,14 @@ class Codec(ABC):
     def encode(self, array: np.ndarray) -> bytes:
         """Encode one sample's map; see the class docstring for the layout."""
         x = self._validate(array)
-        header = bytes([x.ndim]) + b"".join(_HEADER_DIM.pack(d) for d in x.shape)
-        return header + bytes(self._encode(x))
+        return shape_header(x.shape) + bytes(self._encode(x))
+
+    def encode_batch(self, batch: np.ndarray) -> list[bytes]:
+        """:meth:`encode` of each sample of ``batch`` ``(N, *shape)``: the same bytes, which
+        a codec may produce in fewer calls (``fp16``/``bf16`` check and cast the whole
+        batch at once). An EncodeError does not say which sample failed: a caller that
+        needs to know encodes the batch map by map (the backends do)."""
+        return [self.encode(x) for x in batch]
 
     def decode(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
         """Decode bytes from :meth:`encode` into a float32 array (into ``out`` if given)."""
@@ -339,6 +344,11 @@ class Codec(ABC):
             self.from_hdf5_into({name: r[k:k + 1] for name, r in rows.items()}, out[None])
             return out
         return read
+
+
+def shape_header(shape: tuple[int, ...]) -> bytes:
+    """The header :meth:`Codec.encode` puts before a payload: ``u8 ndim | u32 dims``."""
+    return bytes([len(shape)]) + HEADER_DIMS[len(shape)].pack(*shape)
 
 
 def parse_header(buf: memoryview, codec_id: str) -> tuple[tuple[int, ...], int]:

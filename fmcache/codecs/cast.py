@@ -38,7 +38,7 @@ import torch
 from crc32c import crc32c
 
 from ..errors import CorruptionError, EncodeError
-from .base import HEADER_DIMS, MAX_NDIM, Codec, Hdf5Field, batch_views
+from .base import HEADER_DIMS, MAX_NDIM, Codec, Hdf5Field, as_float32, as_numpy, batch_views, shape_header
 from .lossless import (
     CHUNK_SIZES,
     CRC,
@@ -134,7 +134,41 @@ class _Cast16(Codec):
         """Widen the writable 16-bit array into the float32 ``out`` of the same shape."""
 
     def _encode(self, x: np.ndarray) -> bytes:
-        return self.stage.pack(self._to16(x))
+        return self._encode16_batch(self._to16(x)[None])[0]
+
+    def _encode16_batch(self, bits: np.ndarray) -> list[bytes]:
+        """The payloads of a batch of 16-bit arrays (``_to16``'s output, batch axis first)."""
+        return [self.stage.pack(b) for b in bits]
+
+    def _to16_batch(self, batch: np.ndarray) -> np.ndarray | None:
+        """``_to16`` of a whole batch ``(N, *shape)`` in one range check and one cast (the
+        checks of ``_validate`` hold for every map alike, so the first map's stand for all);
+        None for what is no batch of maps (each map then takes the general path)."""
+        arr = as_numpy(batch)
+        if arr.ndim < 2 or len(arr) == 0:
+            return None
+        self._validate(arr[0])
+        return self._to16(as_float32(arr, f"codec {self.codec_id!r}"))
+
+    def encode_batch(self, batch: np.ndarray) -> list[bytes]:
+        """:meth:`Codec.encode_batch`: the range check and the cast run once over the whole
+        batch (one torch call each instead of one per map, about a third of a ``bf16``
+        build's encoding time on 16-64 KiB maps), then each map is compressed and framed."""
+        bits = self._to16_batch(batch)
+        if bits is None:
+            return super().encode_batch(batch)
+        header = shape_header(bits.shape[1:])
+        return [header + body for body in self._encode16_batch(bits)]
+
+    def _to_hdf5(self, batch: np.ndarray) -> np.ndarray:
+        """The 16-bit values of a batch for the HDF5 face."""
+        bits = self._to16_batch(batch)
+        if bits is not None:
+            return bits
+        values = np.empty(np.shape(batch), dtype=self._storage_dtype)
+        for i, sample in enumerate(batch):
+            values[i] = self._to16(self._validate(sample))
+        return values
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         return self._decode16(payload, shape, out, verified=False)
@@ -243,10 +277,7 @@ class Fp16(_Cast16):
         return [Hdf5Field("values", self._storage_dtype, sample_shape, self.stage.hdf5_filter())]
 
     def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        values = np.empty(np.shape(batch), dtype=self._storage_dtype)
-        for i, sample in enumerate(batch):
-            values[i] = self._to16(self._validate(sample))
-        return {"values": values}
+        return {"values": self._to_hdf5(batch)}
 
 
 @register_codec
@@ -282,13 +313,12 @@ class Bf16(_Cast16):
         torch.from_numpy(out).copy_(torch.from_numpy(values16.view(np.int16)).view(torch.bfloat16))
         return out
 
-    def _encode(self, x: np.ndarray) -> bytes:
-        bits = self._to16(x)
+    def _encode16_batch(self, bits: np.ndarray) -> list[bytes]:
         if self.stage.cname == "none":
-            return self.stage.pack(bits)
+            return super()._encode16_batch(bits)
         wide = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
-        return pack_checked_frame(_STAGE_WIDE, blosc2_compress(wide, self.stage.cname, self.stage.clevel,
-                                                               self.stage.shuffle))
+        cname, clevel, shuffle = self.stage.cname, self.stage.clevel, self.stage.shuffle
+        return [pack_checked_frame(_STAGE_WIDE, blosc2_compress(w, cname, clevel, shuffle)) for w in wide]
 
     def decode(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
         """:meth:`Codec.decode`; a well-formed stage-2 record takes :meth:`_decode_wide`'s
@@ -422,7 +452,4 @@ class Bf16(_Cast16):
                           attrs={"encoding": "bfloat16-bits"})]
 
     def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        bits = np.empty(np.shape(batch), dtype=self._storage_dtype)
-        for i, sample in enumerate(batch):
-            bits[i] = self._to16(self._validate(sample))
-        return {"bits": bits}
+        return {"bits": self._to_hdf5(batch)}
