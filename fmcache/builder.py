@@ -31,6 +31,7 @@ from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
 from .errors import BuildError, CodecSpecError, DataError, FmcacheError, NonFiniteError
 from .fingerprint import UsedTensors, data_fingerprint, weights_fingerprint
+from .gil import frequent_switches
 from .manifest import Manifest
 from .policy import CompressionPolicy, frozen_fraction
 from .sensitivity import select_sensitive
@@ -376,9 +377,12 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     # keeps it while it compresses and holds up the forward pass's Python on this thread):
     # the build then costs about the larger of the two instead of their sum. At most one
     # batch is in flight, appends keep their order, and an error surfaces at the next batch
-    # or at the end.
+    # or at the end. A codec that keeps the GIL while it compresses (pysz) would still hold
+    # the forward pass up for Python's whole switch interval each time it wants the GIL
+    # back: the interval is shortened for the build (fmcache.gil).
     pending: Future[None] | None = None
-    with blosc2_releasing_gil(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
+    with blosc2_releasing_gil(), frequent_switches(), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
         try:
             with grad_mode():
                 for inputs, labels in _batches(loader, lo + start, batch_size, input_shape):

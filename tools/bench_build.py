@@ -15,6 +15,12 @@ measurement that ``tools/bench_targets.py`` checks the build target against.
     python tools/bench_build.py            # width 16, 2048 samples, layer1-3, 5 repeats (~5 min)
     python tools/bench_build.py --quick    # 256 samples, layer3, 2 repeats; docs untouched
 
+``--slow-switches`` adds ``sz3abs-lmdb`` (``sz3:abs=0.02``, ``bench_read``'s compact codec),
+then it and ``bf16-lmdb`` again under Python's own GIL switch interval (5 ms), which the
+builder shortens to 0.1 ms since session 21 (:mod:`fmcache.gil`: pysz keeps the GIL while it
+compresses, and the forward pass waited a whole interval each time it wanted it back);
+``slow_vs_short_switches`` > 1: the shortening paid.
+
 ``--gil-held`` adds a fourth build, ``bf16-lmdb-gil-held``: the same as ``bf16-lmdb`` but with
 blosc2 keeping the GIL while it compresses (python-blosc2's default, which the builder
 overrides since session 5), to show in one run what that override is worth.
@@ -62,6 +68,11 @@ from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb"),
           "sz3nopred-lmdb": ("sz3:rel=0.02,algo=nopred", ".lmdb")}
 GIL_HELD = "bf16-lmdb-gil-held"
+#: ``--slow-switches``: SZ3 with bench_read's compact bound (an absolute one: slower to
+#: encode than ``rel=0.02`` on these maps) and, with it and ``bf16-lmdb``, the same builds
+#: again under Python's own GIL switch interval
+SZ3_ABS = {"sz3abs-lmdb": ("sz3:abs=0.02", ".lmdb")}
+SLOW_SWITCHES = {f"{name}-slow-switches": name for name in ("bf16-lmdb", "sz3abs-lmdb")}
 
 
 @contextlib.contextmanager
@@ -87,6 +98,18 @@ def forward_pass(prefix: torch.nn.Module, data: Subset, batch: int) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def slow_switches(slow: bool):  # type: ignore[no-untyped-def]
+    """The builder without its short GIL switch interval (Python's own 5 ms) while ``slow``."""
+    shorten = fmcache.builder.frequent_switches
+    if slow:
+        fmcache.builder.frequent_switches = contextlib.nullcontext  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fmcache.builder.frequent_switches = shorten
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=16)
@@ -97,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gil-held", action="store_true", help=f"also time {GIL_HELD} (see above)")
+    parser.add_argument("--slow-switches", action="store_true",
+                        help=f"also time {', '.join(SLOW_SWITCHES)} (see above)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds as they are (see above)")
     parser.add_argument("--json", default=str(REPO / "docs" / "bench_build.json"))
@@ -105,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json = str(REPO / "docs" / "bench_build_default_malloc.json")
     allocator = None if args.default_allocator else tune_allocator()
     builds = dict(BUILDS, **({GIL_HELD: BUILDS["bf16-lmdb"]} if args.gil_held else {}))
+    if args.slow_switches:
+        builds.update(SZ3_ABS)
+        builds.update({name: builds[plain] for name, plain in SLOW_SWITCHES.items()})
     if args.quick:
         args.samples, args.boundaries, args.repeats = 256, ["layer3"], 2
         if args.json == parser.get_default("json"):
@@ -124,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, (codec, suffix) in builds.items():
                     out = workdir / f"{boundary}-{name}{suffix}"
                     fresh = copy.deepcopy(model)  # outside the timing: a user's build copies nothing
-                    with gil_held(name == GIL_HELD):
+                    with gil_held(name == GIL_HELD), slow_switches(name in SLOW_SWITCHES):
                         t0 = time.perf_counter()
                         build_cache(fresh, data, [boundary], out, codec=codec, batch_size=args.batch,
                                     progress=False)
@@ -137,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                      "repeats": args.repeats, "threads": 1, "gil_held_row": args.gil_held,
+                     "slow_switches_rows": args.slow_switches,
                      "allocator": str(allocator or "default"),
                      "forward": "maps dropped per batch", "cpu": cpu_name(), "torch": torch.__version__,
                      "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
@@ -148,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 for k in builds}}
         if GIL_HELD in per:  # > 1: the GIL release made the build faster
             entry["gil_held_vs_released"] = statistics.median(h / r for h, r in zip(per[GIL_HELD], per["bf16-lmdb"]))
+        for name, plain in SLOW_SWITCHES.items():  # > 1: the short interval made the build faster
+            if name in per:
+                entry.setdefault("slow_vs_short_switches", {})[plain] = statistics.median(
+                    s / f for s, f in zip(per[name], per[plain]))
         result["boundaries"][boundary] = entry
     text = json.dumps(result, indent=1)
     print(text)
