@@ -206,6 +206,10 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
     On Linux, call :func:`fmcache.tune_allocator` once before (the ``fmcache`` command
     does): with glibc's own malloc thresholds the prefix's activations can come back as
     fresh pages every batch, which made builds here 1.6–1.9× slower (fmcache.memory).
+    Encoding runs on a background thread beside the prefix's forward pass; for the build,
+    Python's GIL switch interval is at most 0.1 ms (process-wide, restored after;
+    :mod:`fmcache.gil`), so a codec that keeps the GIL while it compresses (SZ3) holds
+    the forward pass up for less.
 
     Parameters
     ----------

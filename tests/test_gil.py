@@ -87,9 +87,8 @@ def test_overlapping_blocks_on_two_threads_restore_when_the_last_ends():
 
 @pytest.mark.parametrize("interval", [0, -1.0, float("nan")])
 def test_refuses_a_non_positive_interval(interval):
-    with pytest.raises(ValueError, match="positive"):
-        with frequent_switches(interval):
-            pass
+    with pytest.raises(ValueError, match="positive"), frequent_switches(interval):
+        pass
     assert sys.getswitchinterval() == pytest.approx(0.005)
 
 
