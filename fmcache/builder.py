@@ -29,6 +29,7 @@ from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture, eval_mode, plain_module
 from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
+from .codecs.sz3_process import encoding_process
 from .errors import BuildError, CodecSpecError, DataError, FmcacheError, NonFiniteError
 from .fingerprint import UsedTensors, data_fingerprint, weights_fingerprint
 from .gil import frequent_switches
@@ -208,8 +209,9 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
     fresh pages every batch, which made builds here 1.6–1.9× slower (fmcache.memory).
     Encoding runs on a background thread beside the prefix's forward pass; for the build,
     Python's GIL switch interval is at most 0.1 ms (process-wide, restored after;
-    :mod:`fmcache.gil`), so a codec that keeps the GIL while it compresses (SZ3) holds
-    the forward pass up for less.
+    :mod:`fmcache.gil`), and SZ3 tiers of an LMDB cache are compressed by a child process
+    (:mod:`fmcache.codecs.sz3_process`; ``FMCACHE_SZ3_PROCESS=0``: on the thread), since
+    pysz keeps the GIL while it compresses and held the forward pass up.
 
     Parameters
     ----------
@@ -384,8 +386,12 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     # or at the end. A codec that keeps the GIL while it compresses (pysz) would still hold
     # the forward pass up for Python's whole switch interval each time it wants the GIL
     # back: the interval is shortened for the build (fmcache.gil).
+    # SZ3 stored through the bytes face (LMDB) compresses in a process of its own, off the
+    # interpreter the forward pass needs (fmcache.codecs.sz3_process).
+    codecs = [tier.codec for layer in writer.manifest.layers.values() for tier in layer.plan.tiers] \
+        if writer.backend.codec_face == "bytes" else []
     pending: Future[None] | None = None
-    with blosc2_releasing_gil(), frequent_switches(), \
+    with blosc2_releasing_gil(), frequent_switches(), encoding_process(codecs), \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
         try:
             with grad_mode():

@@ -9,10 +9,13 @@ release it, :func:`fmcache.codecs.lossless.blosc2_releasing_gil`) holds the forw
 thread that wants the GIL waits Python's switch interval (5 ms by default) before it
 asks the holder to drop it, and the holder drops it only between its C calls. With the
 interval at 0.1 ms the forward pass gets the GIL back after at most that plus one
-sample's compression: width-16 builds with ``sz3:abs=0.02`` took 2.53 / 1.70 / 1.26x
-one forward pass at layer1 / layer2 / layer3 with the default interval and 1.86 / 1.41 /
-1.28x with 0.1 ms (``tools/bench_build.py --slow-switches``, ``docs/bench_build.json``);
-``bf16`` builds, whose encoder releases the GIL, measured the same either way (0.99-1.01).
+sample's compression: width-16 builds with ``sz3:abs=0.02`` compressing on the build's
+thread took 2.33 / 1.73 / 1.29x one forward pass at layer1 / layer2 / layer3 with the
+default interval and 1.83 / 1.41 / 1.27x with 0.1 ms (``tools/bench_build.py
+--sz3-ablation``); since the same session LMDB builds compress SZ3 in a process of their
+own (:mod:`fmcache.codecs.sz3_process`, 1.66 / 1.14 / 1.09x), and the short interval
+stays for everything else a build's thread may run that keeps the GIL. ``bf16`` builds,
+whose encoder releases it, measured the same either way (0.94-1.01).
 
 The interval is process-wide: :func:`frequent_switches` shortens it (never lengthens
 it) for its block and restores the value it found when the last such block ends, unless

@@ -11,16 +11,18 @@ and config, so maps where the stream is not smaller than the raw values are stor
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import hdf5plugin
 import numpy as np
 import pysz
 
-from ..errors import CodecSpecError
-from .base import as_2d_view, check_positive
+from ..errors import CodecSpecError, EncodeError
+from .base import as_2d_view, as_float32, as_numpy, check_positive, shape_header
 from .bounded import BoundedCodec, frame, unframe_into, view_shape
 from .registry import register_codec
+from .sz3_process import ProcessGone, active_process
 
 
 @register_codec
@@ -109,6 +111,35 @@ class Sz3(BoundedCodec):
         view = as_2d_view(x)
         stream, _ratio = pysz.sz.compress(view, self._config(view.shape))
         return frame(x, float(x.min()) >= 0, stream.tobytes())
+
+    def encode_batch(self, batch: np.ndarray) -> list[bytes]:
+        """:meth:`Codec.encode_batch`; while a build's SZ3 encoding process runs
+        (:mod:`fmcache.codecs.sz3_process`), the maps are compressed there, with the same
+        bytes, and framed here. Anything the process cannot take (no batch of maps,
+        NaN/Inf, which ``encode`` refuses by name) and a process that has ended leave the
+        batch to this thread."""
+        process = active_process()
+        arr = as_numpy(batch)
+        if process is None or arr.ndim < 2 or len(arr) == 0:
+            return super().encode_batch(batch)
+        self._validate(arr[0])
+        x = as_float32(arr, f"codec {self.codec_id!r}")
+        if not np.isfinite(x).all():
+            return super().encode_batch(batch)
+        rows, cols = view_shape(x.shape[1:])
+        try:
+            streams = process.compress(x.reshape(len(x), rows, cols), self.mode, self.bound, self.ALGOS[self.algo])
+        except ProcessGone as exc:
+            warnings.warn(f"{exc}; SZ3 encodes on the build's thread from here (the same bytes)", RuntimeWarning,
+                          stacklevel=2)
+            return super().encode_batch(batch)
+        header = shape_header(x.shape[1:])
+        payloads = []
+        for i, stream in enumerate(streams):
+            if isinstance(stream, str):
+                raise EncodeError(f"codec {self.codec_id!r}: SZ3 failed on map {i} of the batch: {stream}")
+            payloads.append(header + frame(x[i], float(x[i].min()) >= 0, stream))
+        return payloads
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         def decode_stream(stream: memoryview) -> np.ndarray:

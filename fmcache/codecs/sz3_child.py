@@ -1,0 +1,105 @@
+"""The SZ3 encoding process's own code: run as a script (``python -c`` + ``runpy``, see
+:mod:`fmcache.codecs.sz3_process`), importing numpy and pysz only, not fmcache (whose
+import brings torch: 1.6 s against 0.08 s).
+
+Protocol on stdin / stdout, little-endian:
+
+    request:  u32 n | JSON {"shape": [rows, cols], "mode": "abs"|"rel", "bound": float,
+              "algo": pysz algorithm name} of n bytes | the maps, float32, C order
+              (``count`` maps of ``rows x cols``: the JSON's "count")
+    answer:   per map, i32 k | u32 crc32 of the k bytes | k bytes: the pysz stream
+              (k >= 0), or an error text (-k bytes)
+
+The answers go to a copy of the process's stdout taken at start; stdout itself (file
+descriptor 1) is then pointed at stderr, so anything a library prints cannot fall into
+the answers (the parent checks each answer's CRC as well).
+
+A request of n = 0 (or the end of stdin) ends the process. Each map is compressed with a
+fresh ``szConfig`` built exactly as :meth:`fmcache.codecs.sz3.Sz3._config` builds it, so
+the streams are the bytes the codec writes on its own thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zlib
+from typing import Any, BinaryIO
+
+import numpy as np
+import pysz
+
+U32 = struct.Struct("<I")
+I32 = struct.Struct("<i")
+
+
+def read_exact(stream: BinaryIO, n: int) -> bytearray | None:
+    """``n`` bytes, or None at the end of the stream before the first byte."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            if got == 0:
+                return None
+            raise EOFError(f"request cut after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+def config(shape: tuple[int, int], mode: str, bound: float, algo: str) -> Any:
+    conf = pysz.szConfig(shape)
+    if mode == "abs":
+        conf.errorBoundMode = pysz.szErrorBoundMode.ABS
+        conf.absErrorBound = bound
+    else:
+        conf.errorBoundMode = pysz.szErrorBoundMode.REL
+        conf.relErrorBound = bound
+    conf.cmprAlgo = getattr(pysz.szAlgorithm, algo)
+    return conf
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    while True:
+        head = read_exact(inp, U32.size)
+        if head is None:
+            return
+        (n,) = U32.unpack(head)
+        if n == 0:
+            return
+        text = read_exact(inp, n)
+        if text is None:
+            raise EOFError("request cut after its length")
+        request = json.loads(bytes(text))
+        rows, cols = request["shape"]
+        count = request["count"]
+        body = read_exact(inp, 4 * rows * cols * count) if count else bytearray()
+        if body is None:
+            raise EOFError("request cut before its maps")
+        maps = np.frombuffer(body, dtype="<f4").reshape(count, rows, cols)
+        parts = []
+        for x in maps:
+            try:
+                stream, _ratio = pysz.sz.compress(x, config((rows, cols), request["mode"], request["bound"],
+                                                           request["algo"]))
+                data = stream.tobytes()
+                parts.append(I32.pack(len(data)) + U32.pack(zlib.crc32(data)) + data)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+                message = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:4096]
+                parts.append(I32.pack(-len(message)) + U32.pack(zlib.crc32(message)) + message)
+        out.write(b"".join(parts))
+        out.flush()
+
+
+def main() -> None:
+    answers = os.fdopen(os.dup(1), "wb", buffering=0)
+    sys.stdout.flush()
+    os.dup2(2, 1)  # what anything prints goes to stderr, not into the answers
+    serve(sys.stdin.buffer, answers)
+
+
+if __name__ == "__main__":
+    main()

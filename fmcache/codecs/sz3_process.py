@@ -1,0 +1,206 @@
+"""SZ3 compression in a process of its own while a build runs.
+
+pysz keeps the GIL for the whole of each compression (two threads encode 1.06x as fast as
+one; a loop of small convolutions ran 11x slower beside a thread compressing with it), and
+the builder encodes on a thread beside the prefix's forward pass, which needs the GIL
+between its operators. A shorter switch interval (:mod:`fmcache.gil`) only bounds each
+wait by one map's compression; this process takes the compression off the interpreter:
+the builder's thread sends each batch's maps down a pipe and frames the streams that come
+back, the forward pass keeps the GIL to itself.
+
+:func:`encoding_process` starts one for a block (the builder's loop, when a layer stored
+through the bytes face, LMDB's, has an ``sz3`` tier) and ends it after; while it runs,
+:meth:`fmcache.codecs.sz3.Sz3.encode_batch` sends its batches there. The streams are
+pysz's, built with the same configuration, so the stored bytes are the ones the codec
+writes on its own (tests/test_sz3_process.py). The process imports numpy and pysz only
+(:mod:`fmcache.codecs.sz3_child`, ~0.1 s to start). If it cannot start, or ends (killed,
+out of memory), a RuntimeWarning says so and the codec encodes on the calling thread
+again: the build goes on, with the same bytes. ``FMCACHE_SZ3_PROCESS=0`` (``false``,
+``no``, ``off``) keeps every compression on the calling thread.
+
+No handle crosses: the process gets float32 maps and gives back bytes; a DataLoader worker
+forked while it runs inherits only the pipe's ends, and the process is told to end by a
+message, not by the end of its input, which such a worker would hold open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from .sz3_child import I32, U32
+
+_ANSWER = struct.Struct(I32.format + U32.format.lstrip("<"))
+#: seconds without a byte from the process before it is given up (SZ3 compresses a
+#: 64 KiB map in under a millisecond here; a batch of large maps in well under this)
+SILENCE_S = 120.0
+
+ENV = "FMCACHE_SZ3_PROCESS"
+_OFF = {"0", "false", "no", "off"}
+_CHILD = Path(__file__).with_name("sz3_child.py")
+# `python -c`: sys.path[0] is the working folder (anything could shadow numpy there); it
+# is dropped before the child runs, and runpy does not add the script's own folder.
+_LAUNCH = "import sys, runpy; del sys.path[0]; runpy.run_path(sys.argv[1], run_name='__main__')"
+
+
+class ProcessGone(Exception):
+    """The encoding process ended or its pipe broke (the caller encodes on its thread)."""
+
+
+class Sz3Process:
+    """One child process compressing maps with pysz (module docstring); one request at a
+    time (a lock), from any thread of this process."""
+
+    def __init__(self, command: Sequence[str] | None = None) -> None:
+        """``command``: what to run instead of :mod:`fmcache.codecs.sz3_child` (tests)."""
+        argv = list(command) if command is not None else [sys.executable, "-c", _LAUNCH, str(_CHILD)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self._lock = threading.Lock()
+        self.gone: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def compress(self, maps: np.ndarray, mode: str, bound: float, algo: str) -> list[bytes | str]:
+        """The pysz stream of each map of ``maps`` (``(count, rows, cols)`` float32,
+        C-contiguous), or the error text pysz raised for it. ProcessGone if the process
+        is gone."""
+        request = json.dumps({"shape": list(maps.shape[1:]), "count": len(maps), "mode": mode, "bound": bound,
+                              "algo": algo}).encode()
+        with self._lock:
+            if self.gone is not None:
+                raise ProcessGone(self.gone)
+            stdin, stdout = self._pipes()
+            try:
+                _write(stdin, U32.pack(len(request)) + request)
+                _write(stdin, np.ascontiguousarray(maps, dtype="<f4").data.cast("B"))
+                answers: list[bytes | str] = []
+                # an SZ3 stream of a map is never much larger than its values (SZ3 stores
+                # what it cannot predict losslessly), an error text at most 4 KiB: a length
+                # beyond that is a pipe out of step, not a stream to wait for
+                longest = 2 * maps[0].nbytes + 65536 if len(maps) else 0
+                for _ in range(len(maps)):
+                    k, crc = _ANSWER.unpack(_read(stdout, _ANSWER.size))
+                    if abs(k) > longest:
+                        raise ValueError(f"an answer claims {abs(k)} bytes for a map of {maps[0].nbytes} "
+                                         "(the pipe lost its framing)")
+                    data = _read(stdout, abs(k))
+                    if zlib.crc32(data) != crc:
+                        raise ValueError("an answer fails its CRC-32 (the pipe lost its framing)")
+                    answers.append(data if k >= 0 else data.decode("utf-8", "replace"))
+                return answers
+            except (OSError, ValueError, EOFError) as exc:
+                self.gone = f"the SZ3 encoding process (pid {self.pid}) ended: {type(exc).__name__}: {exc}"
+                self._stop(kill=True)
+                raise ProcessGone(self.gone) from None
+
+    def _pipes(self) -> tuple[IO[bytes], IO[bytes]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        return self.proc.stdin, self.proc.stdout
+
+    def close(self) -> None:
+        """Ask the process to end (a request of length 0), then wait; killed after 5 s."""
+        with self._lock:
+            if self.gone is None:  # else it was stopped when it went
+                self.gone = "closed"
+                self._stop(kill=False)
+
+    def _stop(self, kill: bool) -> None:
+        stdin, stdout = self._pipes()
+        if not kill:
+            try:
+                _write(stdin, U32.pack(0))
+            except (OSError, ValueError):  # broken, or closed
+                pass
+        for pipe in (stdin, stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            if kill:
+                self.proc.kill()
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _write(stream: IO[bytes], data: bytes | memoryview) -> None:
+    """All of ``data`` (an unbuffered pipe's write may take part of it, on a signal)."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        if written is None:  # pragma: no cover - a blocking pipe never says "would block"
+            raise OSError("the pipe to the encoding process would block")
+        view = view[written:]
+
+
+def _read(stream: IO[bytes], n: int) -> bytes:
+    """``n`` bytes; EOFError at the end of the output, TimeoutError after
+    :data:`SILENCE_S` seconds without a byte (a process that hangs is given up)."""
+    parts = []
+    while n:
+        ready, _, _ = select.select([stream], [], [], SILENCE_S)
+        if not ready:
+            raise TimeoutError(f"no answer for {SILENCE_S:.0f} s")
+        chunk = stream.read(n)
+        if not chunk:
+            raise EOFError("the process's output ended")
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+_active: list[Sz3Process] = []
+_active_lock = threading.Lock()
+
+
+def active_process() -> Sz3Process | None:
+    """The running encoding process, if a block of :func:`encoding_process` holds one
+    that has not ended."""
+    with _active_lock:
+        process = _active[-1] if _active else None
+    return process if process is not None and process.gone is None else None
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in _OFF
+
+
+@contextmanager
+def encoding_process(codecs: Sequence[Any]) -> Iterator[Sz3Process | None]:
+    """A running :class:`Sz3Process` for the block if any of ``codecs`` is an ``sz3``
+    codec (and ``FMCACHE_SZ3_PROCESS`` does not say no), else None; ended after the block."""
+    if not enabled() or not any(getattr(c, "codec_id", None) == "sz3" for c in codecs):
+        yield None
+        return
+    try:
+        process = Sz3Process()
+    except OSError as exc:
+        warnings.warn(f"fmcache could not start its SZ3 encoding process ({exc}); SZ3 encodes on the "
+                      "build's thread", RuntimeWarning, stacklevel=3)
+        yield None
+        return
+    with _active_lock:
+        _active.append(process)
+    try:
+        yield process
+    finally:
+        with _active_lock:
+            _active.remove(process)
+        process.close()
