@@ -15,11 +15,14 @@ measurement that ``tools/bench_targets.py`` checks the build target against.
     python tools/bench_build.py            # width 16, 2048 samples, layer1-3, 5 repeats (~5 min)
     python tools/bench_build.py --quick    # 256 samples, layer3, 2 repeats; docs untouched
 
-``--slow-switches`` adds ``sz3abs-lmdb`` (``sz3:abs=0.02``, ``bench_read``'s compact codec),
-then it and ``bf16-lmdb`` again under Python's own GIL switch interval (5 ms), which the
-builder shortens to 0.1 ms since session 21 (:mod:`fmcache.gil`: pysz keeps the GIL while it
-compresses, and the forward pass waited a whole interval each time it wanted it back);
-``slow_vs_short_switches`` > 1: the shortening paid.
+``--sz3-ablation`` adds ``sz3abs-lmdb`` (``sz3:abs=0.02``, ``bench_read``'s compact codec)
+and takes session 21's two build changes for SZ3 apart in the same run:
+``sz3abs-lmdb-thread`` compresses on the builder's thread (``FMCACHE_SZ3_PROCESS=0``)
+instead of in its SZ3 process (:mod:`fmcache.codecs.sz3_process`), and
+``sz3abs-lmdb-thread-slow-switches`` does that under Python's own GIL switch interval
+(5 ms) instead of the builder's 0.1 ms (:mod:`fmcache.gil`): the builder of session 20;
+``bf16-lmdb-slow-switches`` is ``bf16-lmdb`` under 5 ms. ``sz3_ablation`` holds the ratios
+per repeat (> 1: the change paid): ``thread_vs_process`` and ``slow_vs_short_switches``.
 
 ``--gil-held`` adds a fourth build, ``bf16-lmdb-gil-held``: the same as ``bf16-lmdb`` but with
 blosc2 keeping the GIL while it compresses (python-blosc2's default, which the builder
@@ -42,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -62,17 +66,18 @@ from bench_read import cpu_name
 
 import fmcache.builder
 from fmcache.builder import build_cache
+from fmcache.codecs.sz3_process import ENV
 from fmcache.memory import tune_allocator
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
 BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb"),
           "sz3nopred-lmdb": ("sz3:rel=0.02,algo=nopred", ".lmdb")}
 GIL_HELD = "bf16-lmdb-gil-held"
-#: ``--slow-switches``: SZ3 with bench_read's compact bound (an absolute one: slower to
-#: encode than ``rel=0.02`` on these maps) and, with it and ``bf16-lmdb``, the same builds
-#: again under Python's own GIL switch interval
+#: ``--sz3-ablation``: SZ3 with bench_read's compact bound (an absolute one: slower to
+#: encode than ``rel=0.02`` on these maps), then builds without session 21's changes
 SZ3_ABS = {"sz3abs-lmdb": ("sz3:abs=0.02", ".lmdb")}
-SLOW_SWITCHES = {f"{name}-slow-switches": name for name in ("bf16-lmdb", "sz3abs-lmdb")}
+IN_THREAD = {"sz3abs-lmdb-thread": "sz3abs-lmdb", "sz3abs-lmdb-thread-slow-switches": "sz3abs-lmdb"}
+SLOW_SWITCHES = {"bf16-lmdb-slow-switches": "bf16-lmdb", "sz3abs-lmdb-thread-slow-switches": "sz3abs-lmdb-thread"}
 
 
 @contextlib.contextmanager
@@ -110,6 +115,25 @@ def slow_switches(slow: bool):  # type: ignore[no-untyped-def]
         fmcache.builder.frequent_switches = shorten
 
 
+@contextlib.contextmanager
+def in_thread(yes: bool):  # type: ignore[no-untyped-def]
+    """SZ3 compressed on the builder's thread, not in its own process, while ``yes``."""
+    before = os.environ.get(ENV)
+    if yes:
+        os.environ[ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def _ratio(per: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(per[a], per[b]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=16)
@@ -120,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gil-held", action="store_true", help=f"also time {GIL_HELD} (see above)")
-    parser.add_argument("--slow-switches", action="store_true",
-                        help=f"also time {', '.join(SLOW_SWITCHES)} (see above)")
+    parser.add_argument("--sz3-ablation", action="store_true",
+                        help=f"also time {', '.join([*SZ3_ABS, *IN_THREAD, *SLOW_SWITCHES])} (see above)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds as they are (see above)")
     parser.add_argument("--json", default=str(REPO / "docs" / "bench_build.json"))
@@ -130,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json = str(REPO / "docs" / "bench_build_default_malloc.json")
     allocator = None if args.default_allocator else tune_allocator()
     builds = dict(BUILDS, **({GIL_HELD: BUILDS["bf16-lmdb"]} if args.gil_held else {}))
-    if args.slow_switches:
+    if args.sz3_ablation:
         builds.update(SZ3_ABS)
-        builds.update({name: builds[plain] for name, plain in SLOW_SWITCHES.items()})
+        builds.update({name: builds[plain] for name, plain in IN_THREAD.items()})
+        builds["bf16-lmdb-slow-switches"] = builds["bf16-lmdb"]
     if args.quick:
         args.samples, args.boundaries, args.repeats = 256, ["layer3"], 2
         if args.json == parser.get_default("json"):
@@ -152,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, (codec, suffix) in builds.items():
                     out = workdir / f"{boundary}-{name}{suffix}"
                     fresh = copy.deepcopy(model)  # outside the timing: a user's build copies nothing
-                    with gil_held(name == GIL_HELD), slow_switches(name in SLOW_SWITCHES):
+                    with gil_held(name == GIL_HELD), slow_switches(name in SLOW_SWITCHES), \
+                            in_thread(name in IN_THREAD):
                         t0 = time.perf_counter()
                         build_cache(fresh, data, [boundary], out, codec=codec, batch_size=args.batch,
                                     progress=False)
@@ -165,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "settings": {"width": args.width, "steps": args.steps, "samples": args.samples, "batch": args.batch,
                      "repeats": args.repeats, "threads": 1, "gil_held_row": args.gil_held,
-                     "slow_switches_rows": args.slow_switches,
+                     "sz3_ablation_rows": args.sz3_ablation,
                      "allocator": str(allocator or "default"),
                      "forward": "maps dropped per batch", "cpu": cpu_name(), "torch": torch.__version__,
                      "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
@@ -177,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 for k in builds}}
         if GIL_HELD in per:  # > 1: the GIL release made the build faster
             entry["gil_held_vs_released"] = statistics.median(h / r for h, r in zip(per[GIL_HELD], per["bf16-lmdb"]))
-        for name, plain in SLOW_SWITCHES.items():  # > 1: the short interval made the build faster
-            if name in per:
-                entry.setdefault("slow_vs_short_switches", {})[plain] = statistics.median(
-                    s / f for s, f in zip(per[name], per[plain]))
+        if args.sz3_ablation:  # > 1: the change made the build faster
+            entry["sz3_ablation"] = {
+                "thread_vs_process": _ratio(per, "sz3abs-lmdb-thread", "sz3abs-lmdb"),
+                "slow_vs_short_switches": {plain: _ratio(per, name, plain) for name, plain in SLOW_SWITCHES.items()}}
         result["boundaries"][boundary] = entry
     text = json.dumps(result, indent=1)
     print(text)
