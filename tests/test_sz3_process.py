@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 import warnings
 import zlib
@@ -21,7 +22,7 @@ from torch.utils.data import TensorDataset
 import fmcache
 from fmcache.builder import build_cache
 from fmcache.codecs import codec_from_spec, sz3_process
-from fmcache.codecs.sz3_child import I32, U32, serve
+from fmcache.codecs.sz3_child import HELLO, I32, U32, serve
 from fmcache.codecs.sz3_process import ENV, Sz3Process, active_process, encoding_process
 from fmcache.errors import EncodeError
 
@@ -224,11 +225,35 @@ def test_an_answer_out_of_step_ends_the_process_at_once(answer, why):
     """A process whose answer is not what it says (a wrong CRC, a length read from text)
     is not trusted, and not waited for."""
     liar = ("import sys, time\n"
+            f"sys.stdout.buffer.write({HELLO!r})\n"
             "sys.stdin.buffer.read(4)\n"
             f"sys.stdout.buffer.write({answer})\n"
             "sys.stdout.flush()\n"
             "time.sleep(30)\n")
     process = Sz3Process([sys.executable, "-c", liar])
     with pytest.raises(sz3_process.ProcessGone, match=why):
+        process.compress(np.zeros((1, 4, 4), np.float32), "abs", 0.1, "INTERP_LORENZO")
+    assert not _alive(process.pid)
+
+
+def test_ctrl_c_leaves_the_process_to_its_parent():
+    """Ctrl-C goes to the whole process group; the parent decides when the child ends."""
+    process = Sz3Process()
+    try:
+        maps = np.random.default_rng(2).random((2, 16, 64), dtype=np.float32)
+        first = process.compress(maps, "abs", 0.05, "INTERP_LORENZO")  # started and serving
+        os.kill(process.pid, signal.SIGINT)
+        assert process.compress(maps, "abs", 0.05, "INTERP_LORENZO") == first
+    finally:
+        process.close()
+    assert not _alive(process.pid)
+
+
+def test_a_process_that_is_not_the_child_is_found_out_at_once():
+    """A wrong ``sys.executable`` (an embedding program) runs something else: its first
+    bytes are not the child's greeting, so the build's thread takes over at the first batch."""
+    impostor = "import sys, time; print('usage: app [options]'); sys.stdout.flush(); time.sleep(30)"
+    process = Sz3Process([sys.executable, "-c", impostor])
+    with pytest.raises(sz3_process.ProcessGone, match="not the child's greeting"):
         process.compress(np.zeros((1, 4, 4), np.float32), "abs", 0.1, "INTERP_LORENZO")
     assert not _alive(process.pid)

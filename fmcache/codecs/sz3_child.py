@@ -14,7 +14,8 @@ The answers go to a copy of the process's stdout taken at start; stdout itself (
 descriptor 1) is then pointed at stderr, so anything a library prints cannot fall into
 the answers (the parent checks each answer's CRC as well).
 
-A request of n = 0 (or the end of stdin) ends the process. Each map is compressed with a
+Before any answer the process writes :data:`HELLO`. A request of n = 0 (or the end of
+stdin) ends the process. Each map is compressed with a
 fresh ``szConfig`` built exactly as :meth:`fmcache.codecs.sz3.Sz3._config` builds it, so
 the streams are the bytes the codec writes on its own thread.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import sys
 import zlib
@@ -31,6 +33,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import pysz
 
+#: the first bytes the process writes, once it has imported pysz: the parent knows then
+#: that what it started is this script, ready
+HELLO = b"fmcache-sz3-child 1\n"
 U32 = struct.Struct("<I")
 I32 = struct.Struct("<i")
 
@@ -95,9 +100,13 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group: the parent decides when this process ends
+    # (it asks, or closes the pipe), so an interrupted build does not also see it die
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = os.fdopen(os.dup(1), "wb", buffering=0)
     sys.stdout.flush()
     os.dup2(2, 1)  # what anything prints goes to stderr, not into the answers
+    answers.write(HELLO)
     serve(sys.stdin.buffer, answers)
 
 

@@ -41,7 +41,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .sz3_child import I32, U32
+from .sz3_child import HELLO, I32, U32
 
 _ANSWER = struct.Struct(I32.format + U32.format.lstrip("<"))
 #: seconds without a byte from the process before it is given up (SZ3 compresses a
@@ -70,6 +70,7 @@ class Sz3Process:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         self._lock = threading.Lock()
         self.gone: str | None = None
+        self._greeted = False
 
     @property
     def pid(self) -> int:
@@ -86,6 +87,11 @@ class Sz3Process:
                 raise ProcessGone(self.gone)
             stdin, stdout = self._pipes()
             try:
+                if not self._greeted:  # something else than the child (a wrong sys.executable) fails here
+                    hello = _read(stdout, len(HELLO))
+                    if hello != HELLO:
+                        raise ValueError(f"it began with {hello[:40]!r}, not the child's greeting")
+                    self._greeted = True
                 _write(stdin, U32.pack(len(request)) + request)
                 _write(stdin, np.ascontiguousarray(maps, dtype="<f4").data.cast("B"))
                 answers: list[bytes | str] = []
