@@ -29,7 +29,7 @@ from .calibrate import Calibration, PixelSpace, calibrate, input_transform
 from .capture import Capture, eval_mode, plain_module
 from .codecs import Codec, codec_from_spec
 from .codecs.lossless import blosc2_releasing_gil
-from .codecs.sz3_process import encoding_process
+from .codecs.sz3_process import bound, encoding_process
 from .errors import BuildError, CodecSpecError, DataError, FmcacheError, NonFiniteError
 from .fingerprint import UsedTensors, data_fingerprint, weights_fingerprint
 from .gil import frequent_switches
@@ -211,7 +211,9 @@ def build_cache(model: nn.Module, dataset: Dataset, layers: Sequence[str], out: 
     Python's GIL switch interval is at most 0.1 ms (process-wide, restored after;
     :mod:`fmcache.gil`), and SZ3 tiers of an LMDB cache are compressed by a child process
     (:mod:`fmcache.codecs.sz3_process`; ``FMCACHE_SZ3_PROCESS=0``: on the thread), since
-    pysz keeps the GIL while it compresses and held the forward pass up.
+    pysz keeps the GIL while it compresses and held the forward pass up. Builds may run on
+    several threads at once, each with a model instance of its own: one instance run by two
+    builds at once is refused (BuildError), since its hooks would see both builds' batches.
 
     Parameters
     ----------
@@ -371,7 +373,8 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
 
     def append(maps: dict[str, np.ndarray], labels: np.ndarray, extra: dict[str, dict[str, np.ndarray]]) -> None:
         try:
-            writer.append(maps, labels, variants=extra or None)
+            with bound(process):  # this build's SZ3 process, on its encoding thread
+                writer.append(maps, labels, variants=extra or None)
         except NonFiniteError as exc:
             if not lo or exc.sample is None:
                 raise
@@ -391,7 +394,7 @@ def _run(model: nn.Module, capture: Capture, subset: Subset, writer: Any, lo: in
     codecs = [tier.codec for layer in writer.manifest.layers.values() for tier in layer.plan.tiers] \
         if writer.backend.codec_face == "bytes" else []
     pending: Future[None] | None = None
-    with blosc2_releasing_gil(), frequent_switches(), encoding_process(codecs), \
+    with blosc2_releasing_gil(), frequent_switches(), encoding_process(codecs) as process, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmcache-build") as pool:
         try:
             with grad_mode():

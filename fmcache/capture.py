@@ -10,6 +10,7 @@ output.
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -74,6 +75,34 @@ def _as_tensor(name: str, output: Any) -> torch.Tensor:
                      hint="choose a module whose output is a tensor (or a tuple starting with one)")
 
 
+#: id(model) -> the thread capturing from it now
+_capturing: dict[int, int] = {}
+_capturing_lock = threading.Lock()
+
+
+@contextmanager
+def _only_here(model: nn.Module) -> Iterator[None]:
+    """BuildError if another thread is capturing from the same model instance: hooks are
+    the model's, so each forward pass would also fire the other's hooks and record its
+    maps as the other batch's (one build failed with "never ran", the other could store
+    the wrong batch's maps)."""
+    me = threading.get_ident()
+    with _capturing_lock:
+        owner = _capturing.get(id(model))
+        if owner is not None and owner != me:
+            raise BuildError(f"another thread is running this {type(model).__name__} instance for a build "
+                             "right now; its hooks would see the other build's batches",
+                             hint="give each concurrent build a model of its own (copy.deepcopy(model)), or "
+                                  "run the builds one after the other")
+        _capturing[id(model)] = me
+    try:
+        yield
+    finally:
+        with _capturing_lock:
+            if owner is None:
+                del _capturing[id(model)]
+
+
 class Capture:
     """Run ``model`` on inputs and return the outputs of ``names``.
 
@@ -89,6 +118,10 @@ class Capture:
         self.ran: list[str] = []
 
     def __call__(self, inputs: Any, *, record_prefix: bool = False) -> dict[str, torch.Tensor]:
+        with _only_here(self.model):
+            return self._capture(inputs, record_prefix)
+
+    def _capture(self, inputs: Any, record_prefix: bool) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = {}
         handles = []
 

@@ -18,8 +18,9 @@ stays for everything else a build's thread may run that keeps the GIL. ``bf16`` 
 whose encoder releases it, measured the same either way (0.94-1.01).
 
 The interval is process-wide: :func:`frequent_switches` shortens it (never lengthens
-it) for its block and restores the value it found when the last such block ends, unless
-something else changed it meanwhile. Nested and concurrent blocks (two builds on two
+it) for its block, an inner block may shorten it further (it stays so until the outermost
+ends), and the value found by the outermost block is restored when the last such block
+ends, unless something else changed it meanwhile. Nested and concurrent blocks (two builds on two
 threads) are counted, so neither restores it under the other.
 """
 
@@ -32,6 +33,8 @@ from contextlib import contextmanager
 
 #: the interval a build runs under (seconds)
 BUILD_SWITCH_INTERVAL = 1e-4
+#: the shortest interval the interpreter keeps (it stores whole microseconds: 1e-7 became 0)
+MIN_INTERVAL = 1e-6
 
 _lock = threading.Lock()
 _depth = 0
@@ -43,13 +46,15 @@ _set = 0.0
 def frequent_switches(interval: float = BUILD_SWITCH_INTERVAL) -> Iterator[None]:
     """Python's switch interval at most ``interval`` seconds for the block (see above)."""
     global _depth, _saved, _set
-    if not interval > 0:
-        raise ValueError(f"a switch interval must be positive, got {interval!r}")
+    if not interval >= MIN_INTERVAL:
+        raise ValueError(f"a switch interval must be at least {MIN_INTERVAL} s (the interpreter keeps whole "
+                         f"microseconds), got {interval!r}")
     with _lock:
         if _depth == 0:
             _saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_saved, interval))
-            _set = sys.getswitchinterval()  # as the interpreter stores it (whole microseconds)
+        if interval < sys.getswitchinterval():  # an inner block may shorten it further
+            sys.setswitchinterval(interval)
+        _set = sys.getswitchinterval()  # as the interpreter stores it (whole microseconds)
         _depth += 1
     try:
         yield

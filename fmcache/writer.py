@@ -29,6 +29,7 @@ from .errors import (
     CodecSpecError,
     CorruptionError,
     DiskFullError,
+    EncodeError,
     FmcacheError,
     LayerNotFoundError,
     NonFiniteError,
@@ -292,7 +293,12 @@ class CacheWriter:
             raise ShapeMismatchError(f"layer {name!r}{what}: dtype changed from {first} to {arr.dtype} "
                                      f"at sample {self.samples}",
                                      hint="cast every batch to one dtype (the builder uses float32)")
-        arr = as_float32(arr, f"{self.partial}: layer {name!r}{what}, the batch at sample {self.samples}")
+        try:
+            arr = as_float32(arr, f"{self.partial}: layer {name!r}{what}, the batch at sample {self.samples}")
+        except EncodeError:
+            for i in range(n):  # name the sample, as the codecs' refusals do
+                as_float32(arr[i], f"{self.partial}: layer {name!r}{what}, sample {self.samples + i}")
+            raise
         if self.allow_nonfinite:  # allowed, but only in tiers whose codec holds them
             for tier in layer.plan.tiers:
                 if tier.codec.stores_nonfinite:

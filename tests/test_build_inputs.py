@@ -187,8 +187,14 @@ def test_writer_refuses_float64_overflow_by_layer_and_sample(tmp_path, suffix):
         w.append({"l": np.ones((4, 2, 2))}, np.arange(4))
         big = np.ones((4, 2, 2))
         big[1, 0, 0] = 1e300
-        with pytest.raises(EncodeError, match=r"layer 'l', the batch at sample 4: finite float64 values"):
+        with pytest.raises(EncodeError, match=r"layer 'l', sample 5: finite float64 values"):
             w.append({"l": big}, np.arange(4))
+    with fmcache.create_cache(tmp_path / f"ids{suffix}") as w:
+        w.add_layer("l", (2, 2), codec="raw")
+        ids = np.ones((4, 2, 2), np.int64)
+        ids[3, 1, 1] = 2**25
+        with pytest.raises(EncodeError, match=r"layer 'l', sample 3: int64 values up to 33554432 are not exact"):
+            w.append({"l": ids}, np.arange(4))
 
 
 @pytest.mark.parametrize("suffix", [".lmdb", ".h5"])

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,13 @@ import pytest
 import torch
 from contracts import assert_within_contract
 from fmnist_small import N_SAMPLES, tiny_model, train_subset
+from torch import nn
 from torch.utils.data import DataLoader
 
 import fmcache
 from fmcache import FeatureMapDataset
 from fmcache.builder import build_cache, shard_range
+from fmcache.capture import Capture
 from fmcache.errors import BuildError, LayerNotFoundError, StaleCacheError
 from fmcache.report import inspect_cache
 from fmcache.shards import merge_shards
@@ -452,3 +455,37 @@ def test_merge_refuses_up_front_what_would_fail_after_moving_shards(tmp_path, da
                     shard=(i, 2), progress=False)
     with pytest.raises(fmcache.errors.CacheError, match=r"layers \['block2', 'block1'\] differ"):
         merge_shards(other, tmp_path / "o")
+
+
+def test_one_model_captured_from_two_threads_at_once_is_refused_not_mixed():
+    """Two builds of one model instance at once: each forward fired the other's hooks too,
+    so one build failed with "never ran" and the other could store the other's batch."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            entered.set()
+            release.wait(10)
+            return self.conv(x)
+
+    model = Slow()
+    x = torch.randn(2, 1, 4, 4)
+    got: dict[str, object] = {}
+
+    def first() -> None:
+        got["first"] = Capture(model, ["conv"])(x)["conv"]
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(10)
+    with pytest.raises(BuildError, match="another thread is running this Slow instance"):
+        Capture(model, ["conv"])(x)
+    release.set()
+    thread.join(10)
+    with torch.no_grad():
+        assert torch.equal(got["first"], model.conv(x))
+    assert torch.equal(Capture(model, ["conv"])(x)["conv"], got["first"])  # free again afterwards

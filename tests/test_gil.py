@@ -85,10 +85,19 @@ def test_overlapping_blocks_on_two_threads_restore_when_the_last_ends():
     assert sys.getswitchinterval() == pytest.approx(0.005)
 
 
-@pytest.mark.parametrize("interval", [0, -1.0, float("nan")])
-def test_refuses_a_non_positive_interval(interval):
-    with pytest.raises(ValueError, match="positive"), frequent_switches(interval):
+@pytest.mark.parametrize("interval", [0, -1.0, float("nan"), 1e-7])
+def test_refuses_an_interval_the_interpreter_cannot_keep(interval):
+    """1e-7 s was stored as 0 (the interpreter keeps whole microseconds)."""
+    with pytest.raises(ValueError, match="at least 1e-06 s"), frequent_switches(interval):
         pass
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+
+
+def test_an_inner_block_may_shorten_it_further_until_the_outermost_ends():
+    with frequent_switches():
+        with frequent_switches(1e-5):
+            assert sys.getswitchinterval() == pytest.approx(1e-5)
+        assert sys.getswitchinterval() == pytest.approx(1e-5)  # "at most": not lengthened back
     assert sys.getswitchinterval() == pytest.approx(0.005)
 
 

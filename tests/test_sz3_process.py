@@ -6,7 +6,9 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
 import warnings
 import zlib
 
@@ -257,3 +259,51 @@ def test_a_process_that_is_not_the_child_is_found_out_at_once():
     with pytest.raises(sz3_process.ProcessGone, match="not the child's greeting"):
         process.compress(np.zeros((1, 4, 4), np.float32), "abs", 0.1, "INTERP_LORENZO")
     assert not _alive(process.pid)
+
+
+def test_a_process_closed_before_its_first_request_ends_quietly():
+    """A build whose model fails in its first batch closed the child before it had
+    greeted: the child printed a BrokenPipeError traceback beside the user's own error."""
+    script = ("from fmcache.codecs import codec_from_spec\n"
+              "from fmcache.codecs.sz3_process import encoding_process\n"
+              "with encoding_process([codec_from_spec('sz3:abs=0.1')]) as p:\n"
+              "    pass\n"
+              "print('pid', p.pid)\n")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("pid")
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_a_stopped_process_that_takes_no_input_is_given_up(monkeypatch):
+    """A child stopped between requests: a request larger than the pipe's buffer used to
+    block the build's thread for ever."""
+    monkeypatch.setattr(sz3_process, "SILENCE_S", 2.0)
+    process = Sz3Process()
+    try:
+        maps = np.random.default_rng(3).random((8, 64, 64), dtype=np.float32)  # 128 KiB
+        process.compress(maps[:1], "abs", 0.05, "INTERP_LORENZO")
+        os.kill(process.pid, signal.SIGSTOP)
+        with pytest.raises(sz3_process.ProcessGone, match="took no input for 2 s"):
+            process.compress(maps, "abs", 0.05, "INTERP_LORENZO")
+    finally:
+        process.close()
+    assert not _alive(process.pid)
+
+
+def test_a_process_serves_only_the_threads_it_is_bound_to():
+    """Two builds at once: each build's encoding thread sees its own process (one build's
+    end closed the process the other was about to use, a warning without a cause)."""
+    seen: dict[str, object] = {}
+    with encoding_process([codec_from_spec("sz3:abs=0.1")]) as mine:
+        def elsewhere() -> None:
+            seen["unbound"] = active_process()
+            with sz3_process.bound(mine):
+                seen["bound"] = active_process()
+            seen["after"] = active_process()
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join(10)
+        assert active_process() is mine
+    assert seen == {"unbound": None, "bound": mine, "after": None}
+    assert active_process() is None

@@ -106,8 +106,11 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "wb", buffering=0)
     sys.stdout.flush()
     os.dup2(2, 1)  # what anything prints goes to stderr, not into the answers
-    answers.write(HELLO)
-    serve(sys.stdin.buffer, answers)
+    try:
+        answers.write(HELLO)
+        serve(sys.stdin.buffer, answers)
+    except (BrokenPipeError, EOFError):
+        pass  # the parent closed the pipes (a build that ended early, or its process died): done
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ back, the forward pass keeps the GIL to itself.
 
 :func:`encoding_process` starts one for a block (the builder's loop, when a layer stored
 through the bytes face, LMDB's, has an ``sz3`` tier) and ends it after; while it runs,
-:meth:`fmcache.codecs.sz3.Sz3.encode_batch` sends its batches there. The streams are
+:meth:`fmcache.codecs.sz3.Sz3.encode_batch` on a thread it is bound to (the builder's
+encoding thread) sends its batches there. The streams are
 pysz's, built with the same configuration, so the stored bytes are the ones the codec
 writes on its own (tests/test_sz3_process.py). The process imports numpy and pysz only
 (:mod:`fmcache.codecs.sz3_child`, ~0.1 s to start). If it cannot start, or ends (killed,
@@ -44,8 +45,9 @@ import numpy as np
 from .sz3_child import HELLO, I32, U32
 
 _ANSWER = struct.Struct(I32.format + U32.format.lstrip("<"))
-#: seconds without a byte from the process before it is given up (SZ3 compresses a
-#: 64 KiB map in under a millisecond here; a batch of large maps in well under this)
+#: seconds the process may take no input or give no output before it is given up (SZ3
+#: compresses a 64 KiB map in under a millisecond here; a batch of large maps in well
+#: under this)
 SILENCE_S = 120.0
 
 ENV = "FMCACHE_SZ3_PROCESS"
@@ -68,6 +70,8 @@ class Sz3Process:
         """``command``: what to run instead of :mod:`fmcache.codecs.sz3_child` (tests)."""
         argv = list(command) if command is not None else [sys.executable, "-c", _LAUNCH, str(_CHILD)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        assert self.proc.stdin is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)  # writes wait in select, with a time limit
         self._lock = threading.Lock()
         self.gone: str | None = None
         self._greeted = False
@@ -147,13 +151,16 @@ class Sz3Process:
 
 
 def _write(stream: IO[bytes], data: bytes | memoryview) -> None:
-    """All of ``data`` (an unbuffered pipe's write may take part of it, on a signal)."""
-    view = memoryview(data)
+    """All of ``data`` into the non-blocking pipe; TimeoutError after :data:`SILENCE_S`
+    seconds in which the process took nothing (stopped, or hung between requests)."""
+    view = memoryview(data).cast("B")
     while view:
+        _, ready, _ = select.select([], [stream], [], SILENCE_S)
+        if not ready:
+            raise TimeoutError(f"the process took no input for {SILENCE_S:.0f} s")
         written = stream.write(view)
-        if written is None:  # pragma: no cover - a blocking pipe never says "would block"
-            raise OSError("the pipe to the encoding process would block")
-        view = view[written:]
+        if written:  # None: it would block after all; select again
+            view = view[written:]
 
 
 def _read(stream: IO[bytes], n: int) -> bytes:
@@ -172,16 +179,27 @@ def _read(stream: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
-_active: list[Sz3Process] = []
-_active_lock = threading.Lock()
+_bound = threading.local()
 
 
 def active_process() -> Sz3Process | None:
-    """The running encoding process, if a block of :func:`encoding_process` holds one
-    that has not ended."""
-    with _active_lock:
-        process = _active[-1] if _active else None
+    """The encoding process bound to this thread (:func:`bound`, :func:`encoding_process`),
+    if it has not ended."""
+    process: Sz3Process | None = getattr(_bound, "process", None)
     return process if process is not None and process.gone is None else None
+
+
+@contextmanager
+def bound(process: Sz3Process | None) -> Iterator[None]:
+    """``process`` serves this thread's SZ3 encoding for the block (the builder binds its
+    process to its encoding thread): each thread sees its own build's process, so two
+    builds at once never send to each other's."""
+    before = getattr(_bound, "process", None)
+    _bound.process = process
+    try:
+        yield
+    finally:
+        _bound.process = before
 
 
 def enabled() -> bool:
@@ -191,7 +209,8 @@ def enabled() -> bool:
 @contextmanager
 def encoding_process(codecs: Sequence[Any]) -> Iterator[Sz3Process | None]:
     """A running :class:`Sz3Process` for the block if any of ``codecs`` is an ``sz3``
-    codec (and ``FMCACHE_SZ3_PROCESS`` does not say no), else None; ended after the block."""
+    codec (and ``FMCACHE_SZ3_PROCESS`` does not say no), else None; bound to the calling
+    thread (other threads: :func:`bound`) and ended after the block."""
     if not enabled() or not any(getattr(c, "codec_id", None) == "sz3" for c in codecs):
         yield None
         return
@@ -202,11 +221,8 @@ def encoding_process(codecs: Sequence[Any]) -> Iterator[Sz3Process | None]:
                       "build's thread", RuntimeWarning, stacklevel=3)
         yield None
         return
-    with _active_lock:
-        _active.append(process)
     try:
-        yield process
+        with bound(process):
+            yield process
     finally:
-        with _active_lock:
-            _active.remove(process)
         process.close()
