@@ -275,12 +275,12 @@ def test_a_process_closed_before_its_first_request_ends_quietly():
 
 
 def test_a_stopped_process_that_takes_no_input_is_given_up(monkeypatch):
-    """A child stopped between requests: a request larger than the pipe's buffer used to
-    block the build's thread for ever."""
+    """A child stopped between requests: a request larger than the pipe's buffer (1 MiB,
+    ``PIPE_BYTES``) used to block the build's thread for ever."""
     monkeypatch.setattr(sz3_process, "SILENCE_S", 2.0)
     process = Sz3Process()
     try:
-        maps = np.random.default_rng(3).random((8, 64, 64), dtype=np.float32)  # 128 KiB
+        maps = np.random.default_rng(3).random((8, 256, 256), dtype=np.float32)  # 2 MiB: more than the pipe holds
         process.compress(maps[:1], "abs", 0.05, "INTERP_LORENZO")
         os.kill(process.pid, signal.SIGSTOP)
         with pytest.raises(sz3_process.ProcessGone, match="took no input for 2 s"):

@@ -210,6 +210,21 @@ class Codec(ABC):
         needs to know encodes the batch map by map (the backends do)."""
         return [self.encode(x) for x in batch]
 
+    def _checked_batch(self, batch: np.ndarray) -> np.ndarray | None:
+        """A batch ``(N, *shape)`` as C-contiguous float32 whose maps all pass
+        :meth:`_validate` (its per-map checks of dtype, rank and size hold for every map
+        alike, so the first map's stand for all), for an :meth:`encode_batch` that works on
+        the whole batch; None for what is no batch of maps, or holds NaN/Inf a codec cannot
+        store: the caller then encodes map by map, where the refusal is :meth:`encode`'s."""
+        arr = as_numpy(batch)
+        if arr.ndim < 2 or len(arr) == 0:
+            return None
+        self._validate(arr[0])
+        x = as_float32(arr, f"codec {self.codec_id!r}")
+        if not self.stores_nonfinite and not np.isfinite(x).all():
+            return None
+        return x
+
     def decode(self, data: bytes | bytearray | memoryview, out: np.ndarray | None = None) -> np.ndarray:
         """Decode bytes from :meth:`encode` into a float32 array (into ``out`` if given)."""
         return self._decode_bytes(data, out, self._decode)

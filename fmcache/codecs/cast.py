@@ -38,7 +38,7 @@ import torch
 from crc32c import crc32c
 
 from ..errors import CorruptionError, EncodeError
-from .base import HEADER_DIMS, MAX_NDIM, Codec, Hdf5Field, as_float32, as_numpy, batch_views, shape_header
+from .base import HEADER_DIMS, MAX_NDIM, Codec, Hdf5Field, batch_views, shape_header
 from .lossless import (
     CHUNK_SIZES,
     CRC,
@@ -141,14 +141,10 @@ class _Cast16(Codec):
         return [self.stage.pack(b) for b in bits]
 
     def _to16_batch(self, batch: np.ndarray) -> np.ndarray | None:
-        """``_to16`` of a whole batch ``(N, *shape)`` in one range check and one cast (the
-        checks of ``_validate`` hold for every map alike, so the first map's stand for all);
-        None for what is no batch of maps (each map then takes the general path)."""
-        arr = as_numpy(batch)
-        if arr.ndim < 2 or len(arr) == 0:
-            return None
-        self._validate(arr[0])
-        return self._to16(as_float32(arr, f"codec {self.codec_id!r}"))
+        """``_to16`` of a whole batch ``(N, *shape)`` in one range check and one cast; None
+        for what is no batch of maps (each map then takes the general path)."""
+        x = self._checked_batch(batch)
+        return None if x is None else self._to16(x)
 
     def encode_batch(self, batch: np.ndarray) -> list[bytes]:
         """:meth:`Codec.encode_batch`: the range check and the cast run once over the whole

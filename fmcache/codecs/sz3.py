@@ -19,7 +19,8 @@ import numpy as np
 import pysz
 
 from ..errors import CodecSpecError, EncodeError
-from .base import as_2d_view, as_float32, as_numpy, check_positive, shape_header
+from . import sz3_child
+from .base import as_2d_view, check_positive, shape_header
 from .bounded import BoundedCodec, frame, unframe_into, view_shape
 from .registry import register_codec
 from .sz3_process import ProcessGone, active_process
@@ -96,15 +97,8 @@ class Sz3(BoundedCodec):
         return {self.mode: self.bound, **({"algo": self.algo} if self.algo != self.DEFAULT_ALGO else {})}
 
     def _config(self, shape: tuple[int, ...]) -> Any:
-        config = pysz.szConfig(shape)
-        if self.mode == "abs":
-            config.errorBoundMode = pysz.szErrorBoundMode.ABS
-            config.absErrorBound = self.bound
-        else:
-            config.errorBoundMode = pysz.szErrorBoundMode.REL
-            config.relErrorBound = self.bound
-        config.cmprAlgo = getattr(pysz.szAlgorithm, self.ALGOS[self.algo])
-        return config
+        # the one place a config is built, here and in the build's SZ3 process alike
+        return sz3_child.config(shape, self.mode, self.bound, self.ALGOS[self.algo])
 
     # ---- bytes face -------------------------------------------------------------------
     def _encode(self, x: np.ndarray) -> bytes:
@@ -119,12 +113,8 @@ class Sz3(BoundedCodec):
         NaN/Inf, which ``encode`` refuses by name) and a process that has ended leave the
         batch to this thread."""
         process = active_process()
-        arr = as_numpy(batch)
-        if process is None or arr.ndim < 2 or len(arr) == 0:
-            return super().encode_batch(batch)
-        self._validate(arr[0])
-        x = as_float32(arr, f"codec {self.codec_id!r}")
-        if not np.isfinite(x).all():
+        x = self._checked_batch(batch) if process is not None else None
+        if process is None or x is None:
             return super().encode_batch(batch)
         rows, cols = view_shape(x.shape[1:])
         try:

@@ -16,8 +16,8 @@ the answers (the parent checks each answer's CRC as well).
 
 Before any answer the process writes :data:`HELLO`. A request of n = 0 (or the end of
 stdin) ends the process. Each map is compressed with a
-fresh ``szConfig`` built exactly as :meth:`fmcache.codecs.sz3.Sz3._config` builds it, so
-the streams are the bytes the codec writes on its own thread.
+fresh ``szConfig`` from :func:`config`, which :meth:`fmcache.codecs.sz3.Sz3._config` calls
+too, so the streams are the bytes the codec writes on its own thread.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def read_exact(stream: BinaryIO, n: int) -> bytearray | None:
     return buf
 
 
-def config(shape: tuple[int, int], mode: str, bound: float, algo: str) -> Any:
+def config(shape: tuple[int, ...], mode: str, bound: float, algo: str) -> Any:
+    """pysz's configuration of one compression: ``mode`` ``abs`` or ``rel``, ``algo`` a
+    pysz algorithm name (:meth:`fmcache.codecs.sz3.Sz3._config` calls this too)."""
     conf = pysz.szConfig(shape)
     if mode == "abs":
         conf.errorBoundMode = pysz.szErrorBoundMode.ABS

@@ -26,6 +26,7 @@ message, not by the end of its input, which such a worker would hold open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -42,6 +43,11 @@ from typing import IO, Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows (where select cannot wait on pipes either:
+    fcntl = None  # type: ignore[assignment]  # the first batch then warns and encodes on the thread)
+
 from .sz3_child import HELLO, I32, U32
 
 _ANSWER = struct.Struct(I32.format + U32.format.lstrip("<"))
@@ -49,6 +55,9 @@ _ANSWER = struct.Struct(I32.format + U32.format.lstrip("<"))
 #: compresses a 64 KiB map in under a millisecond here; a batch of large maps in well
 #: under this)
 SILENCE_S = 120.0
+#: the pipes' buffer (Linux's default is 64 KiB; unprivileged processes may ask up to
+#: /proc/sys/fs/pipe-max-size, 1 MiB by default)
+PIPE_BYTES = 1 << 20
 
 ENV = "FMCACHE_SZ3_PROCESS"
 _OFF = {"0", "false", "no", "off"}
@@ -70,8 +79,11 @@ class Sz3Process:
         """``command``: what to run instead of :mod:`fmcache.codecs.sz3_child` (tests)."""
         argv = list(command) if command is not None else [sys.executable, "-c", _LAUNCH, str(_CHILD)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        assert self.proc.stdin is not None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         os.set_blocking(self.proc.stdin.fileno(), False)  # writes wait in select, with a time limit
+        for pipe in (self.proc.stdin, self.proc.stdout):  # a batch in a few writes, not 64 KiB ones
+            with contextlib.suppress(OSError, AttributeError):  # Linux only; capped by pipe-max-size
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # type: ignore[attr-defined]
         self._lock = threading.Lock()
         self.gone: str | None = None
         self._greeted = False
