@@ -81,15 +81,17 @@ SLOW_SWITCHES = {"bf16-lmdb-slow-switches": "bf16-lmdb", "sz3abs-lmdb-thread-slo
 
 
 @contextlib.contextmanager
-def gil_held(held: bool):  # type: ignore[no-untyped-def]
-    """The builder without its blosc2 GIL release (python-blosc2's default) while ``held``."""
-    release = fmcache.builder.blosc2_releasing_gil
-    if held:
-        fmcache.builder.blosc2_releasing_gil = contextlib.nullcontext  # type: ignore[assignment]
+def without(name: str, active: bool):  # type: ignore[no-untyped-def]
+    """The builder without its ``name`` context (``blosc2_releasing_gil``: python-blosc2's
+    default of keeping the GIL; ``frequent_switches``: Python's own 5 ms switch interval)
+    while ``active``."""
+    kept = getattr(fmcache.builder, name)
+    if active:
+        setattr(fmcache.builder, name, contextlib.nullcontext)
     try:
         yield
     finally:
-        fmcache.builder.blosc2_releasing_gil = release
+        setattr(fmcache.builder, name, kept)
 
 
 def forward_pass(prefix: torch.nn.Module, data: Subset, batch: int) -> float:
@@ -101,18 +103,6 @@ def forward_pass(prefix: torch.nn.Module, data: Subset, batch: int) -> float:
         for x, _ in loader:
             prefix(x)
     return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def slow_switches(slow: bool):  # type: ignore[no-untyped-def]
-    """The builder without its short GIL switch interval (Python's own 5 ms) while ``slow``."""
-    shorten = fmcache.builder.frequent_switches
-    if slow:
-        fmcache.builder.frequent_switches = contextlib.nullcontext  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        fmcache.builder.frequent_switches = shorten
 
 
 @contextlib.contextmanager
@@ -177,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, (codec, suffix) in builds.items():
                     out = workdir / f"{boundary}-{name}{suffix}"
                     fresh = copy.deepcopy(model)  # outside the timing: a user's build copies nothing
-                    with gil_held(name == GIL_HELD), slow_switches(name in SLOW_SWITCHES), \
+                    with without("blosc2_releasing_gil", name == GIL_HELD), \
+                            without("frequent_switches", name in SLOW_SWITCHES), \
                             in_thread(name in IN_THREAD):
                         t0 = time.perf_counter()
                         build_cache(fresh, data, [boundary], out, codec=codec, batch_size=args.batch,
