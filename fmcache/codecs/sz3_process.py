@@ -45,8 +45,8 @@ import numpy as np
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - not on Windows (where select cannot wait on pipes either:
-    fcntl = None  # type: ignore[assignment]  # the first batch then warns and encodes on the thread)
+except ImportError:  # pragma: no cover - Windows, where no process is started (enabled())
+    fcntl = None  # type: ignore[assignment]
 
 from .sz3_child import HELLO, I32, U32
 
@@ -215,7 +215,9 @@ def bound(process: Sz3Process | None) -> Iterator[None]:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in _OFF
+    """Not turned off by ``FMCACHE_SZ3_PROCESS``, and on a POSIX system (the pipes are
+    waited on with ``select``, which Windows offers for sockets only)."""
+    return os.name == "posix" and os.environ.get(ENV, "1").strip().lower() not in _OFF
 
 
 @contextmanager
