@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 import fmcache
 from fmcache.builder import build_cache
 from fmcache.codecs import codec_from_spec, sz3_process
-from fmcache.codecs.sz3_child import HELLO, I32, U32, serve
+from fmcache.codecs.sz3_child import ANSWER, HELLO, U32, serve
 from fmcache.codecs.sz3_process import ENV, Sz3Process, active_process, encoding_process
 from fmcache.errors import EncodeError
 
@@ -83,8 +83,7 @@ def test_the_child_serves_requests_until_a_zero_length_one():
     answer = memoryview(out.getvalue())
     at, streams = 0, []
     for _ in range(3):
-        (k,) = I32.unpack_from(answer, at)
-        (crc,) = U32.unpack_from(answer, at + 4)
+        k, crc = ANSWER.unpack_from(answer, at)
         assert k > 0
         streams.append(bytes(answer[at + 8:at + 8 + k]))
         assert zlib.crc32(streams[-1]) == crc

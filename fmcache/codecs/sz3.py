@@ -104,7 +104,12 @@ class Sz3(BoundedCodec):
     def _encode(self, x: np.ndarray) -> bytes:
         view = as_2d_view(x)
         stream, _ratio = pysz.sz.compress(view, self._config(view.shape))
-        return frame(x, float(x.min()) >= 0, stream.tobytes())
+        return self._framed(x, stream.tobytes())
+
+    @staticmethod
+    def _framed(x: np.ndarray, stream: bytes) -> bytes:
+        """The payload of map ``x`` and its pysz ``stream`` (the clamp flag from ``x``)."""
+        return frame(x, float(x.min()) >= 0, stream)
 
     def encode_batch(self, batch: np.ndarray) -> list[bytes]:
         """:meth:`Codec.encode_batch`; while a build's SZ3 encoding process runs
@@ -128,7 +133,7 @@ class Sz3(BoundedCodec):
         for i, stream in enumerate(streams):
             if isinstance(stream, str):
                 raise EncodeError(f"codec {self.codec_id!r}: SZ3 failed on map {i} of the batch: {stream}")
-            payloads.append(header + frame(x[i], float(x[i].min()) >= 0, stream))
+            payloads.append(header + self._framed(x[i], stream))
         return payloads
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:

@@ -37,7 +37,8 @@ import pysz
 #: that what it started is this script, ready
 HELLO = b"fmcache-sz3-child 1\n"
 U32 = struct.Struct("<I")
-I32 = struct.Struct("<i")
+#: an answer's head: its length (negative: an error text) and the CRC-32 of its bytes
+ANSWER = struct.Struct("<iI")
 
 
 def read_exact(stream: BinaryIO, n: int) -> bytearray | None:
@@ -93,10 +94,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 stream, _ratio = pysz.sz.compress(x, config((rows, cols), request["mode"], request["bound"],
                                                            request["algo"]))
                 data = stream.tobytes()
-                parts.append(I32.pack(len(data)) + U32.pack(zlib.crc32(data)) + data)
+                parts.append(ANSWER.pack(len(data), zlib.crc32(data)) + data)
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 message = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:4096]
-                parts.append(I32.pack(-len(message)) + U32.pack(zlib.crc32(message)) + message)
+                parts.append(ANSWER.pack(-len(message), zlib.crc32(message)) + message)
         out.write(b"".join(parts))
         out.flush()
 

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import select
-import struct
 import subprocess
 import sys
 import threading
@@ -48,9 +47,8 @@ try:
 except ImportError:  # pragma: no cover - Windows, where no process is started (enabled())
     fcntl = None  # type: ignore[assignment]
 
-from .sz3_child import HELLO, I32, U32
+from .sz3_child import ANSWER, HELLO, U32
 
-_ANSWER = struct.Struct(I32.format + U32.format.lstrip("<"))
 #: seconds the process may take no input or give no output before it is given up (SZ3
 #: compresses a 64 KiB map in under a millisecond here; a batch of large maps in well
 #: under this)
@@ -116,7 +114,7 @@ class Sz3Process:
                 # beyond that is a pipe out of step, not a stream to wait for
                 longest = 2 * maps[0].nbytes + 65536 if len(maps) else 0
                 for _ in range(len(maps)):
-                    k, crc = _ANSWER.unpack(_read(stdout, _ANSWER.size))
+                    k, crc = ANSWER.unpack(_read(stdout, ANSWER.size))
                     if abs(k) > longest:
                         raise ValueError(f"an answer claims {abs(k)} bytes for a map of {maps[0].nbytes} "
                                          "(the pipe lost its framing)")
