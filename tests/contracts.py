@@ -36,6 +36,10 @@ def max_abs_error_bound(codec: Codec, x: np.ndarray) -> np.ndarray:
             return np.full_like(ax, float(cfg["abs"]) * (1 + 1e-5))
         span = float(x.max() - x.min())
         return np.full_like(ax, float(cfg["rel"]) * span * (1 + 1e-5) + 1e-30)
+    if cid == "grid":
+        if cfg.get("abs") is not None:
+            return np.full_like(ax, float(cfg["abs"]))
+        return np.full_like(ax, float(cfg["rel"]) * (float(x.max()) - float(x.min())))
     raise KeyError(f"no contract known for codec {cid!r}")
 
 

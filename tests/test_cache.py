@@ -24,7 +24,7 @@ from fmcache.errors import (
 
 BACKENDS = ["lmdb", "hdf5"]
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "bf16", "int8", "int4",
-          "zfp:accuracy=0.01", "sz3:abs=0.001", "sz3:rel=0.001"]
+          "zfp:accuracy=0.01", "sz3:abs=0.001", "sz3:rel=0.001", "grid:abs=0.02", "grid:rel=0.001"]
 
 
 def post_relu(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -24,7 +24,7 @@ from fmcache.errors import CodecSpecError, CorruptionError, EncodeError, Fmcache
 
 hdf5plugin.register(force=True)
 
-EXPECTED_IDS = {"raw", "blosc2", "fp16", "bf16", "int8", "int4", "zfp", "sz3"}
+EXPECTED_IDS = {"raw", "blosc2", "fp16", "bf16", "int8", "int4", "grid", "zfp", "sz3"}
 
 LOSSLESS_SPECS = ["raw", "blosc2", "blosc2:cname=lz4,clevel=5,shuffle=bit", "blosc2:cname=zstd,clevel=9,shuffle=none",
                   "blosc2:cname=lz4hc,clevel=5,shuffle=byte"]
@@ -35,7 +35,9 @@ QUANT_SPECS = ["int8", "int8:cname=none", "int8:cname=zstd,clevel=1,shuffle=byte
 BOUNDED_SPECS = ["zfp", "zfp:accuracy=1e-4", "zfp:rate=8", "zfp:rate=16", "zfp:precision=10",
                  "zfp:precision=16", "sz3:abs=1e-3", "sz3:abs=0.05", "sz3:rel=1e-3", "sz3:rel=0.02",
                  "sz3:abs=0.05,algo=nopred", "sz3:rel=0.02,algo=interp", "sz3:abs=1e-3,algo=lorenzo-reg"]
-ALL_SPECS = LOSSLESS_SPECS + CAST_SPECS + QUANT_SPECS + BOUNDED_SPECS
+GRID_SPECS = ["grid:abs=0.02", "grid:abs=1e-3", "grid:rel=0.02", "grid:rel=1e-3", "grid:abs=0.05,cname=none",
+              "grid:rel=0.05,cname=lz4,clevel=5,shuffle=bit"]
+ALL_SPECS = LOSSLESS_SPECS + CAST_SPECS + QUANT_SPECS + GRID_SPECS + BOUNDED_SPECS
 #: what an HDF5 layer can hold: hdf5plugin's SZ3 filter takes no predictor (tests/test_sz3_algo.py)
 HDF5_SPECS = [s for s in ALL_SPECS if "algo=" not in s]
 HDF5_BOUNDED_SPECS = [s for s in BOUNDED_SPECS if "algo=" not in s]
@@ -83,6 +85,10 @@ def error_bound(codec: Codec, x: np.ndarray) -> np.ndarray:
             return np.full_like(ax, config["abs"])
         # SZ3 takes the range in float32: up to half an ulp (2**-24 relative) above the exact one.
         return np.full_like(ax, config["rel"] * (float(x64.max()) - float(x64.min())) * (1 + 2.0**-23))
+    if config["id"] == "grid":
+        if "abs" in config:
+            return np.full_like(ax, config["abs"])
+        return np.full_like(ax, config["rel"] * (float(x64.max()) - float(x64.min())))
     raise AssertionError(f"test has no contract for {codec.spec}")
 
 
@@ -103,7 +109,7 @@ def assert_contract(codec: Codec, x: np.ndarray, y: np.ndarray) -> None:
         zeros &= np.broadcast_to((lo >= 0).reshape(shape), x.shape)  # kept where the channel min is 0
     if codec.keeps_zeros:
         assert np.all(y[zeros] == 0), f"{codec.spec}: {int(np.sum(y[zeros] != 0))} exact zeros not kept"
-    if codec.codec_id in ("zfp", "sz3") and x.min() >= 0:
+    if codec.codec_id in ("zfp", "sz3", "grid") and x.min() >= 0:
         assert y.min() >= 0, f"{codec.spec}: non-negative input decoded to {y.min()}"
 
 
@@ -135,7 +141,7 @@ def test_spec_round_trips(spec: str) -> None:
     assert codec_from_spec(codec.spec).spec == codec.spec
 
 
-@pytest.mark.parametrize("codec_id", sorted(EXPECTED_IDS - {"sz3"}))
+@pytest.mark.parametrize("codec_id", sorted(EXPECTED_IDS - {"sz3", "grid"}))
 def test_bare_id_builds_with_defaults_listed_in_params(codec_id: str) -> None:
     codec = codec_from_spec(codec_id)
     assert codec_from_config({"id": codec_id, **codec.params()}) == codec
@@ -151,6 +157,8 @@ def test_bare_id_builds_with_defaults_listed_in_params(codec_id: str) -> None:
     ("zfp:precision=12", {"precision": 12}),
     ("sz3:abs=0.001", {"abs": 0.001}),
     ("sz3:rel=0.01", {"rel": 0.01}),
+    ("grid:abs=0.02", {"abs": 0.02, "cname": "zstd", "clevel": 1, "shuffle": "byte"}),
+    ("grid:rel=0.05", {"rel": 0.05, "cname": "zstd", "clevel": 1, "shuffle": "byte"}),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_documented_defaults(spec: str, params: dict) -> None:
     assert _codec(spec).params() == params
@@ -170,6 +178,14 @@ def test_documented_defaults(spec: str, params: dict) -> None:
     ("sz3:rel=nan", CodecSpecError),
     ("sz3:abs=inf", CodecSpecError),
     ("sz3:abs=tight", CodecSpecError),
+    ("grid", CodecSpecError),
+    ("grid:abs=1e-3,rel=1e-3", CodecSpecError),
+    ("grid:abs=0", CodecSpecError),
+    ("grid:rel=1", CodecSpecError),
+    ("grid:rel=nan", CodecSpecError),
+    ("grid:abs=inf", CodecSpecError),
+    ("grid:abs=0.1,cname=gzip", CodecSpecError),
+    ("grid:abs=0.1,algo=nopred", CodecSpecError),
     ("zfp:accuracy=-1", CodecSpecError),
     ("zfp:accuracy=0", CodecSpecError),
     ("zfp:accuracy=0.1,rate=8", CodecSpecError),

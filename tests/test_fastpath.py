@@ -27,7 +27,7 @@ from fmcache.shards import merge_shards
 
 CODECS = ["raw", "blosc2:cname=lz4,clevel=5,shuffle=bit", "fp16", "fp16:cname=none", "bf16", "bf16:cname=none",
           "bf16:cname=zstd,clevel=1,shuffle=byte", "int8", "int8:cname=none", "int4", "zfp:accuracy=0.01",
-          "sz3:abs=0.001"]
+          "sz3:abs=0.001", "grid:abs=0.02", "grid:rel=0.01,cname=none"]
 BACKENDS = ["lmdb", "hdf5"]
 
 

@@ -56,6 +56,27 @@ def test_h5dump_prints_decoded_values_within_the_bound(tmp_path, codec, bound):
         assert not np.array_equal(values, x.reshape(-1))
 
 
+@pytest.mark.parametrize("codec, bound", [("grid:abs=0.02", 0.02), ("grid:rel=0.01", None)])
+def test_h5dump_prints_grid_codes_and_steps_whose_product_is_within_the_bound(tmp_path, codec, bound):
+    """``grid`` stores integer codes and a step per sample (docs/codecs.md): h5dump prints
+    both, and ``q * step`` is the map within its bound."""
+    rng = np.random.default_rng(1)
+    x = (rng.lognormal(size=(3, 5, 4, 6)) * (rng.random((3, 5, 4, 6)) > 0.45)).astype(np.float32)
+    path = tmp_path / "c.h5"
+    with fmcache.create_cache(path) as w:
+        w.add_layer("layer2", x.shape[1:], codec=codec)
+        w.append({"layer2": x}, [0, 1, 2])
+        w.commit()
+    q = printed_values(h5dump("-y", "-w", "0", "-d", "/layers/layer2/all/q", str(path))).reshape(x.shape)
+    step = printed_values(h5dump("-m", "%.9g", "-y", "-w", "0", "-d", "/layers/layer2/all/step", str(path)))
+    assert q.size == x.size and step.shape == (3,) and np.all(q == np.rint(q))
+    values = (q.astype(np.float32) * step.astype(np.float32)[:, None, None, None]).astype(np.float64)
+    span = x.max(axis=(1, 2, 3), keepdims=True).astype(np.float64) - x.min(axis=(1, 2, 3), keepdims=True)
+    bound_arr = np.full(x.shape, bound) if bound is not None else 0.01 * span * np.ones(x.shape)
+    assert np.all(np.abs(values - x) <= bound_arr)
+    assert not np.array_equal(values, x)
+
+
 def test_h5dump_shows_the_manifest(tmp_path):
     path = tmp_path / "c.h5"
     with fmcache.create_cache(path) as w:

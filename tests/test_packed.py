@@ -85,7 +85,7 @@ def test_a_channelwise_codec_decodes_a_channel_alike_whatever_shares_its_map(spe
     assert same_bits(np.ascontiguousarray(whole[subset]), alone)
 
 
-@pytest.mark.parametrize("spec", ["sz3:rel=0.05", "zfp:accuracy=0.01"])
+@pytest.mark.parametrize("spec", ["sz3:rel=0.05", "zfp:accuracy=0.01", "grid:rel=0.05"])
 def test_error_bounded_codecs_are_not_channelwise_and_their_tiers_stay_apart(tmp_path, spec):
     assert not codec_from_spec(spec).channelwise
     plan = TierPlan.two_tier(4, [1], spec, spec)

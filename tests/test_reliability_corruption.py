@@ -34,7 +34,7 @@ from fmcache.backends.hdf5_backend import dataset_path
 from fmcache.cli import main
 from fmcache.errors import CorruptionError
 
-HDF5_CODECS = ["raw", "zfp:accuracy=0.01", "sz3:abs=0.001", "blosc2", "int8", "bf16"]
+HDF5_CODECS = ["raw", "zfp:accuracy=0.01", "sz3:abs=0.001", "blosc2", "int8", "bf16", "grid:abs=0.02"]
 FLETCHER32 = 3  # H5Z_FILTER_FLETCHER32
 
 

@@ -23,7 +23,7 @@ from fmcache.manifest import Manifest
 from fmcache.record import pack_record, unpack_record
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CODECS = ["raw", "blosc2", "fp16", "bf16", "int8", "int4", "zfp:accuracy=0.01", "sz3:abs=0.001"]
+CODECS = ["raw", "blosc2", "fp16", "bf16", "int8", "int4", "zfp:accuracy=0.01", "sz3:abs=0.001", "grid:abs=0.02"]
 MEMORY_LIMIT_BYTES = 3 << 30
 
 
