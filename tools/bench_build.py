@@ -7,12 +7,14 @@ turn: one inference-mode forward pass of the prefix over the data (what classic 
 per epoch, and the least any cache build can cost), and :func:`fmcache.build_cache` of that
 boundary with the default codec (``bf16``) on LMDB and on HDF5, and with SZ3
 (``sz3:rel=0.02``) on LMDB, with SZ3's default predictor and without prediction
-(``sz3nopred-lmdb``, ``algo=nopred``, since session 20). Wall seconds; the ratios are medians of per-repeat ratios
+(``sz3nopred-lmdb``, ``algo=nopred``, since session 20), and with ``grid:abs=0.02``, the
+compact codec of ``bench_read``, on both backends (``grid-lmdb``, ``grid-hdf5``, since
+session 22). Wall seconds; the ratios are medians of per-repeat ratios
 (build / forward pass of the same repeat), so a neighbour's load hits both alike.
 ``bench_train`` times each build once inside a 25-minute run; this is the repeated
 measurement that ``tools/bench_targets.py`` checks the build target against.
 
-    python tools/bench_build.py            # width 16, 2048 samples, layer1-3, 5 repeats (~5 min)
+    python tools/bench_build.py            # width 16, 2048 samples, layer1-3, 5 repeats (~8 min)
     python tools/bench_build.py --quick    # 256 samples, layer3, 2 repeats; docs untouched
 
 ``--sz3-ablation`` adds ``sz3abs-lmdb`` (``sz3:abs=0.02``, ``bench_read``'s compact codec)
@@ -71,7 +73,8 @@ from fmcache.memory import tune_allocator
 from fmcache.zoo import FashionMNIST, pretrained_resnet, split_at
 
 BUILDS = {"bf16-lmdb": ("bf16", ".lmdb"), "bf16-hdf5": ("bf16", ".h5"), "sz3-lmdb": ("sz3:rel=0.02", ".lmdb"),
-          "sz3nopred-lmdb": ("sz3:rel=0.02,algo=nopred", ".lmdb")}
+          "sz3nopred-lmdb": ("sz3:rel=0.02,algo=nopred", ".lmdb"), "grid-lmdb": ("grid:abs=0.02", ".lmdb"),
+          "grid-hdf5": ("grid:abs=0.02", ".h5")}
 GIL_HELD = "bf16-lmdb-gil-held"
 #: ``--sz3-ablation``: SZ3 with bench_read's compact bound (an absolute one: slower to
 #: encode than ``rel=0.02`` on these maps), then builds without session 21's changes

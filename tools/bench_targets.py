@@ -124,7 +124,8 @@ def targets(bench: dict[str, Any], label: str = "", *, train_build_rows: bool = 
     if build:
         for boundary, entry in build["boundaries"].items():
             for key, limit in (("bf16-lmdb", 1.1), ("bf16-hdf5", 1.1), ("sz3-lmdb", 1.5), ("sz3nopred-lmdb", 1.5),
-                               ("sz3abs-lmdb", 1.5)):  # the last with --sz3-ablation (session 21)
+                               ("sz3abs-lmdb", 1.5),  # with --sz3-ablation (session 21)
+                               ("grid-lmdb", 1.5), ("grid-hdf5", 1.5)):  # the compact codec (session 22)
                 if key in entry["vs_forward"]:
                     at_most(f"{boundary}: build {key} / one prefix forward pass (bench_build, median of "
                             f"{build['settings']['repeats']})", entry["vs_forward"][key], limit)

@@ -248,7 +248,8 @@ def item_timing(samples: int = 1024, repeats: int = 3, batch: int = 128) -> dict
 
 POLICY_CODECS = ("int8:cname=zstd,clevel=1,shuffle=bit", "int4:cname=zstd,clevel=1,shuffle=bit",
                  "fp16:cname=zstd,clevel=1,shuffle=byte", "bf16:cname=zstd,clevel=1,shuffle=byte",
-                 "zfp:accuracy=0.05", "zfp:accuracy=0.1", "sz3:rel=0.01", "sz3:rel=0.05")
+                 "zfp:accuracy=0.05", "zfp:accuracy=0.1", "sz3:rel=0.01", "sz3:rel=0.05",
+                 "grid:rel=0.01", "grid:rel=0.05")
 
 
 def policy_codecs(width: int = 16, samples: int = 128) -> list[dict[str, Any]]:
