@@ -618,12 +618,14 @@ def test_hdf5_per_sample_reads_of_chunk_per_sample_parts_match_batch_reads(tmp_p
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=st.one_of(post_relu_maps(), feature_maps(max_abs=6e4)), spec=st.sampled_from(
-    ["bf16", "fp16", "bf16:cname=none", "int8", "raw"]), layout=st.sampled_from(["plain", "readonly", "strided"]))
+    ["bf16", "fp16", "bf16:cname=none", "int8", "raw", "grid:abs=0.02", "grid:rel=0.01"]), layout=st.sampled_from(["plain", "readonly", "strided"]))
 def test_hdf5_row_reader_equals_from_hdf5_into(x: np.ndarray, spec: str, layout: str) -> None:
     """A codec's per-chunk row reader (the HDF5 backend's per-sample path) decodes each
     row to the same bits as ``from_hdf5_into`` of that row alone, NaN / Inf included;
     stored rows it cannot view (read-only, strided) take the general reader; for the
-    casts' own reader an ``out`` of another shape is a ValueError, not a broadcast."""
+    casts' and grid's own readers an ``out`` of another shape is a ValueError, not a
+    broadcast (grid: the zero map of a ``rel`` codec and the 6e4 maps of ``abs=0.02`` are
+    stored exactly, NaN step)."""
     codec = codec_from_spec(spec)
     x = x.copy()
     if codec.stores_nonfinite:
@@ -641,7 +643,7 @@ def test_hdf5_row_reader_equals_from_hdf5_into(x: np.ndarray, spec: str, layout:
                                         np.empty((1, *x.shape), np.float32))[0]
         out = np.full(x.shape, 7.0, np.float32)
         assert read(k, out) is out and same_bits(out, expected), k
-    if spec.startswith(("bf16", "fp16")) and layout == "plain":  # the casts' own reader checks the shape
+    if spec.startswith(("bf16", "fp16", "grid")) and layout == "plain":  # their own readers check the shape
         with pytest.raises(ValueError):
             read(0, np.empty((1, *x.shape), np.float32))
 
