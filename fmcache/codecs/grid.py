@@ -29,6 +29,7 @@ exactly and ``q`` holds its float32 bit patterns.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -249,7 +250,7 @@ class Grid(Codec):
             if out.shape != shape:
                 raise ValueError(f"stored codes of shape {shape}, expected {out.shape}")
             step = step_list[k]
-            if step != step:  # NaN: stored exactly, the float32 bits
+            if math.isnan(step):  # stored exactly, the float32 bits
                 out[...] = codes[k].view(_F32)
             elif not (0 < step < float("inf")):
                 raise ValueError(f"row {k}: step {step!r} is no grid step")
