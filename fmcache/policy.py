@@ -90,13 +90,13 @@ class CompressionPolicy:
         ======================  =========================  =====================
         <= 0.35 (stem, layer1)  int8 + zstd (~5x, 0.4 %)   fp16 + zstd (~3x)
         <= 0.55 (layer2)        int4 + zstd (~10x, 6 %)    int8 + zstd (~5x)
-        beyond (layer3, ...)    sz3 rel 0.05 (~11-16x)     int4 + zstd (~7-10x)
+        beyond (layer3, ...)    grid rel 0.05 (~12-15x)    int4 + zstd (~7-10x)
         ======================  =========================  =====================
         """
         return cls([
             PolicyStage(0.35, "int8:cname=zstd,clevel=1,shuffle=bit", "fp16:cname=zstd,clevel=1,shuffle=byte"),
             PolicyStage(0.55, "int4:cname=zstd,clevel=1,shuffle=bit", "int8:cname=zstd,clevel=1,shuffle=bit"),
-            PolicyStage(1.0, "sz3:rel=0.05", "int4:cname=zstd,clevel=1,shuffle=bit"),
+            PolicyStage(1.0, "grid:rel=0.05", "int4:cname=zstd,clevel=1,shuffle=bit"),
         ])
 
     def stage_for(self, frozen_fraction: float) -> PolicyStage:

@@ -14,12 +14,12 @@ from fmcache.zoo import cifar_resnet18
 INT8 = codec_from_spec("int8:cname=zstd,clevel=1,shuffle=bit").spec
 INT4 = codec_from_spec("int4:cname=zstd,clevel=1,shuffle=bit").spec
 FP16 = codec_from_spec("fp16:cname=zstd,clevel=1,shuffle=byte").spec
-SZ3 = codec_from_spec("sz3:rel=0.05").spec
+GRID = codec_from_spec("grid:rel=0.05").spec
 
 
 @pytest.mark.parametrize(("fraction", "bulk", "sensitive"), [
     (0.0, INT8, FP16), (1 / 6, INT8, FP16), (2 / 6, INT8, FP16), (0.35, INT8, FP16),
-    (0.5, INT4, INT8), (0.55, INT4, INT8), (4 / 6, SZ3, INT4), (1.0, SZ3, INT4),
+    (0.5, INT4, INT8), (0.55, INT4, INT8), (4 / 6, GRID, INT4), (1.0, GRID, INT4),
 ], ids=["none", "stem", "layer1", "edge1", "layer2", "edge2", "layer3", "all"])
 def test_default_policy_loosens_with_depth(fraction, bulk, sensitive):
     assert CompressionPolicy.default().codecs_for(fraction) == (bulk, sensitive)

@@ -80,6 +80,9 @@ DEFAULT_CODECS = (
     "int8:cname=lz4,clevel=5,shuffle=bit",
     "int8:cname=zstd,clevel=1,shuffle=bit",
     "int4:cname=lz4,clevel=5,shuffle=bit",
+    "grid:abs=0.01",
+    "grid:abs=0.05",
+    "grid:rel=0.01",
     "zfp:accuracy=0.01",
     "zfp:accuracy=0.05",
     "zfp:rate=8",
@@ -411,7 +414,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="test images (default 256; --quick 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (median; >= 3)")
     parser.add_argument("--min-pass-s", type=float, help="shortest timed pass, seconds (default 0.2; --quick 0.05)")
-    parser.add_argument("--codecs", nargs="+", metavar="SPEC", help="codec specs (default: a list of 18)")
+    parser.add_argument("--codecs", nargs="+", metavar="SPEC", help=f"codec specs (default: a list of {len(DEFAULT_CODECS)})")
     parser.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), metavar="NAME")
     parser.add_argument("--out-dir", help="where bench_codecs.{json,png} go (default docs; --quick: none)")
     parser.add_argument("--markdown", help="file with the bench markers (default docs/codecs.md; --quick: none)")
