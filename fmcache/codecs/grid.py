@@ -4,7 +4,7 @@ Every value is rounded to the nearest point of a grid ``k * step`` with ``step``
 under twice the bound: SZ3's linear quantiser without its predictor (``sz3:algo=nopred``
 stores about as small on post-ReLU maps), with the codes in the narrowest integer type
 that holds them and blosc2 (zstd-1, byte shuffle by default) in place of SZ3's Huffman
-and zstd stages, which decode 3-4x faster per sample (docs/codecs.md, "grid").
+and zstd stages: 2.4-4x SZ3's decode speed per sample (docs/codecs.md, "grid").
 
 Error contract, per sample: ``|x - x'| <= abs``, or ``<= rel * (max(x) - min(x))``.
 Exact zeros decode to exact zeros (0 is a grid point), non-negative maps stay
