@@ -445,3 +445,33 @@ def test_chunk_checksums_recorded_without_their_attribute_are_damage(tmp_path):
         del fh[dataset_path("layer/1", "all", "bits")].attrs[FORMAT_ATTR]
     with fmcache.open_cache(path) as cache, pytest.raises(CorruptionError, match="attribute is missing or damaged"):
         cache.read("layer/1", 3)
+
+
+def test_damaged_root_attributes_are_corruption_errors(tmp_path):
+    """Each bit of the root attributes' header messages around ``fmcache_manifest_crc32``
+    flipped in turn: the cache opens and reads as committed, or fails with fmcache's
+    typed error. One flip made h5py's attribute read raise a bare TypeError ("No NumPy
+    equivalent for TypeTimeID exists": a helper's damage sweep of a grid cache)."""
+    x = maps(8, shape=(3, 16))
+    path = tmp_path / "c.h5"
+    build(path, x, "grid:abs=0.02", batches=(8,), spc=4)
+    with fmcache.open_cache(path) as cache:
+        truth = cache.read_batch("layer/1", np.arange(8))
+    blob = bytearray(path.read_bytes())
+    at = blob.find(b"fmcache_manifest_crc32")
+    assert at > 0
+    outcomes = set()
+    for k in range(at - 40, min(at + 64, len(blob))):
+        for bit in range(8):
+            damaged = bytearray(blob)
+            damaged[k] ^= 1 << bit
+            path.write_bytes(damaged)
+            try:
+                with fmcache.open_cache(path) as cache:
+                    got = cache.read_batch("layer/1", np.arange(8))
+                assert np.array_equal(got, truth), f"byte {k} bit {bit}: other values"
+                outcomes.add("same")
+            except fmcache.errors.FmcacheError as exc:
+                outcomes.add(type(exc).__name__)
+    path.write_bytes(blob)
+    assert "CorruptionError" in outcomes, outcomes

@@ -313,9 +313,12 @@ class Hdf5Backend(Backend):
                 return None
             data = (text if isinstance(text, str) else bytes(text).decode()).encode()
             crc = attrs.get(f"fmcache_{key}_crc32")
-        except (OSError, RuntimeError, KeyError, ValueError, UnicodeError) as exc:  # damaged attribute or header
-            raise CorruptionError(f"{self.path}: the {key} attribute cannot be read ({exc})") from None
-        if crc is None or int(crc) != zlib.crc32(data):
+            crc = None if crc is None else int(crc)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError) as exc:
+            # a damaged attribute or header: h5py may not even find a numpy type for it
+            raise CorruptionError(f"{self.path}: the {key} attribute cannot be read "
+                                  f"({type(exc).__name__}: {exc})") from None
+        if crc is None or crc != zlib.crc32(data):
             raise CorruptionError(f"{self.path}: the {key} attribute fails its checksum")
         return data
 

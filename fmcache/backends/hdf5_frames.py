@@ -63,12 +63,12 @@ def written_as_frames(ds: h5py.Dataset) -> bool:
     the attribute cannot be read)."""
     try:
         value = ds.attrs.get(FORMAT_ATTR)
+        if value is None:
+            return False
+        return (value if isinstance(value, str) else bytes(value).decode("ascii", "replace")) == FORMAT
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError) as exc:
         raise CorruptionError(f"{ds.file.filename}: the {FORMAT_ATTR} attribute of {ds.name} cannot be read "
                               f"({type(exc).__name__}: {exc}; its header is damaged)") from None
-    if value is None:
-        return False
-    return (value if isinstance(value, str) else bytes(value).decode("ascii", "replace")) == FORMAT
 
 
 _WEIGHTS: list[np.ndarray] = [np.arange(0, dtype=np.int64)]  # 0, 1, 2, ...: grown as needed

@@ -57,6 +57,10 @@ _I32 = np.dtype("<i4")
 #: (:func:`grid_step`)
 STEP_MARGIN = 2.0**-7
 _TINY = float(np.finfo(np.float32).tiny)
+_SPEC_HINT = ("e.g. 'grid:abs=0.02' (every value within 0.02) or 'grid:rel=0.01' (within 1 % of each "
+              "sample's value range)")
+#: values :func:`_existing_grid` probes before it checks a whole map
+_PROBE = 256
 
 
 def sample_bound(x: np.ndarray, mode: str, bound: float) -> float:
@@ -79,6 +83,50 @@ def grid_step(max_abs: float, bound: float) -> float:
     return float(np.float32(2.0 * bound * (1.0 - margin)))
 
 
+def _kind_for(top: float) -> int | None:
+    """The narrowest code kind whose integers reach ``top`` (None: past 2**24)."""
+    return next((k for k, limit in _LIMITS if top <= limit), None)
+
+
+def _existing_grid(x: np.ndarray, step: float) -> tuple[int, float, np.ndarray] | None:
+    """``(kind, s, codes)`` where every value of ``x`` is exactly ``float32(q) * s`` for a
+    step ``s`` no finer than half of ``step``, the one the sample would get: a map this
+    codec decoded (``compact`` without a new codec, a cache read and written again).
+    Storing it on its own grid keeps every value, where a new grid would round them
+    again (in ``rel`` mode the decoded range moves the step). None otherwise.
+
+    A strided probe of the values finds a candidate cheaply (its smallest magnitude is
+    ``k`` steps; the first few values must be whole multiples of a ``k``-th of it), and
+    only a candidate that holds on the probe is checked on every value.
+    """
+    flat = x.reshape(-1)
+    probe = flat[::max(1, flat.size // _PROBE)]
+    nonzero = probe[probe != 0]
+    if nonzero.size == 0:
+        return None
+    smallest = float(np.abs(nonzero).min())
+    k_est = round(smallest / step)
+    if k_est > 1 << 20:
+        return None
+    ratios = [v / smallest for v in nonzero[:4].tolist()]  # Python floats: a few values cost less so
+    for k in range(max(1, k_est - 2), k_est + 3):
+        if any(abs(r * k - round(r * k)) > 1e-3 + 1e-6 * abs(r * k) for r in ratios):
+            continue
+        base = np.float32(smallest / k)
+        for s in (base, np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(0))):
+            if not (s >= step / 2 and s >= _TINY):
+                continue
+            inv = np.float32(1.0) / s
+            if not np.isfinite(inv) or not np.array_equal(np.rint(nonzero * inv) * s, nonzero):
+                continue
+            q = x * inv
+            np.rint(q, out=q)
+            kind = _kind_for(max(float(q.max()), -float(q.min())))
+            if kind is not None and np.array_equal(q * s, x):
+                return kind, float(s), q.astype(CODE_DTYPES[kind])
+    return None
+
+
 def _grid(x: np.ndarray, bound: float) -> tuple[int, float, np.ndarray | None]:
     """``(kind, step, codes)`` of a finite float32 sample for its ``bound``; kind 0 (and
     codes None) where no grid within float32 honours the bound.
@@ -87,13 +135,17 @@ def _grid(x: np.ndarray, bound: float) -> tuple[int, float, np.ndarray | None]:
     against the bound (in float32, against a threshold 2**-20 under it, which float32's
     rounding of the difference cannot cross); a sample that fails (none should, with
     :func:`grid_step`'s margin) is redone in float64, then stored exactly if that fails
-    too.
+    too. A sample already on a grid (:func:`_existing_grid`) keeps it, and its values.
     """
     if not bound > 0:
         return KIND_EXACT, 0.0, None
-    step = np.float32(grid_step(max(float(x.max()), -float(x.min())), bound))
+    with np.errstate(over="ignore"):  # a bound past float32's range: no grid (stored exactly)
+        step = np.float32(grid_step(max(float(x.max()), -float(x.min())), bound))
     if not np.isfinite(step) or step < _TINY or not np.isfinite(np.float32(1.0) / step):
         return KIND_EXACT, 0.0, None
+    existing = _existing_grid(x, float(step))
+    if existing is not None:
+        return existing
     threshold = np.float32(bound * (1.0 - 2.0**-20))
     for wide in (False, True):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -103,7 +155,7 @@ def _grid(x: np.ndarray, bound: float) -> tuple[int, float, np.ndarray | None]:
                 q = x * (np.float32(1.0) / step)
                 np.rint(q, out=q)
             top = max(float(q.max()), -float(q.min()))
-        kind = next((k for k, limit in _LIMITS if top <= limit), None)
+        kind = _kind_for(top)
         if kind is None:
             return KIND_EXACT, 0.0, None
         decoded = q * step  # float32(q) * step, as the decoder computes it
@@ -139,15 +191,14 @@ class Grid(Codec):
     def __init__(self, abs: float | None = None, rel: float | None = None, cname: str = "zstd", clevel: int = 1,
                  shuffle: str = "byte") -> None:
         if (abs is None) == (rel is None):
-            raise CodecSpecError(f"codec {self.codec_id!r} takes exactly one of abs= and rel=, "
-                                 f"e.g. 'grid:abs=0.02' or 'grid:rel=0.01'")
+            raise CodecSpecError(f"codec {self.codec_id!r} takes exactly one of abs= and rel=", hint=_SPEC_HINT)
         if abs is not None:
             self.mode, self.bound = "abs", float(check_positive(self.codec_id, "abs", abs))
         else:
             self.mode, self.bound = "rel", float(check_positive(self.codec_id, "rel", rel))
             if self.bound >= 1:
                 raise CodecSpecError(f"codec {self.codec_id!r}: rel={rel!r} must be below 1 "
-                                     "(a fraction of the sample's value range)")
+                                     "(a fraction of the sample's value range)", hint=_SPEC_HINT)
         self.stage = LosslessStage.checked(self.codec_id, cname, clevel, shuffle)
 
     def params(self) -> dict[str, Any]:
@@ -216,7 +267,8 @@ class Grid(Codec):
         return [
             Hdf5Field("q", _I32, sample_shape, self.stage.hdf5_filter(),
                       attrs={"encoding": "x = q * step; where step is NaN, q holds the float32 bits (stored exactly)"}),
-            Hdf5Field("step", _F32, ()),
+            Hdf5Field("step", _F32, (), attrs={"encoding": "each sample's grid step: x = q * step; NaN: the sample "
+                                                           "is stored exactly, q holds its float32 bits"}),
         ]
 
     def to_hdf5(self, batch: np.ndarray) -> dict[str, np.ndarray]:
