@@ -88,27 +88,30 @@ def _kind_for(top: float) -> int | None:
     return next((k for k, limit in _LIMITS if top <= limit), None)
 
 
-def _existing_grid(x: np.ndarray, step: float) -> tuple[int, float, np.ndarray] | None:
+def _existing_grid(x: np.ndarray, step: float, extreme: float) -> tuple[int, float, np.ndarray] | None:
     """``(kind, s, codes)`` where every value of ``x`` is exactly ``float32(q) * s`` for a
     step ``s`` no finer than half of ``step``, the one the sample would get: a map this
     codec decoded (``compact`` without a new codec, a cache read and written again).
     Storing it on its own grid keeps every value, where a new grid would round them
     again (in ``rel`` mode the decoded range moves the step). None otherwise.
 
-    A strided probe of the values finds a candidate cheaply (its smallest magnitude is
-    ``k`` steps; the first few values must be whole multiples of a ``k``-th of it), and
-    only a candidate that holds on the probe is checked on every value.
+    A strided probe of the values and ``extreme``, the sample's value of largest
+    magnitude (so a sparse map's probe is never empty), find a candidate cheaply: the
+    smallest magnitude among them is ``k`` steps, and the first few must be whole
+    multiples of a ``k``-th of it. Only a candidate that holds on the probe is checked on
+    every value. In ``rel`` mode the decoded range moves the step by about one part in
+    ``k_max`` (the extreme's code), so ``k`` is found within two of its estimate.
     """
+    if extreme == 0:
+        return None
     flat = x.reshape(-1)
     probe = flat[::max(1, flat.size // _PROBE)]
     nonzero = probe[probe != 0]
-    if nonzero.size == 0:
-        return None
-    smallest = float(np.abs(nonzero).min())
+    smallest = min(float(np.abs(nonzero).min()), abs(extreme)) if nonzero.size else abs(extreme)
     k_est = round(smallest / step)
     if k_est > 1 << 20:
         return None
-    ratios = [v / smallest for v in nonzero[:4].tolist()]  # Python floats: a few values cost less so
+    ratios = [v / smallest for v in [*nonzero[:3].tolist(), extreme]]  # Python floats: cheaper for a few
     for k in range(max(1, k_est - 2), k_est + 3):
         if any(abs(r * k - round(r * k)) > 1e-3 + 1e-6 * abs(r * k) for r in ratios):
             continue
@@ -139,11 +142,12 @@ def _grid(x: np.ndarray, bound: float) -> tuple[int, float, np.ndarray | None]:
     """
     if not bound > 0:
         return KIND_EXACT, 0.0, None
+    high, low = float(x.max()), float(x.min())
     with np.errstate(over="ignore"):  # a bound past float32's range: no grid (stored exactly)
-        step = np.float32(grid_step(max(float(x.max()), -float(x.min())), bound))
+        step = np.float32(grid_step(max(high, -low), bound))
     if not np.isfinite(step) or step < _TINY or not np.isfinite(np.float32(1.0) / step):
         return KIND_EXACT, 0.0, None
-    existing = _existing_grid(x, float(step))
+    existing = _existing_grid(x, float(step), high if high >= -low else low)
     if existing is not None:
         return existing
     threshold = np.float32(bound * (1.0 - 2.0**-20))
