@@ -31,17 +31,23 @@ def printed_values(text: str) -> np.ndarray:
     return np.array([float(v) for v in re.split(r"[,\s]+", body.strip()) if v])
 
 
-@pytest.mark.parametrize("codec, bound", [("zfp:accuracy=0.01", 0.01), ("sz3:abs=0.001", 0.001),
-                                          ("sz3:rel=0.001", None), ("blosc2:cname=zstd,clevel=3", 0.0),
-                                          ("blosc2:cname=lz4hc,clevel=1", 0.0), ("fp16", None)])
-def test_h5dump_prints_decoded_values_within_the_bound(tmp_path, codec, bound):
-    rng = np.random.default_rng(0)
+def _three_maps_cache(tmp_path, codec: str, seed: int):
+    """Three post-ReLU-like maps (3, 5, 4, 6) in an HDF5 cache's layer ``layer2``."""
+    rng = np.random.default_rng(seed)
     x = (rng.lognormal(size=(3, 5, 4, 6)) * (rng.random((3, 5, 4, 6)) > 0.45)).astype(np.float32)
     path = tmp_path / "c.h5"
     with fmcache.create_cache(path) as w:
         w.add_layer("layer2", x.shape[1:], codec=codec)
         w.append({"layer2": x}, [0, 1, 2])
         w.commit()
+    return x, path
+
+
+@pytest.mark.parametrize("codec, bound", [("zfp:accuracy=0.01", 0.01), ("sz3:abs=0.001", 0.001),
+                                          ("sz3:rel=0.001", None), ("blosc2:cname=zstd,clevel=3", 0.0),
+                                          ("blosc2:cname=lz4hc,clevel=1", 0.0), ("fp16", None)])
+def test_h5dump_prints_decoded_values_within_the_bound(tmp_path, codec, bound):
+    x, path = _three_maps_cache(tmp_path, codec, seed=0)
     printed = h5dump("-m", "%.9g", "-y", "-w", "0", "-d", "/layers/layer2/all/values", str(path))
     values = printed_values(printed).astype(np.float32).astype(np.float64)  # %.9g round-trips float32
     assert values.size == x.size
@@ -60,13 +66,7 @@ def test_h5dump_prints_decoded_values_within_the_bound(tmp_path, codec, bound):
 def test_h5dump_prints_grid_codes_and_steps_whose_product_is_within_the_bound(tmp_path, codec, bound):
     """``grid`` stores integer codes and a step per sample (docs/codecs.md): h5dump prints
     both, and ``q * step`` is the map within its bound."""
-    rng = np.random.default_rng(1)
-    x = (rng.lognormal(size=(3, 5, 4, 6)) * (rng.random((3, 5, 4, 6)) > 0.45)).astype(np.float32)
-    path = tmp_path / "c.h5"
-    with fmcache.create_cache(path) as w:
-        w.add_layer("layer2", x.shape[1:], codec=codec)
-        w.append({"layer2": x}, [0, 1, 2])
-        w.commit()
+    x, path = _three_maps_cache(tmp_path, codec, seed=1)
     q = printed_values(h5dump("-y", "-w", "0", "-d", "/layers/layer2/all/q", str(path))).reshape(x.shape)
     step = printed_values(h5dump("-m", "%.9g", "-y", "-w", "0", "-d", "/layers/layer2/all/step", str(path)))
     assert q.size == x.size and step.shape == (3,) and np.all(q == np.rint(q))

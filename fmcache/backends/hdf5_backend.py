@@ -312,12 +312,9 @@ class Hdf5Backend(Backend):
             if text is None:
                 return None
             data = (text if isinstance(text, str) else bytes(text).decode()).encode()
-            crc = attrs.get(f"fmcache_{key}_crc32")
-            crc = None if crc is None else int(crc)
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError) as exc:
-            # a damaged attribute or header: h5py may not even find a numpy type for it
-            raise CorruptionError(f"{self.path}: the {key} attribute cannot be read "
-                                  f"({type(exc).__name__}: {exc})") from None
+            crc = None if (raw := attrs.get(f"fmcache_{key}_crc32")) is None else int(raw)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError) as exc:  # h5py: damaged types
+            raise CorruptionError(f"{self.path}: the {key} attribute cannot be read ({type(exc).__name__}: {exc})") from None
         if crc is None or crc != zlib.crc32(data):
             raise CorruptionError(f"{self.path}: the {key} attribute fails its checksum")
         return data

@@ -414,3 +414,18 @@ def check_positive(codec_id: str, name: str, value: Any, *, integer: bool = Fals
     if not number > 0 or not np.isfinite(number):
         raise CodecSpecError(f"codec {codec_id!r}: {name}={value!r} must be > 0")
     return number
+
+
+def check_bound(codec_id: str, abs: Any, rel: Any, hint: str) -> tuple[str, float]:
+    """``("abs", bound)`` or ``("rel", bound)`` from an error-bounded codec's two exclusive
+    parameters (``sz3``, ``grid``): CodecSpecError naming the codec, with ``hint``, for
+    neither or both, a bound that is no positive number, or ``rel`` not below 1."""
+    if (abs is None) == (rel is None):
+        raise CodecSpecError(f"codec {codec_id!r} takes exactly one of abs= and rel=", hint=hint)
+    if abs is not None:
+        return "abs", float(check_positive(codec_id, "abs", abs))
+    bound = float(check_positive(codec_id, "rel", rel))
+    if bound >= 1:
+        raise CodecSpecError(f"codec {codec_id!r}: rel={rel!r} must be below 1 (a fraction of the sample's "
+                             "value range)", hint=hint)
+    return "rel", bound

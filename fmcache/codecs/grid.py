@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CodecSpecError, CorruptionError
-from .base import Codec, Hdf5Field, batch_views, check_positive, scratch_array
+from ..errors import CorruptionError
+from .base import Codec, Hdf5Field, batch_views, check_bound, scratch_array
 from .registry import register_codec
 from .stage import LosslessStage
 
@@ -194,15 +194,7 @@ class Grid(Codec):
 
     def __init__(self, abs: float | None = None, rel: float | None = None, cname: str = "zstd", clevel: int = 1,
                  shuffle: str = "byte") -> None:
-        if (abs is None) == (rel is None):
-            raise CodecSpecError(f"codec {self.codec_id!r} takes exactly one of abs= and rel=", hint=_SPEC_HINT)
-        if abs is not None:
-            self.mode, self.bound = "abs", float(check_positive(self.codec_id, "abs", abs))
-        else:
-            self.mode, self.bound = "rel", float(check_positive(self.codec_id, "rel", rel))
-            if self.bound >= 1:
-                raise CodecSpecError(f"codec {self.codec_id!r}: rel={rel!r} must be below 1 "
-                                     "(a fraction of the sample's value range)", hint=_SPEC_HINT)
+        self.mode, self.bound = check_bound(self.codec_id, abs, rel, _SPEC_HINT)
         self.stage = LosslessStage.checked(self.codec_id, cname, clevel, shuffle)
 
     def params(self) -> dict[str, Any]:

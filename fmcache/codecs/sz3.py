@@ -20,7 +20,7 @@ import pysz
 
 from ..errors import CodecSpecError, EncodeError
 from . import sz3_child
-from .base import as_2d_view, check_positive, shape_header
+from .base import as_2d_view, check_bound, shape_header
 from .bounded import BoundedCodec, frame, unframe_into, view_shape
 from .registry import register_codec
 from .sz3_process import ProcessGone, active_process
@@ -82,16 +82,7 @@ class Sz3(BoundedCodec):
         # without prediction a value is quantized on its own, and 0 lands on the zero bin,
         # which decodes to 0 exactly (tested with the contracts, tests/test_codecs.py)
         self.keeps_zeros = algo == "nopred"
-        if (abs is None) == (rel is None):
-            raise CodecSpecError(f"codec {self.codec_id!r} takes exactly one of abs= and rel=, "
-                                 f"e.g. 'sz3:abs=1e-3' or 'sz3:rel=1e-3'")
-        if abs is not None:
-            self.mode, self.bound = "abs", float(check_positive(self.codec_id, "abs", abs))
-        else:
-            self.mode, self.bound = "rel", float(check_positive(self.codec_id, "rel", rel))
-            if self.bound >= 1:
-                raise CodecSpecError(f"codec {self.codec_id!r}: rel={rel!r} must be below 1 "
-                                     "(a fraction of the sample's value range)")
+        self.mode, self.bound = check_bound(self.codec_id, abs, rel, "e.g. 'sz3:abs=1e-3' or 'sz3:rel=1e-3'")
 
     def params(self) -> dict[str, Any]:
         return {self.mode: self.bound, **({"algo": self.algo} if self.algo != self.DEFAULT_ALGO else {})}
