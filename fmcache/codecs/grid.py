@@ -249,8 +249,8 @@ class Grid(Codec):
 
     def _dequantize_rows(self, payloads: Sequence[bytes | bytearray | memoryview], out: np.ndarray,
                          verified: bool) -> np.ndarray:
-        """Row by row (each row has its own code width and step), with the headers parsed
-        once for the batch."""
+        """Row by row (each row has its own code width and step) into the rows of ``out``,
+        the shape headers checked by :func:`batch_views` instead of decode's general path."""
         if not out.flags.c_contiguous:
             return self._decode_rows(payloads, out, verified)
         shape = out.shape[1:]
