@@ -110,7 +110,13 @@ def render_table(summary: dict[str, Any]) -> str:
               f"{'?' if samples is None else samples} samples, {'complete' if summary['complete'] else 'INCOMPLETE'})")]
     if not summary["complete"]:
         lines.append(f"  {summary['hint']}")
-    header = f"  {'layer':<16} {'shape':<14} {'tier':<10} {'ch':>4}  {'codec':<34} {'raw':>10} {'stored':>10} {'ratio':>6}"
+    # columns as wide as their longest entry (long layer names, full codec specs such as
+    # ``grid:rel=0.05,cname=zstd,clevel=1,shuffle=byte``), at least the usual widths
+    tiers = [t for layer in summary["layers"].values() for t in layer["tiers"]]
+    lw = max([16, *(len(name) for name in summary["layers"])])
+    tw = max([10, *(len(t["name"]) for t in tiers)])
+    cw = max([34, *(len(t["codec"]) for t in tiers)])
+    header = f"  {'layer':<{lw}} {'shape':<14} {'tier':<{tw}} {'ch':>4}  {'codec':<{cw}} {'raw':>10} {'stored':>10} {'ratio':>6}"
     lines.append(header)
     for name, layer in summary["layers"].items():
         shape = "x".join(map(str, layer["shape"]))
@@ -121,17 +127,17 @@ def render_table(summary: dict[str, Any]) -> str:
         for i, (tier, channels, codec, raw, stored) in enumerate(rows):
             sizes = f"{'':>10} {'':>10} {'':>6}" if raw is None else (
                 f"{_size(raw):>10} {_size(stored):>10} {raw / stored if stored else 0.0:>5.1f}x")
-            lines.append(f"  {name if i == 0 else '':<16} {shape if i == 0 else '':<14} {tier:<10} "
-                         f"{channels:>4}  {codec:<34} {sizes}")
+            lines.append(f"  {name if i == 0 else '':<{lw}} {shape if i == 0 else '':<14} {tier:<{tw}} "
+                         f"{channels:>4}  {codec:<{cw}} {sizes}")
         if layer["variants"]:
-            lines.append(f"  {'':<16} {'':<14} variants: {', '.join(layer['variants'])}  "
+            lines.append(f"  {'':<{lw}} {'':<14} variants: {', '.join(layer['variants'])}  "
                          f"stored {_size(layer.get('variant_stored_bytes', 0))}")
         sens = layer.get("sensitivity")
         if sens:
             counts = sens.get("histogram", [])
             counts = counts.get("counts", []) if isinstance(counts, dict) else counts  # score_summary's form
             hist = " ".join(str(c) for c in counts)
-            lines.append(f"  {'':<16} {'':<14} sensitivity p10/p50/p90 {sens.get('p10', 0):.3f}/"
+            lines.append(f"  {'':<{lw}} {'':<14} sensitivity p10/p50/p90 {sens.get('p10', 0):.3f}/"
                          f"{sens.get('p50', 0):.3f}/{sens.get('p90', 0):.3f}  hist[0..1] {hist}")
     if summary["complete"]:
         ratio = summary["raw_bytes"] / summary["stored_bytes"] if summary["stored_bytes"] else 0.0

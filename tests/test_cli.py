@@ -395,3 +395,26 @@ def test_first_contact_details_from_the_packaging_sweep(runner, tmp_path):
         sys.path.remove(str(tmp_path))
     assert result.exit_code == 1 and "missing a required argument: 'width'" in result.output
     assert "give the missing ones defaults" in result.output
+
+
+def test_inspect_columns_fit_long_layer_names_and_full_codec_specs(tmp_path):
+    """A full grid spec (47 characters) and a long layer name pushed the columns after
+    them out of line (a helper's sweep): every tier row's codec starts under the header's
+    ``codec`` and its ratio ends where the header's ``ratio`` does."""
+    from fmcache.report import inspect_cache, render_table
+
+    path = tmp_path / "c.lmdb"
+    long_name = "encoder.blocks.11.attention.output"
+    with fmcache.create_cache(path) as w:
+        w.add_layer("a", (4, 3, 3), codec="bf16")
+        w.add_layer(long_name, (4, 3, 3), codec="grid:rel=0.05")
+        w.append({"a": np.ones((2, 4, 3, 3), np.float32), long_name: np.ones((2, 4, 3, 3), np.float32)}, [0, 1])
+        w.commit()
+    lines = render_table(inspect_cache(path)).splitlines()
+    header = next(line for line in lines if "codec" in line and "ratio" in line)
+    rows = [line for line in lines if line.rstrip().endswith("x") and "total" not in line]
+    assert len(rows) == 2
+    for row in rows:
+        codec = row[header.index("codec"):].split()[0]
+        assert codec.startswith(("bf16:", "grid:rel=0.05,cname=zstd")), row
+        assert len(row.rstrip()) == len(header.rstrip()), (row, header)
