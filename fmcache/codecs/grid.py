@@ -9,8 +9,9 @@ and zstd stages: 2.4-4x SZ3's decode speed per sample (docs/codecs.md, "grid").
 Error contract, per sample: ``|x - x'| <= abs``, or ``<= rel * (max(x) - min(x))``.
 Exact zeros decode to exact zeros (0 is a grid point), non-negative maps stay
 non-negative, NaN/Inf raise EncodeError. A sample the grid cannot bound (a constant map
-in ``rel`` mode, values beyond 2**24 steps, a step below float32's normal range) is
-stored exactly: the bound holds for every sample.
+in ``rel`` mode, magnitudes of 2**20 times the bound or more, a step below float32's
+normal range) is stored exactly: the bound holds for every sample. A map this codec
+decoded keeps its grid when it is encoded again (:func:`_existing_grid`).
 
 Byte layout of the payload (after the shape header of :mod:`fmcache.codecs.base`)::
 
