@@ -238,9 +238,16 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
         for lo in range(0, len(inputs), batch_size):
             x = inputs[lo:lo + batch_size]
             base = prefix(x.clone()).float()  # a forward may change its input in place
-            # token maps (N, T, D) and vectors (N, D): no spatial axes, T_a is the identity,
-            # channels on the last axis (the codecs' convention)
-            tokens = base.ndim <= 3
+            if base.ndim <= 2:
+                raise SensitivityError(
+                    f"SACA and tier calibration measure how each channel's map reacts to flips and shifts; "
+                    f"this layer gives one vector per sample {tuple(base.shape[1:])}, where a channel is a single "
+                    f"number (every score would come out 0 or 2, and the sensitive channels an arbitrary pick)",
+                    hint="build a plain cache of this layer (one codec: no --saca; CacheRecipe(kind='plain')), or "
+                         "calibrate at a layer with spatial maps or tokens")
+            # token maps (N, T, D): no spatial axes, T_a is the identity, channels on the
+            # last axis (the codecs' convention)
+            tokens = base.ndim == 3
             if stride is None and not tokens:
                 try:
                     stride = infer_stride((int(x.shape[-2]), int(x.shape[-1])),
@@ -250,8 +257,6 @@ def measure_sensitivity(prefix: Callable[[torch.Tensor], torch.Tensor], inputs: 
                                       hint="choose a layer after padded convolutions (or pad them), or build "
                                            "without --saca (a plain cache: no flips or shifts)") from None
             base_np = base.cpu().numpy()
-            if base_np.ndim == 2:  # vectors: one token each
-                base_np = base_np[:, None, :]
             per_sample = [calibration_draws(family, ids[lo + i], seed=seed, shifts_per_sample=shifts_per_sample)
                           for i in range(len(x))]
             for j in range(len(per_sample[0])):

@@ -25,8 +25,8 @@ import torch
 from .augment import AugFamily
 from .builder import SacaConfig
 from .calibrate import PixelSpace
-from .errors import FmcacheError, FreezeError, TrainingError
-from .freezing import AdaptiveFreezer, CacheRecipe, FreezeSchedule, FreezingTrainer
+from .errors import FmcacheError, TrainingError
+from .freezing import AdaptiveFreezer, CacheRecipe, FreezeSchedule, FreezingTrainer, check_schedule_epochs
 from .policy import CompressionPolicy
 from .zoo import FashionMNIST, pretrained_resnet
 from .zoo.fashion_mnist import CROP_PADDING, MEAN, STD
@@ -75,10 +75,7 @@ def run_arm(arm: str, *, seed: int = 0, width: int = 8, pretrain_steps: int = 50
     recipe = recipe_for(arm, **recipe_kwargs)
     freeze = recipe is not None
     parsed = FreezeSchedule.parse(schedule) if freeze and schedule and not adaptive else None
-    late = [e for e in (parsed.points if parsed else {}) if e >= epochs]
-    if late:
-        raise FreezeError(f"schedule epoch {late[0]} is past the last epoch ({epochs - 1}): it would never freeze",
-                          hint=f"freeze at an epoch below {epochs}, or train more epochs (--epochs)")
+    check_schedule_epochs(parsed, epochs)  # before the model is pre-trained
     torch.manual_seed(seed)
     model = copy.deepcopy(pretrained_resnet(width=width, steps=pretrain_steps)).train()
     train = FashionMNIST("train", limit=train_samples, augment=True, seed=seed)

@@ -29,11 +29,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .augment import infer_stride
+from .backends import BACKENDS
 from .builder import SacaConfig, build_cache, build_saca_cache
 from .calibrate import PixelSpace
 from .capture import Capture, eval_mode
+from .codecs import codec_from_spec
 from .dataset import FeatureMapDataset
-from .errors import FreezeError, StrideError
+from .errors import CodecSpecError, FreezeError, StrideError
 from .loader import EpochLoader
 from .policy import CompressionPolicy, frozen_fraction
 from .readahead import check_read_ahead
@@ -87,6 +89,14 @@ class FreezeSchedule:
 
     def to_text(self) -> str:
         return ",".join(f"{e}:{b}" for e, b in self.points.items())
+
+
+def check_schedule_epochs(schedule: FreezeSchedule | None, epochs: int) -> None:
+    """A schedule point at or past the last of ``epochs`` never freezes: FreezeError."""
+    late = [e for e in (schedule.points if schedule is not None else {}) if e >= epochs]
+    if late:
+        raise FreezeError(f"schedule epoch {late[0]} is past the last epoch ({epochs - 1}): it would never freeze",
+                          hint=f"freeze at an epoch below {epochs}, or train more epochs (epochs= / --epochs)")
 
 
 def relative_change(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
@@ -198,6 +208,9 @@ class CacheRecipe:
     def __post_init__(self) -> None:
         if self.kind not in ("classic", "plain", "tiers", "saca"):
             raise FreezeError(f"recipe kind {self.kind!r} is not classic, plain, tiers or saca")
+        if self.backend not in BACKENDS:  # else an unknown backend failed at the first freeze point
+            raise FreezeError(f"recipe backend {self.backend!r} is not one of {', '.join(sorted(BACKENDS))}",
+                              hint="CacheRecipe(backend='lmdb') or CacheRecipe(backend='hdf5')")
         mismatch = (self.kind == "saca") != (self.augment == "saca")
         if mismatch and self.kind != "classic":
             raise FreezeError(f"augment={self.augment!r} does not fit kind={self.kind!r}",
@@ -277,6 +290,7 @@ class FreezingTrainer:
         self.order = [n for n, _ in model.named_children()]
         if schedule is not None:
             schedule.validate(self.order)
+            check_schedule_epochs(schedule, int(epochs))
         self._check_plan(model, schedule, freezer, recipe or CacheRecipe(), plain_data)
         self.train_data, self.plain_data = train_data, plain_data
         self.epochs, self.batch_size, self.seed, self.bf16 = int(epochs), int(batch_size), int(seed), bf16
@@ -365,14 +379,36 @@ class FreezingTrainer:
                               "with cross-entropy over integer classes",
                               hint="give class indices as int labels, or train the suffix with your own loop "
                                    "over a FeatureMapDataset")
-        if first is not None and recipe.augment != "none" and np.ndim(first[0]) == 3:
-            self._check_strides(model, [b for b in self.order[:-1] if b in last or freezer is not None],
-                                torch.as_tensor(first[0]), recipe.augment)
+        self._check_codecs(model, recipe, [*last, *(freezer.blocks if freezer is not None else [])])
+        calibrates = recipe.kind in ("tiers", "saca")
+        if first is not None and (recipe.augment != "none" or calibrates) and np.ndim(first[0]) == 3:
+            self._check_maps(model, [b for b in self.order[:-1] if b in last or freezer is not None],
+                             torch.as_tensor(first[0]), recipe.augment, calibrates)
 
     @staticmethod
-    def _check_strides(model: nn.Module, boundaries: Sequence[str], x: torch.Tensor, augment: str) -> None:
+    def _check_codecs(model: nn.Module, recipe: CacheRecipe, boundaries: Sequence[str]) -> None:
+        """Every codec the recipe would store at these freeze points, in its backend: an HDF5
+        recipe whose policy names ``sz3:...,algo=nopred`` failed at the freeze point."""
+        if recipe.kind == "classic":
+            return
+        specs = {recipe.codec} if recipe.kind == "plain" else {
+            spec for b in dict.fromkeys(boundaries) for spec in recipe.policy.codecs_for(frozen_fraction(model, b))}
+        storage = BACKENDS[recipe.backend]
+        for spec in sorted(specs):
+            try:
+                storage.check_codec(codec_from_spec(spec), (1, 1))
+            except CodecSpecError as exc:
+                raise FreezeError(f"the recipe would store {spec!r} in {recipe.backend}: {exc.message}",
+                                  hint=f"name another codec in the policy or recipe for {recipe.backend}, or use "
+                                       f"CacheRecipe(backend='lmdb')") from None
+
+    @staticmethod
+    def _check_maps(model: nn.Module, boundaries: Sequence[str], x: torch.Tensor, augment: str,
+                    calibrates: bool) -> None:
         """A spatially augmenting recipe needs each boundary's map to be the input scaled by
-        a whole stride (StrideError at the freeze point, after epochs of training)."""
+        a whole stride (StrideError at the freeze point, after epochs of training), and a
+        calibrating one (tiers, SACA) a map per channel, not one vector per sample (a
+        SensitivityError there)."""
         if not boundaries:
             return
         try:  # one forward for every boundary, as the builds will capture them (two samples: no squeeze)
@@ -381,7 +417,13 @@ class FreezingTrainer:
         except Exception:  # noqa: BLE001 - a forward that fails here fails the build, which names it
             return
         for boundary, out in maps.items():
-            if out.ndim == 4:
+            if calibrates and out.ndim <= 2:
+                raise FreezeError(f"freezing up to {boundary!r}: its output is one vector per sample "
+                                  f"{tuple(out.shape[1:])}, and the recipe's calibration measures how each "
+                                  "channel's map reacts to augmentation (a channel here is a single number)",
+                                  hint="use CacheRecipe(kind='plain') for this boundary, or freeze at a block "
+                                       "with spatial maps or tokens")
+            if out.ndim == 4 and augment != "none":
                 try:
                     infer_stride((x.shape[-2], x.shape[-1]), (out.shape[-2], out.shape[-1]))
                 except StrideError as exc:

@@ -318,3 +318,20 @@ def test_a_layer_whose_maps_are_no_whole_stride_of_the_input_is_named_as_such(tm
         fmcache.FeatureMapDataset(tmp_path / "p.lmdb", "1", augment="feature")
     assert "augment='none'" in info.value.hint
     assert len(fmcache.FeatureMapDataset(tmp_path / "p.lmdb", "1", augment="none")) == 8
+
+
+def test_saca_at_a_layer_of_one_vector_per_sample_is_refused_before_anything_is_written(tmp_path):
+    """Logits or a pooled vector: each channel is one number, whose cosine score against
+    its augmented self is 0 or 2, so the sensitive tier was an arbitrary pick and the
+    cache 0.1x its raw size on LMDB, built without a word (a helper's sweep). A plain
+    build of the same layer stays what to use."""
+    from fmcache.builder import build_cache, build_saca_cache
+    from fmcache.zoo import FashionMNIST, small_cnn
+
+    model = small_cnn(in_channels=1, width=2).eval()
+    data = FashionMNIST("train", limit=32)
+    out = tmp_path / "c.lmdb"
+    with pytest.raises(SensitivityError, match=r"one vector per sample \(8,\)"):
+        build_saca_cache(model, data, "flatten", out, progress=False)
+    assert not list(tmp_path.iterdir())
+    assert build_cache(model, data, ["flatten"], tmp_path / "p.lmdb", progress=False).layers["flatten"].shape == (8,)

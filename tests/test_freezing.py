@@ -224,6 +224,28 @@ def test_trainer_refuses_up_front_what_would_fail_at_a_freeze_point(tmp_path, da
     assert not list(Path(tmp_path).iterdir())
 
 
+def test_trainer_refuses_up_front_what_a_new_users_sweep_found_only_after_training(tmp_path, data):
+    """Each of these trained its epochs and failed (or did nothing) at the freeze point (a
+    helper's sweep): a schedule point past the last epoch (never froze, silently), an
+    HDF5 recipe whose policy names a codec HDF5 cannot store, a SACA recipe at a boundary
+    that gives one vector per sample (calibration's scores there are meaningless), and,
+    at construction of the recipe itself, an unknown backend."""
+    model = small_cnn(in_channels=1, width=2)
+    order = [n for n, _ in model.named_children()]
+    with pytest.raises(FreezeError, match="schedule epoch 5 is past the last epoch"):
+        FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path, schedule=FreezeSchedule.parse("5:block1"))
+    nopred = CompressionPolicy.constant("sz3:rel=0.05,algo=nopred", "int8")
+    with pytest.raises(FreezeError, match=r"would store 'sz3:rel=0.05,algo=nopred' in hdf5"):
+        FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path, schedule=FreezeSchedule.parse("1:block2"),
+                        recipe=CacheRecipe(backend="hdf5", policy=nopred))
+    assert "flatten" in order  # (N, C) per sample after it
+    with pytest.raises(FreezeError, match="one vector per sample"):
+        FreezingTrainer(model, *data, epochs=3, work_dir=tmp_path, schedule=FreezeSchedule.parse("1:flatten"))
+    with pytest.raises(FreezeError, match="backend 'h5' is not one of hdf5, lmdb"):
+        CacheRecipe(backend="h5")
+    assert not list(Path(tmp_path).iterdir())
+
+
 def test_evaluate_counts_pixels_for_mask_labels():
     """Segmentation masks: correct pixels were divided by the number of samples."""
     from fmcache.train import evaluate
