@@ -182,7 +182,7 @@ def build(model_ref: str, weights: str | None, data_ref: str, data_dir: str | No
         family = AugFamily(flip=not no_flip, max_shift=max_shift, photometric=photometric)
         config = SacaConfig(family=family, rho=rho, n_samples=calib_samples, max_variants=max_variants,
                             variants=_variant_list(variants) if variants else None)
-        policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
+        policy = CompressionPolicy.from_file(policy_path) if policy_path else None
         size = len(dataset) if hasattr(dataset, "__len__") else None
         if size is not None and 0 < size < calib_samples:  # the calibration takes what there is
             click.echo(f"note: SACA calibrates on all {size} items of the data set (--calib-samples "
@@ -347,7 +347,7 @@ def train(arm: str, schedule: str, adaptive: bool, epochs: int, samples: int, te
     if read_ahead and num_workers:
         raise click.UsageError("--read-ahead reads on a thread without workers; --num-workers reads in worker "
                                "processes: give one of them")
-    policy = CompressionPolicy.from_json(Path(policy_path).read_text()) if policy_path else None
+    policy = CompressionPolicy.from_file(policy_path) if policy_path else None
     result = run_arm(arm, seed=seed, width=width, train_samples=samples, test_samples=test_samples, epochs=epochs,
                      schedule=schedule, adaptive=adaptive, work_dir=work_dir, rho=rho, max_variants=max_variants,
                      policy=policy, num_workers=num_workers, read_ahead=read_ahead,

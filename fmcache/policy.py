@@ -10,8 +10,10 @@ has ``up_to = 1.0``). The JSON form round-trips (:meth:`CompressionPolicy.to_jso
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -140,6 +142,16 @@ class CompressionPolicy:
         except json.JSONDecodeError as exc:
             raise PolicyError(f"policy JSON does not parse: {exc}") from None
         return cls.from_config(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> CompressionPolicy:
+        """:meth:`from_json` of a file; its PolicyError names the file (``--policy FILE``)."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except PolicyError as exc:
+            raise PolicyError(f"{path}: {exc.message}", hint=exc.hint) from None
+        except (OSError, UnicodeError) as exc:
+            raise PolicyError(f"{path}: cannot read the policy file ({exc})") from None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CompressionPolicy) and self.get_config() == other.get_config()

@@ -103,3 +103,18 @@ def test_frozen_fraction_counts_children_with_parameters(boundary, fraction):
 def test_frozen_fraction_of_an_unknown_boundary_is_refused():
     with pytest.raises(PolicyError, match="layer9"):
         frozen_fraction(cifar_resnet18(in_channels=1, width=2), "layer9")
+
+
+def test_a_policy_files_errors_name_the_file(tmp_path):
+    """``--policy FILE``'s errors named the stage but not the file (a helper's sweep)."""
+    bad_spec = tmp_path / "bad_spec.json"
+    bad_spec.write_text('{"stages": [{"up_to": 1.0, "bulk": "grid:rel=1.5", "sensitive": "int8"}]}')
+    with pytest.raises(PolicyError, match=f"^{bad_spec}: stage up to 1.0: bad bulk codec 'grid:rel=1.5'"):
+        CompressionPolicy.from_file(bad_spec)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"stages": [')
+    with pytest.raises(PolicyError, match=f"^{broken}: policy JSON does not parse"):
+        CompressionPolicy.from_file(broken)
+    good = tmp_path / "good.json"
+    good.write_text(CompressionPolicy.default().to_json())
+    assert CompressionPolicy.from_file(good) == CompressionPolicy.default()
