@@ -418,8 +418,14 @@ def create_cache(path: str | os.PathLike[str], **kwargs: Any) -> CacheWriter:
 def _layout_difference(was: LayerInfo, now: LayerInfo) -> str:
     """What differs between a declared layer and a new declaration of it, in words."""
     if was.plan != now.plan:
-        return "tiers " + ", ".join(f"{t.name} {t.codec.spec}" for t in was.plan.tiers) + " when it began, now " \
-            + ", ".join(f"{t.name} {t.codec.spec}" for t in now.plan.tiers)
+        def tiers(plan: Any, channels: bool) -> str:
+            return ", ".join(f"{t.name} {t.codec.spec}" + (f" ({len(t.channels)} channels)" if channels else "")
+                             for t in plan.tiers)
+        # the channel counts only where the codecs alone read the same (another --rho)
+        counts = tiers(was.plan, False) == tiers(now.plan, False)
+        return f"tiers {tiers(was.plan, counts)} when it began, now {tiers(now.plan, counts)}" + (
+            " (the same counts: other channels, another calibration)"
+            if counts and tiers(was.plan, True) == tiers(now.plan, True) else "")
     a, b = was.to_dict(), now.to_dict()
     return "; ".join(f"{key} {a.get(key)!r} when it began, now {b.get(key)!r}"
                      for key in LAYOUT_KEYS if a.get(key) != b.get(key)) or "another layout"

@@ -12,6 +12,7 @@ from contracts import assert_within_contract
 import fmcache
 from fmcache import TierPlan
 from fmcache.errors import (
+    CacheError,
     CacheExistsError,
     IncompleteCacheError,
     LayerNotFoundError,
@@ -294,3 +295,20 @@ def test_indices_of_every_kind_are_read_or_refused_by_name(tmp_path, suffix):
             cache.read_batch("l", bad)
     with pytest.raises(SampleIndexError, match="18446744073709551615 is out of range"):
         cache.read("l", np.uint64(2**64 - 1))
+
+
+def test_a_resume_with_other_tier_channels_says_how_many_each_tier_had(tmp_path):
+    """Resuming a SACA build with another --rho: the tiers' codecs read the same, and the
+    refusal printed the same text for "when it began" and "now" (a helper's sweep): it
+    names each tier's channel count."""
+    path = tmp_path / "c.lmdb"
+    w = fmcache.create_cache(path)
+    w.add_layer("l", (6, 2, 2), plan=TierPlan.two_tier(6, [0, 1], "int8", "grid:rel=0.05"))
+    w.append({"l": np.ones((2, 6, 2, 2), np.float32)}, [0, 1])
+    w.close()
+    w = fmcache.create_cache(path, resume=True)
+    with pytest.raises(CacheError, match=r"sensitive int8:\S+ \(2 channels\), bulk grid:rel=0.05,\S+ \(4 channels\) "
+                                         r"when it began, now sensitive int8:\S+ \(3 channels\), bulk grid:\S+ "
+                                         r"\(3 channels\)"):
+        w.add_layer("l", (6, 2, 2), plan=TierPlan.two_tier(6, [0, 1, 2], "int8", "grid:rel=0.05"))
+    w.close()
