@@ -379,7 +379,9 @@ class FreezingTrainer:
                               "with cross-entropy over integer classes",
                               hint="give class indices as int labels, or train the suffix with your own loop "
                                    "over a FeatureMapDataset")
-        self._check_codecs(model, recipe, [*last, *(freezer.blocks if freezer is not None else [])])
+        reach = (freezer.blocks[:freezer.blocks.index(freezer.max_boundary) + 1] if freezer.max_boundary
+                 else freezer.blocks) if freezer is not None else []  # as deep as the freezer may go
+        self._check_codecs(model, recipe, [*last, *reach])
         calibrates = recipe.kind in ("tiers", "saca")
         if first is not None and (recipe.augment != "none" or calibrates) and np.ndim(first[0]) == 3:
             self._check_maps(model, [b for b in self.order[:-1] if b in last or freezer is not None],
