@@ -73,13 +73,15 @@ def test_what_no_grid_can_bound_is_stored_exactly(spec: str, x: np.ndarray) -> N
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(k=[-182473], nudge=[-2] + [0] * 39, bound=0.001)
 @given(k=st.lists(st.integers(-(1 << 18), 1 << 18), min_size=1, max_size=40),
        nudge=st.lists(st.integers(-3, 3), min_size=40, max_size=40),
        bound=st.sampled_from([0.02, 1e-3, 0.37, 5.0]))
 def test_the_bound_holds_at_midpoints_between_grid_points(k: list[int], nudge: list[int], bound: float) -> None:
     """Values a few ulps either side of the codec's own midpoints between grid points,
     up to 2**18 steps from 0, where float32's ``x / step`` and ``q * step`` round
-    most: the bound holds, on a grid (not by storing the sample exactly)."""
+    most: the bound holds, on a grid (not by storing the sample exactly). Found by CI's
+    run: two values (k=[-182473]) lay exactly on another grid, which the encoder kept."""
     anchor = np.float32((max(abs(v) for v in k) + 2) * 2.0 * bound)  # the largest magnitude sets the step
     step = np.float32(grid_step(float(anchor), bound))
     mid = ((np.array(k, dtype=np.float64) + 0.5) * np.float64(step)).astype(np.float32)
@@ -90,8 +92,11 @@ def test_the_bound_holds_at_midpoints_between_grid_points(k: list[int], nudge: l
     codec = codec_from_spec(f"grid:abs={bound}")
     payload = codec.encode(x)
     kind, stored_step = _kind_and_step(payload)
-    assert kind in (1, 2, 3) and stored_step == step
-    assert _err(x, codec.decode(payload)) <= bound
+    decoded = codec.decode(payload)
+    # a grid: the sample's own, or one the values already lie on exactly (a handful of
+    # values fit many grids; _existing_grid keeps them, with no error at all)
+    assert kind in (1, 2, 3) and (stored_step == step or decoded.tobytes() == x.tobytes()), (kind, stored_step, step)
+    assert _err(x, decoded) <= bound
 
 
 def test_every_byte_of_a_record_is_covered() -> None:
