@@ -89,22 +89,63 @@ def _kind_for(top: float) -> int | None:
     return next((k for k, limit in _LIMITS if top <= limit), None)
 
 
-def _existing_grid(x: np.ndarray, step: float, extreme: float) -> tuple[int, float, np.ndarray] | None:
+def _existing_grid(x: np.ndarray, step: float, high: float, low: float,
+                   follows_range: bool) -> tuple[int, float, np.ndarray] | None:
     """``(kind, s, codes)`` where every value of ``x`` is exactly ``float32(q) * s`` for a
     step ``s`` no finer than half of ``step``, the one the sample would get: a map this
     codec decoded (``compact`` without a new codec, a cache read and written again).
     Storing it on its own grid keeps every value, where a new grid would round them
     again (in ``rel`` mode the decoded range moves the step). None otherwise.
 
-    A strided probe of the values and ``extreme``, the sample's value of largest
-    magnitude (so a sparse map's probe is never empty), find a candidate cheaply: the
-    smallest magnitude among them is ``k`` steps, and the first few must be whole
-    multiples of a ``k``-th of it. Only a candidate that holds on the probe is checked on
-    every value. In ``rel`` mode the decoded range moves the step by about one part in
-    ``k_max`` (the extreme's code), so ``k`` is found within two of its estimate.
+    Candidates for ``s``: the smallest magnitude among a strided probe and the extremes
+    ``high``/``low`` (a sparse map's probe may hold no other) divided by its step count
+    ``k``, estimated from ``step`` and, where the step follows the sample's range
+    (``follows_range``: rel mode, whose decoded range moves it), also from the range over
+    a whole number of steps (a decoded range is one) -- which finds the grid of maps far
+    from 0, whose ``k`` is large. Each is checked cheaply on a few values, then on the
+    probe, then on every value.
     """
+    extreme = high if high >= -low else low
     if extreme == 0:
         return None
+    flat = x.reshape(-1)
+    probe = flat[::max(1, flat.size // _PROBE)]
+    nonzero = probe[probe != 0]
+    smallest = min(float(np.abs(nonzero).min()), abs(extreme)) if nonzero.size else abs(extreme)
+    few = [*nonzero[:3].tolist(), high, low]  # Python floats: cheaper for a few values
+    # approximate steps: the one the sample would get, and, where the step follows the
+    # range (rel), the range over a whole number of steps; each gives the smallest
+    # magnitude's step count k within two, and smallest / k the grid's step to the ulp
+    approx = [(step, 2)]
+    span = high - low
+    if follows_range and span > 0 and round(span / step) <= 1 << 20:
+        # the range's own rounding (an ulp of the extremes at each end) blurs span / n,
+        # and smallest / (span / n) by that much more: the window widens with it
+        blur = 4 * float(np.spacing(np.float32(abs(extreme)))) / span
+        approx += [(span / n, 2 + math.ceil(smallest / (span / n) * blur))
+                   for n in range(max(1, round(span / step) - 2), round(span / step) + 3)]
+    ks = sorted({k for a, width in approx if round(smallest / a) <= 1 << 20 and width <= 64
+                 for k in range(max(1, round(smallest / a) - width), round(smallest / a) + width + 1)})
+    candidates = [smallest / k for k in ks]
+    tried: set[float] = set()
+    for c in candidates:
+        if c < step / 2 or any(abs(v / c - round(v / c)) > 1e-3 + 1e-6 * abs(v / c) for v in few):
+            continue
+        base = np.float32(c)
+        up, down = np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(0))
+        for s in (base, up, down, np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))):
+            if float(s) in tried or not (s >= step / 2 and s >= _TINY):
+                continue
+            tried.add(float(s))
+            inv = np.float32(1.0) / s
+            if not np.isfinite(inv) or not np.array_equal(np.rint(nonzero * inv) * s, nonzero):
+                continue
+            q = x * inv
+            np.rint(q, out=q)
+            kind = _kind_for(max(float(q.max()), -float(q.min())))
+            if kind is not None and np.array_equal(q * s, x):
+                return kind, float(s), q.astype(CODE_DTYPES[kind])
+    return None
     flat = x.reshape(-1)
     probe = flat[::max(1, flat.size // _PROBE)]
     nonzero = probe[probe != 0]
@@ -131,7 +172,7 @@ def _existing_grid(x: np.ndarray, step: float, extreme: float) -> tuple[int, flo
     return None
 
 
-def _grid(x: np.ndarray, bound: float) -> tuple[int, float, np.ndarray | None]:
+def _grid(x: np.ndarray, bound: float, follows_range: bool = False) -> tuple[int, float, np.ndarray | None]:
     """``(kind, step, codes)`` of a finite float32 sample for its ``bound``; kind 0 (and
     codes None) where no grid within float32 honours the bound.
 
@@ -148,7 +189,7 @@ def _grid(x: np.ndarray, bound: float) -> tuple[int, float, np.ndarray | None]:
         step = np.float32(grid_step(max(high, -low), bound))
     if not np.isfinite(step) or step < _TINY or not np.isfinite(np.float32(1.0) / step):
         return KIND_EXACT, 0.0, None
-    existing = _existing_grid(x, float(step), high if high >= -low else low)
+    existing = _existing_grid(x, float(step), high, low, follows_range)
     if existing is not None:
         return existing
     threshold = np.float32(bound * (1.0 - 2.0**-20))
@@ -203,7 +244,7 @@ class Grid(Codec):
 
     def grid(self, x: np.ndarray) -> tuple[int, float, np.ndarray | None]:
         """``(kind, step, codes)`` of a validated float32 sample (see :func:`_grid`)."""
-        return _grid(x, sample_bound(x, self.mode, self.bound))
+        return _grid(x, sample_bound(x, self.mode, self.bound), self.mode == "rel")
 
     # ---- bytes face -------------------------------------------------------------------
     def _encode(self, x: np.ndarray) -> bytes:
