@@ -146,30 +146,6 @@ def _existing_grid(x: np.ndarray, step: float, high: float, low: float,
             if kind is not None and np.array_equal(q * s, x):
                 return kind, float(s), q.astype(CODE_DTYPES[kind])
     return None
-    flat = x.reshape(-1)
-    probe = flat[::max(1, flat.size // _PROBE)]
-    nonzero = probe[probe != 0]
-    smallest = min(float(np.abs(nonzero).min()), abs(extreme)) if nonzero.size else abs(extreme)
-    k_est = round(smallest / step)
-    if k_est > 1 << 20:
-        return None
-    ratios = [v / smallest for v in [*nonzero[:3].tolist(), extreme]]  # Python floats: cheaper for a few
-    for k in range(max(1, k_est - 2), k_est + 3):
-        if any(abs(r * k - round(r * k)) > 1e-3 + 1e-6 * abs(r * k) for r in ratios):
-            continue
-        base = np.float32(smallest / k)
-        for s in (base, np.nextafter(base, np.float32(np.inf)), np.nextafter(base, np.float32(0))):
-            if not (s >= step / 2 and s >= _TINY):
-                continue
-            inv = np.float32(1.0) / s
-            if not np.isfinite(inv) or not np.array_equal(np.rint(nonzero * inv) * s, nonzero):
-                continue
-            q = x * inv
-            np.rint(q, out=q)
-            kind = _kind_for(max(float(q.max()), -float(q.min())))
-            if kind is not None and np.array_equal(q * s, x):
-                return kind, float(s), q.astype(CODE_DTYPES[kind])
-    return None
 
 
 def _grid(x: np.ndarray, bound: float, follows_range: bool = False) -> tuple[int, float, np.ndarray | None]:
